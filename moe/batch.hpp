@@ -1,0 +1,36 @@
+// One micro-batch as the model sees it: `rows` rows of `seq_len` tokens, row-major.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+namespace moetune {
+
+constexpr int32_t kIgnoreIndex = -100;
+
+struct MicroBatch {
+  int rows = 0;
+  int seq_len = 0;
+  // (rows * seq_len) each. Position t of a row predicts labels[t+1] (Hugging Face
+  // convention); -100 is ignored. doc_ids mark the documents packed into a row:
+  // attention never crosses a change of doc id, RoPE positions restart at each new
+  // doc id, and the target across a boundary is ignored (MODEL.md section 8.6).
+  std::vector<int32_t> input_ids;
+  std::vector<int32_t> labels;
+  std::vector<int32_t> doc_ids;
+
+  int64_t tokens() const { return int64_t(rows) * seq_len; }
+  // Target of flat position i = row * seq_len + t: labels[i+1] when t+1 < seq_len and
+  // doc_ids agree, else -100.
+  int32_t target(int64_t i) const {
+    const int t = int(i % seq_len);
+    if (t + 1 >= seq_len || doc_ids[i + 1] != doc_ids[i]) return kIgnoreIndex;
+    return labels[i + 1];
+  }
+  int64_t count_targets() const {
+    int64_t n = 0;
+    for (int64_t i = 0; i < tokens(); ++i) n += target(i) != kIgnoreIndex;
+    return n;
+  }
+};
+
+}  // namespace moetune

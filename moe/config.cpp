@@ -1,0 +1,229 @@
+// Parsing, validation and serialisation of ModelConfig (MODEL.md section 1).
+#include "moe/config.hpp"
+
+#include <fstream>
+#include <functional>
+#include <sstream>
+#include <vector>
+
+#include "moe/error.hpp"
+
+namespace moetune {
+namespace {
+
+using json = nlohmann::json;
+
+// One entry per key: how to read it from JSON, from a string, and write it back.
+struct KeyDef {
+  const char* name;
+  std::function<void(ModelConfig&, const json&, const std::string&)> read;
+  std::function<json(const ModelConfig&)> write;
+};
+
+[[noreturn]] void fail(const std::string& where, const std::string& key, const std::string& msg) {
+  throw Error(where + ": key '" + key + "': " + msg);
+}
+
+template <class M>
+KeyDef int_key(const char* name, M member) {
+  return {name,
+          [=](ModelConfig& c, const json& v, const std::string& where) {
+            if (!v.is_number_integer()) fail(where, name, "expected an integer, got " + v.dump());
+            c.*member = v.get<int>();
+          },
+          [=](const ModelConfig& c) { return json(c.*member); }};
+}
+template <class M>
+KeyDef num_key(const char* name, M member) {
+  return {name,
+          [=](ModelConfig& c, const json& v, const std::string& where) {
+            if (!v.is_number()) fail(where, name, "expected a number, got " + v.dump());
+            c.*member = v.get<double>();
+          },
+          [=](const ModelConfig& c) { return json(c.*member); }};
+}
+template <class M>
+KeyDef bool_key(const char* name, M member) {
+  return {name,
+          [=](ModelConfig& c, const json& v, const std::string& where) {
+            if (!v.is_boolean()) fail(where, name, "expected true or false, got " + v.dump());
+            c.*member = v.get<bool>();
+          },
+          [=](const ModelConfig& c) { return json(c.*member); }};
+}
+template <class M>
+KeyDef str_key(const char* name, M member) {
+  return {name,
+          [=](ModelConfig& c, const json& v, const std::string& where) {
+            if (!v.is_string()) fail(where, name, "expected a string, got " + v.dump());
+            c.*member = v.get<std::string>();
+          },
+          [=](const ModelConfig& c) { return json(c.*member); }};
+}
+
+const std::vector<KeyDef>& keys() {
+  static const std::vector<KeyDef> k = {
+      int_key("vocab_size", &ModelConfig::vocab_size),
+      int_key("hidden_size", &ModelConfig::hidden_size),
+      int_key("num_hidden_layers", &ModelConfig::num_hidden_layers),
+      int_key("num_attention_heads", &ModelConfig::num_attention_heads),
+      int_key("num_key_value_heads", &ModelConfig::num_key_value_heads),
+      int_key("head_dim", &ModelConfig::head_dim),
+      int_key("max_position_embeddings", &ModelConfig::max_position_embeddings),
+      num_key("rope_theta", &ModelConfig::rope_theta),
+      num_key("rms_norm_eps", &ModelConfig::rms_norm_eps),
+      int_key("first_k_dense_replace", &ModelConfig::first_k_dense_replace),
+      int_key("intermediate_size", &ModelConfig::intermediate_size),
+      int_key("n_routed_experts", &ModelConfig::n_routed_experts),
+      int_key("num_experts_per_tok", &ModelConfig::num_experts_per_tok),
+      int_key("moe_intermediate_size", &ModelConfig::moe_intermediate_size),
+      int_key("n_shared_experts", &ModelConfig::n_shared_experts),
+      str_key("scoring_func", &ModelConfig::scoring_func),
+      bool_key("norm_topk_prob", &ModelConfig::norm_topk_prob),
+      num_key("routed_scaling_factor", &ModelConfig::routed_scaling_factor),
+      int_key("n_group", &ModelConfig::n_group),
+      int_key("topk_group", &ModelConfig::topk_group),
+      str_key("topk_method", &ModelConfig::topk_method),
+      num_key("bias_update_rate", &ModelConfig::bias_update_rate),
+      num_key("aux_loss_coeff", &ModelConfig::aux_loss_coeff),
+      num_key("seq_aux_loss_coeff", &ModelConfig::seq_aux_loss_coeff),
+      num_key("z_loss_coeff", &ModelConfig::z_loss_coeff),
+      num_key("capacity_factor", &ModelConfig::capacity_factor),
+      bool_key("tie_word_embeddings", &ModelConfig::tie_word_embeddings),
+      num_key("initializer_range", &ModelConfig::initializer_range),
+  };
+  return k;
+}
+
+// Keys that Hugging Face config.json files carry and that we accept and ignore.
+bool ignorable(const std::string& key) {
+  static const char* names[] = {"model_type", "architectures", "torch_dtype", "transformers_version",
+                                "_name_or_path", "moetune_version"};
+  for (auto* n : names)
+    if (key == n) return true;
+  return false;
+}
+
+void resolve(ModelConfig& c) {
+  if (c.num_key_value_heads == -1) c.num_key_value_heads = c.num_attention_heads;
+  if (c.head_dim == -1 && c.num_attention_heads > 0) c.head_dim = c.hidden_size / c.num_attention_heads;
+  if (c.intermediate_size == -1) c.intermediate_size = 4 * c.hidden_size;
+  if (c.moe_intermediate_size == -1) c.moe_intermediate_size = c.hidden_size;
+}
+
+}  // namespace
+
+ModelConfig ModelConfig::from_json(const json& j, const std::string& where) {
+  if (!j.is_object()) throw Error(where + ": expected a JSON object");
+  ModelConfig c;
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    const KeyDef* def = nullptr;
+    for (const auto& k : keys())
+      if (it.key() == k.name) def = &k;
+    if (!def) {
+      if (ignorable(it.key())) continue;
+      fail(where, it.key(), "unknown model config key");
+    }
+    def->read(c, it.value(), where);
+  }
+  resolve(c);
+  c.validate(where);
+  return c;
+}
+
+ModelConfig ModelConfig::from_file(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw Error(path + ": cannot open file");
+  json j;
+  try {
+    j = json::parse(in);
+  } catch (const json::parse_error& e) {
+    throw Error(path + ": invalid JSON: " + e.what());
+  }
+  return from_json(j, path);
+}
+
+json ModelConfig::to_json() const {
+  json j = json::object();
+  j["model_type"] = "moetune_moe";
+  for (const auto& k : keys()) j[k.name] = k.write(*this);
+  return j;
+}
+
+void ModelConfig::set(const std::string& key, const std::string& value, const std::string& where) {
+  for (const auto& k : keys()) {
+    if (key != k.name) continue;
+    json v;
+    try {
+      v = json::parse(value);
+    } catch (const json::parse_error&) {
+      v = value;  // a bare word is a string
+    }
+    k.read(*this, v, where);
+    resolve(*this);
+    validate(where);
+    return;
+  }
+  fail(where, key, "unknown model config key");
+}
+
+int ModelConfig::num_moe_layers() const {
+  int n = 0;
+  for (int l = 0; l < num_hidden_layers; ++l) n += is_moe_layer(l);
+  return n;
+}
+
+void ModelConfig::validate(const std::string& w) const {
+  auto positive = [&](const char* key, long v) {
+    if (v <= 0) fail(w, key, "must be positive, got " + std::to_string(v));
+  };
+  positive("vocab_size", vocab_size);
+  positive("hidden_size", hidden_size);
+  positive("num_hidden_layers", num_hidden_layers);
+  positive("num_attention_heads", num_attention_heads);
+  positive("num_key_value_heads", num_key_value_heads);
+  positive("head_dim", head_dim);
+  positive("max_position_embeddings", max_position_embeddings);
+  positive("intermediate_size", intermediate_size);
+  positive("n_routed_experts", n_routed_experts);
+  positive("num_experts_per_tok", num_experts_per_tok);
+  positive("moe_intermediate_size", moe_intermediate_size);
+  positive("n_group", n_group);
+  positive("topk_group", topk_group);
+  if (head_dim % 2 != 0) fail(w, "head_dim", "must be even for RoPE, got " + std::to_string(head_dim));
+  if (num_attention_heads % num_key_value_heads != 0)
+    fail(w, "num_key_value_heads",
+         "num_attention_heads (" + std::to_string(num_attention_heads) + ") must be divisible by num_key_value_heads (" +
+             std::to_string(num_key_value_heads) + ")");
+  if (!(rope_theta > 0)) fail(w, "rope_theta", "must be positive");
+  if (!(rms_norm_eps > 0)) fail(w, "rms_norm_eps", "must be positive");
+  if (first_k_dense_replace < 0 || first_k_dense_replace > num_hidden_layers)
+    fail(w, "first_k_dense_replace", "must be in [0, num_hidden_layers]");
+  if (n_shared_experts < 0) fail(w, "n_shared_experts", "must be >= 0");
+  if (scoring_func != "softmax" && scoring_func != "sigmoid")
+    fail(w, "scoring_func", "must be \"softmax\" or \"sigmoid\", got \"" + scoring_func + "\"");
+  if (topk_method != "greedy" && topk_method != "noaux_tc")
+    fail(w, "topk_method", "must be \"greedy\" or \"noaux_tc\", got \"" + topk_method + "\"");
+  if (num_experts_per_tok > n_routed_experts)
+    fail(w, "num_experts_per_tok", "K = " + std::to_string(num_experts_per_tok) + " exceeds n_routed_experts = " +
+                                       std::to_string(n_routed_experts));
+  if (n_routed_experts % n_group != 0)
+    fail(w, "n_group", "n_routed_experts (" + std::to_string(n_routed_experts) + ") must be divisible by n_group (" +
+                           std::to_string(n_group) + ")");
+  if (topk_group > n_group)
+    fail(w, "topk_group", "topk_group (" + std::to_string(topk_group) + ") exceeds n_group (" +
+                              std::to_string(n_group) + ")");
+  if ((long)num_experts_per_tok > (long)topk_group * (n_routed_experts / n_group))
+    fail(w, "num_experts_per_tok", "K = " + std::to_string(num_experts_per_tok) +
+                                       " exceeds the experts selectable in topk_group groups (" +
+                                       std::to_string(topk_group * (n_routed_experts / n_group)) + ")");
+  if (!(routed_scaling_factor > 0)) fail(w, "routed_scaling_factor", "must be positive");
+  if (bias_update_rate < 0) fail(w, "bias_update_rate", "must be >= 0");
+  if (aux_loss_coeff < 0) fail(w, "aux_loss_coeff", "must be >= 0");
+  if (seq_aux_loss_coeff < 0) fail(w, "seq_aux_loss_coeff", "must be >= 0");
+  if (z_loss_coeff < 0) fail(w, "z_loss_coeff", "must be >= 0");
+  if (capacity_factor < 0) fail(w, "capacity_factor", "must be >= 0 (0 = dropless)");
+  if (!(initializer_range > 0)) fail(w, "initializer_range", "must be positive");
+}
+
+}  // namespace moetune

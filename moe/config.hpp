@@ -1,0 +1,65 @@
+// Model configuration: the Hugging Face style keys of MODEL.md section 1, with
+// defaults, derived values resolved, and validation that names the offending key.
+#pragma once
+#include <nlohmann/json.hpp>
+#include <string>
+
+namespace moetune {
+
+struct ModelConfig {
+  int vocab_size = 512;
+  int hidden_size = 256;
+  int num_hidden_layers = 4;
+  int num_attention_heads = 4;
+  int num_key_value_heads = -1;  // -1: = num_attention_heads
+  int head_dim = -1;             // -1: = hidden_size / num_attention_heads
+  int max_position_embeddings = 256;
+  double rope_theta = 10000.0;
+  double rms_norm_eps = 1e-6;
+  int first_k_dense_replace = 1;
+  int intermediate_size = -1;  // -1: = 4 * hidden_size
+  int n_routed_experts = 8;
+  int num_experts_per_tok = 2;
+  int moe_intermediate_size = -1;  // -1: = hidden_size
+  int n_shared_experts = 1;
+  std::string scoring_func = "sigmoid";  // "softmax" | "sigmoid"
+  bool norm_topk_prob = true;
+  double routed_scaling_factor = 1.0;
+  int n_group = 1;
+  int topk_group = 1;
+  std::string topk_method = "noaux_tc";  // "greedy" | "noaux_tc"
+  double bias_update_rate = 1e-3;
+  double aux_loss_coeff = 0.0;
+  double seq_aux_loss_coeff = 1e-4;
+  double z_loss_coeff = 0.0;
+  double capacity_factor = 0.0;
+  bool tie_word_embeddings = false;
+  double initializer_range = 0.02;
+
+  // Parses a JSON object. Unknown keys, wrong types and invalid combinations throw
+  // moetune::Error naming `where` (a file name) and the key. Derived values (-1) are
+  // resolved, so to_json() writes every key explicitly.
+  static ModelConfig from_json(const nlohmann::json& j, const std::string& where = "config");
+  static ModelConfig from_file(const std::string& path);
+  nlohmann::json to_json() const;
+  // Throws moetune::Error naming the key if the combination is invalid.
+  void validate(const std::string& where = "config") const;
+  // Sets one key from a string value ("hidden_size", "64"), then re-validates.
+  void set(const std::string& key, const std::string& value, const std::string& where = "--set");
+
+  // Derived quantities.
+  int H() const { return num_attention_heads; }
+  int Hkv() const { return num_key_value_heads; }
+  int hd() const { return head_dim; }
+  int d() const { return hidden_size; }
+  int E() const { return n_routed_experts; }
+  int K() const { return num_experts_per_tok; }
+  int F() const { return moe_intermediate_size; }
+  int shared_width() const { return n_shared_experts * moe_intermediate_size; }
+  bool is_moe_layer(int l) const { return l >= first_k_dense_replace; }
+  int num_moe_layers() const;
+  bool sigmoid() const { return scoring_func == "sigmoid"; }
+  bool noaux_tc() const { return topk_method == "noaux_tc"; }
+};
+
+}  // namespace moetune

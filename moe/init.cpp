@@ -1,0 +1,55 @@
+#include "moe/init.hpp"
+
+#include <cmath>
+
+namespace moetune {
+namespace {
+
+uint64_t splitmix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+uint64_t fnv1a64(const std::string& s) {
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (unsigned char ch : s) {
+    h ^= ch;
+    h *= 0x100000001b3ull;
+  }
+  return h;
+}
+
+double uniform53(uint64_t bits) { return double(bits >> 11) * (1.0 / 9007199254740992.0); }
+
+}  // namespace
+
+double counter_normal(uint64_t seed, const std::string& name, uint64_t index) {
+  const uint64_t key = splitmix64(seed ^ splitmix64(fnv1a64(name)));
+  const uint64_t a = splitmix64(key ^ splitmix64(2 * index));
+  const uint64_t b = splitmix64(key ^ splitmix64(2 * index + 1));
+  const double u1 = 1.0 - uniform53(a);  // (0, 1]
+  const double u2 = uniform53(b);
+  return std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * M_PI * u2);
+}
+
+template <class T>
+void init_params(const ParamLayout& layout, const ModelConfig& cfg, uint64_t seed, std::vector<T>& params) {
+  params.assign(layout.total(), T(0));
+  for (const auto& t : layout.tensors()) {
+    T* p = params.data() + t.offset;
+    if (t.shape.size() == 1) {
+      for (size_t i = 0; i < t.numel; ++i) p[i] = T(1);
+      continue;
+    }
+    const uint64_t key = seed;
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < t.numel; ++i) p[i] = T(cfg.initializer_range * counter_normal(key, t.name, i));
+  }
+}
+
+template void init_params<float>(const ParamLayout&, const ModelConfig&, uint64_t, std::vector<float>&);
+template void init_params<double>(const ParamLayout&, const ModelConfig&, uint64_t, std::vector<double>&);
+
+}  // namespace moetune

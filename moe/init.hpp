@@ -1,0 +1,22 @@
+// Counter-based initialisation (MODEL.md section 6): the value of element i of tensor
+// `name` depends only on (seed, name, i), never on the number of ranks or the order
+// in which tensors are created.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "moe/params.hpp"
+
+namespace moetune {
+
+// Standard normal N(0,1) for (seed, name, index): splitmix64 of a hash of the three,
+// then Box-Muller on two 53-bit uniforms.
+double counter_normal(uint64_t seed, const std::string& name, uint64_t index);
+
+// Fills params (layout.total() elements) as MODEL.md section 6 says: matrices
+// N(0, initializer_range^2), RMSNorm weights 1.
+template <class T>
+void init_params(const ParamLayout& layout, const ModelConfig& cfg, uint64_t seed, std::vector<T>& params);
+
+}  // namespace moetune

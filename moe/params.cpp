@@ -1,0 +1,75 @@
+// Builds the canonical parameter layout of a model configuration.
+#include "moe/params.hpp"
+
+#include "moe/error.hpp"
+
+namespace moetune {
+
+std::string ParamLayout::layer(int l, const std::string& rest) {
+  return "model.layers." + std::to_string(l) + "." + rest;
+}
+std::string ParamLayout::expert(int l, int e, const std::string& proj) {
+  return layer(l, "mlp.experts." + std::to_string(e) + "." + proj + ".weight");
+}
+std::string ParamLayout::bias_name(int l) { return layer(l, "mlp.gate.e_score_correction_bias"); }
+
+void ParamLayout::add(const std::string& name, std::vector<int64_t> shape, bool decay) {
+  TensorInfo t;
+  t.name = name;
+  t.shape = std::move(shape);
+  t.numel = 1;
+  for (auto s : t.shape) t.numel *= static_cast<size_t>(s);
+  // Align every tensor to 16 elements (64 bytes in float) for vectorised loops.
+  total_ = (total_ + 15) / 16 * 16;
+  t.offset = total_;
+  t.decay = decay;
+  total_ += t.numel;
+  index_[t.name] = tensors_.size();
+  tensors_.push_back(std::move(t));
+}
+
+const TensorInfo& ParamLayout::at(const std::string& name) const {
+  auto it = index_.find(name);
+  if (it == index_.end()) throw Error("unknown parameter tensor '" + name + "'");
+  return tensors_[it->second];
+}
+
+ParamLayout ParamLayout::build(const ModelConfig& c) {
+  ParamLayout p;
+  const int64_t V = c.vocab_size, d = c.hidden_size, q = int64_t(c.H()) * c.hd(), kv = int64_t(c.Hkv()) * c.hd();
+  p.add("model.embed_tokens.weight", {V, d}, true);
+  for (int l = 0; l < c.num_hidden_layers; ++l) {
+    p.add(layer(l, "input_layernorm.weight"), {d}, false);
+    p.add(layer(l, "self_attn.q_proj.weight"), {q, d}, true);
+    p.add(layer(l, "self_attn.k_proj.weight"), {kv, d}, true);
+    p.add(layer(l, "self_attn.v_proj.weight"), {kv, d}, true);
+    p.add(layer(l, "self_attn.o_proj.weight"), {d, q}, true);
+    p.add(layer(l, "post_attention_layernorm.weight"), {d}, false);
+    if (!c.is_moe_layer(l)) {
+      const int64_t I = c.intermediate_size;
+      p.add(layer(l, "mlp.gate_proj.weight"), {I, d}, true);
+      p.add(layer(l, "mlp.up_proj.weight"), {I, d}, true);
+      p.add(layer(l, "mlp.down_proj.weight"), {d, I}, true);
+    } else {
+      const int64_t F = c.F();
+      p.add(layer(l, "mlp.gate.weight"), {c.E(), d}, true);
+      for (int e = 0; e < c.E(); ++e) {
+        p.add(expert(l, e, "gate_proj"), {F, d}, true);
+        p.add(expert(l, e, "up_proj"), {F, d}, true);
+        p.add(expert(l, e, "down_proj"), {d, F}, true);
+      }
+      if (c.n_shared_experts > 0) {
+        const int64_t S = c.shared_width();
+        p.add(layer(l, "mlp.shared_experts.gate_proj.weight"), {S, d}, true);
+        p.add(layer(l, "mlp.shared_experts.up_proj.weight"), {S, d}, true);
+        p.add(layer(l, "mlp.shared_experts.down_proj.weight"), {d, S}, true);
+      }
+    }
+  }
+  p.add("model.norm.weight", {d}, false);
+  if (!c.tie_word_embeddings) p.add("lm_head.weight", {V, d}, true);
+  p.total_ = (p.total_ + 15) / 16 * 16;
+  return p;
+}
+
+}  // namespace moetune

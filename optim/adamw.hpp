@@ -1,0 +1,53 @@
+// AdamW exactly as torch.optim.AdamW (MODEL.md section 5), global-norm gradient
+// clipping as torch.nn.utils.clip_grad_norm_, over the flat buffers of a ParamLayout.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "moe/params.hpp"
+
+namespace moetune {
+
+struct AdamWConfig {
+  double beta1 = 0.9;
+  double beta2 = 0.95;
+  double eps = 1e-8;
+  double weight_decay = 0.0;  // applied to tensors with TensorInfo::decay only
+};
+
+template <class T>
+class AdamW {
+ public:
+  AdamW(const ParamLayout& layout, AdamWConfig cfg);
+  // One step at learning rate lr: t += 1, then for every tensor of the layout
+  // p *= 1 - lr*wd (decay tensors only); m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+  // p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)   (torch's operation order).
+  void step(std::vector<T>& params, const std::vector<T>& grads, double lr);
+
+  std::vector<T>& exp_avg() { return m_; }
+  std::vector<T>& exp_avg_sq() { return v_; }
+  const std::vector<T>& exp_avg() const { return m_; }
+  const std::vector<T>& exp_avg_sq() const { return v_; }
+  int64_t step_count() const { return t_; }
+  void set_step_count(int64_t t) { t_ = t; }
+  const AdamWConfig& config() const { return cfg_; }
+
+ private:
+  const ParamLayout* layout_;
+  AdamWConfig cfg_;
+  std::vector<T> m_, v_;
+  int64_t t_ = 0;
+};
+
+// L2 norm over all elements of grads (accumulated in double).
+template <class T>
+double global_grad_norm(const std::vector<T>& grads);
+// clip_grad_norm_: coefficient min(1, max_norm / (norm + 1e-6)); max_norm <= 0 = off (1).
+double clip_coefficient(double norm, double max_norm);
+template <class T>
+void scale_grads(std::vector<T>& grads, double coef);
+
+extern template class AdamW<float>;
+extern template class AdamW<double>;
+
+}  // namespace moetune

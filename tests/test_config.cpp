@@ -1,0 +1,51 @@
+// ModelConfig: defaults, derived values, validation messages naming the key.
+#include <gtest/gtest.h>
+
+#include "moe/config.hpp"
+#include "moe/error.hpp"
+#include "moe/params.hpp"
+
+using namespace moetune;
+using nlohmann::json;
+
+static std::string error_of(const json& j) {
+  try {
+    ModelConfig::from_json(j, "cfg.json");
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+TEST(Config, DefaultsResolveDerivedValues) {
+  auto c = ModelConfig::from_json(json::object());
+  EXPECT_EQ(c.num_key_value_heads, 4);
+  EXPECT_EQ(c.head_dim, 64);
+  EXPECT_EQ(c.intermediate_size, 1024);
+  EXPECT_EQ(c.moe_intermediate_size, 256);
+  auto round = ModelConfig::from_json(c.to_json());
+  EXPECT_EQ(round.to_json(), c.to_json());
+}
+
+TEST(Config, InvalidCombinationsNameTheKey) {
+  EXPECT_NE(error_of({{"n_routed_experts", 6}, {"n_group", 4}}).find("'n_group'"), std::string::npos);
+  EXPECT_NE(error_of({{"num_experts_per_tok", 9}}).find("'num_experts_per_tok'"), std::string::npos);
+  EXPECT_NE(error_of({{"n_group", 2}, {"topk_group", 3}}).find("'topk_group'"), std::string::npos);
+  EXPECT_NE(error_of({{"n_group", 4}, {"topk_group", 1}, {"num_experts_per_tok", 3}}).find("'num_experts_per_tok'"),
+            std::string::npos);
+  EXPECT_NE(error_of({{"num_key_value_heads", 3}}).find("'num_key_value_heads'"), std::string::npos);
+  EXPECT_NE(error_of({{"scoring_func", "relu"}}).find("'scoring_func'"), std::string::npos);
+  EXPECT_NE(error_of({{"hidden_sise", 3}}).find("unknown"), std::string::npos);
+  EXPECT_NE(error_of({{"hidden_size", "big"}}).find("cfg.json: key 'hidden_size'"), std::string::npos);
+}
+
+TEST(Config, LayoutHasHuggingFaceNames) {
+  auto c = ModelConfig::from_json({{"num_hidden_layers", 2}, {"tie_word_embeddings", true}});
+  auto p = ParamLayout::build(c);
+  EXPECT_TRUE(p.contains("model.layers.0.mlp.gate_proj.weight"));
+  EXPECT_TRUE(p.contains("model.layers.1.mlp.experts.7.down_proj.weight"));
+  EXPECT_TRUE(p.contains("model.layers.1.mlp.shared_experts.up_proj.weight"));
+  EXPECT_FALSE(p.contains("lm_head.weight"));
+  EXPECT_EQ(p.at("model.layers.1.mlp.gate.weight").shape, (std::vector<int64_t>{8, 256}));
+  EXPECT_FALSE(p.at("model.norm.weight").decay);
+}
