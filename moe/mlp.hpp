@@ -1,0 +1,47 @@
+// SwiGLU MLP, used by the dense FFN, the shared expert and each routed expert:
+// MLP(u) = down_proj( silu(gate_proj(u)) * up_proj(u) ).
+#pragma once
+#include <vector>
+
+#include "moe/ops.hpp"
+
+namespace moetune {
+
+// Values kept from the forward for the backward: g, u, a = silu(g)*u, each (N,F).
+template <class T>
+struct MlpCache {
+  std::vector<T> g, u, a;
+  void resize(int64_t N, int64_t F) {
+    g.resize(N * F);
+    u.resize(N * F);
+    a.resize(N * F);
+  }
+};
+
+// out (N,d) = MLP(x); x (N,d); wg, wu (F,d); wd (d,F). Writes cache at offset 0.
+template <class T>
+void mlp_forward(T* out, T* g, T* u, T* a, const T* x, const T* wg, const T* wu, const T* wd, int64_t N, int64_t d,
+                 int64_t F) {
+  ops::linear_forward(g, x, wg, N, d, F);
+  ops::linear_forward(u, x, wu, N, d, F);
+  ops::swiglu_forward(a, g, u, N * F);
+  ops::linear_forward(out, a, wd, N, F, d);
+}
+
+// dx (N,d) += (may be null), dwg, dwu (F,d) +=, dwd (d,F) +=; dout (N,d). scratch: 3*N*F.
+template <class T>
+void mlp_backward(T* dx, T* dwg, T* dwu, T* dwd, const T* dout, const T* x, const T* g, const T* u, const T* a,
+                  const T* wg, const T* wu, const T* wd, int64_t N, int64_t d, int64_t F, std::vector<T>& scratch) {
+  if (N == 0) return;
+  scratch.resize(3 * N * F);
+  T* da = scratch.data();
+  T* dg = da + N * F;
+  T* du = dg + N * F;
+  std::fill_n(da, N * F, T(0));
+  ops::linear_backward(da, dwd, dout, a, wd, N, F, d);
+  ops::swiglu_backward(dg, du, da, g, u, N * F);
+  ops::linear_backward(dx, dwg, dg, x, wg, N, d, F);
+  ops::linear_backward(dx, dwu, du, x, wu, N, d, F);
+}
+
+}  // namespace moetune

@@ -1,0 +1,247 @@
+// The DeepSeek-V3 gate (MODEL.md sections 2-3): scores, aux-loss-free biased
+// selection, group-limited routing, top-K, weight normalisation and scaling,
+// capacity drops, and the balance losses (switch aux, sequence-wise, z-loss) with
+// their backward. Pure functions over (N,E) buffers; no communication.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "moe/config.hpp"
+
+namespace moetune {
+
+// Routing decision for N tokens. Pair (t,k) = the k-th expert chosen by token t.
+template <class T>
+struct Routing {
+  int64_t N = 0;
+  int E = 0, K = 0;
+  std::vector<T> scores;         // (N,E) s = softmax/sigmoid(logits)
+  std::vector<int32_t> idx;      // (N,K) selected experts, in selection order
+  std::vector<T> weight;         // (N,K) final combine weights (normalised, scaled)
+  std::vector<uint8_t> kept;     // (N,K) 0 if dropped by capacity
+  std::vector<int64_t> counts;   // (E) pairs routed to each expert, before drops
+  int64_t dropped = 0;
+};
+
+// Per-token selection (greedy or noaux_tc with bias, optionally group-limited).
+// logits (N,E); bias (E) fp32 (used only under noaux_tc). Fills r (all but `kept`).
+template <class T>
+void route_select(Routing<T>& r, const T* logits, const float* bias, const ModelConfig& c, int64_t N) {
+  const int E = c.E(), K = c.K(), G = c.n_group, gs = E / G;
+  r.N = N;
+  r.E = E;
+  r.K = K;
+  r.scores.resize(N * E);
+  r.idx.resize(N * K);
+  r.weight.resize(N * K);
+  r.kept.assign(N * K, 1);
+  r.dropped = 0;
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < N; ++t) {
+    const T* x = logits + t * E;
+    T* s = r.scores.data() + t * E;
+    if (c.sigmoid()) {
+      for (int e = 0; e < E; ++e) s[e] = T(1) / (T(1) + std::exp(-x[e]));
+    } else {
+      T mx = x[0];
+      for (int e = 1; e < E; ++e) mx = std::max(mx, x[e]);
+      T sum = 0;
+      for (int e = 0; e < E; ++e) sum += (s[e] = std::exp(x[e] - mx));
+      for (int e = 0; e < E; ++e) s[e] /= sum;
+    }
+    std::vector<T> sel(s, s + E);
+    if (c.noaux_tc())
+      for (int e = 0; e < E; ++e) sel[e] += T(bias[e]);
+    if (G > 1) {
+      std::vector<T> gscore(G);
+      for (int g = 0; g < G; ++g) {
+        std::vector<T> v(sel.begin() + g * gs, sel.begin() + (g + 1) * gs);
+        std::sort(v.begin(), v.end(), std::greater<T>());
+        gscore[g] = c.noaux_tc() ? (gs >= 2 ? v[0] + v[1] : v[0]) : v[0];
+      }
+      std::vector<int> order(G);
+      std::iota(order.begin(), order.end(), 0);
+      std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return gscore[a] > gscore[b]; });
+      std::vector<uint8_t> keep(G, 0);
+      for (int i = 0; i < c.topk_group; ++i) keep[order[i]] = 1;
+      for (int e = 0; e < E; ++e)
+        if (!keep[e / gs]) sel[e] = -std::numeric_limits<T>::infinity();
+    }
+    std::vector<int> order(E);
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return sel[a] > sel[b]; });
+    int32_t* id = r.idx.data() + t * K;
+    T* w = r.weight.data() + t * K;
+    T wsum = 0;
+    for (int k = 0; k < K; ++k) {
+      id[k] = order[k];
+      w[k] = s[order[k]];
+      wsum += w[k];
+    }
+    const T scale = T(c.routed_scaling_factor) / (c.norm_topk_prob ? wsum + T(1e-20) : T(1));
+    for (int k = 0; k < K; ++k) w[k] *= scale;
+  }
+  r.counts.assign(E, 0);
+  for (int64_t i = 0; i < N * K; ++i) r.counts[r.idx[i]]++;
+}
+
+// Capacity drops: each expert keeps at most ceil(c * N * K / E) pairs, those with the
+// highest score s (ties: lower token index). capacity_factor 0 = dropless.
+template <class T>
+void route_capacity(Routing<T>& r, double capacity_factor) {
+  if (capacity_factor <= 0) return;
+  const int64_t cap = int64_t(std::ceil(capacity_factor * double(r.N) * r.K / r.E));
+  std::vector<std::vector<int64_t>> pairs(r.E);  // flat pair index t*K+k, in token order
+  for (int64_t i = 0; i < r.N * r.K; ++i) pairs[r.idx[i]].push_back(i);
+  for (int e = 0; e < r.E; ++e) {
+    auto& p = pairs[e];
+    if (int64_t(p.size()) <= cap) continue;
+    std::stable_sort(p.begin(), p.end(), [&](int64_t a, int64_t b) {
+      return r.scores[(a / r.K) * r.E + e] > r.scores[(b / r.K) * r.E + e];
+    });
+    for (size_t j = cap; j < p.size(); ++j) r.kept[p[j]] = 0;
+    r.dropped += int64_t(p.size()) - cap;
+  }
+}
+
+// Balance-loss weights of one micro-batch: each is already divided by its global
+// normaliser (MODEL.md section 3): aux/z by the number of micro-batches of the global
+// batch, seq by its number of rows.
+struct BalanceScales {
+  double aux = 0;  // aux_loss_coeff / n_micro
+  double seq = 0;  // seq_aux_loss_coeff / n_rows
+  double z = 0;    // z_loss_coeff / n_micro
+};
+struct BalanceLosses {
+  double aux = 0, seq = 0, z = 0;
+};
+
+// Coefficients g[t,i] = dL/dp[t,i] of the switch and sequence-wise losses, where
+// p = s / sum_j s_j. Both losses are linear in p with f constant.
+template <class T>
+void balance_p_grad(std::vector<double>& g, const Routing<T>& r, const ModelConfig& c, int rows, int seq_len,
+                    const BalanceScales& sc) {
+  const int64_t N = r.N;
+  const int E = r.E, K = r.K;
+  g.assign(N * E, 0.0);
+  if (sc.aux > 0) {
+    for (int e = 0; e < E; ++e) {
+      const double f = double(r.counts[e]) / (double(N) * K);
+      const double coef = sc.aux * E * f / double(N);
+      for (int64_t t = 0; t < N; ++t) g[t * E + e] += coef;
+    }
+  }
+  if (sc.seq > 0) {
+    for (int row = 0; row < rows; ++row) {
+      std::vector<int64_t> n(E, 0);
+      for (int64_t t = int64_t(row) * seq_len; t < int64_t(row + 1) * seq_len; ++t)
+        for (int k = 0; k < K; ++k) n[r.idx[t * K + k]]++;
+      for (int e = 0; e < E; ++e) {
+        const double f = double(E) / (double(K) * seq_len) * double(n[e]);
+        const double coef = sc.seq * f / double(seq_len);
+        for (int64_t t = int64_t(row) * seq_len; t < int64_t(row + 1) * seq_len; ++t) g[t * E + e] += coef;
+      }
+    }
+  }
+}
+
+// Values of the balance losses of one micro-batch (already scaled).
+template <class T>
+BalanceLosses balance_forward(const Routing<T>& r, const T* logits, const ModelConfig& c, int rows, int seq_len,
+                              const BalanceScales& sc) {
+  BalanceLosses out;
+  const int64_t N = r.N;
+  const int E = r.E;
+  if (sc.aux > 0 || sc.seq > 0) {
+    // Each loss is sum_{t,i} g[t,i] p[t,i] with g from balance_p_grad (f is constant).
+    auto value = [&](const BalanceScales& only) {
+      std::vector<double> gg;
+      balance_p_grad(gg, r, c, rows, seq_len, only);
+      double v = 0;
+      for (int64_t t = 0; t < N; ++t) {
+        const T* s = r.scores.data() + t * E;
+        double z = 0;
+        for (int e = 0; e < E; ++e) z += double(s[e]);
+        for (int e = 0; e < E; ++e) v += gg[t * E + e] * double(s[e]) / z;
+      }
+      return v;
+    };
+    if (sc.aux > 0) out.aux = value({sc.aux, 0, 0});
+    if (sc.seq > 0) out.seq = value({0, sc.seq, 0});
+  }
+  if (sc.z > 0) {
+    double acc = 0;
+    for (int64_t t = 0; t < N; ++t) {
+      const T* x = logits + t * E;
+      double mx = double(x[0]);
+      for (int e = 1; e < E; ++e) mx = std::max(mx, double(x[e]));
+      double sum = 0;
+      for (int e = 0; e < E; ++e) sum += std::exp(double(x[e]) - mx);
+      const double lse = mx + std::log(sum);
+      acc += lse * lse;
+    }
+    out.z = sc.z * acc / double(N);
+  }
+  return out;
+}
+
+// dlogits (N,E) (overwritten) from dweight (N,K) = dL/d(final combine weight) and
+// the balance losses. logits (N,E).
+template <class T>
+void router_backward(T* dlogits, const T* dweight, const T* logits, const Routing<T>& r, const ModelConfig& c,
+                     int rows, int seq_len, const BalanceScales& sc) {
+  const int64_t N = r.N;
+  const int E = r.E, K = r.K;
+  std::vector<double> gp;
+  const bool balance = sc.aux > 0 || sc.seq > 0;
+  if (balance) balance_p_grad(gp, r, c, rows, seq_len, sc);
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < N; ++t) {
+    const T* s = r.scores.data() + t * E;
+    const int32_t* id = r.idx.data() + t * K;
+    std::vector<T> ds(E, T(0));
+    // Through w_k = scale * s_k / (sum_sel s + 1e-20)  (or scale * s_k).
+    const T rsf = T(c.routed_scaling_factor);
+    if (c.norm_topk_prob) {
+      T ssum = 0;
+      for (int k = 0; k < K; ++k) ssum += s[id[k]];
+      const T Z = ssum + T(1e-20);
+      T dot = 0;  // sum_k dw_k * s_k
+      for (int k = 0; k < K; ++k) dot += dweight[t * K + k] * s[id[k]];
+      for (int k = 0; k < K; ++k) ds[id[k]] += rsf * (dweight[t * K + k] / Z - dot / (Z * Z));
+    } else {
+      for (int k = 0; k < K; ++k) ds[id[k]] += rsf * dweight[t * K + k];
+    }
+    if (balance) {  // through p = s / sum_j s_j
+      T z = 0;
+      for (int e = 0; e < E; ++e) z += s[e];
+      T dot = 0;
+      for (int e = 0; e < E; ++e) dot += T(gp[t * E + e]) * s[e];
+      for (int e = 0; e < E; ++e) ds[e] += (T(gp[t * E + e]) - dot / z) / z;
+    }
+    T* dl = dlogits + t * E;
+    if (c.sigmoid()) {
+      for (int e = 0; e < E; ++e) dl[e] = ds[e] * s[e] * (T(1) - s[e]);
+    } else {
+      T dot = 0;
+      for (int e = 0; e < E; ++e) dot += ds[e] * s[e];
+      for (int e = 0; e < E; ++e) dl[e] = s[e] * (ds[e] - dot);
+    }
+    if (sc.z > 0) {
+      const T* x = logits + t * E;
+      T mx = x[0];
+      for (int e = 1; e < E; ++e) mx = std::max(mx, x[e]);
+      T sum = 0;
+      for (int e = 0; e < E; ++e) sum += std::exp(x[e] - mx);
+      const T lse = mx + std::log(sum);
+      const T coef = T(2.0 * sc.z / double(N)) * lse;
+      for (int e = 0; e < E; ++e) dl[e] += coef * std::exp(x[e] - lse);
+    }
+  }
+}
+
+}  // namespace moetune

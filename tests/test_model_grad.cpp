@@ -1,0 +1,185 @@
+// Whole-model gradient checks in double: the loss (CE + every enabled balance loss)
+// against central differences, for every parameter tensor, across router variants.
+// Also: forward-only equals forward+backward, and gradient accumulation over
+// micro-batches equals one big micro-batch (global-token-mean normalisation).
+#include <gtest/gtest.h>
+
+#include "moe/model.hpp"
+#include "test_util.hpp"
+
+using namespace moetune;
+using namespace moetune::testing;
+
+namespace {
+
+nlohmann::json tiny(nlohmann::json extra) {
+  nlohmann::json j = {{"vocab_size", 16},
+                      {"hidden_size", 8},
+                      {"num_hidden_layers", 2},
+                      {"num_attention_heads", 2},
+                      {"num_key_value_heads", 1},
+                      {"intermediate_size", 8},
+                      {"n_routed_experts", 4},
+                      {"num_experts_per_tok", 2},
+                      {"moe_intermediate_size", 4},
+                      {"max_position_embeddings", 16},
+                      {"initializer_range", 0.3}};
+  for (auto it = extra.begin(); it != extra.end(); ++it) j[it.key()] = it.value();
+  return j;
+}
+
+struct Case {
+  const char* name;
+  nlohmann::json cfg;
+};
+
+}  // namespace
+
+class ModelGrad : public ::testing::TestWithParam<Case> {};
+
+TEST_P(ModelGrad, EveryParameterTensor) {
+  auto cfg = ModelConfig::from_json(tiny(GetParam().cfg));
+  Model<double> m(cfg);
+  m.init(11);
+  for (auto& b : m.expert_bias())
+    for (size_t e = 0; e < b.size(); ++e) b[e] = 0.02f * float(e % 2);
+  auto mb = make_batch(2, 6, cfg.vocab_size, 5);
+  LossNorm norm{double(mb.count_targets()), 2, 3};  // as if part of a larger global batch
+  m.zero_grad();
+  const auto st = m.forward_backward(mb, norm, true);
+  ASSERT_GT(st.n_targets, 0);
+  if (cfg.capacity_factor > 0) EXPECT_GT(st.dropped_pairs, 0);
+  const std::vector<double> grads = m.grads();
+  auto f = [&] { return m.forward_backward(mb, norm, false).total(); };
+  EXPECT_NEAR(f(), st.total(), 1e-12);
+  for (const auto& t : m.layout().tensors()) {
+    std::vector<double> x(m.params().begin() + t.offset, m.params().begin() + t.offset + t.numel);
+    std::vector<double> g(grads.begin() + t.offset, grads.begin() + t.offset + t.numel);
+    // Perturb through the model's own buffer.
+    double gmax = 0;
+    for (double v : g) gmax = std::max(gmax, std::fabs(v));
+    const double floor = 1e-5 * (1.0 + gmax);
+    double worst = 0;
+    const size_t step = t.numel <= 48 ? 1 : t.numel / 48;
+    for (size_t i = 0; i < t.numel; i += step) {
+      double num = fd(f, m.params()[t.offset + i], 1e-5);
+      worst = std::max(worst, rel_err(num, g[i], floor));
+    }
+    EXPECT_LT(worst, 1e-5) << GetParam().name << ": " << t.name;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Variants, ModelGrad,
+    ::testing::Values(
+        Case{"sigmoid_noaux_shared_all_losses",
+             {{"aux_loss_coeff", 0.05}, {"seq_aux_loss_coeff", 0.05}, {"z_loss_coeff", 0.01}}},
+        Case{"softmax_greedy_capacity_tied_noshared",
+             {{"scoring_func", "softmax"}, {"topk_method", "greedy"}, {"capacity_factor", 1.0},
+              {"tie_word_embeddings", true}, {"n_shared_experts", 0}, {"norm_topk_prob", false},
+              {"routed_scaling_factor", 2.0}}},
+        Case{"groups_all_moe", {{"n_group", 2}, {"topk_group", 1}, {"first_k_dense_replace", 0},
+                                {"num_key_value_heads", 2}, {"aux_loss_coeff", 0.05}}},
+        Case{"softmax_shared_seq_aux", {{"scoring_func", "softmax"}, {"seq_aux_loss_coeff", 0.1}}}),
+    [](const auto& info) { return std::string(info.param.name); });
+
+// 1 micro-batch of 8 rows and 4 micro-batches of 2 rows give the same gradient when
+// every loss term is normalised over the global batch (CE by the global target count,
+// the sequence-wise loss by the global row count).
+TEST(ModelGradAccum, FourMicroBatchesEqualOne) {
+  auto cfg = ModelConfig::from_json(tiny({{"seq_aux_loss_coeff", 0.05}}));
+  Model<double> a(cfg), b(cfg);
+  a.init(3);
+  b.init(3);
+  auto big = make_batch(8, 6, cfg.vocab_size, 9);
+  // Uneven target counts per micro-batch, so a mean of means would differ.
+  for (int i = 0; i < 20; ++i) big.labels[i] = kIgnoreIndex;
+  const double nt = double(big.count_targets());
+  a.zero_grad();
+  const auto sa = a.forward_backward(big, LossNorm{nt, 1, 8}, true);
+  b.zero_grad();
+  double ce = 0, seq = 0;
+  for (int m = 0; m < 4; ++m) {
+    MicroBatch mb;
+    mb.rows = 2;
+    mb.seq_len = 6;
+    const int64_t n = 12;
+    mb.input_ids.assign(big.input_ids.begin() + m * n, big.input_ids.begin() + (m + 1) * n);
+    mb.labels.assign(big.labels.begin() + m * n, big.labels.begin() + (m + 1) * n);
+    mb.doc_ids.assign(big.doc_ids.begin() + m * n, big.doc_ids.begin() + (m + 1) * n);
+    const auto s = b.forward_backward(mb, LossNorm{nt, 4, 8}, true);
+    ce += s.ce;
+    seq += s.seq_aux_loss;
+  }
+  EXPECT_NEAR(ce, sa.ce, 1e-12);
+  EXPECT_NEAR(seq, sa.seq_aux_loss, 1e-12);
+  EXPECT_GT(sa.seq_aux_loss, 0);
+  double worst = 0;
+  for (size_t i = 0; i < a.grads().size(); ++i) worst = std::max(worst, std::fabs(a.grads()[i] - b.grads()[i]));
+  EXPECT_LT(worst, 1e-12);
+}
+
+TEST(ModelForward, FloatMatchesDouble) {
+  auto cfg = ModelConfig::from_json(tiny({{"aux_loss_coeff", 0.01}}));
+  Model<double> md(cfg);
+  Model<float> mf(cfg);
+  md.init(4);
+  mf.init(4);
+  auto mb = make_batch(2, 6, cfg.vocab_size, 6);
+  LossNorm norm{double(mb.count_targets()), 1, 2};
+  md.zero_grad();
+  mf.zero_grad();
+  auto sd = md.forward_backward(mb, norm, true);
+  auto sf = mf.forward_backward(mb, norm, true);
+  EXPECT_LT(rel_err(sf.total(), sd.total()), 1e-5);
+  double gmax = 0, diff = 0;
+  for (size_t i = 0; i < md.grads().size(); ++i) {
+    gmax = std::max(gmax, std::fabs(md.grads()[i]));
+    diff = std::max(diff, std::fabs(md.grads()[i] - double(mf.grads()[i])));
+  }
+  EXPECT_LT(diff / gmax, 1e-4);
+}
+
+TEST(ModelForward, EmptyTargetsGiveZeroLoss) {
+  auto cfg = ModelConfig::from_json(tiny({}));
+  Model<double> m(cfg);
+  m.init(1);
+  auto mb = make_batch(1, 6, cfg.vocab_size, 2);
+  std::fill(mb.labels.begin(), mb.labels.end(), kIgnoreIndex);
+  m.zero_grad();
+  auto st = m.forward_backward(mb, LossNorm{0, 1, 1}, true);
+  EXPECT_EQ(st.ce, 0.0);
+  EXPECT_EQ(st.n_targets, 0);
+  EXPECT_TRUE(std::isfinite(st.total()));
+}
+
+TEST(ModelForward, RejectsTokenOutsideVocabulary) {
+  auto cfg = ModelConfig::from_json(tiny({}));
+  Model<float> m(cfg);
+  auto mb = make_batch(1, 6, cfg.vocab_size, 2);
+  mb.input_ids[3] = 99;
+  try {
+    m.forward_backward(mb, LossNorm{}, false);
+    FAIL() << "expected an error";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("token id 99"), std::string::npos) << e.what();
+  }
+}
+
+// Packing: perturbing one document never changes another document's logits.
+TEST(ModelForward, DocumentsDoNotAttendAcrossBoundaries) {
+  auto cfg = ModelConfig::from_json(tiny({{"n_shared_experts", 1}}));
+  Model<double> m(cfg);
+  m.init(8);
+  auto mb = make_batch(1, 6, cfg.vocab_size, 3);  // row 0: doc 0 = [0,3), doc 1 = [3,6)
+  m.forward_backward(mb, LossNorm{}, false);
+  const auto before = m.logits();
+  mb.input_ids[1] = (mb.input_ids[1] + 5) % cfg.vocab_size;  // change doc 0
+  m.forward_backward(mb, LossNorm{}, false);
+  const auto after = m.logits();
+  const int64_t V = cfg.vocab_size;
+  for (int64_t i = 3 * V; i < 6 * V; ++i) EXPECT_EQ(before[i], after[i]) << "doc 1 logits changed";
+  double changed = 0;
+  for (int64_t i = 1 * V; i < 3 * V; ++i) changed += std::fabs(before[i] - after[i]);
+  EXPECT_GT(changed, 0.0);
+}

@@ -1,0 +1,312 @@
+// Finite-difference gradient checks, in double, of every op's hand-written backward.
+// Each op is wrapped into a scalar loss L = sum(out * R) with a fixed random R, so
+// dL/dout = R, and the backward's input gradients are compared with central
+// differences of L. Tolerances are per op (ggml test-backend-ops style).
+#include <gtest/gtest.h>
+
+#include "moe/dispatch.hpp"
+#include "moe/mlp.hpp"
+#include "moe/moe_layer.hpp"
+#include "moe/ops.hpp"
+#include "moe/router.hpp"
+#include "test_util.hpp"
+
+using namespace moetune;
+using namespace moetune::testing;
+
+namespace {
+double dot(const std::vector<double>& a, const std::vector<double>& b) {
+  double s = 0;
+  for (size_t i = 0; i < a.size(); ++i) s += a[i] * b[i];
+  return s;
+}
+}  // namespace
+
+TEST(OpsGrad, Embedding) {
+  const int64_t N = 7, V = 5, d = 4;
+  auto w = randn(V * d, 1);
+  std::vector<int32_t> ids = {0, 3, 3, 1, 4, 0, 2};
+  auto R = randn(N * d, 2);
+  std::vector<double> out(N * d), dw(V * d, 0.0);
+  auto f = [&] {
+    ops::embedding_forward(out.data(), ids.data(), w.data(), N, d);
+    return dot(out, R);
+  };
+  ops::embedding_backward(dw.data(), R.data(), ids.data(), N, d);
+  EXPECT_LT(check_grad(f, w, dw), 1e-6);
+}
+
+TEST(OpsGrad, RMSNorm) {
+  const int64_t N = 5, d = 8;
+  auto x = randn(N * d, 3), w = randn(d, 4), R = randn(N * d, 5);
+  std::vector<double> out(N * d), rstd(N), dx(N * d, 0.0), dw(d, 0.0);
+  auto f = [&] {
+    ops::rmsnorm_forward(out.data(), rstd.data(), x.data(), w.data(), N, d, 1e-6);
+    return dot(out, R);
+  };
+  f();
+  ops::rmsnorm_backward(dx.data(), dw.data(), R.data(), x.data(), w.data(), rstd.data(), N, d);
+  EXPECT_LT(check_grad(f, x, dx), 1e-6);
+  EXPECT_LT(check_grad(f, w, dw), 1e-6);
+}
+
+TEST(OpsGrad, Linear) {
+  const int64_t N = 6, I = 5, O = 3;
+  auto x = randn(N * I, 6), w = randn(O * I, 7), R = randn(N * O, 8);
+  std::vector<double> out(N * O), dx(N * I, 0.0), dw(O * I, 0.0);
+  auto f = [&] {
+    ops::linear_forward(out.data(), x.data(), w.data(), N, I, O);
+    return dot(out, R);
+  };
+  ops::linear_backward(dx.data(), dw.data(), R.data(), x.data(), w.data(), N, I, O);
+  EXPECT_LT(check_grad(f, x, dx), 1e-6);
+  EXPECT_LT(check_grad(f, w, dw), 1e-6);
+}
+
+TEST(OpsGrad, SwiGLU) {
+  const int64_t n = 20;
+  auto g = randn(n, 9, 2.0), u = randn(n, 10), R = randn(n, 11);
+  std::vector<double> out(n), dg(n), du(n);
+  auto f = [&] {
+    ops::swiglu_forward(out.data(), g.data(), u.data(), n);
+    return dot(out, R);
+  };
+  ops::swiglu_backward(dg.data(), du.data(), R.data(), g.data(), u.data(), n);
+  EXPECT_LT(check_grad(f, g, dg), 1e-6);
+  EXPECT_LT(check_grad(f, u, du), 1e-6);
+}
+
+TEST(OpsGrad, RoPE) {
+  const int64_t N = 6, nh = 2, hd = 8;
+  auto x = randn(N * nh * hd, 12), R = randn(N * nh * hd, 13);
+  std::vector<int32_t> pos = {0, 1, 2, 0, 1, 5};
+  auto f = [&] {
+    auto y = x;
+    ops::rope_apply(y.data(), pos.data(), N, nh, hd, 10000.0, +1);
+    return dot(y, R);
+  };
+  auto dx = R;
+  ops::rope_apply(dx.data(), pos.data(), N, nh, hd, 10000.0, -1);
+  EXPECT_LT(check_grad(f, x, dx), 1e-6);
+  // Position 0 is the identity; rotation preserves the norm.
+  auto y = x;
+  ops::rope_apply(y.data(), pos.data(), N, nh, hd, 10000.0, +1);
+  for (int64_t j = 0; j < nh * hd; ++j) EXPECT_DOUBLE_EQ(y[j], x[j]);
+  EXPECT_NEAR(dot(y, y), dot(x, x), 1e-9);
+}
+
+TEST(OpsGrad, AttentionGQAWithDocuments) {
+  const int64_t B = 2, S = 6, H = 4, Hkv = 2, hd = 4;
+  const int64_t N = B * S;
+  auto q = randn(N * H * hd, 14), k = randn(N * Hkv * hd, 15), v = randn(N * Hkv * hd, 16);
+  auto R = randn(N * H * hd, 17);
+  std::vector<int32_t> doc = {0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0};
+  std::vector<double> out(N * H * hd), probs(B * H * S * S);
+  auto f = [&] {
+    ops::attention_forward(out.data(), probs.data(), q.data(), k.data(), v.data(), doc.data(), B, S, H, Hkv, hd);
+    return dot(out, R);
+  };
+  f();
+  std::vector<double> dq(q.size(), 0.0), dk(k.size(), 0.0), dv(v.size(), 0.0);
+  ops::attention_backward(dq.data(), dk.data(), dv.data(), R.data(), probs.data(), q.data(), k.data(), v.data(), B,
+                          S, H, Hkv, hd);
+  EXPECT_LT(check_grad(f, q, dq, 200), 1e-6);
+  EXPECT_LT(check_grad(f, k, dk, 200), 1e-6);
+  EXPECT_LT(check_grad(f, v, dv, 200), 1e-6);
+  // Document masking: token 3 (first of doc 1) attends only to itself.
+  for (int64_t h = 0; h < H; ++h) EXPECT_DOUBLE_EQ(probs[(0 * H + h) * S * S + 3 * S + 3], 1.0);
+}
+
+TEST(OpsGrad, CrossEntropy) {
+  const int64_t N = 5, V = 7;
+  auto x = randn(N * V, 18);
+  std::vector<int32_t> tgt = {3, -100, 0, 6, 2};
+  std::vector<double> dx(N * V);
+  auto f = [&] { return ops::cross_entropy_forward_backward<double>(nullptr, x.data(), tgt.data(), N, V, 1.0) / 4.0; };
+  ops::cross_entropy_forward_backward(dx.data(), x.data(), tgt.data(), N, V, 0.25);
+  EXPECT_LT(check_grad(f, x, dx), 1e-6);
+  for (int64_t j = 0; j < V; ++j) EXPECT_EQ(dx[1 * V + j], 0.0);  // ignored row
+}
+
+TEST(OpsGrad, MLP) {
+  const int64_t N = 4, d = 6, F = 5;
+  auto x = randn(N * d, 19), wg = randn(F * d, 20, 0.5), wu = randn(F * d, 21, 0.5), wd = randn(d * F, 22, 0.5);
+  auto R = randn(N * d, 23);
+  std::vector<double> out(N * d), g(N * F), u(N * F), a(N * F), scratch;
+  auto f = [&] {
+    mlp_forward(out.data(), g.data(), u.data(), a.data(), x.data(), wg.data(), wu.data(), wd.data(), N, d, F);
+    return dot(out, R);
+  };
+  f();
+  std::vector<double> dx(N * d, 0.0), dwg(F * d, 0.0), dwu(F * d, 0.0), dwd(d * F, 0.0);
+  mlp_backward(dx.data(), dwg.data(), dwu.data(), dwd.data(), R.data(), x.data(), g.data(), u.data(), a.data(),
+               wg.data(), wu.data(), wd.data(), N, d, F, scratch);
+  EXPECT_LT(check_grad(f, x, dx), 1e-6);
+  EXPECT_LT(check_grad(f, wg, dwg), 1e-6);
+  EXPECT_LT(check_grad(f, wu, dwu), 1e-6);
+  EXPECT_LT(check_grad(f, wd, dwd), 1e-6);
+}
+
+// Router: L = sum(weight * R) + balance losses, gradient with respect to the logits.
+// Logits are spread out (scale 2) so no top-K or group choice is within h of a tie.
+struct RouterCase {
+  const char* name;
+  nlohmann::json cfg;
+};
+
+class RouterGrad : public ::testing::TestWithParam<RouterCase> {};
+
+TEST_P(RouterGrad, LogitsGradient) {
+  auto cfg = ModelConfig::from_json(GetParam().cfg);
+  const int rows = 2, S = 5;
+  const int64_t N = rows * S, E = cfg.E(), K = cfg.K();
+  auto logits = randn(N * E, 24, 2.0), R = randn(N * K, 25);
+  std::vector<float> bias(E);
+  for (int e = 0; e < E; ++e) bias[e] = 0.05f * float(e % 3) - 0.04f;
+  const BalanceScales sc{cfg.aux_loss_coeff / 2, cfg.seq_aux_loss_coeff / 3, cfg.z_loss_coeff / 2};
+  Routing<double> r0;
+  route_select(r0, logits.data(), bias.data(), cfg, N);
+  auto f = [&] {
+    Routing<double> r;
+    route_select(r, logits.data(), bias.data(), cfg, N);
+    route_capacity(r, cfg.capacity_factor);
+    // Selection must not change under the perturbation (away from ties).
+    EXPECT_EQ(r.idx, r0.idx);
+    double L = 0;
+    for (int64_t i = 0; i < N * K; ++i) L += r.kept[i] ? r.weight[i] * R[i] : 0.0;
+    auto bl = balance_forward(r, logits.data(), cfg, rows, S, sc);
+    return L + bl.aux + bl.seq + bl.z;
+  };
+  Routing<double> r;
+  route_select(r, logits.data(), bias.data(), cfg, N);
+  route_capacity(r, cfg.capacity_factor);
+  std::vector<double> dw(N * K), dl(N * E);
+  for (int64_t i = 0; i < N * K; ++i) dw[i] = r.kept[i] ? R[i] : 0.0;
+  router_backward(dl.data(), dw.data(), logits.data(), r, cfg, rows, S, sc);
+  if (cfg.capacity_factor > 0) EXPECT_GT(r.dropped, 0) << "the capacity case must drop pairs";
+  EXPECT_LT(check_grad(f, logits, dl, 1000), 1e-5) << GetParam().name;
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Variants, RouterGrad,
+    ::testing::Values(
+        RouterCase{"sigmoid_noaux", {{"scoring_func", "sigmoid"}, {"topk_method", "noaux_tc"}, {"aux_loss_coeff", 0.1},
+                                     {"seq_aux_loss_coeff", 0.2}, {"z_loss_coeff", 0.05}}},
+        RouterCase{"softmax_greedy", {{"scoring_func", "softmax"}, {"topk_method", "greedy"}, {"aux_loss_coeff", 0.1},
+                                      {"seq_aux_loss_coeff", 0.2}, {"z_loss_coeff", 0.05}}},
+        RouterCase{"groups_noaux", {{"n_group", 4}, {"topk_group", 2}, {"num_experts_per_tok", 3}}},
+        RouterCase{"groups_softmax_greedy",
+                   {{"n_group", 2}, {"topk_group", 1}, {"scoring_func", "softmax"}, {"topk_method", "greedy"}}},
+        RouterCase{"no_norm_scaled", {{"norm_topk_prob", false}, {"routed_scaling_factor", 2.5}}},
+        RouterCase{"capacity", {{"capacity_factor", 0.5}, {"aux_loss_coeff", 0.1}}}),
+    [](const auto& info) { return std::string(info.param.name); });
+
+// The whole MoE layer (router + dispatch + experts + combine + shared expert).
+class MoeLayerGrad : public ::testing::TestWithParam<RouterCase> {};
+
+TEST_P(MoeLayerGrad, AllInputsAndWeights) {
+  nlohmann::json j = GetParam().cfg;
+  j["hidden_size"] = 8;
+  j["num_attention_heads"] = 2;
+  j["moe_intermediate_size"] = 4;
+  auto cfg = ModelConfig::from_json(j);
+  const int rows = 2, S = 4;
+  const int64_t N = rows * S, d = cfg.d(), E = cfg.E(), F = cfg.F(), Sh = cfg.shared_width();
+  auto x = randn(N * d, 30), gate = randn(E * d, 31, 1.0), R = randn(N * d, 32);
+  std::vector<std::vector<double>> wg, wu, wd;
+  for (int e = 0; e < E; ++e) {
+    wg.push_back(randn(F * d, 40 + e, 0.5));
+    wu.push_back(randn(F * d, 60 + e, 0.5));
+    wd.push_back(randn(d * F, 80 + e, 0.5));
+  }
+  auto sg = randn(std::max<int64_t>(Sh, 1) * d, 100, 0.5), su = randn(std::max<int64_t>(Sh, 1) * d, 101, 0.5),
+       sd = randn(d * std::max<int64_t>(Sh, 1), 102, 0.5);
+  std::vector<float> bias(E, 0.f);
+  bias[1] = 0.03f;
+  MoeWeights<double> w;
+  w.gate = gate.data();
+  for (int e = 0; e < E; ++e) {
+    w.wg.push_back(wg[e].data());
+    w.wu.push_back(wu[e].data());
+    w.wd.push_back(wd[e].data());
+  }
+  if (Sh > 0) {
+    w.sg = sg.data();
+    w.su = su.data();
+    w.sd = sd.data();
+  }
+  const BalanceScales sc{cfg.aux_loss_coeff, cfg.seq_aux_loss_coeff / rows, cfg.z_loss_coeff};
+  std::vector<double> out(N * d);
+  MoeCache<double> cache;
+  std::vector<int32_t> idx0;
+  auto f = [&] {
+    moe_forward(out.data(), cache, x.data(), w, bias.data(), cfg, rows, S, sc);
+    if (idx0.empty()) idx0 = cache.routing.idx;
+    EXPECT_EQ(cache.routing.idx, idx0);
+    return dot(out, R) + cache.losses.aux + cache.losses.seq + cache.losses.z;
+  };
+  f();
+  std::vector<double> dx(N * d, 0.0), dgate(E * d, 0.0), scratch;
+  std::vector<std::vector<double>> dwg(E, std::vector<double>(F * d, 0.0)), dwu = dwg, dwd = dwg;
+  std::vector<double> dsg(sg.size(), 0.0), dsu(su.size(), 0.0), dsd(sd.size(), 0.0);
+  MoeGrads<double> g;
+  g.gate = dgate.data();
+  for (int e = 0; e < E; ++e) {
+    g.wg.push_back(dwg[e].data());
+    g.wu.push_back(dwu[e].data());
+    g.wd.push_back(dwd[e].data());
+  }
+  g.sg = dsg.data();
+  g.su = dsu.data();
+  g.sd = dsd.data();
+  moe_backward(dx.data(), g, R.data(), x.data(), w, cache, cfg, rows, S, sc, scratch);
+  if (cfg.capacity_factor > 0) EXPECT_GT(cache.routing.dropped, 0) << "the capacity case must drop pairs";
+  EXPECT_LT(check_grad(f, x, dx, 100), 1e-5);
+  EXPECT_LT(check_grad(f, gate, dgate, 100), 1e-5);
+  for (int e = 0; e < E; ++e) {
+    EXPECT_LT(check_grad(f, wg[e], dwg[e], 24), 1e-5) << "expert " << e;
+    EXPECT_LT(check_grad(f, wu[e], dwu[e], 24), 1e-5) << "expert " << e;
+    EXPECT_LT(check_grad(f, wd[e], dwd[e], 24), 1e-5) << "expert " << e;
+  }
+  if (Sh > 0) {
+    EXPECT_LT(check_grad(f, sg, dsg, 24), 1e-5);
+    EXPECT_LT(check_grad(f, sd, dsd, 24), 1e-5);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Variants, MoeLayerGrad,
+    ::testing::Values(RouterCase{"sigmoid_shared_balance", {{"n_routed_experts", 4}, {"aux_loss_coeff", 0.1},
+                                                            {"seq_aux_loss_coeff", 0.1}, {"z_loss_coeff", 0.01}}},
+                      RouterCase{"softmax_noshared_capacity", {{"n_routed_experts", 4}, {"scoring_func", "softmax"},
+                                                               {"topk_method", "greedy"}, {"n_shared_experts", 0},
+                                                               {"capacity_factor", 0.75}}},
+                      RouterCase{"groups", {{"n_routed_experts", 8}, {"n_group", 4}, {"topk_group", 2}}}),
+    [](const auto& info) { return std::string(info.param.name); });
+
+// Dispatch then combine with weight 1/K returns the input (dropless), and so does the
+// backward: the gradient of the round trip is the identity.
+TEST(Dispatch, RoundTripWithWeightOneOverK) {
+  auto cfg = ModelConfig::from_json({{"n_routed_experts", 4}, {"num_experts_per_tok", 2}, {"hidden_size", 8}});
+  const int64_t N = 9, d = 8, K = 2;
+  auto logits = randn(N * 4, 50), x = randn(N * d, 51);
+  std::vector<float> bias(4, 0.f);
+  Routing<double> r;
+  route_select(r, logits.data(), bias.data(), cfg, N);
+  for (auto& w : r.weight) w = 1.0 / K;
+  auto p = make_permutation(r);
+  ASSERT_EQ(p.pairs(), N * K);
+  std::vector<double> xp(p.pairs() * d), y(N * d, 0.0);
+  dispatch_forward(xp.data(), x.data(), p, d);
+  combine_forward(y.data(), xp.data(), r.weight.data(), p, d);
+  for (int64_t i = 0; i < N * d; ++i) EXPECT_NEAR(y[i], x[i], 1e-12);
+  // Backward: combine^T then dispatch^T of dy gives dy back.
+  auto dy = randn(N * d, 52);
+  std::vector<double> dxp(p.pairs() * d), dw(N * K), dx(N * d, 0.0);
+  combine_backward(dxp.data(), dw.data(), dy.data(), xp.data(), r.weight.data(), p, d);
+  dispatch_backward(dx.data(), dxp.data(), p, d);
+  for (int64_t i = 0; i < N * d; ++i) EXPECT_NEAR(dx[i], dy[i], 1e-12);
+  // Expert slices are contiguous and tokens inside a slice are in increasing order.
+  for (int e = 0; e < 4; ++e)
+    for (int64_t i = p.offsets[e] + 1; i < p.offsets[e + 1]; ++i) EXPECT_LT(p.pair_token[i - 1], p.pair_token[i]);
+}
