@@ -1,0 +1,144 @@
+// Parity with the PyTorch reference (tests/reference/): a moetune checkpoint, a global
+// batch and the reference's float64 results (loss terms, logits, every gradient, and
+// the parameters and routing bias after 3 AdamW steps) are committed under
+// tests/fixtures/<case>/. The C++ model must reproduce them in double (tight) and in
+// float (about 1e-5 relative). Set MOETUNE_FIXTURE_ROOT to check fixtures made afresh
+// (the `parity_live` ctest does this with `moetune init` + make_fixture.py).
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+
+#include "io/checkpoint.hpp"
+#include "io/safetensors.hpp"
+#include "moe/model.hpp"
+#include "optim/adamw.hpp"
+#include "train/step.hpp"
+
+using namespace moetune;
+using json = nlohmann::json;
+namespace fs = std::filesystem;
+
+namespace {
+
+std::string fixture_root() {
+  if (const char* env = std::getenv("MOETUNE_FIXTURE_ROOT")) return env;
+  return std::string(MOETUNE_SOURCE_DIR) + "/tests/fixtures";
+}
+
+struct Fixture {
+  ModelConfig cfg;
+  std::vector<MicroBatch> batch;
+  json optim;
+  int steps = 3;
+  std::string ckpt;
+  std::unique_ptr<SafetensorsReader> expected;
+};
+
+Fixture load_fixture(const std::string& name) {
+  Fixture f;
+  const fs::path dir = fs::path(fixture_root()) / name;
+  f.ckpt = (dir / "ckpt").string();
+  f.cfg = load_checkpoint_config(f.ckpt);
+  std::ifstream in(dir / "batch.json");
+  if (!in) throw std::runtime_error((dir / "batch.json").string() + ": missing");
+  json b = json::parse(in);
+  for (const auto& m : b.at("micro_batches")) {
+    MicroBatch mb;
+    mb.rows = m.at("rows");
+    mb.seq_len = m.at("seq_len");
+    mb.input_ids = m.at("input_ids").get<std::vector<int32_t>>();
+    mb.labels = m.at("labels").get<std::vector<int32_t>>();
+    mb.doc_ids = m.at("doc_ids").get<std::vector<int32_t>>();
+    f.batch.push_back(std::move(mb));
+  }
+  f.optim = b.at("optim");
+  f.steps = b.value("steps", 3);
+  f.expected = std::make_unique<SafetensorsReader>((dir / "expected.safetensors").string());
+  return f;
+}
+
+std::vector<double> expected(const Fixture& f, const std::string& name) {
+  const auto& t = f.expected->at(name);
+  size_t n = 1;
+  for (auto s : t.shape) n *= size_t(s);
+  std::vector<double> v(n);
+  f.expected->read(name, v.data(), n);
+  return v;
+}
+double expected_scalar(const Fixture& f, const std::string& name) { return expected(f, name).at(0); }
+
+// max|a - b| / max(max|b|, floor): relative to the tensor's scale.
+template <class T>
+double tensor_err(const T* a, const std::vector<double>& b, double floor = 1e-30) {
+  double diff = 0, scale = floor;
+  for (size_t i = 0; i < b.size(); ++i) {
+    diff = std::max(diff, std::fabs(double(a[i]) - b[i]));
+    scale = std::max(scale, std::fabs(b[i]));
+  }
+  return diff / scale;
+}
+
+template <class T>
+void check_fixture(const std::string& name, double tol_loss, double tol_tensor) {
+  Fixture f = load_fixture(name);
+  Model<T> model(f.cfg);
+  load_model_weights(f.ckpt, f.cfg, model.layout(), model.params(), model.expert_bias());
+  ASSERT_GT(expected_scalar(f, "min_margin"), 1e-4) << "fixture routing is too close to a tie";
+
+  // Logits of each micro-batch.
+  const LossNorm norm = global_loss_norm(f.batch);
+  for (size_t m = 0; m < f.batch.size(); ++m) {
+    model.forward_backward(f.batch[m], norm, false);
+    EXPECT_LT(tensor_err(model.logits().data(), expected(f, "logits." + std::to_string(m))), tol_tensor)
+        << name << " logits of micro-batch " << m;
+  }
+  // Loss terms and every gradient at the initial weights.
+  StepResult r = accumulate_gradients(model, f.batch);
+  auto close = [&](double a, double b, const char* what) {
+    EXPECT_LE(std::fabs(a - b), tol_loss * std::max(1.0, std::fabs(b))) << name << " " << what << ": " << a
+                                                                         << " vs " << b;
+  };
+  close(r.loss, expected_scalar(f, "loss.ce"), "loss.ce");
+  close(r.aux_loss, expected_scalar(f, "loss.aux"), "loss.aux");
+  close(r.seq_aux_loss, expected_scalar(f, "loss.seq_aux"), "loss.seq_aux");
+  close(r.z_loss, expected_scalar(f, "loss.z"), "loss.z");
+  close(r.total_loss, expected_scalar(f, "loss.total"), "loss.total");
+  int checked = 0;
+  for (const auto& t : model.layout().tensors()) {
+    EXPECT_LT(tensor_err(model.grads().data() + t.offset, expected(f, "grad." + t.name)), tol_tensor)
+        << name << " grad." << t.name;
+    ++checked;
+  }
+  EXPECT_EQ(checked, int(model.layout().tensors().size()));
+
+  // Training steps on the same global batch: loss, grad norm, then final weights and bias.
+  AdamWConfig ac;
+  ac.beta1 = f.optim.at("beta1");
+  ac.beta2 = f.optim.at("beta2");
+  ac.eps = f.optim.at("eps");
+  ac.weight_decay = f.optim.at("weight_decay");
+  AdamW<T> opt(model.layout(), ac);
+  for (int k = 1; k <= f.steps; ++k) {
+    StepResult s = train_step(model, opt, f.batch, f.optim.at("lr").get<double>(),
+                              f.optim.at("max_grad_norm").get<double>());
+    close(s.loss, expected_scalar(f, "step" + std::to_string(k) + ".loss"), "step loss");
+    close(s.grad_norm, expected_scalar(f, "step" + std::to_string(k) + ".grad_norm"), "step grad_norm");
+  }
+  for (const auto& t : model.layout().tensors())
+    EXPECT_LT(tensor_err(model.params().data() + t.offset, expected(f, "final." + t.name)), tol_tensor)
+        << name << " final." << t.name;
+  for (int j = 0; j < f.cfg.num_moe_layers(); ++j) {
+    const auto want = expected(f, "final." + ParamLayout::bias_name(f.cfg.first_k_dense_replace + j));
+    for (int e = 0; e < f.cfg.E(); ++e)
+      EXPECT_NEAR(model.expert_bias()[j][e], want[e], 1e-9) << name << " bias layer " << j << " expert " << e;
+  }
+}
+
+}  // namespace
+
+TEST(Parity, SigmoidNoauxGroupsSharedDouble) { check_fixture<double>("parity_sigmoid", 1e-10, 1e-9); }
+TEST(Parity, SigmoidNoauxGroupsSharedFloat) { check_fixture<float>("parity_sigmoid", 2e-5, 2e-5); }
+TEST(Parity, SoftmaxCapacityTiedDouble) { check_fixture<double>("parity_softmax", 1e-10, 1e-9); }
+TEST(Parity, SoftmaxCapacityTiedFloat) { check_fixture<float>("parity_softmax", 2e-5, 2e-5); }

@@ -1,0 +1,44 @@
+// One optimizer step over a global batch (MODEL.md sections 3-5): forward/backward
+// of every micro-batch with global normalisers, global-norm clipping, AdamW, then the
+// aux-loss-free bias update. Non-finite loss or gradient norm skips the update.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "moe/batch.hpp"
+#include "moe/model.hpp"
+#include "optim/adamw.hpp"
+
+namespace moetune {
+
+struct StepResult {
+  double loss = 0;  // cross-entropy over the global batch (the reported "loss")
+  double aux_loss = 0, seq_aux_loss = 0, z_loss = 0;
+  double total_loss = 0;
+  double grad_norm = 0;    // before clipping
+  double clip_coef = 1;
+  int64_t tokens = 0;      // rows * seq_len over the global batch
+  int64_t n_targets = 0;
+  int64_t dropped_pairs = 0;
+  std::vector<std::vector<int64_t>> expert_counts;  // [moe layer][E], global batch, before drops
+  bool skipped = false;    // non-finite loss or grad norm: nothing was updated
+};
+
+// Sum of the micro-batches' statistics needed before any forward: target and row counts.
+LossNorm global_loss_norm(const std::vector<MicroBatch>& batch);
+
+// Forward/backward over the global batch into model.grads() (zeroed first).
+template <class T>
+StepResult accumulate_gradients(Model<T>& model, const std::vector<MicroBatch>& batch);
+
+// accumulate_gradients + clip + AdamW at lr + bias update.
+template <class T>
+StepResult train_step(Model<T>& model, AdamW<T>& opt, const std::vector<MicroBatch>& batch, double lr,
+                      double max_grad_norm);
+
+// b_i += rate * sign(mean(c) - c_i) per MoE layer (noaux_tc only), computed in double
+// and stored as fp32.
+void update_expert_bias(std::vector<std::vector<float>>& bias, const std::vector<std::vector<int64_t>>& counts,
+                        double rate);
+
+}  // namespace moetune

@@ -1,0 +1,32 @@
+// The single-process training loop behind `moetune train`: data -> train_step ->
+// progress line + metrics.jsonl -> checkpoints.
+#pragma once
+#include <string>
+
+#include "train/run_config.hpp"
+
+namespace moetune {
+
+struct TrainOptions {
+  std::string out_dir;      // checkpoints and metrics.jsonl go here
+  std::string init_from;    // optional checkpoint directory to start from (weights + routing bias)
+  double peak_gflops = 0;   // > 0: divide MFU by this instead of the measured FMA peak
+  bool progress = true;     // one progress line per logged step on stdout
+};
+
+struct TrainSummary {
+  int64_t steps = 0;
+  double first_loss = 0, last_loss = 0;
+  double tokens_per_s = 0;  // median over logged steps (first step excluded when possible)
+  double mfu = 0;
+  double peak_flops = 0;
+  int64_t skipped_steps = 0;
+  std::string final_checkpoint;
+};
+
+TrainSummary run_training(const RunConfig& rc, const TrainOptions& opt);
+
+// `moetune init`: a step-0 checkpoint (weights from the seed, bias 0, no optimizer state).
+void write_initial_checkpoint(const ModelConfig& cfg, uint64_t seed, const std::string& out_dir);
+
+}  // namespace moetune
