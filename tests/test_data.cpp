@@ -18,11 +18,20 @@ namespace fs = std::filesystem;
 
 namespace {
 
-// A fresh path in the temp directory, unique to this test and process.
+// This process's scratch directory, removed when the tests exit.
+struct ScratchDir {
+  fs::path path = fs::temp_directory_path() / ("moetune_test_data_" + std::to_string(::getpid()));
+  ~ScratchDir() {
+    std::error_code ec;
+    fs::remove_all(path, ec);
+  }
+};
+ScratchDir scratch;
+
+// A fresh path in the scratch directory, unique to this test.
 std::string temp_path(const std::string& name) {
   const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-  fs::path dir = fs::temp_directory_path() / ("moetune_data_" + std::string(info->test_suite_name()) + "_" +
-                                              info->name() + "_" + std::to_string(::getpid()));
+  fs::path dir = scratch.path / (std::string(info->test_suite_name()) + "_" + info->name());
   fs::create_directories(dir);
   return (dir / name).string();
 }

@@ -33,10 +33,19 @@ std::string set_error(RunConfig& c, const std::string& assignment) {
   return "(no error)";
 }
 
+// This process's scratch directory, removed when the tests exit.
+struct ScratchDir {
+  fs::path path = fs::temp_directory_path() / ("moetune_test_runcfg_" + std::to_string(::getpid()));
+  ~ScratchDir() {
+    std::error_code ec;
+    fs::remove_all(path, ec);
+  }
+};
+ScratchDir scratch;
+
 fs::path temp_dir() {
   const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-  fs::path dir =
-      fs::temp_directory_path() / ("moetune_runcfg_" + std::string(info->name()) + "_" + std::to_string(::getpid()));
+  fs::path dir = scratch.path / info->name();
   fs::create_directories(dir);
   return dir;
 }
