@@ -1,0 +1,104 @@
+// Training data: JSONL documents, and the deterministic stream of batch rows built
+// from them (packing with document masking, or one padded document per row),
+// shuffled per epoch, with an exact resume position. See docs/data.md.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "moe/batch.hpp"
+
+namespace moetune {
+
+// One training document. input_ids and labels have equal length (Hugging Face
+// convention: position t predicts labels[t+1]; a label of -100 is ignored).
+struct Document {
+  std::vector<int32_t> input_ids;
+  std::vector<int32_t> labels;
+};
+
+// Reads JSONL: one object per non-empty line,
+//   {"input_ids": [int, ...], "labels": [int, ...]}     ("labels" optional, default = input_ids).
+// Every error is a moetune::Error naming "<path>:<line>" (1-based, counting every line):
+// invalid JSON, not an object, missing or empty input_ids, non-integer element, labels
+// of a different length, token id outside [0, vocab_size), label outside
+// [0, vocab_size) and != -100, unknown key. A file without documents is the error
+// "<path>: no documents".
+std::vector<Document> read_jsonl_documents(const std::string& path, int vocab_size);
+
+struct DataConfig {
+  std::string train_path;             // JSONL; relative paths in a run config resolve against its directory
+  int seq_len = 64;                   // row length in tokens
+  bool packing = true;                // true: pack whole documents into rows; false: one document per row
+  bool shuffle = true;                // permute documents each epoch, from (seed, epoch)
+  std::string overlong = "truncate";  // "truncate" | "error": documents longer than seq_len
+  int32_t pad_id = 0;                 // input id of padding (its label is always -100)
+};
+
+// splitmix64: advances `state` and returns the next 64-bit output. Used for the
+// shuffles so that the stream is identical on every platform and standard library.
+uint64_t splitmix64(uint64_t& state);
+
+// The document order of one epoch: 0..n-1, Fisher-Yates-permuted with a splitmix64
+// stream seeded from (seed, epoch) when shuffle is true, the identity otherwise.
+std::vector<int64_t> epoch_order(int64_t n, uint64_t seed, int64_t epoch, bool shuffle);
+
+// A deterministic, endless stream of rows of seq_len tokens. Epoch e takes the
+// documents in epoch_order(n, seed, e, shuffle) and turns them into rows:
+//  - packing: whole documents are appended to the current row while they fit; when
+//    the next one does not fit, the rest of the row is padding and a new row starts.
+//  - no packing: one document per row, the rest padding.
+// A document longer than seq_len is truncated to its first seq_len tokens
+// (overlong = "truncate"; counted by truncated_documents()) or rejected by the
+// constructor (overlong = "error"). Within a row the documents get doc ids 0, 1, 2, ...
+// in order and padding gets the next id, distinct from every document's; padding has
+// input pad_id and label -100. Labels are copied unchanged: MicroBatch::target() ignores
+// the target across a doc id change. Rows are consumed in order; when an epoch is
+// exhausted the next one starts (with its own order, hence possibly another row count).
+class BatchLoader {
+ public:
+  // Throws moetune::Error if docs is empty, seq_len <= 0, overlong is not
+  // truncate|error, or (overlong = "error") a document is longer than seq_len.
+  BatchLoader(std::vector<Document> docs, DataConfig cfg, uint64_t seed);
+
+  // The next global batch: `micro_batches` MicroBatch of `rows_per_micro` consecutive
+  // rows each (input_ids, labels, doc_ids: rows_per_micro * seq_len, row-major).
+  std::vector<MicroBatch> next_global_batch(int rows_per_micro, int micro_batches);
+
+  // Position in the stream, for exact resume: the next row is row `row` of epoch `epoch`
+  // (always a row that exists: after the last row of an epoch, state() is {epoch + 1, 0}).
+  struct State {
+    int64_t epoch = 0;
+    int64_t row = 0;
+  };
+  State state() const;
+  // Rebuilds the rows of s.epoch and continues from s.row ({e, rows of e} means {e + 1, 0}).
+  // Throws moetune::Error, leaving the position unchanged, when s.epoch < 0 or s.row is
+  // outside [0, rows of that epoch].
+  void set_state(State s);
+
+  int64_t rows_per_epoch() const;       // rows of the current epoch
+  int64_t truncated_documents() const;  // documents longer than seq_len (per epoch)
+  int64_t tokens_per_epoch() const;     // document tokens per epoch after truncation (no padding)
+  int64_t num_documents() const { return int64_t(docs_.size()); }
+  const DataConfig& config() const { return cfg_; }
+
+ private:
+  // A row is a list of (document index, length) pieces laid out from position 0.
+  struct Piece {
+    int64_t doc;
+    int32_t len;
+  };
+  void build_epoch(int64_t epoch);
+  void write_row(int64_t row, int32_t* ids, int32_t* labels, int32_t* doc_ids) const;
+
+  std::vector<Document> docs_;
+  DataConfig cfg_;
+  uint64_t seed_;
+  int64_t truncated_ = 0, tokens_ = 0;
+  int64_t epoch_ = 0, row_ = 0;
+  std::vector<int64_t> row_start_;  // (rows + 1): first piece of each row in pieces_
+  std::vector<Piece> pieces_;
+};
+
+}  // namespace moetune

@@ -1,0 +1,373 @@
+// Parsing, overriding, validation and help text of the run configuration (run_config.hpp).
+// The data, train and optim sections are driven by one table of keys; the model
+// section is delegated to ModelConfig, with its messages re-keyed as "model.<key>".
+#include "train/run_config.hpp"
+
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <limits>
+#include <sstream>
+#include <type_traits>
+#include <vector>
+
+#include "moe/error.hpp"
+
+namespace moetune {
+namespace {
+
+using json = nlohmann::json;
+
+[[noreturn]] void fail(const std::string& where, const std::string& key, const std::string& msg) {
+  throw Error(where + ": key '" + key + "': " + msg);
+}
+
+std::string num(double v) {
+  std::ostringstream s;
+  s << v;
+  return s.str();
+}
+
+// One key of the data/train/optim sections.
+struct KeyDef {
+  std::string section, name;
+  bool is_string;
+  std::string help;
+  std::function<void(RunConfig&, const json&, const std::string& where)> read;
+  std::function<json(const RunConfig&)> write;
+  // Checks of this key alone (range, allowed values); may be empty.
+  std::function<void(const RunConfig&, const std::string& where)> check;
+  std::string dotted() const { return section + "." + name; }
+};
+
+// Reads v into a member of type M, with type checks naming the dotted key.
+template <class M>
+void read_value(M& out, const json& v, const std::string& where, const std::string& key) {
+  if constexpr (std::is_same_v<M, bool>) {
+    if (!v.is_boolean()) fail(where, key, "expected true or false, got " + v.dump());
+    out = v.get<bool>();
+  } else if constexpr (std::is_same_v<M, std::string>) {
+    if (!v.is_string()) fail(where, key, "expected a string, got " + v.dump());
+    out = v.get<std::string>();
+  } else if constexpr (std::is_floating_point_v<M>) {
+    if (!v.is_number()) fail(where, key, "expected a number, got " + v.dump());
+    out = v.get<M>();
+  } else if constexpr (std::is_unsigned_v<M>) {
+    if (!v.is_number_unsigned() && !(v.is_number_integer() && v.get<int64_t>() >= 0))
+      fail(where, key, "expected a non-negative integer, got " + v.dump());
+    out = v.get<M>();
+  } else {
+    static_assert(std::is_integral_v<M> && std::is_signed_v<M>);
+    if (!v.is_number_integer()) fail(where, key, "expected an integer, got " + v.dump());
+    if (v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(std::numeric_limits<M>::max()))
+      fail(where, key, "integer " + v.dump() + " is too large");
+    const int64_t x = v.get<int64_t>();
+    if (x < int64_t(std::numeric_limits<M>::min()) || x > int64_t(std::numeric_limits<M>::max()))
+      fail(where, key, "integer " + v.dump() + " is out of range");
+    out = M(x);
+  }
+}
+
+template <class S, class M>
+KeyDef key(
+    const char* section, S RunConfig::*sec, const char* name, M S::*mem, std::string help,
+    std::type_identity_t<std::function<void(const M&, const std::string& where, const std::string& key)>> check = {}) {
+  KeyDef k;
+  k.section = section;
+  k.name = name;
+  k.is_string = std::is_same_v<M, std::string>;
+  k.help = std::move(help);
+  const std::string dotted = std::string(section) + "." + name;
+  k.read = [=](RunConfig& c, const json& v, const std::string& where) { read_value(c.*sec.*mem, v, where, dotted); };
+  k.write = [=](const RunConfig& c) { return json(c.*sec.*mem); };
+  if (check) k.check = [=](const RunConfig& c, const std::string& where) { check(c.*sec.*mem, where, dotted); };
+  return k;
+}
+
+// Reusable single-key checks.
+template <class M>
+auto positive() {
+  return [](const M& v, const std::string& w, const std::string& k) {
+    if (!(v > 0)) fail(w, k, "must be positive, got " + num(double(v)));
+  };
+}
+template <class M>
+auto non_negative() {
+  return [](const M& v, const std::string& w, const std::string& k) {
+    if (!(v >= 0)) fail(w, k, "must be >= 0, got " + num(double(v)));
+  };
+}
+auto one_of(std::vector<std::string> allowed) {
+  return [=](const std::string& v, const std::string& w, const std::string& k) {
+    std::string list;
+    for (const auto& a : allowed) {
+      if (v == a) return;
+      list += (list.empty() ? "\"" : ", \"") + a + "\"";
+    }
+    fail(w, k, "must be one of " + list + ", got \"" + v + "\"");
+  };
+}
+auto half_open_unit(const double& v, const std::string& w, const std::string& k) {
+  if (!(v >= 0 && v < 1)) fail(w, k, "must be in [0, 1), got " + num(v));
+}
+
+const std::vector<KeyDef>& keys() {
+  using D = DataConfig;
+  using T = TrainConfig;
+  using O = OptimConfig;
+  static const std::vector<KeyDef> k = {
+      key("data", &RunConfig::data, "train", &D::train_path,
+          "training data, JSONL (docs/data.md); a relative path in a config file is relative to that file's "
+          "directory, one given with --set is relative to the working directory"),
+      key("data", &RunConfig::data, "seq_len", &D::seq_len,
+          "tokens per batch row; at most model.max_position_embeddings", positive<int>()),
+      key("data", &RunConfig::data, "packing", &D::packing,
+          "true: pack whole documents into rows (attention and targets never cross documents); false: one "
+          "document per row, padded"),
+      key("data", &RunConfig::data, "shuffle", &D::shuffle,
+          "permute the documents each epoch (deterministic in train.seed and the epoch)"),
+      key("data", &RunConfig::data, "overlong", &D::overlong,
+          "documents longer than seq_len: \"truncate\" (keep the first seq_len tokens; counted) or "
+          "\"error\"",
+          one_of({"truncate", "error"})),
+      key("data", &RunConfig::data, "pad_id", &D::pad_id,
+          "input token id of padding, in [0, model.vocab_size); padding labels are always -100",
+          non_negative<int32_t>()),
+
+      key("train", &RunConfig::train, "steps", &T::steps, "optimizer steps", positive<int64_t>()),
+      key("train", &RunConfig::train, "micro_batch_size", &T::micro_batch_size, "rows per micro-batch on each rank",
+          positive<int>()),
+      key("train", &RunConfig::train, "grad_accum_steps", &T::grad_accum_steps,
+          "micro-batches per optimizer step on each rank; global batch = micro_batch_size * grad_accum_steps * "
+          "ranks rows",
+          positive<int>()),
+      key("train", &RunConfig::train, "seed", &T::seed,
+          "seed of the initialisation and of the data shuffle (a non-negative integer)"),
+      key("train", &RunConfig::train, "log_every", &T::log_every, "log every N steps", positive<int>()),
+      key("train", &RunConfig::train, "save_every", &T::save_every,
+          "write a checkpoint every N steps; 0 = no periodic checkpoints", non_negative<int64_t>()),
+      key("train", &RunConfig::train, "precision", &T::precision,
+          "arithmetic of parameters, activations and optimizer state: \"float\" or \"double\"",
+          one_of({"float", "double"})),
+      key("train", &RunConfig::train, "threads", &T::threads, "OpenMP threads; 0 = OpenMP's default",
+          non_negative<int>()),
+
+      key("optim", &RunConfig::optim, "lr", &O::lr, "peak learning rate (after warmup)", positive<double>()),
+      key("optim", &RunConfig::optim, "beta1", &O::beta1, "AdamW beta1, in [0, 1)", half_open_unit),
+      key("optim", &RunConfig::optim, "beta2", &O::beta2, "AdamW beta2, in [0, 1)", half_open_unit),
+      key("optim", &RunConfig::optim, "eps", &O::eps, "AdamW epsilon", positive<double>()),
+      key("optim", &RunConfig::optim, "weight_decay", &O::weight_decay,
+          "decoupled weight decay of rank-2 tensors (not RMSNorm weights)", non_negative<double>()),
+      key("optim", &RunConfig::optim, "max_grad_norm", &O::max_grad_norm,
+          "clip gradients to this global L2 norm; <= 0 turns clipping off",
+          [](const double& v, const std::string& w, const std::string& k) {
+            if (v != v) fail(w, k, "must be a number, got NaN");
+          }),
+      key("optim", &RunConfig::optim, "schedule", &O::schedule,
+          "learning-rate schedule after warmup: \"constant\", \"linear\" or \"cosine\"",
+          one_of({"constant", "linear", "cosine"})),
+      key("optim", &RunConfig::optim, "warmup_steps", &O::warmup_steps,
+          "linear warmup from 0 over this many steps; at most train.steps", non_negative<int64_t>()),
+      key("optim", &RunConfig::optim, "min_lr_ratio", &O::min_lr_ratio,
+          "linear and cosine decay end at min_lr_ratio * lr, in [0, 1]",
+          [](const double& v, const std::string& w, const std::string& k) {
+            if (!(v >= 0 && v <= 1)) fail(w, k, "must be in [0, 1], got " + num(v));
+          }),
+  };
+  return k;
+}
+
+const KeyDef* find_key(const std::string& section, const std::string& name) {
+  for (const auto& k : keys())
+    if (k.section == section && k.name == name) return &k;
+  return nullptr;
+}
+
+bool is_section(const std::string& s) { return s == "model" || s == "data" || s == "train" || s == "optim"; }
+
+// ModelConfig names keys "<where>: key 'hidden_size': ..."; a run config names them
+// "model.hidden_size".
+[[noreturn]] void rethrow_model_error(const Error& e, const std::string& where) {
+  const std::string msg = e.what();
+  const std::string prefix = where + ": key '";
+  if (msg.compare(0, prefix.size(), prefix) == 0) throw Error(prefix + "model." + msg.substr(prefix.size()));
+  throw Error(where + ": key 'model': " + msg);
+}
+
+// Model keys and their meaning (MODEL.md section 1), for the help text.
+const std::vector<std::pair<std::string, std::string>>& model_help() {
+  static const std::vector<std::pair<std::string, std::string>> h = {
+      {"vocab_size", "V, vocabulary size"},
+      {"hidden_size", "d, model width"},
+      {"num_hidden_layers", "L, transformer layers"},
+      {"num_attention_heads", "H, query heads"},
+      {"num_key_value_heads", "H_kv, key/value heads (GQA; H % H_kv == 0); default H"},
+      {"head_dim", "hd, width of one head; default d / H"},
+      {"max_position_embeddings", "longest sequence (data.seq_len must not exceed it)"},
+      {"rope_theta", "RoPE base"},
+      {"rms_norm_eps", "epsilon of RMSNorm"},
+      {"first_k_dense_replace", "number of leading layers with a dense FFN instead of MoE"},
+      {"intermediate_size", "width of the dense FFN; default 4d"},
+      {"n_routed_experts", "E, routed experts per MoE layer"},
+      {"num_experts_per_tok", "K, experts selected per token"},
+      {"moe_intermediate_size", "F, width of one routed expert; default d"},
+      {"n_shared_experts", "S, the shared expert is one SwiGLU MLP of width S*F; 0 = none"},
+      {"scoring_func", "router scores: \"softmax\" or \"sigmoid\""},
+      {"norm_topk_prob", "renormalise the K selected weights to sum 1"},
+      {"routed_scaling_factor", "multiplies the selected weights"},
+      {"n_group", "expert groups of group-limited routing (1 = off)"},
+      {"topk_group", "groups kept per token in group-limited routing"},
+      {"topk_method", "\"greedy\" (select on scores) or \"noaux_tc\" (select on scores + bias)"},
+      {"bias_update_rate", "gamma of the aux-loss-free bias update (noaux_tc)"},
+      {"aux_loss_coeff", "switch-style load-balancing loss coefficient"},
+      {"seq_aux_loss_coeff", "DeepSeek-V3 sequence-wise balance loss coefficient (alpha)"},
+      {"z_loss_coeff", "router z-loss coefficient"},
+      {"capacity_factor", "0 = dropless; > 0 = per-expert capacity ceil(c * T * K / E) with dropping"},
+      {"tie_word_embeddings", "share the embedding and the LM head"},
+      {"initializer_range", "standard deviation of the normal initialisation"},
+  };
+  return h;
+}
+
+}  // namespace
+
+RunConfig RunConfig::from_file(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw Error(path + ": cannot open file");
+  json j;
+  try {
+    j = json::parse(in);
+  } catch (const json::parse_error& e) {
+    throw Error(path + ": invalid JSON: " + e.what());
+  }
+  return from_json(j, path, std::filesystem::path(path).parent_path().string());
+}
+
+RunConfig RunConfig::from_json(const json& j, const std::string& where, const std::string& base_dir) {
+  if (!j.is_object()) throw Error(where + ": expected a JSON object with sections model, data, train, optim");
+  RunConfig c;
+  for (auto sec = j.begin(); sec != j.end(); ++sec) {
+    const std::string& s = sec.key();
+    if (!is_section(s)) fail(where, s, "unknown section (expected model, data, train or optim)");
+    if (!sec.value().is_object()) fail(where, s, "expected a JSON object, got " + sec.value().dump());
+    if (s == "model") {
+      try {
+        c.model = ModelConfig::from_json(sec.value(), where);
+      } catch (const Error& e) {
+        rethrow_model_error(e, where);
+      }
+      continue;
+    }
+    for (auto it = sec.value().begin(); it != sec.value().end(); ++it) {
+      const KeyDef* k = find_key(s, it.key());
+      if (!k) fail(where, s + "." + it.key(), "unknown key in section '" + s + "'");
+      k->read(c, it.value(), where);
+    }
+  }
+  namespace fs = std::filesystem;
+  if (!base_dir.empty() && !c.data.train_path.empty() && fs::path(c.data.train_path).is_relative())
+    c.data.train_path = (fs::path(base_dir) / c.data.train_path).lexically_normal().string();
+  c.validate(where);
+  return c;
+}
+
+void RunConfig::set(const std::string& assignment) {
+  const std::string where = "--set " + assignment;
+  const auto eq = assignment.find('=');
+  if (eq == std::string::npos)
+    throw Error(where + ": expected <section>.<key>=<value>, e.g. train.steps=10 (no '=' found)");
+  const std::string dotted = assignment.substr(0, eq);
+  const std::string value = assignment.substr(eq + 1);
+  const auto dot = dotted.find('.');
+  if (dot == std::string::npos) fail(where, dotted, "expected <section>.<key> (sections: model, data, train, optim)");
+  const std::string section = dotted.substr(0, dot), name = dotted.substr(dot + 1);
+  if (!is_section(section))
+    fail(where, dotted, "unknown section '" + section + "' (expected model, data, train or optim)");
+  if (section == "model") {
+    ModelConfig m = model;  // leave *this untouched when the value is rejected
+    try {
+      m.set(name, value, where);
+    } catch (const Error& e) {
+      rethrow_model_error(e, where);
+    }
+    model = m;
+    return;
+  }
+  const KeyDef* k = find_key(section, name);
+  if (!k) fail(where, dotted, "unknown key in section '" + section + "'");
+  json v;
+  if (k->is_string && (value.empty() || value.front() != '"')) {
+    v = value;  // a path or a word, taken literally
+  } else {
+    try {
+      v = json::parse(value);
+    } catch (const json::parse_error&) {
+      v = value;  // not JSON: a bare word, rejected below unless the key is a string
+    }
+  }
+  RunConfig changed = *this;  // leave *this untouched when the value is rejected
+  k->read(changed, v, where);
+  if (k->check) k->check(changed, where);
+  *this = std::move(changed);
+}
+
+json RunConfig::to_json() const {
+  json j = json::object();
+  j["model"] = model.to_json();
+  j["model"].erase("model_type");
+  for (const auto& k : keys()) j[k.section][k.name] = k.write(*this);
+  return j;
+}
+
+void RunConfig::validate(const std::string& where) const {
+  try {
+    model.validate(where);
+  } catch (const Error& e) {
+    rethrow_model_error(e, where);
+  }
+  for (const auto& k : keys())
+    if (k.check) k.check(*this, where);
+  if (data.seq_len > model.max_position_embeddings)
+    fail(where, "data.seq_len",
+         "must be <= model.max_position_embeddings (" + std::to_string(model.max_position_embeddings) + "), got " +
+             std::to_string(data.seq_len));
+  if (data.pad_id >= model.vocab_size)
+    fail(where, "data.pad_id",
+         "must be < model.vocab_size (" + std::to_string(model.vocab_size) + "), got " + std::to_string(data.pad_id));
+  if (optim.warmup_steps > train.steps)
+    fail(where, "optim.warmup_steps",
+         "must be <= train.steps (" + std::to_string(train.steps) + "), got " + std::to_string(optim.warmup_steps));
+}
+
+std::string describe_config_keys() {
+  std::ostringstream s;
+  s << "Run configuration (moetune train --config run.json). Every section and key is optional;\n"
+       "override any key with --set section.key=value (e.g. --set train.steps=10 --set optim.lr=3e-4).\n";
+  const ModelConfig raw;  // unresolved: derived keys are -1
+  const json model_defaults = ModelConfig::from_json(json::object()).to_json();
+  s << "\n[model]  the model (MODEL.md section 1)\n";
+  for (const auto& [name, help] : model_help()) {
+    std::string def = model_defaults.at(name).dump();
+    if (name == "num_key_value_heads" && raw.num_key_value_heads < 0) def = "num_attention_heads";
+    if (name == "head_dim" && raw.head_dim < 0) def = "hidden_size / num_attention_heads";
+    if (name == "intermediate_size" && raw.intermediate_size < 0) def = "4 * hidden_size";
+    if (name == "moe_intermediate_size" && raw.moe_intermediate_size < 0) def = "hidden_size";
+    s << "  model." << name << " = " << def << "\n      " << help << "\n";
+  }
+  const RunConfig defaults;
+  std::string section;
+  for (const auto& k : keys()) {
+    if (k.section != section) {
+      section = k.section;
+      s << "\n[" << section << "]  "
+        << (section == "data"    ? "training data and batch rows (docs/data.md)"
+            : section == "train" ? "the training loop"
+                                 : "AdamW and the learning-rate schedule")
+        << "\n";
+    }
+    s << "  " << k.dotted() << " = " << k.write(defaults).dump() << "\n      " << k.help << "\n";
+  }
+  return s.str();
+}
+
+}  // namespace moetune

@@ -1,0 +1,85 @@
+// The run configuration of `moetune train --config run.json`: four optional sections
+// "model" (ModelConfig, MODEL.md section 1), "data", "train" and "optim", parsed
+// strictly (unknown sections/keys, wrong types and invalid values throw
+// moetune::Error naming the file and the dotted key), overridable with
+// `--set section.key=value`. Every key is listed in docs/config.md and by
+// describe_config_keys().
+#pragma once
+#include <cstdint>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "moe/config.hpp"
+#include "optim/adamw.hpp"
+#include "optim/schedule.hpp"
+#include "train/data.hpp"
+
+namespace moetune {
+
+struct TrainConfig {
+  int64_t steps = 100;              // optimizer steps
+  int micro_batch_size = 8;         // rows per micro-batch (on each rank)
+  int grad_accum_steps = 1;         // micro-batches per optimizer step (on each rank)
+  uint64_t seed = 1234;             // initialisation and data shuffling
+  int log_every = 1;                // log every N steps
+  int64_t save_every = 0;           // checkpoint every N steps; 0 = no periodic checkpoints
+  std::string precision = "float";  // "float" | "double"
+  int threads = 0;                  // OpenMP threads; 0 = OpenMP's default
+};
+
+struct OptimConfig {
+  double lr = 1e-3, beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.1, max_grad_norm = 1.0;
+  std::string schedule = "cosine";  // "constant" | "linear" | "cosine"
+  int64_t warmup_steps = 0;
+  double min_lr_ratio = 0.1;
+};
+
+struct RunConfig {
+  ModelConfig model = ModelConfig::from_json(nlohmann::json::object());  // defaults, derived values resolved
+  DataConfig data;
+  TrainConfig train;
+  OptimConfig optim;
+
+  // Reads a JSON file; `data.train` is resolved relative to the file's directory.
+  static RunConfig from_file(const std::string& path);
+  // Parses a JSON object; errors name `where` and the dotted key ("run.json: key
+  // 'train.steps': must be positive, got 0"). A relative data.train is joined to
+  // base_dir when base_dir is non-empty. Validates the result.
+  static RunConfig from_json(const nlohmann::json& j, const std::string& where, const std::string& base_dir = "");
+  // Applies one "section.key=value" override, e.g. "train.steps=10", "optim.lr=3e-4",
+  // "data.packing=false", "model.hidden_size=64". The value is read as JSON, or as a
+  // plain string when it is not JSON (or the key is a string key). Checks the value on
+  // its own (type, range); constraints between keys are left to validate(), which the
+  // caller runs after the last override. Errors name "--set <assignment>" and the key.
+  // model.* keys go through ModelConfig::set: derived model keys (head_dim,
+  // intermediate_size, ...) keep the values they were resolved to.
+  void set(const std::string& assignment);
+  nlohmann::json to_json() const;
+  // Every check, including those between keys (warmup_steps <= steps, seq_len <=
+  // model.max_position_embeddings, pad_id < model.vocab_size).
+  void validate(const std::string& where) const;
+
+  ScheduleConfig schedule_config() const {
+    ScheduleConfig s;
+    s.kind = optim.schedule;
+    s.lr = optim.lr;
+    s.warmup_steps = optim.warmup_steps;
+    s.total_steps = train.steps;
+    s.min_lr_ratio = optim.min_lr_ratio;
+    return s;
+  }
+  AdamWConfig adamw_config() const {
+    AdamWConfig a;
+    a.beta1 = optim.beta1;
+    a.beta2 = optim.beta2;
+    a.eps = optim.eps;
+    a.weight_decay = optim.weight_decay;
+    return a;
+  }
+};
+
+// Help text for `moetune train --help-config`: every key of every section with its
+// default and meaning.
+std::string describe_config_keys();
+
+}  // namespace moetune
