@@ -104,11 +104,42 @@ bool ignorable(const std::string& key) {
   return false;
 }
 
+enum : unsigned { kDerivedKv = 1, kDerivedHeadDim = 2, kDerivedInter = 4, kDerivedMoeInter = 8 };
+
+// Fills the -1 (derived) keys and remembers which ones were derived.
 void resolve(ModelConfig& c) {
-  if (c.num_key_value_heads == -1) c.num_key_value_heads = c.num_attention_heads;
-  if (c.head_dim == -1 && c.num_attention_heads > 0) c.head_dim = c.hidden_size / c.num_attention_heads;
-  if (c.intermediate_size == -1) c.intermediate_size = 4 * c.hidden_size;
-  if (c.moe_intermediate_size == -1) c.moe_intermediate_size = c.hidden_size;
+  if (c.num_key_value_heads == -1) {
+    c.num_key_value_heads = c.num_attention_heads;
+    c.derived_mask |= kDerivedKv;
+  }
+  if (c.head_dim == -1 && c.num_attention_heads > 0) {
+    c.head_dim = c.hidden_size / c.num_attention_heads;
+    c.derived_mask |= kDerivedHeadDim;
+  }
+  if (c.intermediate_size == -1) {
+    c.intermediate_size = 4 * c.hidden_size;
+    c.derived_mask |= kDerivedInter;
+  }
+  if (c.moe_intermediate_size == -1) {
+    c.moe_intermediate_size = c.hidden_size;
+    c.derived_mask |= kDerivedMoeInter;
+  }
+}
+
+// Puts derived keys back to -1 so that resolve() derives them again.
+void unresolve(ModelConfig& c) {
+  if (c.derived_mask & kDerivedKv) c.num_key_value_heads = -1;
+  if (c.derived_mask & kDerivedHeadDim) c.head_dim = -1;
+  if (c.derived_mask & kDerivedInter) c.intermediate_size = -1;
+  if (c.derived_mask & kDerivedMoeInter) c.moe_intermediate_size = -1;
+}
+
+unsigned derived_bit(const std::string& key) {
+  if (key == "num_key_value_heads") return kDerivedKv;
+  if (key == "head_dim") return kDerivedHeadDim;
+  if (key == "intermediate_size") return kDerivedInter;
+  if (key == "moe_intermediate_size") return kDerivedMoeInter;
+  return 0;
 }
 
 }  // namespace
@@ -159,9 +190,14 @@ void ModelConfig::set(const std::string& key, const std::string& value, const st
     } catch (const json::parse_error&) {
       v = value;  // a bare word is a string
     }
-    k.read(*this, v, where);
-    resolve(*this);
-    validate(where);
+    ModelConfig next = *this;
+    unresolve(next);
+    k.read(next, v, where);
+    next.derived_mask &= ~derived_bit(key);  // an explicit value is no longer derived
+    if (v.is_number_integer() && v.get<long>() == -1) next.derived_mask |= derived_bit(key);
+    resolve(next);
+    next.validate(where);
+    *this = next;
     return;
   }
   fail(where, key, "unknown model config key");

@@ -58,6 +58,9 @@ struct ModelConfig {
   int shared_width() const { return n_shared_experts * moe_intermediate_size; }
   bool is_moe_layer(int l) const { return l >= first_k_dense_replace; }
   int num_moe_layers() const;
+  // Keys whose value was derived (not given): set() re-derives them, so
+  // `--set model.hidden_size=64` also updates head_dim, intermediate_size, ...
+  unsigned derived_mask = 0;
   bool sigmoid() const { return scoring_func == "sigmoid"; }
   bool noaux_tc() const { return topk_method == "noaux_tc"; }
 };

@@ -49,3 +49,18 @@ TEST(Config, LayoutHasHuggingFaceNames) {
   EXPECT_EQ(p.at("model.layers.1.mlp.gate.weight").shape, (std::vector<int64_t>{8, 256}));
   EXPECT_FALSE(p.at("model.norm.weight").decay);
 }
+
+TEST(Config, SetRederivesDerivedKeysButKeepsExplicitOnes) {
+  auto c = ModelConfig::from_json({{"hidden_size", 64}, {"num_attention_heads", 4}, {"intermediate_size", 100}});
+  EXPECT_EQ(c.head_dim, 16);
+  c.set("hidden_size", "128");
+  EXPECT_EQ(c.head_dim, 32);               // derived: follows hidden_size
+  EXPECT_EQ(c.moe_intermediate_size, 128);  // derived
+  EXPECT_EQ(c.intermediate_size, 100);      // explicit: kept
+  c.set("head_dim", "8");
+  c.set("hidden_size", "256");
+  EXPECT_EQ(c.head_dim, 8);  // now explicit
+  // A failed set leaves the config unchanged.
+  EXPECT_THROW(c.set("num_key_value_heads", "3"), Error);
+  EXPECT_EQ(c.num_key_value_heads, 4);
+}
