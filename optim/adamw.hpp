@@ -14,6 +14,9 @@ struct AdamWConfig {
   double eps = 1e-8;
   double weight_decay = 0.0;  // applied to tensors with TensorInfo::decay only
 };
+// Throws moetune::Error naming the key (optim.beta1, optim.beta2, optim.eps,
+// optim.weight_decay) when a value is out of range.
+void validate(const AdamWConfig& c);
 
 template <class T>
 class AdamW {
@@ -39,10 +42,13 @@ class AdamW {
   int64_t t_ = 0;
 };
 
-// L2 norm over all elements of grads (accumulated in double).
+// L2 norm over all elements of grads (accumulated in double). Partial sums over fixed
+// chunks of the flat buffer are added in chunk order, so the result is bit-identical
+// for any number of OpenMP threads.
 template <class T>
 double global_grad_norm(const std::vector<T>& grads);
 // clip_grad_norm_: coefficient min(1, max_norm / (norm + 1e-6)); max_norm <= 0 = off (1).
+// A NaN norm gives a NaN coefficient (torch.clamp propagates NaN too).
 double clip_coefficient(double norm, double max_norm);
 template <class T>
 void scale_grads(std::vector<T>& grads, double coef);

@@ -1,0 +1,84 @@
+// FLOPs per token, N_active, MFU and the FMA peak probe (MODEL.md section 9).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <string>
+
+#include "moe/config.hpp"
+#include "moe/params.hpp"
+#include "train/flops.hpp"
+
+using namespace moetune;
+using nlohmann::json;
+
+namespace {
+
+// V=10, d=8, L=3 (layer 0 dense), H=2, H_kv=1, hd=4, I=16, E=4, K=2, F=6, S=1, tied.
+ModelConfig tiny() {
+  return ModelConfig::from_json({{"vocab_size", 10},
+                                 {"hidden_size", 8},
+                                 {"num_hidden_layers", 3},
+                                 {"num_attention_heads", 2},
+                                 {"num_key_value_heads", 1},
+                                 {"head_dim", 4},
+                                 {"first_k_dense_replace", 1},
+                                 {"intermediate_size", 16},
+                                 {"n_routed_experts", 4},
+                                 {"num_experts_per_tok", 2},
+                                 {"moe_intermediate_size", 6},
+                                 {"n_shared_experts", 1},
+                                 {"tie_word_embeddings", true}});
+}
+
+}  // namespace
+
+TEST(Flops, ActiveParamsHandComputed) {
+  // Attention per layer: q (2*4 x 8) = 64, k (1*4 x 8) = 32, v = 32, o (8 x 8) = 64
+  //   -> 192 per layer, x 3 layers                                        =  576
+  // Dense layer 0: gate, up (16 x 8) and down (8 x 16) = 3 * 128          =  384
+  // MoE layers 1, 2: router (4 x 8) = 32; shared 3 * (6 x 8) = 144;
+  //   K = 2 routed experts of 3 * (6 x 8) = 288 -> 464 per layer, x 2     =  928
+  // LM head (10 x 8), counted although tied                               =   80
+  //                                                                 total = 1968
+  EXPECT_EQ(active_matrix_params(tiny()), 1968);
+}
+
+TEST(Flops, FlopsPerTokenFormula) {
+  // 6 * 1968 + 6 * L * H * hd * S = 11808 + 6 * 3 * 2 * 4 * 16 = 11808 + 2304 = 14112
+  EXPECT_EQ(flops_per_token(tiny(), 16), 14112.0);
+  EXPECT_EQ(flops_per_token(tiny(), 32) - flops_per_token(tiny(), 16), 6.0 * 3 * 2 * 4 * 16);
+}
+
+TEST(Flops, AllExpertsActiveEqualsLayoutMatrices) {
+  // With K = E and an untied head every rank-2 tensor of the layout except the
+  // embedding is touched by every token: N_active = their total size.
+  auto c = ModelConfig::from_json({{"num_hidden_layers", 3},
+                                   {"n_routed_experts", 4},
+                                   {"num_experts_per_tok", 4},
+                                   {"num_key_value_heads", 2},
+                                   {"n_shared_experts", 2}});
+  const ParamLayout layout = ParamLayout::build(c);
+  int64_t matrices = 0;
+  for (const TensorInfo& t : layout.tensors())
+    if (t.shape.size() == 2 && t.name != "model.embed_tokens.weight") matrices += static_cast<int64_t>(t.numel);
+  EXPECT_EQ(active_matrix_params(c), matrices);
+  // Routing to K = 2 of the 4 experts removes 2 experts of 3 * F * d per MoE layer.
+  c.set("num_experts_per_tok", "2");
+  EXPECT_EQ(active_matrix_params(c), matrices - int64_t(c.num_moe_layers()) * 2 * 3 * c.F() * c.d());
+}
+
+TEST(Flops, Mfu) {
+  EXPECT_DOUBLE_EQ(mfu(1e9, 100.0, 1e12), 0.1);
+  EXPECT_EQ(mfu(1e9, 100.0, 0.0), 0.0);
+}
+
+TEST(Flops, PeakProbeReturnsPositiveFinite) {
+  const std::string isa = peak_probe_isa();
+  EXPECT_TRUE(isa == "avx512f+fma" || isa == "avx2+fma" || isa == "generic") << isa;
+  for (int threads : {1, 2}) {
+    const double peak = measure_peak_flops(threads, 0.05);
+    EXPECT_TRUE(std::isfinite(peak)) << threads;
+    EXPECT_GT(peak, 0.0) << threads;
+  }
+  EXPECT_FALSE(cpu_model_name().empty());
+}
