@@ -1,0 +1,388 @@
+// Saving and loading moetune checkpoint directories (see checkpoint.hpp and
+// docs/checkpoint.md). Sharded and single-file tensor sets are read through one
+// TensorSource, so every check (missing, wrong shape, unexpected tensor) is written once.
+#include "io/checkpoint.hpp"
+
+#include <unistd.h>
+
+#include <charconv>
+#include <cstdio>
+#include <filesystem>
+#include <optional>
+#include <set>
+#include <type_traits>
+#include <unordered_map>
+#include <unordered_set>
+
+#include "io/fsutil.hpp"
+#include "io/safetensors.hpp"
+#include "moe/error.hpp"
+
+namespace moetune {
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+// The checkpoint directory without trailing slashes; "." / ".." / "/" are refused
+// because they cannot be renamed into place.
+std::string clean_dir(const std::string& dir) {
+  std::string d = dir;
+  while (d.size() > 1 && d.back() == '/') d.pop_back();
+  const std::string base = fs::path(d).filename().string();
+  if (d.empty() || base.empty() || base == "." || base == ".." || d == "/")
+    throw Error("checkpoint directory '" + dir + "': must name a directory (not '.', '..' or '/')");
+  return d;
+}
+
+std::string join(const std::string& dir, const std::string& file) { return (fs::path(dir) / file).string(); }
+
+// ---------------------------------------------------------------------------------
+// Writing: one file, or shards plus a Hugging Face style index.
+
+void write_tensor_set(const std::string& dir, const std::string& stem, const std::vector<TensorToWrite>& tensors,
+                      const std::map<std::string, std::string>& metadata, uint64_t max_shard_bytes) {
+  // Greedy packing in the given order; a tensor larger than the limit is alone.
+  std::vector<std::vector<TensorToWrite>> shards(1);
+  uint64_t shard_bytes = 0, total = 0;
+  for (const auto& t : tensors) {
+    uint64_t bytes = 4;
+    for (auto s : t.shape) bytes *= static_cast<uint64_t>(s);
+    if (max_shard_bytes > 0 && !shards.back().empty() && shard_bytes + bytes > max_shard_bytes) {
+      shards.emplace_back();
+      shard_bytes = 0;
+    }
+    shards.back().push_back(t);
+    shard_bytes += bytes;
+    total += bytes;
+  }
+  if (shards.size() == 1) {
+    write_safetensors(join(dir, stem + ".safetensors"), tensors, metadata);
+    return;
+  }
+  json index = {{"metadata", {{"total_size", total}}}, {"weight_map", json::object()}};
+  for (const auto& [k, v] : metadata) index["metadata"][k] = v;
+  const size_t n = shards.size();
+  for (size_t k = 0; k < n; ++k) {
+    char name[128];
+    std::snprintf(name, sizeof name, "%s-%05zu-of-%05zu.safetensors", stem.c_str(), k + 1, n);
+    write_safetensors(join(dir, name), shards[k], metadata);
+    for (const auto& t : shards[k]) index["weight_map"][t.name] = name;
+  }
+  fsutil::write_file_atomic(join(dir, stem + ".safetensors.index.json"), index.dump(2) + "\n");
+}
+
+template <class T>
+TensorToWrite to_write(std::string name, std::vector<int64_t> shape, const T* data) {
+  TensorToWrite w;
+  w.name = std::move(name);
+  w.shape = std::move(shape);
+  if constexpr (std::is_same_v<T, float>)
+    w.data = data;
+  else
+    w.data_f64 = data;
+  return w;
+}
+
+// ---------------------------------------------------------------------------------
+// Reading: "<stem>.safetensors" or "<stem>.safetensors.index.json" + shards.
+
+struct TensorSource {
+  std::string label;  // the file named in messages: the single file or the index
+  std::vector<SafetensorsReader> files;
+  std::unordered_map<std::string, size_t> where;  // tensor name -> files[i]
+  std::vector<std::string> names;                  // every tensor, file by file in data order
+
+  const SafetensorsReader& file_of(const std::string& name) const { return files[where.at(name)]; }
+  const std::map<std::string, std::string>& metadata() const { return files.front().metadata(); }
+
+  // Error unless `name` is present with exactly `shape`.
+  const SafeTensorInfo& expect(const std::string& name, const std::vector<int64_t>& shape) const {
+    auto it = where.find(name);
+    if (it == where.end())
+      throw Error(label + ": missing tensor '" + name + "' (expected shape " + format_shape(shape) + ")");
+    const SafeTensorInfo& t = files[it->second].at(name);
+    if (t.shape != shape)
+      throw Error(files[it->second].path() + ": tensor '" + name + "' has shape " + format_shape(t.shape) +
+                  " but the model configuration needs " + format_shape(shape));
+    return t;
+  }
+  void reject_unexpected(const std::unordered_set<std::string>& expected) const {
+    for (const auto& n : names)
+      if (!expected.count(n))
+        throw Error(file_of(n).path() + ": unexpected tensor '" + n + "' (not part of this model configuration)");
+  }
+};
+
+std::optional<TensorSource> open_tensor_set(const std::string& dir, const std::string& stem) {
+  const std::string single = join(dir, stem + ".safetensors"), index = single + ".index.json";
+  const bool has_single = fs::exists(single), has_index = fs::exists(index);
+  if (!has_single && !has_index) return std::nullopt;
+  if (has_single && has_index)
+    throw Error(dir + ": both " + stem + ".safetensors and " + stem +
+                ".safetensors.index.json exist; a checkpoint holds one or the other");
+  TensorSource src;
+  const auto add_file = [&](const std::string& path) {
+    src.files.emplace_back(path);
+    for (const auto& t : src.files.back().tensors()) {
+      if (!src.where.emplace(t.name, src.files.size() - 1).second)
+        throw Error(path + ": tensor '" + t.name + "' also appears in " + src.file_of(t.name).path());
+      src.names.push_back(t.name);
+    }
+  };
+  if (has_single) {
+    src.label = single;
+    add_file(single);
+    return src;
+  }
+  src.label = index;
+  json j;
+  try {
+    j = json::parse(fsutil::read_file(index));
+  } catch (const json::exception& e) {
+    throw Error(index + ": invalid JSON: " + e.what());
+  }
+  if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
+    throw Error(index + ": expected a JSON object with a \"weight_map\" object");
+  std::set<std::string> shard_files;
+  for (auto it = j["weight_map"].begin(); it != j["weight_map"].end(); ++it) {
+    if (!it.value().is_string()) throw Error(index + ": weight_map entry '" + it.key() + "' is not a string");
+    const std::string f = it.value().get<std::string>();
+    if (f.empty() || f.find('/') != std::string::npos || f == "." || f == "..")
+      throw Error(index + ": weight_map entry '" + it.key() + "' names '" + f + "', not a file of the checkpoint");
+    shard_files.insert(f);
+  }
+  if (shard_files.empty()) throw Error(index + ": empty weight_map");
+  for (const auto& f : shard_files) add_file(join(dir, f));
+  for (auto it = j["weight_map"].begin(); it != j["weight_map"].end(); ++it) {
+    const std::string shard = join(dir, it.value().get<std::string>());
+    auto w = src.where.find(it.key());
+    if (w == src.where.end() || src.files[w->second].path() != shard)
+      throw Error(index + ": weight_map puts tensor '" + it.key() + "' in " + shard + ", which does not hold it");
+  }
+  if (src.where.size() != j["weight_map"].size())
+    for (const auto& n : src.names)
+      if (!j["weight_map"].contains(n))
+        throw Error(src.file_of(n).path() + ": tensor '" + n + "' is not listed in " + index);
+  return src;
+}
+
+json read_json_file(const std::string& path) {
+  try {
+    return json::parse(fsutil::read_file(path));
+  } catch (const json::exception& e) {
+    throw Error(path + ": invalid JSON: " + e.what());
+  }
+}
+
+void check_bias(const ModelConfig& cfg, const std::vector<std::vector<float>>& bias) {
+  if (bias.size() != static_cast<size_t>(cfg.num_moe_layers()))
+    throw Error("save_checkpoint: bias has " + std::to_string(bias.size()) + " MoE layers, the config has " +
+                std::to_string(cfg.num_moe_layers()));
+  for (const auto& b : bias)
+    if (b.size() != static_cast<size_t>(cfg.E()))
+      throw Error("save_checkpoint: a bias row has " + std::to_string(b.size()) + " entries, expected E = " +
+                  std::to_string(cfg.E()));
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------
+
+template <class T>
+void save_checkpoint(const std::string& dir_in, const ModelConfig& cfg, const ParamLayout& layout,
+                     const std::vector<T>& params, const std::vector<std::vector<float>>& bias,
+                     const std::vector<T>* exp_avg, const std::vector<T>* exp_avg_sq, int64_t optimizer_step,
+                     const nlohmann::json& trainer_state, const CheckpointWriteOptions& opt) {
+  const std::string dir = clean_dir(dir_in);
+  // Validate everything before touching the disk.
+  if (params.size() != layout.total())
+    throw Error(dir + ": save_checkpoint: params has " + std::to_string(params.size()) + " elements, layout needs " +
+                std::to_string(layout.total()));
+  check_bias(cfg, bias);
+  if ((exp_avg == nullptr) != (exp_avg_sq == nullptr))
+    throw Error(dir + ": save_checkpoint: give both exp_avg and exp_avg_sq, or neither");
+  if (exp_avg && (exp_avg->size() != layout.total() || exp_avg_sq->size() != layout.total()))
+    throw Error(dir + ": save_checkpoint: optimizer moments must have layout.total() = " +
+                std::to_string(layout.total()) + " elements");
+  if (!trainer_state.is_null() && !trainer_state.is_object())
+    throw Error(dir + ": save_checkpoint: trainer_state must be a JSON object");
+  std::string state_text, config_text;
+  try {
+    state_text = (trainer_state.is_null() ? json::object() : trainer_state).dump(2) + "\n";
+    config_text = cfg.to_json().dump(2) + "\n";
+  } catch (const json::exception& e) {
+    throw Error(dir + ": trainer_state.json: cannot serialise: " + e.what());
+  }
+
+  std::error_code ec;
+  const std::string parent = fsutil::parent_dir(dir);
+  fs::create_directories(parent, ec);
+  if (ec) throw Error(dir + ": cannot create parent directory '" + parent + "': " + ec.message());
+  const bool replacing = fs::exists(fs::symlink_status(dir));
+  if (replacing) {
+    if (!fs::is_directory(fs::symlink_status(dir)))
+      throw Error(dir + ": exists and is not a directory; refusing to replace it with a checkpoint");
+    if (!fs::is_empty(dir, ec) && !fs::exists(join(dir, "config.json")))
+      throw Error(dir + ": exists and is not a moetune checkpoint (no config.json); refusing to replace it");
+  }
+
+  const std::string pid = std::to_string(::getpid());
+  const std::string tmp = dir + ".tmp-" + pid, old = dir + ".old-" + pid;
+  // A leftover from a crashed run that had our pid: ours by name, safe to remove.
+  fs::remove_all(tmp, ec);
+  if (ec) throw Error(dir + ": cannot remove stale temporary '" + tmp + "': " + ec.message());
+  if (!fs::create_directory(tmp, ec) || ec)
+    throw Error(dir + ": cannot create temporary directory '" + tmp + "': " +
+                (ec ? ec.message() : std::string("already exists")));
+  try {
+    fsutil::write_file_atomic(join(tmp, "config.json"), config_text);
+
+    // Model: layout order, each MoE layer's bias right after its router weight.
+    std::vector<TensorToWrite> model;
+    for (const auto& t : layout.tensors()) {
+      model.push_back(to_write(t.name, t.shape, params.data() + t.offset));
+      for (int j = 0; j < cfg.num_moe_layers(); ++j) {
+        const int l = cfg.first_k_dense_replace + j;
+        if (t.name == ParamLayout::layer(l, "mlp.gate.weight"))
+          model.push_back(to_write<float>(ParamLayout::bias_name(l), {cfg.E()}, bias[j].data()));
+      }
+    }
+    write_tensor_set(tmp, "model", model, {{"format", "pt"}}, opt.max_shard_bytes);
+
+    if (exp_avg) {
+      std::vector<TensorToWrite> moments;
+      for (const auto& t : layout.tensors()) {
+        moments.push_back(to_write(t.name + ".exp_avg", t.shape, exp_avg->data() + t.offset));
+        moments.push_back(to_write(t.name + ".exp_avg_sq", t.shape, exp_avg_sq->data() + t.offset));
+      }
+      write_tensor_set(tmp, "optimizer", moments, {{"format", "pt"}, {"step", std::to_string(optimizer_step)}},
+                       opt.max_shard_bytes);
+    }
+    fsutil::write_file_atomic(join(tmp, "trainer_state.json"), state_text);
+    fsutil::fsync_dir(tmp);
+  } catch (const Error& e) {
+    fs::remove_all(tmp, ec);
+    throw Error(dir + ": saving the checkpoint failed" + (replacing ? " (the existing one is left intact)" : "") +
+                ": " + e.what());
+  } catch (...) {
+    fs::remove_all(tmp, ec);
+    throw;
+  }
+
+  // Swap into place: the old checkpoint is only removed once the new one has its name.
+  if (replacing) {
+    fs::remove_all(old, ec);
+    fs::rename(dir, old, ec);
+    if (ec) {
+      const std::string msg = ec.message();
+      fs::remove_all(tmp, ec);
+      throw Error(dir + ": cannot move the old checkpoint aside to '" + old + "': " + msg);
+    }
+  }
+  fs::rename(tmp, dir, ec);
+  if (ec) {
+    const std::string msg = ec.message();
+    if (replacing) fs::rename(old, dir, ec);
+    fs::remove_all(tmp, ec);
+    throw Error(dir + ": cannot rename '" + tmp + "' into place: " + msg);
+  }
+  fsutil::fsync_dir(parent);
+  if (replacing) fs::remove_all(old, ec);  // the new checkpoint is complete; a leftover is harmless
+}
+
+ModelConfig load_checkpoint_config(const std::string& dir) {
+  const std::string path = join(clean_dir(dir), "config.json");
+  if (!fs::exists(path)) throw Error(path + ": missing (is '" + dir + "' a moetune checkpoint?)");
+  return ModelConfig::from_file(path);
+}
+
+template <class T>
+void load_model_weights(const std::string& dir_in, const ModelConfig& cfg, const ParamLayout& layout,
+                        std::vector<T>& params, std::vector<std::vector<float>>& bias) {
+  const std::string dir = clean_dir(dir_in);
+  auto src = open_tensor_set(dir, "model");
+  if (!src) throw Error(join(dir, "model.safetensors") + ": missing (no model.safetensors or index)");
+
+  // Check names and shapes of everything before reading a byte.
+  std::unordered_set<std::string> expected;
+  for (const auto& t : layout.tensors()) {
+    src->expect(t.name, t.shape);
+    expected.insert(t.name);
+  }
+  const int nm = cfg.num_moe_layers();
+  std::vector<bool> has_bias(nm, false);
+  for (int j = 0; j < nm; ++j) {
+    const std::string name = ParamLayout::bias_name(cfg.first_k_dense_replace + j);
+    expected.insert(name);
+    has_bias[j] = cfg.noaux_tc() || src->where.count(name);
+    if (has_bias[j]) src->expect(name, {cfg.E()});
+  }
+  src->reject_unexpected(expected);
+
+  params.assign(layout.total(), T(0));
+  for (const auto& t : layout.tensors()) src->file_of(t.name).read(t.name, params.data() + t.offset, t.numel);
+  bias.assign(nm, std::vector<float>(cfg.E(), 0.0f));
+  for (int j = 0; j < nm; ++j) {
+    if (!has_bias[j]) continue;
+    const std::string name = ParamLayout::bias_name(cfg.first_k_dense_replace + j);
+    src->file_of(name).read(name, bias[j].data(), bias[j].size());
+  }
+}
+
+template <class T>
+bool load_optimizer_state(const std::string& dir_in, const ParamLayout& layout, std::vector<T>& exp_avg,
+                          std::vector<T>& exp_avg_sq, int64_t& step) {
+  const std::string dir = clean_dir(dir_in);
+  auto src = open_tensor_set(dir, "optimizer");
+  if (!src) return false;
+  std::unordered_set<std::string> expected;
+  for (const auto& t : layout.tensors())
+    for (const char* suffix : {".exp_avg", ".exp_avg_sq"}) {
+      src->expect(t.name + suffix, t.shape);
+      expected.insert(t.name + suffix);
+    }
+  src->reject_unexpected(expected);
+  for (const auto& f : src->files) {
+    auto it = f.metadata().find("step");
+    int64_t s = 0;
+    const char* b = it == f.metadata().end() ? nullptr : it->second.data();
+    const char* e = b ? b + it->second.size() : nullptr;
+    auto r = b ? std::from_chars(b, e, s) : std::from_chars_result{nullptr, std::errc::invalid_argument};
+    if (!b || r.ec != std::errc() || r.ptr != e || s < 0)
+      throw Error(f.path() + ": __metadata__ needs \"step\" as a non-negative integer string");
+    if (&f != &src->files.front() && s != step)
+      throw Error(f.path() + ": step " + std::to_string(s) + " differs from the other shards' " + std::to_string(step));
+    step = s;
+  }
+  exp_avg.assign(layout.total(), T(0));
+  exp_avg_sq.assign(layout.total(), T(0));
+  for (const auto& t : layout.tensors()) {
+    src->file_of(t.name + ".exp_avg").read(t.name + ".exp_avg", exp_avg.data() + t.offset, t.numel);
+    src->file_of(t.name + ".exp_avg_sq").read(t.name + ".exp_avg_sq", exp_avg_sq.data() + t.offset, t.numel);
+  }
+  return true;
+}
+
+nlohmann::json load_trainer_state(const std::string& dir) {
+  const std::string path = join(clean_dir(dir), "trainer_state.json");
+  if (!fs::exists(path)) return json::object();
+  json j = read_json_file(path);
+  if (!j.is_object()) throw Error(path + ": expected a JSON object");
+  return j;
+}
+
+#define MOETUNE_INSTANTIATE(T)                                                                                    \
+  template void save_checkpoint<T>(const std::string&, const ModelConfig&, const ParamLayout&,                  \
+                                   const std::vector<T>&, const std::vector<std::vector<float>>&,               \
+                                   const std::vector<T>*, const std::vector<T>*, int64_t, const nlohmann::json&, \
+                                   const CheckpointWriteOptions&);                                               \
+  template void load_model_weights<T>(const std::string&, const ModelConfig&, const ParamLayout&,               \
+                                      std::vector<T>&, std::vector<std::vector<float>>&);                       \
+  template bool load_optimizer_state<T>(const std::string&, const ParamLayout&, std::vector<T>&,                \
+                                        std::vector<T>&, int64_t&);
+MOETUNE_INSTANTIATE(float)
+MOETUNE_INSTANTIATE(double)
+#undef MOETUNE_INSTANTIATE
+
+}  // namespace moetune

@@ -1,0 +1,62 @@
+// moetune checkpoints (MODEL.md section 7): a directory holding
+//   config.json                 ModelConfig::to_json()
+//   model.safetensors           every parameter plus the routing biases, F32, Hugging Face names
+//                               (or model-0000k-of-0000n.safetensors + model.safetensors.index.json)
+//   optimizer.safetensors       "<param>.exp_avg" / "<param>.exp_avg_sq", metadata "step"
+//                               (or optimizer-0000k-of-0000n.safetensors + optimizer.safetensors.index.json)
+//   trainer_state.json          whatever JSON object the trainer hands in
+// Saving is atomic at the directory level: everything goes into "<dir>.tmp-<pid>",
+// is fsynced, and only then replaces <dir>. Loading checks every name and shape.
+// Call these on one rank: the files never depend on how many ranks trained.
+#pragma once
+#include <cstdint>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "moe/config.hpp"
+#include "moe/params.hpp"
+
+namespace moetune {
+
+struct CheckpointWriteOptions {
+  // Largest data size of one safetensors shard; 0 = one model.safetensors (and one
+  // optimizer.safetensors). A tensor larger than the limit gets a shard of its own;
+  // if everything fits in one shard no index file is written (Hugging Face style).
+  uint64_t max_shard_bytes = 0;
+};
+
+// Writes a checkpoint of `params` (layout.total() elements, viewed through `layout`)
+// and the routing biases `bias` ([moe layer j][E], MoE layer j = model layer
+// cfg.first_k_dense_replace + j). exp_avg / exp_avg_sq: both null (no optimizer file)
+// or both layout.total() elements. trainer_state: a JSON object (null = {}).
+// If <dir> exists it must be a directory that is empty or holds a config.json (a
+// checkpoint); it is replaced only once the new one is complete, so any failure
+// (unwritable parent, disk full) throws Error and leaves the old <dir> intact.
+template <class T>
+void save_checkpoint(const std::string& dir, const ModelConfig& cfg, const ParamLayout& layout,
+                     const std::vector<T>& params, const std::vector<std::vector<float>>& bias,
+                     const std::vector<T>* exp_avg, const std::vector<T>* exp_avg_sq, int64_t optimizer_step,
+                     const nlohmann::json& trainer_state, const CheckpointWriteOptions& opt = {});
+
+// Parses and validates <dir>/config.json; Error naming that file if missing or invalid.
+ModelConfig load_checkpoint_config(const std::string& dir);
+
+// Fills params (resized to layout.total(), zero in the alignment padding) and bias
+// (resized to [cfg.num_moe_layers()][E]). Every tensor of the layout must be present
+// with exactly its shape, and no other tensor may be; the biases are required when
+// topk_method is noaux_tc and default to 0 under greedy routing when absent.
+template <class T>
+void load_model_weights(const std::string& dir, const ModelConfig& cfg, const ParamLayout& layout,
+                        std::vector<T>& params, std::vector<std::vector<float>>& bias);
+
+// Returns false (and leaves the outputs untouched) if the checkpoint has no optimizer
+// state; otherwise fills both moments (layout.total(), zero padding) and the step.
+template <class T>
+bool load_optimizer_state(const std::string& dir, const ParamLayout& layout, std::vector<T>& exp_avg,
+                          std::vector<T>& exp_avg_sq, int64_t& step);
+
+// <dir>/trainer_state.json, or {} if the file is absent. Error if it is not a JSON object.
+nlohmann::json load_trainer_state(const std::string& dir);
+
+}  // namespace moetune

@@ -1,0 +1,82 @@
+// The safetensors file format (https://github.com/huggingface/safetensors), read and
+// written without any library: an 8-byte little-endian u64 N, N bytes of UTF-8 JSON
+//   {"<name>": {"dtype": "F32", "shape": [..], "data_offsets": [begin, end]}, ...,
+//    "__metadata__": {"<key>": "<string>"}}   (metadata optional)
+// padded with spaces, then the byte buffer; offsets are relative to the buffer start
+// and the tensors tile the buffer exactly (no overlap, no hole, no trailing bytes).
+// Tensors are row-major and little-endian. moetune writes F32; it reads F32, F64,
+// BF16 and F16 into float or double.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace moetune {
+
+struct SafeTensorInfo {
+  std::string name, dtype;
+  std::vector<int64_t> shape;
+  uint64_t begin = 0, end = 0;  // byte offsets into the data buffer, [begin, end)
+  uint64_t numel() const;
+};
+
+// "(16, 32)"; "()" for a scalar.
+std::string format_shape(const std::vector<int64_t>& shape);
+// Bytes per element of a safetensors dtype name ("F32" -> 4), 0 if unknown.
+size_t safetensors_dtype_size(const std::string& dtype);
+
+class SafetensorsReader {  // reads the header eagerly, data on demand
+ public:
+  // Opens the file and validates the header fully (lengths, JSON, every entry, the
+  // tiling of the data buffer). Throws moetune::Error naming the path.
+  explicit SafetensorsReader(const std::string& path);
+  ~SafetensorsReader();
+  SafetensorsReader(SafetensorsReader&& o) noexcept;
+  SafetensorsReader& operator=(SafetensorsReader&& o) noexcept;
+  SafetensorsReader(const SafetensorsReader&) = delete;
+  SafetensorsReader& operator=(const SafetensorsReader&) = delete;
+
+  const std::string& path() const { return path_; }
+  // In data order (= the order they were written).
+  const std::vector<SafeTensorInfo>& tensors() const { return tensors_; }
+  bool contains(const std::string& name) const { return index_.count(name) != 0; }
+  // Error "<path>: no tensor '<name>'" if absent.
+  const SafeTensorInfo& at(const std::string& name) const;
+  const std::map<std::string, std::string>& metadata() const { return metadata_; }
+
+  // Reads tensor `name` into out[0..n), converting F32/F64/BF16/F16 to T (float or
+  // double). Its element count must be n, else Error naming file, tensor and shape.
+  // Thread-safe (pread on a shared descriptor).
+  template <class T>
+  void read(const std::string& name, T* out, size_t n) const;
+
+ private:
+  void read_bytes(const SafeTensorInfo& t, uint64_t at, void* out, size_t size) const;
+  std::string path_;
+  int fd_ = -1;
+  uint64_t data_start_ = 0;  // 8 + N
+  std::vector<SafeTensorInfo> tensors_;
+  std::unordered_map<std::string, size_t> index_;
+  std::map<std::string, std::string> metadata_;
+};
+
+// One tensor to write as F32: exactly one of `data` (float) and `data_f64` (double,
+// rounded to float in chunks) points at numel(shape) row-major elements.
+struct TensorToWrite {
+  std::string name;
+  std::vector<int64_t> shape;
+  const float* data = nullptr;
+  const double* data_f64 = nullptr;
+};
+
+// Writes the tensors as F32, packed contiguously in the given order, header padded
+// with spaces to a multiple of 8 bytes. Goes through "<path>.tmp" + fsync + rename,
+// so a failure never leaves a half file under <path>. Errors (duplicate or reserved
+// names, negative dims, unwritable directory, disk full) throw Error naming the path.
+void write_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
+                       const std::map<std::string, std::string>& metadata = {});
+
+}  // namespace moetune
