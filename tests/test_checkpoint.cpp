@@ -5,6 +5,7 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <csignal>
 #include <cstring>
@@ -13,6 +14,7 @@
 #include <functional>
 #include <random>
 #include <regex>
+#include <set>
 
 #include "io/checkpoint.hpp"
 #include "io/safetensors.hpp"
