@@ -76,3 +76,4 @@ void BM_TrainStep(benchmark::State& state) {
 BENCHMARK(BM_TrainStep)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 }  // namespace
+BENCHMARK_MAIN();
