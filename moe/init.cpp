@@ -25,8 +25,13 @@ double uniform53(uint64_t bits) { return double(bits >> 11) * (1.0 / 90071992547
 
 }  // namespace
 
+uint64_t counter_key(uint64_t seed, const std::string& name) { return splitmix64(seed ^ splitmix64(fnv1a64(name))); }
+
 double counter_normal(uint64_t seed, const std::string& name, uint64_t index) {
-  const uint64_t key = splitmix64(seed ^ splitmix64(fnv1a64(name)));
+  return counter_normal_keyed(counter_key(seed, name), index);
+}
+
+double counter_normal_keyed(uint64_t key, uint64_t index) {
   const uint64_t a = splitmix64(key ^ splitmix64(2 * index));
   const uint64_t b = splitmix64(key ^ splitmix64(2 * index + 1));
   const double u1 = 1.0 - uniform53(a);  // (0, 1]
@@ -43,9 +48,9 @@ void init_params(const ParamLayout& layout, const ModelConfig& cfg, uint64_t see
       for (size_t i = 0; i < t.numel; ++i) p[i] = T(1);
       continue;
     }
-    const uint64_t key = seed;
+    const uint64_t key = counter_key(seed, t.name);
 #pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < t.numel; ++i) p[i] = T(cfg.initializer_range * counter_normal(key, t.name, i));
+    for (size_t i = 0; i < t.numel; ++i) p[i] = T(cfg.initializer_range * counter_normal_keyed(key, i));
   }
 }
 

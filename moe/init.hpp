@@ -13,6 +13,9 @@ namespace moetune {
 // Standard normal N(0,1) for (seed, name, index): splitmix64 of a hash of the three,
 // then Box-Muller on two 53-bit uniforms.
 double counter_normal(uint64_t seed, const std::string& name, uint64_t index);
+// The same, split so that the (seed, name) hash is computed once per tensor.
+uint64_t counter_key(uint64_t seed, const std::string& name);
+double counter_normal_keyed(uint64_t key, uint64_t index);
 
 // Fills params (layout.total() elements) as MODEL.md section 6 says: matrices
 // N(0, initializer_range^2), RMSNorm weights 1.

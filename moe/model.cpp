@@ -28,7 +28,9 @@ struct Model<T>::Impl {
   size_t embed = 0, norm = 0, lm_head = 0;
   std::vector<T> h_final, x_final, rstd_final, logits, dlogits;
   std::vector<int32_t> pos, targets;
-  std::vector<T> scratch;
+  MoeScratch<T> scratch;
+  // work buffers reused across calls: hidden state, branch output and their gradients
+  std::vector<T> h, tmp, dh, dx, dq, dk, dv, dctx;
   int rows = 0, seq_len = 0;
 };
 
@@ -137,7 +139,10 @@ MicroStats Model<T>::forward_backward(const MicroBatch& mb, const LossNorm& norm
   MicroStats st;
 
   // ---- forward
-  std::vector<T> h(N * d), tmp(N * d);
+  auto& h = I.h;
+  auto& tmp = I.tmp;
+  h.resize(N * d);
+  tmp.resize(N * d);
   ops::embedding_forward(h.data(), mb.input_ids.data(), P + I.embed, N, d);
   int moe_j = 0;
   for (int l = 0; l < c.num_hidden_layers; ++l) {
@@ -198,11 +203,15 @@ MicroStats Model<T>::forward_backward(const MicroBatch& mb, const LossNorm& norm
 
   // ---- backward
   T* G = grads_.data();
-  std::vector<T> dh(N * d, T(0)), dx(N * d);
-  std::fill(dx.begin(), dx.end(), T(0));
+  auto &dh = I.dh, &dx = I.dx, &dq = I.dq, &dk = I.dk, &dv = I.dv, &dctx = I.dctx;
+  dh.assign(N * d, T(0));
+  dx.assign(N * d, T(0));
+  dq.resize(N * qd);
+  dk.resize(N * kvd);
+  dv.resize(N * kvd);
+  dctx.resize(N * qd);
   ops::linear_backward(dx.data(), G + I.lm_head, I.dlogits.data(), I.x_final.data(), P + I.lm_head, N, d, V);
   ops::rmsnorm_backward(dh.data(), G + I.norm, dx.data(), I.h_final.data(), P + I.norm, I.rstd_final.data(), N, d);
-  std::vector<T> dq(N * qd), dk(N * kvd), dv(N * kvd), dctx(N * qd);
   for (int l = c.num_hidden_layers - 1; l >= 0; --l) {
     auto& L = I.layers[l];
     // FFN: h = h_mid + FFN(RMSNorm(h_mid))
@@ -210,7 +219,7 @@ MicroStats Model<T>::forward_backward(const MicroBatch& mb, const LossNorm& norm
     if (!c.is_moe_layer(l)) {
       const int64_t Fi = c.intermediate_size;
       mlp_backward(dx.data(), G + L.dg, G + L.du, G + L.dd, dh.data(), L.f_in.data(), L.dense.g.data(),
-                   L.dense.u.data(), L.dense.a.data(), P + L.dg, P + L.du, P + L.dd, N, d, Fi, I.scratch);
+                   L.dense.u.data(), L.dense.a.data(), P + L.dg, P + L.du, P + L.dd, N, d, Fi, I.scratch.mlp);
     } else {
       --moe_j;
       MoeGrads<T> g;

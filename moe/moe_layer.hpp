@@ -88,25 +88,33 @@ void moe_forward(T* out, MoeCache<T>& c, const T* x, const MoeWeights<T>& w, con
   combine_forward(out, c.yp.data(), c.routing.weight.data(), c.perm, d);
 }
 
+// Reusable buffers of the backward (kept between calls to avoid re-allocation).
+template <class T>
+struct MoeScratch {
+  std::vector<T> dyp, dxp, dweight, dlogits, mlp;
+};
+
 // dx (N,d) +=; weight grads +=; dout (N,d).
 template <class T>
 void moe_backward(T* dx, const MoeGrads<T>& g, const T* dout, const T* x, const MoeWeights<T>& w,
                   const MoeCache<T>& c, const ModelConfig& cfg, int rows, int seq_len, const BalanceScales& sc,
-                  std::vector<T>& scratch) {
+                  MoeScratch<T>& s) {
   const int64_t N = int64_t(rows) * seq_len, d = cfg.d(), E = cfg.E(), F = cfg.F(), S = cfg.shared_width();
   if (w.sg)
     mlp_backward(dx, g.sg, g.su, g.sd, dout, x, c.shared.g.data(), c.shared.u.data(), c.shared.a.data(), w.sg, w.su,
-                 w.sd, N, d, S, scratch);
+                 w.sd, N, d, S, s.mlp);
   // combine^T = dispatch of the gradient
-  std::vector<T> dyp(c.perm.pairs() * d), dweight(N * cfg.K()), dxp(c.perm.pairs() * d);
-  combine_backward(dyp.data(), dweight.data(), dout, c.yp.data(), c.routing.weight.data(), c.perm, d);
-  experts_backward(dxp.data(), g, dyp.data(), c.xp.data(), c.experts, w, c.perm, d, F, scratch);
+  s.dyp.resize(c.perm.pairs() * d);
+  s.dxp.resize(c.perm.pairs() * d);
+  s.dweight.resize(N * cfg.K());
+  combine_backward(s.dyp.data(), s.dweight.data(), dout, c.yp.data(), c.routing.weight.data(), c.perm, d);
+  experts_backward(s.dxp.data(), g, s.dyp.data(), c.xp.data(), c.experts, w, c.perm, d, F, s.mlp);
   // dispatch^T = combine (scatter-add) of the gradient
-  dispatch_backward(dx, dxp.data(), c.perm, d);
+  dispatch_backward(dx, s.dxp.data(), c.perm, d);
   // router
-  std::vector<T> dlogits(N * E);
-  router_backward(dlogits.data(), dweight.data(), c.logits.data(), c.routing, cfg, rows, seq_len, sc);
-  ops::linear_backward(dx, g.gate, dlogits.data(), x, w.gate, N, d, E);
+  s.dlogits.resize(N * E);
+  router_backward(s.dlogits.data(), s.dweight.data(), c.logits.data(), c.routing, cfg, rows, seq_len, sc);
+  ops::linear_backward(dx, g.gate, s.dlogits.data(), x, w.gate, N, d, E);
 }
 
 }  // namespace moetune

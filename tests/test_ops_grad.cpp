@@ -246,7 +246,8 @@ TEST_P(MoeLayerGrad, AllInputsAndWeights) {
     return dot(out, R) + cache.losses.aux + cache.losses.seq + cache.losses.z;
   };
   f();
-  std::vector<double> dx(N * d, 0.0), dgate(E * d, 0.0), scratch;
+  std::vector<double> dx(N * d, 0.0), dgate(E * d, 0.0);
+  MoeScratch<double> scratch;
   std::vector<std::vector<double>> dwg(E, std::vector<double>(F * d, 0.0)), dwu = dwg, dwd = dwg;
   std::vector<double> dsg(sg.size(), 0.0), dsu(su.size(), 0.0), dsd(sd.size(), 0.0);
   MoeGrads<double> g;
