@@ -4,6 +4,8 @@
 // Every activation the backward needs is kept in Impl (no recomputation).
 #include "moe/model.hpp"
 
+#include "moe/moe_layer.hpp"
+
 #include "moe/error.hpp"
 #include "moe/init.hpp"
 #include "moe/mlp.hpp"
@@ -35,7 +37,10 @@ struct Model<T>::Impl {
 };
 
 template <class T>
-Model<T>::Model(const ModelConfig& cfg) : cfg_(cfg), layout_(ParamLayout::build(cfg)), impl_(std::make_unique<Impl>()) {
+Model<T>::Model(const ModelConfig& cfg, int expert_begin, int expert_end)
+    : cfg_(cfg), layout_(ParamLayout::build(cfg, expert_begin, expert_end)), impl_(std::make_unique<Impl>()) {
+  local_stage_ = std::make_unique<LocalExpertStage<T>>(cfg.d(), cfg.F(), [this](int l) { return expert_views(l); });
+  stage_ = local_stage_.get();
   params_.assign(layout_.total(), T(0));
   grads_.assign(layout_.total(), T(0));
   bias_.assign(cfg.num_moe_layers(), std::vector<float>(cfg.E(), 0.f));
@@ -63,10 +68,6 @@ Model<T>::Model(const ModelConfig& cfg) : cfg_(cfg), layout_(ParamLayout::build(
 
 template <class T>
 Model<T>::~Model() = default;
-template <class T>
-Model<T>::Model(Model&&) noexcept = default;
-template <class T>
-Model<T>& Model<T>::operator=(Model&&) noexcept = default;
 
 template <class T>
 void Model<T>::init(uint64_t seed) {
@@ -84,20 +85,39 @@ const std::vector<T>& Model<T>::logits() const {
   return impl_->logits;
 }
 
+template <class T>
+void Model<T>::set_expert_stage(ExpertStage<T>* stage) {
+  stage_ = stage ? stage : local_stage_.get();
+}
+
+template <class T>
+LocalExpertStage<T>& Model<T>::local_expert_stage() {
+  return *local_stage_;
+}
+
+template <class T>
+ExpertViews<T> Model<T>::expert_views(int l) {
+  ExpertViews<T> v;
+  for (int e = layout_.expert_begin(); e < layout_.expert_end(); ++e) {
+    const size_t g = layout_.offset(ParamLayout::expert(l, e, "gate_proj"));
+    const size_t u = layout_.offset(ParamLayout::expert(l, e, "up_proj"));
+    const size_t dn = layout_.offset(ParamLayout::expert(l, e, "down_proj"));
+    v.wg.push_back(params_.data() + g);
+    v.wu.push_back(params_.data() + u);
+    v.wd.push_back(params_.data() + dn);
+    v.dwg.push_back(grads_.data() + g);
+    v.dwu.push_back(grads_.data() + u);
+    v.dwd.push_back(grads_.data() + dn);
+  }
+  return v;
+}
+
 namespace {
 
-// Pointers of MoE layer l's weights inside a flat buffer (params or grads).
+// Pointers of MoE layer l's gate and shared-expert weights inside a flat buffer.
 template <class P, class T>
 void moe_views(P& w, T* base, const ParamLayout& lay, const ModelConfig& c, int l) {
   w.gate = base + lay.offset(ParamLayout::layer(l, "mlp.gate.weight"));
-  w.wg.resize(c.E());
-  w.wu.resize(c.E());
-  w.wd.resize(c.E());
-  for (int e = 0; e < c.E(); ++e) {
-    w.wg[e] = base + lay.offset(ParamLayout::expert(l, e, "gate_proj"));
-    w.wu[e] = base + lay.offset(ParamLayout::expert(l, e, "up_proj"));
-    w.wd[e] = base + lay.offset(ParamLayout::expert(l, e, "down_proj"));
-  }
   if (c.n_shared_experts > 0) {
     w.sg = base + lay.offset(ParamLayout::layer(l, "mlp.shared_experts.gate_proj.weight"));
     w.su = base + lay.offset(ParamLayout::layer(l, "mlp.shared_experts.up_proj.weight"));
@@ -176,7 +196,7 @@ MicroStats Model<T>::forward_backward(const MicroBatch& mb, const LossNorm& norm
                   P + L.du, P + L.dd, N, d, Fi);
     } else {
       moe_views(L.moe, P, layout_, c, l);
-      moe_forward(tmp.data(), L.moe_cache, L.f_in.data(), L.moe, bias_[moe_j].data(), c, B, S, sc);
+      moe_forward(tmp.data(), L.moe_cache, L.f_in.data(), L.moe, *stage_, l, bias_[moe_j].data(), c, B, S, sc);
       st.aux_loss += L.moe_cache.losses.aux;
       st.seq_aux_loss += L.moe_cache.losses.seq;
       st.z_loss += L.moe_cache.losses.z;
@@ -224,7 +244,7 @@ MicroStats Model<T>::forward_backward(const MicroBatch& mb, const LossNorm& norm
       --moe_j;
       MoeGrads<T> g;
       moe_views(g, G, layout_, c, l);
-      moe_backward(dx.data(), g, dh.data(), L.f_in.data(), L.moe, L.moe_cache, c, B, S, sc, I.scratch);
+      moe_backward(dx.data(), g, dh.data(), L.f_in.data(), L.moe, *stage_, l, L.moe_cache, c, B, S, sc, I.scratch);
     }
     ops::rmsnorm_backward(dh.data(), G + L.ln2, dx.data(), L.h_mid.data(), P + L.ln2, L.rstd2.data(), N, d);
     // Attention: h_mid = h_in + o_proj(Attn(RMSNorm(h_in)))

@@ -33,12 +33,21 @@ struct MicroStats {
 };
 
 template <class T>
+class ExpertStage;
+template <class T>
+class LocalExpertStage;
+template <class T>
+struct ExpertViews;
+
+template <class T>
 class Model {
  public:
-  explicit Model(const ModelConfig& cfg);
+  // The whole model, or (expert parallelism) the dense part plus routed experts
+  // [expert_begin, expert_end) of every MoE layer.
+  explicit Model(const ModelConfig& cfg, int expert_begin = 0, int expert_end = -1);
   ~Model();
-  Model(Model&&) noexcept;
-  Model& operator=(Model&&) noexcept;
+  Model(const Model&) = delete;  // the local expert stage points back at this object
+  Model& operator=(const Model&) = delete;
 
   const ModelConfig& config() const { return cfg_; }
   const ParamLayout& layout() const { return layout_; }
@@ -59,6 +68,14 @@ class Model {
   // Logits (tokens, V) of the last forward, row-major.
   const std::vector<T>& logits() const;
 
+  // Where the routed experts run: by default the local stage over this model's
+  // experts (all E unless an expert range was given); dist/ installs the all-to-all
+  // stage. The model does not own a stage set here.
+  void set_expert_stage(ExpertStage<T>* stage);
+  LocalExpertStage<T>& local_expert_stage();
+  // Views of this model's routed experts of model layer l (index 0 = expert_begin).
+  ExpertViews<T> expert_views(int layer);
+
  private:
   struct Impl;
   ModelConfig cfg_;
@@ -66,6 +83,8 @@ class Model {
   std::vector<T> params_, grads_;
   std::vector<std::vector<float>> bias_;
   std::unique_ptr<Impl> impl_;
+  std::unique_ptr<LocalExpertStage<T>> local_stage_;
+  ExpertStage<T>* stage_ = nullptr;
 };
 
 extern template class Model<float>;

@@ -1,7 +1,11 @@
 // The MoE FFN in one screen: route -> dispatch -> experts -> combine (+ shared expert),
 // and its backward in the reverse order. Routed experts run on contiguous per-expert
-// slices of the permuted token buffer (the layout the all-to-all dispatcher exchanges).
+// slices of the permuted token buffer. Where they run is an ExpertStage: the local
+// stage below computes them in-process; dist/ has the all-to-all stage that sends the
+// slices to the ranks owning the experts and gets the outputs back.
 #pragma once
+#include <functional>
+#include <unordered_map>
 #include <vector>
 
 #include "moe/dispatch.hpp"
@@ -10,61 +14,109 @@
 
 namespace moetune {
 
+// Gate and shared-expert weights (they stay with the tokens' rank).
 template <class T>
 struct MoeWeights {
-  const T* gate = nullptr;                // (E,d)
-  std::vector<const T*> wg, wu, wd;       // per expert: (F,d), (F,d), (d,F)
+  const T* gate = nullptr;                              // (E,d)
   const T *sg = nullptr, *su = nullptr, *sd = nullptr;  // shared expert (S,d),(S,d),(d,S); null if none
 };
 template <class T>
 struct MoeGrads {
   T* gate = nullptr;
-  std::vector<T*> wg, wu, wd;
   T *sg = nullptr, *su = nullptr, *sd = nullptr;
 };
 
+// Weights and gradients of a contiguous range of routed experts (index 0 = first).
 template <class T>
-struct MoeCache {
-  std::vector<T> logits;      // (N,E)
-  Routing<T> routing;
-  Permutation perm;
-  std::vector<T> xp, yp;      // (P,d) dispatched inputs, expert outputs
-  MlpCache<T> experts;        // (P,F)
-  MlpCache<T> shared;         // (N,S)
-  BalanceLosses losses;
+struct ExpertViews {
+  std::vector<const T*> wg, wu, wd;  // (F,d), (F,d), (d,F)
+  std::vector<T*> dwg, dwu, dwd;
 };
 
-// Experts on their slices: yp (P,d) from xp (P,d); cache (P,F).
+// Experts on their slices. offsets (n_experts+1) delimit the rows of each expert in
+// xp (rows,d); yp (rows,d) out; cache (rows,F).
 template <class T>
-void experts_forward(T* yp, MlpCache<T>& cache, const T* xp, const MoeWeights<T>& w, const Permutation& p,
-                     int64_t d, int64_t F) {
-  cache.resize(p.pairs(), F);
-  for (int e = 0; e < p.E; ++e) {
-    const int64_t b = p.offsets[e], n = p.offsets[e + 1] - b;
+void experts_forward(T* yp, MlpCache<T>& cache, const T* xp, const ExpertViews<T>& w,
+                     const std::vector<int64_t>& offsets, int64_t d, int64_t F) {
+  cache.resize(offsets.back(), F);
+  for (size_t e = 0; e + 1 < offsets.size(); ++e) {
+    const int64_t b = offsets[e], n = offsets[e + 1] - b;
     if (n == 0) continue;
     mlp_forward(yp + b * d, cache.g.data() + b * F, cache.u.data() + b * F, cache.a.data() + b * F, xp + b * d,
                 w.wg[e], w.wu[e], w.wd[e], n, d, F);
   }
 }
-// dxp (P,d) (overwritten), expert weight grads +=; dyp (P,d).
+// dxp (rows,d) (overwritten), expert weight grads +=; dyp (rows,d).
 template <class T>
-void experts_backward(T* dxp, const MoeGrads<T>& g, const T* dyp, const T* xp, const MlpCache<T>& cache,
-                      const MoeWeights<T>& w, const Permutation& p, int64_t d, int64_t F, std::vector<T>& scratch) {
-  std::fill_n(dxp, p.pairs() * d, T(0));
-  for (int e = 0; e < p.E; ++e) {
-    const int64_t b = p.offsets[e], n = p.offsets[e + 1] - b;
+void experts_backward(T* dxp, const T* dyp, const T* xp, const MlpCache<T>& cache, const ExpertViews<T>& w,
+                      const std::vector<int64_t>& offsets, int64_t d, int64_t F, std::vector<T>& scratch) {
+  std::fill_n(dxp, offsets.back() * d, T(0));
+  for (size_t e = 0; e + 1 < offsets.size(); ++e) {
+    const int64_t b = offsets[e], n = offsets[e + 1] - b;
     if (n == 0) continue;
-    mlp_backward(dxp + b * d, g.wg[e], g.wu[e], g.wd[e], dyp + b * d, xp + b * d, cache.g.data() + b * F,
+    mlp_backward(dxp + b * d, w.dwg[e], w.dwu[e], w.dwd[e], dyp + b * d, xp + b * d, cache.g.data() + b * F,
                  cache.u.data() + b * F, cache.a.data() + b * F, w.wg[e], w.wu[e], w.wd[e], n, d, F, scratch);
   }
 }
 
+// Where the routed experts of each MoE layer run.
+template <class T>
+class ExpertStage {
+ public:
+  virtual ~ExpertStage() = default;
+  // xp (P,d): the dispatched rows, grouped by expert as perm.offsets says. yp (P,d) out.
+  virtual void forward(int layer, const Permutation& perm, const T* xp, T* yp) = 0;
+  // dyp (P,d) in, dxp (P,d) out (overwritten); expert weight gradients accumulate.
+  virtual void backward(int layer, const Permutation& perm, const T* dyp, T* dxp) = 0;
+};
+
+// All E experts in this process.
+template <class T>
+class LocalExpertStage : public ExpertStage<T> {
+ public:
+  using ViewFn = std::function<ExpertViews<T>(int layer)>;
+  LocalExpertStage(int64_t d, int64_t F, ViewFn views) : d_(d), F_(F), views_(std::move(views)) {}
+  void forward(int layer, const Permutation& perm, const T* xp, T* yp) override {
+    auto& c = cache_[layer];
+    c.xp = xp;
+    experts_forward(yp, c.mlp, xp, views_(layer), perm.offsets, d_, F_);
+  }
+  void backward(int layer, const Permutation& perm, const T* dyp, T* dxp) override {
+    auto& c = cache_[layer];
+    experts_backward(dxp, dyp, c.xp, c.mlp, views_(layer), perm.offsets, d_, F_, scratch_);
+    if (after_backward) after_backward(layer);
+  }
+  // Called after each layer's expert gradients of one micro-batch are complete
+  // (the trainer's deterministic gradient accumulation hooks in here).
+  std::function<void(int layer)> after_backward;
+
+ private:
+  struct Cache {
+    const T* xp = nullptr;  // the MoE layer's dispatched rows, alive until its backward
+    MlpCache<T> mlp;
+  };
+  int64_t d_, F_;
+  ViewFn views_;
+  std::unordered_map<int, Cache> cache_;
+  std::vector<T> scratch_;
+};
+
+template <class T>
+struct MoeCache {
+  std::vector<T> logits;  // (N,E)
+  Routing<T> routing;
+  Permutation perm;
+  std::vector<T> xp, yp;  // (P,d) dispatched inputs, expert outputs
+  MlpCache<T> shared;     // (N,S)
+  BalanceLosses losses;
+};
+
 // out (N,d) = MoE(x) (overwritten); x (N,d) = the normalised hidden states of
 // `rows` rows of `seq_len` tokens; bias (E) fp32.
 template <class T>
-void moe_forward(T* out, MoeCache<T>& c, const T* x, const MoeWeights<T>& w, const float* bias,
-                 const ModelConfig& cfg, int rows, int seq_len, const BalanceScales& sc) {
-  const int64_t N = int64_t(rows) * seq_len, d = cfg.d(), E = cfg.E(), F = cfg.F(), S = cfg.shared_width();
+void moe_forward(T* out, MoeCache<T>& c, const T* x, const MoeWeights<T>& w, ExpertStage<T>& experts, int layer,
+                 const float* bias, const ModelConfig& cfg, int rows, int seq_len, const BalanceScales& sc) {
+  const int64_t N = int64_t(rows) * seq_len, d = cfg.d(), E = cfg.E(), S = cfg.shared_width();
   // 1. route
   c.logits.resize(N * E);
   ops::linear_forward(c.logits.data(), x, w.gate, N, d, E);
@@ -77,7 +129,7 @@ void moe_forward(T* out, MoeCache<T>& c, const T* x, const MoeWeights<T>& w, con
   c.yp.resize(c.perm.pairs() * d);
   dispatch_forward(c.xp.data(), x, c.perm, d);
   // 3. experts
-  experts_forward(c.yp.data(), c.experts, c.xp.data(), w, c.perm, d, F);
+  experts.forward(layer, c.perm, c.xp.data(), c.yp.data());
   // 4. combine (+ shared expert)
   if (w.sg) {
     c.shared.resize(N, S);
@@ -97,9 +149,9 @@ struct MoeScratch {
 // dx (N,d) +=; weight grads +=; dout (N,d).
 template <class T>
 void moe_backward(T* dx, const MoeGrads<T>& g, const T* dout, const T* x, const MoeWeights<T>& w,
-                  const MoeCache<T>& c, const ModelConfig& cfg, int rows, int seq_len, const BalanceScales& sc,
-                  MoeScratch<T>& s) {
-  const int64_t N = int64_t(rows) * seq_len, d = cfg.d(), E = cfg.E(), F = cfg.F(), S = cfg.shared_width();
+                  ExpertStage<T>& experts, int layer, const MoeCache<T>& c, const ModelConfig& cfg, int rows,
+                  int seq_len, const BalanceScales& sc, MoeScratch<T>& s) {
+  const int64_t N = int64_t(rows) * seq_len, d = cfg.d(), E = cfg.E(), S = cfg.shared_width();
   if (w.sg)
     mlp_backward(dx, g.sg, g.su, g.sd, dout, x, c.shared.g.data(), c.shared.u.data(), c.shared.a.data(), w.sg, w.su,
                  w.sd, N, d, S, s.mlp);
@@ -108,7 +160,7 @@ void moe_backward(T* dx, const MoeGrads<T>& g, const T* dout, const T* x, const 
   s.dxp.resize(c.perm.pairs() * d);
   s.dweight.resize(N * cfg.K());
   combine_backward(s.dyp.data(), s.dweight.data(), dout, c.yp.data(), c.routing.weight.data(), c.perm, d);
-  experts_backward(s.dxp.data(), g, s.dyp.data(), c.xp.data(), c.experts, w, c.perm, d, F, s.mlp);
+  experts.backward(layer, c.perm, s.dyp.data(), s.dxp.data());
   // dispatch^T = combine (scatter-add) of the gradient
   dispatch_backward(dx, s.dxp.data(), c.perm, d);
   // router

@@ -34,8 +34,23 @@ const TensorInfo& ParamLayout::at(const std::string& name) const {
   return tensors_[it->second];
 }
 
-ParamLayout ParamLayout::build(const ModelConfig& c) {
+bool ParamLayout::is_expert_tensor(const std::string& name) { return name.find(".mlp.experts.") != std::string::npos; }
+
+std::pair<size_t, size_t> ParamLayout::expert_region(int l) const {
+  if (expert_end_ <= expert_begin_) return {0, 0};
+  const auto& first = at(expert(l, expert_begin_, "gate_proj"));
+  const auto& last = at(expert(l, expert_end_ - 1, "down_proj"));
+  return {first.offset, last.offset + last.numel};
+}
+
+ParamLayout ParamLayout::build(const ModelConfig& c, int expert_begin, int expert_end) {
+  if (expert_end < 0) expert_end = c.E();
+  if (expert_begin < 0 || expert_begin > expert_end || expert_end > c.E())
+    throw Error("expert range [" + std::to_string(expert_begin) + ", " + std::to_string(expert_end) +
+                ") is not inside [0, " + std::to_string(c.E()) + ")");
   ParamLayout p;
+  p.expert_begin_ = expert_begin;
+  p.expert_end_ = expert_end;
   const int64_t V = c.vocab_size, d = c.hidden_size, q = int64_t(c.H()) * c.hd(), kv = int64_t(c.Hkv()) * c.hd();
   p.add("model.embed_tokens.weight", {V, d}, true);
   for (int l = 0; l < c.num_hidden_layers; ++l) {
@@ -53,7 +68,7 @@ ParamLayout ParamLayout::build(const ModelConfig& c) {
     } else {
       const int64_t F = c.F();
       p.add(layer(l, "mlp.gate.weight"), {c.E(), d}, true);
-      for (int e = 0; e < c.E(); ++e) {
+      for (int e = expert_begin; e < expert_end; ++e) {
         p.add(expert(l, e, "gate_proj"), {F, d}, true);
         p.add(expert(l, e, "up_proj"), {F, d}, true);
         p.add(expert(l, e, "down_proj"), {d, F}, true);

@@ -22,8 +22,18 @@ struct TensorInfo {
 
 class ParamLayout {
  public:
-  // All trainable tensors of the model, in a fixed canonical order.
-  static ParamLayout build(const ModelConfig& cfg);
+  // All trainable tensors of the model, in a fixed canonical order. With an expert
+  // range [expert_begin, expert_end) only those routed experts are included (the
+  // shard of one expert-parallel rank); -1 = all experts.
+  static ParamLayout build(const ModelConfig& cfg, int expert_begin = 0, int expert_end = -1);
+
+  int expert_begin() const { return expert_begin_; }
+  int expert_end() const { return expert_end_; }
+  bool all_experts(const ModelConfig& cfg) const { return expert_begin_ == 0 && expert_end_ == cfg.E(); }
+  // Flat range [begin, end) holding this layout's routed experts of layer l.
+  std::pair<size_t, size_t> expert_region(int l) const;
+  // True for tensors of routed experts (model.layers.*.mlp.experts.*).
+  static bool is_expert_tensor(const std::string& name);
 
   const std::vector<TensorInfo>& tensors() const { return tensors_; }
   size_t total() const { return total_; }
@@ -42,6 +52,7 @@ class ParamLayout {
   std::vector<TensorInfo> tensors_;
   std::unordered_map<std::string, size_t> index_;
   size_t total_ = 0;
+  int expert_begin_ = 0, expert_end_ = 0;
 };
 
 }  // namespace moetune

@@ -225,22 +225,30 @@ TEST_P(MoeLayerGrad, AllInputsAndWeights) {
   bias[1] = 0.03f;
   MoeWeights<double> w;
   w.gate = gate.data();
-  for (int e = 0; e < E; ++e) {
-    w.wg.push_back(wg[e].data());
-    w.wu.push_back(wu[e].data());
-    w.wd.push_back(wd[e].data());
-  }
   if (Sh > 0) {
     w.sg = sg.data();
     w.su = su.data();
     w.sd = sd.data();
   }
+  std::vector<std::vector<double>> dwg(E, std::vector<double>(F * d, 0.0)), dwu = dwg, dwd = dwg;
+  LocalExpertStage<double> stage(d, F, [&](int) {
+    ExpertViews<double> v;
+    for (int e = 0; e < E; ++e) {
+      v.wg.push_back(wg[e].data());
+      v.wu.push_back(wu[e].data());
+      v.wd.push_back(wd[e].data());
+      v.dwg.push_back(dwg[e].data());
+      v.dwu.push_back(dwu[e].data());
+      v.dwd.push_back(dwd[e].data());
+    }
+    return v;
+  });
   const BalanceScales sc{cfg.aux_loss_coeff, cfg.seq_aux_loss_coeff / rows, cfg.z_loss_coeff};
   std::vector<double> out(N * d);
   MoeCache<double> cache;
   std::vector<int32_t> idx0;
   auto f = [&] {
-    moe_forward(out.data(), cache, x.data(), w, bias.data(), cfg, rows, S, sc);
+    moe_forward(out.data(), cache, x.data(), w, stage, 0, bias.data(), cfg, rows, S, sc);
     if (idx0.empty()) idx0 = cache.routing.idx;
     EXPECT_EQ(cache.routing.idx, idx0);
     return dot(out, R) + cache.losses.aux + cache.losses.seq + cache.losses.z;
@@ -248,19 +256,13 @@ TEST_P(MoeLayerGrad, AllInputsAndWeights) {
   f();
   std::vector<double> dx(N * d, 0.0), dgate(E * d, 0.0);
   MoeScratch<double> scratch;
-  std::vector<std::vector<double>> dwg(E, std::vector<double>(F * d, 0.0)), dwu = dwg, dwd = dwg;
   std::vector<double> dsg(sg.size(), 0.0), dsu(su.size(), 0.0), dsd(sd.size(), 0.0);
   MoeGrads<double> g;
   g.gate = dgate.data();
-  for (int e = 0; e < E; ++e) {
-    g.wg.push_back(dwg[e].data());
-    g.wu.push_back(dwu[e].data());
-    g.wd.push_back(dwd[e].data());
-  }
   g.sg = dsg.data();
   g.su = dsu.data();
   g.sd = dsd.data();
-  moe_backward(dx.data(), g, R.data(), x.data(), w, cache, cfg, rows, S, sc, scratch);
+  moe_backward(dx.data(), g, R.data(), x.data(), w, stage, 0, cache, cfg, rows, S, sc, scratch);
   if (cfg.capacity_factor > 0) EXPECT_GT(cache.routing.dropped, 0) << "the capacity case must drop pairs";
   EXPECT_LT(check_grad(f, x, dx, 100), 1e-5);
   EXPECT_LT(check_grad(f, gate, dgate, 100), 1e-5);
