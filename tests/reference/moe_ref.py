@@ -1,0 +1,672 @@
+"""PyTorch (float64) reference of the moetune model: MODEL.md sections 1-5 and 8.
+
+Written to be read, not to be fast: every formula of the spec appears once, in the
+order the spec gives it, and autograd provides the gradients. The C++ implementation
+is tested against fixtures produced from this file (see make_fixture.py, README.md).
+
+Shapes in comments: R rows, S seq_len, T = R*S tokens of a micro-batch, d hidden,
+H / H_kv heads, hd head_dim, V vocab, E experts, K experts per token, G groups.
+Parameters are a dict {Hugging Face name: float64 tensor}; the aux-loss-free routing
+biases are a dict {bias name: float64 tensor holding float32 values} (no gradient).
+"""
+import math
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+DTYPE = torch.float64
+
+
+# ----------------------------------------------------------------------------------
+# 1. Configuration
+# ----------------------------------------------------------------------------------
+
+@dataclass
+class Config:
+    """config.json keys of MODEL.md section 1 (-1 = derived, resolved by from_dict)."""
+    vocab_size: int = 512
+    hidden_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = -1      # -> num_attention_heads
+    head_dim: int = -1                 # -> hidden_size // num_attention_heads
+    max_position_embeddings: int = 256
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    first_k_dense_replace: int = 1
+    intermediate_size: int = -1        # -> 4 * hidden_size
+    n_routed_experts: int = 8
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = -1    # -> hidden_size
+    n_shared_experts: int = 1
+    scoring_func: str = "sigmoid"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    topk_method: str = "noaux_tc"
+    bias_update_rate: float = 1e-3
+    aux_loss_coeff: float = 0.0
+    seq_aux_loss_coeff: float = 1e-4
+    z_loss_coeff: float = 0.0
+    capacity_factor: float = 0.0
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+
+    # Keys Hugging Face config files carry that mean nothing to the model.
+    IGNORED_KEYS = ("model_type", "architectures", "torch_dtype", "transformers_version",
+                    "_name_or_path", "moetune_version")
+
+    @classmethod
+    def from_dict(cls, d, where="config"):
+        c = cls()
+        types = {f.name: f.type for f in fields(cls)}
+        for key, value in d.items():
+            if key in cls.IGNORED_KEYS:
+                continue
+            if key not in types:
+                raise ValueError(f"{where}: key '{key}': unknown model config key")
+            want = types[key]
+            ok = {int: isinstance(value, int) and not isinstance(value, bool),
+                  float: isinstance(value, (int, float)) and not isinstance(value, bool),
+                  bool: isinstance(value, bool),
+                  str: isinstance(value, str)}[want]
+            if not ok:
+                raise ValueError(f"{where}: key '{key}': expected {want.__name__}, got {value!r}")
+            setattr(c, key, want(value))
+        if c.num_key_value_heads == -1:
+            c.num_key_value_heads = c.num_attention_heads
+        if c.head_dim == -1:
+            c.head_dim = c.hidden_size // c.num_attention_heads
+        if c.intermediate_size == -1:
+            c.intermediate_size = 4 * c.hidden_size
+        if c.moe_intermediate_size == -1:
+            c.moe_intermediate_size = c.hidden_size
+        c.validate(where)
+        return c
+
+    def to_dict(self):
+        d = {"model_type": "moetune_moe"}
+        d.update({f.name: getattr(self, f.name) for f in fields(self)})
+        return d
+
+    def validate(self, where="config"):
+        def bad(key, msg):
+            raise ValueError(f"{where}: key '{key}': {msg}")
+        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "head_dim", "max_position_embeddings", "intermediate_size",
+                    "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "n_group", "topk_group"):
+            if getattr(self, key) <= 0:
+                bad(key, "must be positive")
+        if self.head_dim % 2:
+            bad("head_dim", "must be even for RoPE")
+        if self.num_attention_heads % self.num_key_value_heads:
+            bad("num_key_value_heads", "must divide num_attention_heads")
+        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
+            bad("first_k_dense_replace", "must be in [0, num_hidden_layers]")
+        if self.n_shared_experts < 0:
+            bad("n_shared_experts", "must be >= 0")
+        if self.scoring_func not in ("softmax", "sigmoid"):
+            bad("scoring_func", "must be softmax or sigmoid")
+        if self.topk_method not in ("greedy", "noaux_tc"):
+            bad("topk_method", "must be greedy or noaux_tc")
+        if self.num_experts_per_tok > self.n_routed_experts:
+            bad("num_experts_per_tok", "exceeds n_routed_experts")
+        if self.n_routed_experts % self.n_group:
+            bad("n_group", "must divide n_routed_experts")
+        if self.topk_group > self.n_group:
+            bad("topk_group", "exceeds n_group")
+        if self.num_experts_per_tok > self.topk_group * (self.n_routed_experts // self.n_group):
+            bad("num_experts_per_tok", "exceeds the experts selectable in topk_group groups")
+        for key in ("rope_theta", "rms_norm_eps", "routed_scaling_factor", "initializer_range"):
+            if not getattr(self, key) > 0:
+                bad(key, "must be positive")
+        for key in ("bias_update_rate", "aux_loss_coeff", "seq_aux_loss_coeff", "z_loss_coeff", "capacity_factor"):
+            if getattr(self, key) < 0:
+                bad(key, "must be >= 0")
+
+    def is_moe_layer(self, l):
+        return l >= self.first_k_dense_replace
+
+    def moe_layers(self):
+        return [l for l in range(self.num_hidden_layers) if self.is_moe_layer(l)]
+
+
+# ----------------------------------------------------------------------------------
+# Parameter names and shapes (MODEL.md section 7), in the canonical order of moe/params.cpp
+# ----------------------------------------------------------------------------------
+
+def layer_name(l, rest):
+    return f"model.layers.{l}.{rest}"
+
+
+def bias_name(l):
+    return layer_name(l, "mlp.gate.e_score_correction_bias")
+
+
+def param_shapes(cfg):
+    """[(name, shape)] of every trainable tensor. Biases are not parameters (see bias_shapes)."""
+    V, d, hd = cfg.vocab_size, cfg.hidden_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    out = [("model.embed_tokens.weight", (V, d))]
+    for l in range(cfg.num_hidden_layers):
+        out += [(layer_name(l, "input_layernorm.weight"), (d,)),
+                (layer_name(l, "self_attn.q_proj.weight"), (q, d)),
+                (layer_name(l, "self_attn.k_proj.weight"), (kv, d)),
+                (layer_name(l, "self_attn.v_proj.weight"), (kv, d)),
+                (layer_name(l, "self_attn.o_proj.weight"), (d, q)),
+                (layer_name(l, "post_attention_layernorm.weight"), (d,))]
+        if not cfg.is_moe_layer(l):
+            I = cfg.intermediate_size
+            out += [(layer_name(l, "mlp.gate_proj.weight"), (I, d)),
+                    (layer_name(l, "mlp.up_proj.weight"), (I, d)),
+                    (layer_name(l, "mlp.down_proj.weight"), (d, I))]
+            continue
+        Fm = cfg.moe_intermediate_size
+        out.append((layer_name(l, "mlp.gate.weight"), (cfg.n_routed_experts, d)))
+        for e in range(cfg.n_routed_experts):
+            out += [(layer_name(l, f"mlp.experts.{e}.gate_proj.weight"), (Fm, d)),
+                    (layer_name(l, f"mlp.experts.{e}.up_proj.weight"), (Fm, d)),
+                    (layer_name(l, f"mlp.experts.{e}.down_proj.weight"), (d, Fm))]
+        if cfg.n_shared_experts > 0:
+            Sw = cfg.n_shared_experts * Fm
+            out += [(layer_name(l, "mlp.shared_experts.gate_proj.weight"), (Sw, d)),
+                    (layer_name(l, "mlp.shared_experts.up_proj.weight"), (Sw, d)),
+                    (layer_name(l, "mlp.shared_experts.down_proj.weight"), (d, Sw))]
+    out.append(("model.norm.weight", (d,)))
+    if not cfg.tie_word_embeddings:
+        out.append(("lm_head.weight", (V, d)))
+    return out
+
+
+def bias_shapes(cfg):
+    return [(bias_name(l), (cfg.n_routed_experts,)) for l in cfg.moe_layers()]
+
+
+def lm_head_weight(cfg, params):
+    return params["model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"]
+
+
+def split_checkpoint(cfg, tensors, where="checkpoint"):
+    """{name: tensor} of a checkpoint -> (params, biases) as float64, checking names and shapes."""
+    expected = dict(param_shapes(cfg) + bias_shapes(cfg))
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing:
+        raise ValueError(f"{where}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if extra:
+        raise ValueError(f"{where}: unexpected tensors {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != tuple(shape):
+            raise ValueError(f"{where}: tensor '{name}' has shape {tuple(tensors[name].shape)}, expected {shape}")
+    params = {n: tensors[n].to(DTYPE).clone() for n, _ in param_shapes(cfg)}
+    # Biases are fp32 by contract (MODEL.md section 4): keep float32 values in float64 tensors.
+    biases = {n: tensors[n].to(torch.float32).to(DTYPE).clone() for n, _ in bias_shapes(cfg)}
+    return params, biases
+
+
+# ----------------------------------------------------------------------------------
+# Batches (MODEL.md sections 3 and 8.6)
+# ----------------------------------------------------------------------------------
+
+@dataclass
+class MicroBatch:
+    """`rows` rows of `seq_len` tokens; flat row-major lists of length rows*seq_len."""
+    rows: int
+    seq_len: int
+    input_ids: torch.Tensor   # (T,) int64
+    labels: torch.Tensor      # (T,) int64, -100 = ignored
+    doc_ids: torch.Tensor     # (T,) int64; a document is a maximal run of equal doc_id in a row
+
+    @classmethod
+    def from_dict(cls, d, cfg, where="micro-batch"):
+        for key in ("rows", "seq_len", "input_ids", "labels"):
+            if key not in d:
+                raise ValueError(f"{where}: missing key '{key}'")
+        R, S = d["rows"], d["seq_len"]
+        T = R * S
+        if R <= 0 or S <= 0:
+            raise ValueError(f"{where}: rows and seq_len must be positive")
+        if S > cfg.max_position_embeddings:
+            raise ValueError(f"{where}: seq_len {S} exceeds max_position_embeddings {cfg.max_position_embeddings}")
+        doc_ids = d.get("doc_ids", [0] * T)
+        for key, values in (("input_ids", d["input_ids"]), ("labels", d["labels"]), ("doc_ids", doc_ids)):
+            if len(values) != T:
+                raise ValueError(f"{where}: '{key}' has {len(values)} entries, expected rows*seq_len = {T}")
+        if not all(0 <= x < cfg.vocab_size for x in d["input_ids"]):
+            raise ValueError(f"{where}: 'input_ids' out of [0, vocab_size)")
+        if not all(x == IGNORE_INDEX or 0 <= x < cfg.vocab_size for x in d["labels"]):
+            raise ValueError(f"{where}: 'labels' must be -100 or in [0, vocab_size)")
+        # Documents must be contiguous: a doc id may not come back after another one in the
+        # same row. Then "same doc id" and "same document run" mean the same thing.
+        for r in range(R):
+            row = doc_ids[r * S:(r + 1) * S]
+            seen = set()
+            for t in range(S):
+                if t > 0 and row[t] != row[t - 1] and row[t] in seen:
+                    raise ValueError(f"{where}: row {r}: doc id {row[t]} reappears at position {t}")
+                seen.add(row[t])
+        as_long = lambda v: torch.tensor(v, dtype=torch.long)
+        return cls(R, S, as_long(d["input_ids"]), as_long(d["labels"]), as_long(doc_ids))
+
+    @property
+    def tokens(self):
+        return self.rows * self.seq_len
+
+    def targets(self):
+        """(T,) target of flat position i = (r, t): labels[i+1] if t+1 < S and the next token
+        belongs to the same document, else -100."""
+        S = self.seq_len
+        tgt = torch.full((self.tokens,), IGNORE_INDEX, dtype=torch.long)
+        for i in range(self.tokens):
+            if (i % S) + 1 < S and self.doc_ids[i + 1] == self.doc_ids[i]:
+                tgt[i] = self.labels[i + 1]
+        return tgt
+
+    def positions(self):
+        """(R, S) RoPE positions: t minus the start of the token's document run in its row."""
+        doc = self.doc_ids.view(self.rows, self.seq_len)
+        pos = torch.zeros(self.rows, self.seq_len, dtype=torch.long)
+        for r in range(self.rows):
+            start = 0
+            for t in range(self.seq_len):
+                if t > 0 and doc[r, t] != doc[r, t - 1]:
+                    start = t
+                pos[r, t] = t - start
+        return pos
+
+    def attention_mask(self):
+        """(R, S, S) bool: query i may attend key j iff j <= i and both are in the same document."""
+        doc = self.doc_ids.view(self.rows, self.seq_len)
+        causal = torch.ones(self.seq_len, self.seq_len, dtype=torch.bool).tril()
+        same_doc = doc[:, :, None] == doc[:, None, :]
+        return causal[None] & same_doc
+
+
+# ----------------------------------------------------------------------------------
+# 2. Forward pass: building blocks
+# ----------------------------------------------------------------------------------
+
+def rms_norm(u, w, eps):
+    """u (..., d), w (d): u / sqrt(mean(u^2) + eps) * w."""
+    return u / torch.sqrt(u.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def rotate_half(x):
+    """(..., hd): [x1, x2] -> [-x2, x1] on the two halves of the last dimension."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_cos_sin(positions, hd, theta):
+    """positions (R, S) -> cos, sin (R, 1, S, hd), HF Llama: inv_freq_i = theta^(-2i/hd)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=DTYPE) / hd))   # (hd/2,)
+    angles = positions.to(DTYPE)[..., None] * inv_freq                         # (R, S, hd/2)
+    emb = torch.cat((angles, angles), dim=-1)                                    # (R, S, hd)
+    return emb.cos()[:, None], emb.sin()[:, None]
+
+
+def attention(cfg, params, l, a, mb):
+    """a (R, S, d) normalised input -> (R, S, d). GQA: query head h uses kv head h // (H/H_kv)."""
+    R, S, _ = a.shape
+    H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    W = lambda name: params[layer_name(l, f"self_attn.{name}.weight")]
+    q = (a @ W("q_proj").T).view(R, S, H, hd).transpose(1, 2)      # (R, H, S, hd)
+    k = (a @ W("k_proj").T).view(R, S, Hkv, hd).transpose(1, 2)    # (R, Hkv, S, hd)
+    v = (a @ W("v_proj").T).view(R, S, Hkv, hd).transpose(1, 2)    # (R, Hkv, S, hd)
+
+    cos, sin = rope_cos_sin(mb.positions(), hd, cfg.rope_theta)
+    q = q * cos + rotate_half(q) * sin
+    k = k * cos + rotate_half(k) * sin
+
+    k = k.repeat_interleave(H // Hkv, dim=1)                        # (R, H, S, hd)
+    v = v.repeat_interleave(H // Hkv, dim=1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(hd)                # (R, H, S, S)
+    scores = scores.masked_fill(~mb.attention_mask()[:, None], float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ v                          # (R, H, S, hd)
+    out = out.transpose(1, 2).reshape(R, S, H * hd)
+    return out @ W("o_proj").T
+
+
+def swiglu(u, gate, up, down):
+    """u (N, d), gate/up (I, d), down (d, I): down(silu(gate(u)) * up(u))."""
+    return (F.silu(u @ gate.T) * (u @ up.T)) @ down.T
+
+
+def mlp(params, prefix, u):
+    """SwiGLU MLP whose weights are <prefix>.{gate,up,down}_proj.weight."""
+    return swiglu(u, params[f"{prefix}.gate_proj.weight"], params[f"{prefix}.up_proj.weight"],
+                  params[f"{prefix}.down_proj.weight"])
+
+
+# ----------------------------------------------------------------------------------
+# 2. MoE gate (DeepSeek-V3), capacity, experts
+# ----------------------------------------------------------------------------------
+
+def descending_order(x):
+    """Indices sorting the last dim of x from largest to smallest; ties keep the lower index first."""
+    return torch.sort(-x, dim=-1, stable=True).indices
+
+
+def gap(sorted_desc, n):
+    """Smallest gap between the n-th and (n+1)-th largest values over all rows (inf if none)."""
+    if sorted_desc.shape[-1] <= n or sorted_desc.numel() == 0:
+        return math.inf
+    return (sorted_desc[..., n - 1] - sorted_desc[..., n]).min().item()
+
+
+@dataclass
+class Routing:
+    """What the gate of one MoE layer decided for the T tokens of one micro-batch."""
+    logits: torch.Tensor      # (T, E) router logits u Wg^T            (carries grad)
+    scores: torch.Tensor      # (T, E) s = softmax/sigmoid(logits)     (carries grad)
+    idx: torch.Tensor         # (T, K) selected experts, best first    (int64)
+    weights: torch.Tensor     # (T, K) combine weights w               (carries grad)
+    keep: torch.Tensor        # (T, K) bool, False = pair dropped by capacity
+    counts: torch.Tensor      # (E,) int64 pairs routed to each expert, before drops
+    margins: dict = field(default_factory=dict)  # {"topk"|"group"|"capacity": smallest gap}
+
+    @property
+    def dropped(self):
+        return int((~self.keep).sum())
+
+
+def route(cfg, logits, bias):
+    """logits (T, E), bias (E,) -> Routing without capacity (keep all)."""
+    T, E = logits.shape
+    K = cfg.num_experts_per_tok
+    s = torch.softmax(logits, dim=-1) if cfg.scoring_func == "softmax" else torch.sigmoid(logits)
+    # Selection is discrete: it uses the values of s, never its gradient.
+    sel = (s + bias if cfg.topk_method == "noaux_tc" else s).detach()     # (T, E)
+    margins = {}
+
+    if cfg.n_group > 1:
+        G = cfg.n_group
+        per_group = sel.view(T, G, E // G)                                 # (T, G, E/G)
+        if cfg.topk_method == "noaux_tc":
+            group_score = per_group.topk(min(2, E // G), dim=-1).values.sum(-1)   # (T, G)
+        else:
+            group_score = per_group.max(dim=-1).values                      # (T, G)
+        group_rank = descending_order(group_score)                          # (T, G)
+        keep_group = torch.zeros(T, G, dtype=torch.bool)
+        keep_group.scatter_(1, group_rank[:, :cfg.topk_group], True)
+        margins["group"] = gap(group_score.gather(1, group_rank), cfg.topk_group)
+        selectable = keep_group.repeat_interleave(E // G, dim=1)            # (T, E)
+        sel = sel.masked_fill(~selectable, float("-inf"))
+
+    order = descending_order(sel)                                           # (T, E)
+    idx = order[:, :K].contiguous()                                         # (T, K)
+    margins["topk"] = gap(sel.gather(1, order), K)
+
+    w = s.gather(1, idx)                                                    # (T, K)
+    if cfg.norm_topk_prob:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    w = w * cfg.routed_scaling_factor
+
+    counts = torch.bincount(idx.reshape(-1), minlength=E)
+    keep = torch.ones(T, K, dtype=torch.bool)
+    return Routing(logits, s, idx, w, keep, counts, margins)
+
+
+def expert_capacity(cfg, T):
+    """ceil(c * T * K / E), evaluated in double in this order."""
+    return math.ceil(cfg.capacity_factor * T * cfg.num_experts_per_tok / cfg.n_routed_experts)
+
+
+def apply_capacity(cfg, r):
+    """Drops pairs beyond each expert's capacity (MODEL.md 2, 8.4): per expert keep the
+    pairs with the highest s, ties to the lower flat token index (row*seq_len + pos)."""
+    if cfg.capacity_factor <= 0:
+        return
+    T = r.idx.shape[0]
+    cap = expert_capacity(cfg, T)
+    s = r.scores.detach()
+    margin = math.inf
+    for e in range(cfg.n_routed_experts):
+        tok, slot = (r.idx == e).nonzero(as_tuple=True)     # tokens in ascending order
+        if len(tok) <= cap:
+            continue
+        rank = descending_order(s[tok, e])                   # stable: lower token first on ties
+        r.keep[tok[rank[cap:]], slot[rank[cap:]]] = False
+        if cap > 0:
+            margin = min(margin, (s[tok[rank[cap - 1]], e] - s[tok[rank[cap]], e]).item())
+    r.margins["capacity"] = margin
+
+
+def moe_ffn(cfg, params, l, u, bias):
+    """u (T, d) -> y (T, d), Routing. y = sum_k w_k Expert_idx_k(u) + Shared(u)."""
+    logits = u @ params[layer_name(l, "mlp.gate.weight")].T                # (T, E)
+    r = route(cfg, logits, bias)
+    apply_capacity(cfg, r)
+
+    y = torch.zeros_like(u)
+    for e in range(cfg.n_routed_experts):
+        tok, slot = ((r.idx == e) & r.keep).nonzero(as_tuple=True)
+        if len(tok) == 0:
+            continue
+        out = mlp(params, layer_name(l, f"mlp.experts.{e}"), u[tok])        # (n_e, d)
+        y = y.index_add(0, tok, r.weights[tok, slot, None] * out)
+    if cfg.n_shared_experts > 0:
+        y = y + mlp(params, layer_name(l, "mlp.shared_experts"), u)
+    return y, r
+
+
+# ----------------------------------------------------------------------------------
+# 2. The whole model
+# ----------------------------------------------------------------------------------
+
+@dataclass
+class ForwardOut:
+    logits: torch.Tensor   # (T, V)
+    routings: list         # one Routing per MoE layer, in layer order
+
+
+def forward(cfg, params, biases, mb):
+    R, S, d = mb.rows, mb.seq_len, cfg.hidden_size
+    eps = cfg.rms_norm_eps
+    h = params["model.embed_tokens.weight"][mb.input_ids].view(R, S, d)
+    routings = []
+    for l in range(cfg.num_hidden_layers):
+        a = rms_norm(h, params[layer_name(l, "input_layernorm.weight")], eps)
+        h = h + attention(cfg, params, l, a, mb)
+        u = rms_norm(h, params[layer_name(l, "post_attention_layernorm.weight")], eps)
+        if cfg.is_moe_layer(l):
+            y, r = moe_ffn(cfg, params, l, u.reshape(R * S, d), biases[bias_name(l)])
+            h = h + y.view(R, S, d)
+            routings.append(r)
+        else:
+            h = h + mlp(params, layer_name(l, "mlp"), u)
+    hn = rms_norm(h, params["model.norm.weight"], eps).reshape(R * S, d)
+    return ForwardOut(hn @ lm_head_weight(cfg, params).T, routings)
+
+
+# ----------------------------------------------------------------------------------
+# 3. Losses
+# ----------------------------------------------------------------------------------
+
+def switch_aux_loss(cfg, r):
+    """One layer, one micro-batch: coeff * E * sum_i f_i P_i, f_i = n_i / (T K) (constant)."""
+    T, E = r.scores.shape
+    f = r.counts.to(DTYPE) / (T * cfg.num_experts_per_tok)          # no grad: from integer counts
+    p = r.scores / r.scores.sum(-1, keepdim=True)                     # s normalised over all E
+    return cfg.aux_loss_coeff * E * (f * p.mean(0)).sum()
+
+
+def seq_aux_loss_sum(cfg, r, rows, seq_len):
+    """One layer, one micro-batch: sum over its rows of coeff * sum_i f_i P_i,
+    f_i = E / (K T_s) * n_i (n_i counted in the row), P_i = mean_t s_ti / sum_j s_tj."""
+    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+    p = (r.scores / r.scores.sum(-1, keepdim=True)).view(rows, seq_len, E)
+    counts = F.one_hot(r.idx.reshape(rows, seq_len * K), E).sum(1).to(DTYPE)     # (rows, E)
+    f = E / (K * seq_len) * counts
+    return cfg.seq_aux_loss_coeff * (f * p.mean(1)).sum()
+
+
+def z_loss(cfg, r):
+    """One layer, one micro-batch: coeff * mean_t logsumexp(logits_t)^2."""
+    return cfg.z_loss_coeff * torch.logsumexp(r.logits, dim=-1).pow(2).mean()
+
+
+@dataclass
+class GlobalLoss:
+    ce: torch.Tensor
+    aux: torch.Tensor
+    seq_aux: torch.Tensor
+    z: torch.Tensor
+    forwards: list          # ForwardOut per micro-batch
+    n_targets: int
+
+    @property
+    def total(self):
+        return self.ce + self.aux + self.seq_aux + self.z
+
+    def expert_counts(self):
+        """[(E,) int64 per MoE layer]: pairs routed over the whole global batch, before drops."""
+        return [sum(f.routings[j].counts for f in self.forwards) for j in range(len(self.forwards[0].routings))]
+
+    def min_margins(self):
+        out = {}
+        for f in self.forwards:
+            for r in f.routings:
+                for k, v in r.margins.items():
+                    out[k] = min(out.get(k, math.inf), v)
+        return out
+
+
+def global_batch_loss(cfg, params, biases, micro_batches):
+    """All losses of MODEL.md section 3 over a global batch (list of MicroBatch)."""
+    zero = torch.zeros((), dtype=DTYPE)
+    ce_sum, n_targets = zero, 0
+    aux, seq_aux, z = zero, zero, zero
+    forwards = []
+    for mb in micro_batches:
+        out = forward(cfg, params, biases, mb)
+        forwards.append(out)
+        tgt = mb.targets()
+        ce_sum = ce_sum + F.cross_entropy(out.logits, tgt, ignore_index=IGNORE_INDEX, reduction="sum")
+        n_targets += int((tgt != IGNORE_INDEX).sum())
+        for r in out.routings:
+            aux = aux + switch_aux_loss(cfg, r)
+            seq_aux = seq_aux + seq_aux_loss_sum(cfg, r, mb.rows, mb.seq_len)
+            z = z + z_loss(cfg, r)
+    n_micro = len(micro_batches)
+    n_rows = sum(mb.rows for mb in micro_batches)
+    ce = ce_sum / n_targets if n_targets > 0 else zero
+    return GlobalLoss(ce, aux / n_micro, seq_aux / n_rows, z / n_micro, forwards, n_targets)
+
+
+# ----------------------------------------------------------------------------------
+# 4-5. Training step: clipping, AdamW, aux-loss-free bias update
+# ----------------------------------------------------------------------------------
+
+def make_optimizer(params, lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0):
+    """torch.optim.AdamW with weight decay on rank-2 tensors only (not RMSNorm weights)."""
+    decay = [p for p in params.values() if p.dim() == 2]
+    no_decay = [p for p in params.values() if p.dim() != 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), eps=eps, foreach=False)
+
+
+def clip_coefficient(norm, max_norm):
+    """clip_grad_norm_: min(1, max_norm / (norm + 1e-6)); max_norm <= 0 turns clipping off."""
+    return min(1.0, max_norm / (norm + 1e-6)) if max_norm > 0 else 1.0
+
+
+def compute_gradients(cfg, params, biases, micro_batches):
+    """Forward + backward of the total loss; every parameter gets a .grad (zero if unreached)."""
+    for p in params.values():
+        p.requires_grad_(True)
+        p.grad = None
+    loss = global_batch_loss(cfg, params, biases, micro_batches)
+    loss.total.backward()
+    for p in params.values():
+        if p.grad is None:          # e.g. an expert no token reached: zero, still decayed (8.7)
+            p.grad = torch.zeros_like(p)
+    return loss
+
+
+def global_grad_norm(params):
+    return math.sqrt(sum(float(p.grad.pow(2).sum()) for p in params.values()))
+
+
+def update_bias(cfg, biases, counts):
+    """b_i += rate * sign(mean(c) - c_i), stored as float32: b = float32(b + rate * sign)."""
+    if cfg.topk_method != "noaux_tc":
+        return
+    for l, c in zip(cfg.moe_layers(), counts):
+        c = c.to(DTYPE)
+        b = biases[bias_name(l)]
+        b.copy_((b + cfg.bias_update_rate * torch.sign(c.mean() - c)).to(torch.float32).to(DTYPE))
+
+
+@dataclass
+class StepResult:
+    loss: GlobalLoss
+    grad_norm: float        # before clipping
+    clip_coef: float
+
+
+def train_step(cfg, params, biases, optimizer, micro_batches, lr, max_grad_norm):
+    """One step as the trainer does it: gradients of the global-batch total loss, global-norm
+    clipping, AdamW at learning rate lr, then the bias update from this step's routing."""
+    loss = compute_gradients(cfg, params, biases, micro_batches)
+    norm = global_grad_norm(params)
+    coef = clip_coefficient(norm, max_grad_norm)
+    with torch.no_grad():
+        for p in params.values():
+            p.grad.mul_(coef)
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    optimizer.step()
+    update_bias(cfg, biases, loss.expert_counts())
+    return StepResult(loss, norm, coef)
+
+
+# ----------------------------------------------------------------------------------
+# Random initialisation, bit-compatible with moe/init.cpp (MODEL.md section 6)
+# ----------------------------------------------------------------------------------
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x):
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _fnv1a64(s):
+    h = 0xCBF29CE484222325
+    for ch in s.encode("utf-8"):
+        h = ((h ^ ch) * 0x100000001B3) & _MASK64
+    return h
+
+
+def counter_normal(seed, name, n):
+    """[N(0,1) for element 0..n-1 of tensor `name`]: the generator of moe/init.cpp
+    (splitmix64 of (seed, fnv1a64(name), index), Box-Muller on two 53-bit uniforms)."""
+    key = _splitmix64((seed ^ _splitmix64(_fnv1a64(name))) & _MASK64)
+    out = []
+    for i in range(n):
+        a = _splitmix64(key ^ _splitmix64(2 * i))
+        b = _splitmix64(key ^ _splitmix64(2 * i + 1))
+        u1 = 1.0 - (a >> 11) * (1.0 / 9007199254740992.0)
+        u2 = (b >> 11) * (1.0 / 9007199254740992.0)
+        out.append(math.sqrt(-2.0 * math.log(u1)) * math.cos(2.0 * math.pi * u2))
+    return out
+
+
+def init_params(cfg, seed):
+    """{name: float32 tensor}: matrices initializer_range * counter_normal, RMSNorm weights 1."""
+    params = {}
+    for name, shape in param_shapes(cfg):
+        if len(shape) == 1:
+            params[name] = torch.ones(shape, dtype=torch.float32)
+        else:
+            n = math.prod(shape)
+            vals = [cfg.initializer_range * x for x in counter_normal(seed, name, n)]
+            params[name] = torch.tensor(vals, dtype=DTYPE).to(torch.float32).view(shape)
+    return params

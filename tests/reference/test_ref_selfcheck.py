@@ -1,0 +1,574 @@
+#!/usr/bin/python3
+"""Self-checks of the PyTorch reference, independent of the C++ code.
+
+Autograd differentiates whatever forward it is given, so most checks here compare the
+vectorised reference with a second, deliberately naive implementation (explicit loops,
+Python sorting with explicit tie keys) or with invariances the spec implies (a document
+packed into a row gives the same logits as alone; GQA equals MHA with duplicated kv
+heads; tied equals untied with a copied head). Finite differences then check that the
+gradients are those of the forward (no stray detach, no in-place surprises).
+
+Run: /usr/bin/python3 tests/reference/test_ref_selfcheck.py [-v]
+"""
+import json
+import math
+import os
+import random
+import struct
+import subprocess
+import sys
+import tempfile
+import unittest
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIXTURES = os.path.join(HERE, "..", "fixtures")
+sys.path.insert(0, HERE)
+import moe_ref as ref  # noqa: E402
+from safetensors_io import (SafetensorsError, load_checkpoint_tensors, read_safetensors,  # noqa: E402
+                            write_safetensors)
+
+D = torch.float64
+# Seed of the fixture checkpoints (README.md): routing stays > 1e-4 away from ties with it.
+FIXTURE_SEED = 39
+
+
+def fixture_config(name, **overrides):
+    with open(os.path.join(FIXTURES, name, "config.json")) as f:
+        d = json.load(f)
+    d.update(overrides)
+    return ref.Config.from_dict(d, where=name)
+
+
+def fixture_batches(name, cfg):
+    with open(os.path.join(FIXTURES, name, "batch.json")) as f:
+        spec = json.load(f)
+    return [ref.MicroBatch.from_dict(m, cfg) for m in spec["micro_batches"]], spec
+
+
+def random_model(cfg, seed, bias_scale=0.0):
+    """float64 params N(0, initializer_range^2) (norms around 1, not exactly 1, so their
+    gradients are exercised too) and routing biases."""
+    g = torch.Generator().manual_seed(seed)
+    params = {}
+    for name, shape in ref.param_shapes(cfg):
+        if len(shape) == 1:
+            params[name] = 1.0 + 0.1 * torch.randn(shape, generator=g, dtype=D)
+        else:
+            params[name] = cfg.initializer_range * torch.randn(shape, generator=g, dtype=D)
+    biases = {n: (bias_scale * torch.randn(s, generator=g, dtype=D)).float().double()
+              for n, s in ref.bias_shapes(cfg)}
+    return params, biases
+
+
+def single_row(ids, docs, labels=None):
+    return {"rows": 1, "seq_len": len(ids), "input_ids": ids, "labels": labels or ids, "doc_ids": docs}
+
+
+# ------------------------------------------------------------------------------------------
+# Naive second implementations
+# ------------------------------------------------------------------------------------------
+
+def naive_route_token(cfg, s, b):
+    """s, b: lists of E floats -> (idx list, weight list), straight from MODEL.md section 2."""
+    E, K, G = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group
+    noaux = cfg.topk_method == "noaux_tc"
+    sel = [s[i] + b[i] if noaux else s[i] for i in range(E)]
+    allowed = list(range(E))
+    if G > 1:
+        gs = E // G
+        score = []
+        for g in range(G):
+            vals = sorted(sel[g * gs:(g + 1) * gs], reverse=True)
+            score.append(sum(vals[:min(2, gs)]) if noaux else vals[0])
+        kept = sorted(range(G), key=lambda g: (-score[g], g))[:cfg.topk_group]
+        allowed = [e for e in range(E) if e // gs in kept]
+    idx = sorted(allowed, key=lambda e: (-sel[e], e))[:K]
+    w = [s[e] for e in idx]
+    if cfg.norm_topk_prob:
+        tot = sum(w) + 1e-20
+        w = [x / tot for x in w]
+    return idx, [x * cfg.routed_scaling_factor for x in w]
+
+
+def naive_capacity_keep(cfg, s, idx):
+    """s: T x E lists, idx: T x K lists -> T x K bools."""
+    T, K, E = len(idx), cfg.num_experts_per_tok, cfg.n_routed_experts
+    cap = math.ceil(cfg.capacity_factor * T * K / E)
+    keep = [[True] * K for _ in range(T)]
+    for e in range(E):
+        pairs = [(t, k) for t in range(T) for k in range(K) if idx[t][k] == e]
+        pairs.sort(key=lambda tk: (-s[tk[0]][e], tk[0]))
+        for t, k in pairs[cap:]:
+            keep[t][k] = False
+    return keep
+
+
+def naive_attention(cfg, params, l, a, doc_ids):
+    """a: (R, S, d) tensor, doc_ids: (R, S) lists. Loops over rows, heads, queries, keys."""
+    R, S, _ = a.shape
+    H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    W = lambda n: params[ref.layer_name(l, f"self_attn.{n}.weight")]
+    q, k, v = a @ W("q_proj").T, a @ W("k_proj").T, a @ W("v_proj").T
+
+    def rope(x, pos):   # x: (hd,) -> rotated, pair (i, i + hd/2) by angle pos * theta^(-2i/hd)
+        y = x.clone()
+        for i in range(hd // 2):
+            ang = pos * cfg.rope_theta ** (-2.0 * i / hd)
+            c, s_ = math.cos(ang), math.sin(ang)
+            y[i] = x[i] * c - x[i + hd // 2] * s_
+            y[i + hd // 2] = x[i + hd // 2] * c + x[i] * s_
+        return y
+
+    out = torch.zeros(R, S, H * hd, dtype=D)
+    for r in range(R):
+        pos, start = [], 0
+        for t in range(S):
+            if t > 0 and doc_ids[r][t] != doc_ids[r][t - 1]:
+                start = t
+            pos.append(t - start)
+        for h in range(H):
+            kvh = h // (H // Hkv)
+            for i in range(S):
+                qi = rope(q[r, i, h * hd:(h + 1) * hd], pos[i])
+                keys = [j for j in range(i + 1) if doc_ids[r][j] == doc_ids[r][i]]
+                sc = torch.stack([qi @ rope(k[r, j, kvh * hd:(kvh + 1) * hd], pos[j]) for j in keys]) / math.sqrt(hd)
+                p = torch.softmax(sc, 0)
+                out[r, i, h * hd:(h + 1) * hd] = sum(p[n] * v[r, j, kvh * hd:(kvh + 1) * hd]
+                                                     for n, j in enumerate(keys))
+    return out @ W("o_proj").T
+
+
+# ------------------------------------------------------------------------------------------
+
+class SafetensorsTest(unittest.TestCase):
+    def setUp(self):
+        self.dir = tempfile.TemporaryDirectory()
+        self.path = os.path.join(self.dir.name, "t.safetensors")
+
+    def tearDown(self):
+        self.dir.cleanup()
+
+    def test_round_trip_f32_f64(self):
+        t = {"a": torch.arange(6, dtype=torch.float32).view(2, 3) / 7, "b": torch.randn(5, dtype=D),
+             "scalar": torch.tensor([3.5], dtype=D)}
+        write_safetensors(self.path, t, metadata={"k": "v"})
+        back, meta = read_safetensors(self.path, with_metadata=True)
+        self.assertEqual(meta, {"k": "v"})
+        for n in t:
+            self.assertEqual(back[n].dtype, t[n].dtype)
+            self.assertTrue(torch.equal(back[n], t[n]), n)
+
+    def test_header_bytes(self):
+        write_safetensors(self.path, {"x": torch.ones(2, dtype=torch.float32)})
+        with open(self.path, "rb") as f:
+            blob = f.read()
+        (n,) = struct.unpack("<Q", blob[:8])
+        self.assertEqual(n % 8, 0)
+        header = json.loads(blob[8:8 + n])
+        self.assertEqual(header["x"], {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]})
+        self.assertEqual(len(blob), 8 + n + 8)
+
+    def _write_raw(self, header, data):
+        h = json.dumps(header).encode()
+        with open(self.path, "wb") as f:
+            f.write(struct.pack("<Q", len(h)) + h + data)
+
+    def assert_rejected(self, header, data, fragment):
+        self._write_raw(header, data)
+        with self.assertRaises(SafetensorsError) as ctx:
+            read_safetensors(self.path)
+        self.assertIn(fragment, str(ctx.exception))
+
+    def test_rejects_bad_files(self):
+        ok = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+        self.assert_rejected({"x": dict(ok, dtype="BF16")}, bytes(8), "unsupported")
+        self.assert_rejected({"x": dict(ok, shape=[3])}, bytes(8), "needs 12")
+        self.assert_rejected({"x": dict(ok, data_offsets=[0, 16])}, bytes(8), "outside")
+        self.assert_rejected({"x": ok}, bytes(12), "cover 8 bytes")
+        self.assert_rejected({"x": ok, "y": ok}, bytes(8), "gap or overlap")
+        self.assert_rejected({"x": dict(ok, data_offsets=[4, 12])}, bytes(12), "gap or overlap")
+        with open(self.path, "wb") as f:
+            f.write(struct.pack("<Q", 1000) + b"{}")
+        with self.assertRaises(SafetensorsError):
+            read_safetensors(self.path)
+        with open(self.path, "wb") as f:
+            f.write(struct.pack("<Q", 3) + b"{x}")
+        with self.assertRaises(SafetensorsError):
+            read_safetensors(self.path)
+
+    def test_sharded_checkpoint(self):
+        a, b = torch.randn(3, dtype=D), torch.randn(2, 2, dtype=torch.float32)
+        write_safetensors(os.path.join(self.dir.name, "model-00001-of-00002.safetensors"), {"a": a})
+        write_safetensors(os.path.join(self.dir.name, "model-00002-of-00002.safetensors"), {"b": b})
+        index = {"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors",
+                                                "b": "model-00002-of-00002.safetensors"}}
+        with open(os.path.join(self.dir.name, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f)
+        t = load_checkpoint_tensors(self.dir.name)
+        self.assertTrue(torch.equal(t["a"], a) and torch.equal(t["b"], b))
+        index["weight_map"]["b"] = "model-00001-of-00002.safetensors"
+        with open(os.path.join(self.dir.name, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f)
+        with self.assertRaises(SafetensorsError):
+            load_checkpoint_tensors(self.dir.name)
+
+
+class BatchTest(unittest.TestCase):
+    def test_targets_positions_mask(self):
+        cfg = fixture_config("parity_sigmoid")
+        # row 0: docs [0,0,0,1,1], row 1: doc [5,5,5,5] + pad 7; labels hand-chosen.
+        mb = ref.MicroBatch.from_dict({
+            "rows": 2, "seq_len": 5,
+            "input_ids": [1, 2, 3, 4, 5, 6, 7, 8, 9, 0],
+            "labels": [-100, 2, 3, -100, 5, 6, -100, 8, 9, -100],
+            "doc_ids": [0, 0, 0, 1, 1, 5, 5, 5, 5, 7]}, cfg)
+        self.assertEqual(mb.targets().tolist(), [2, 3, -100, 5, -100, -100, 8, 9, -100, -100])
+        self.assertEqual(mb.positions().tolist(), [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]])
+        m = mb.attention_mask()
+        self.assertEqual(m[0, 4].tolist(), [False, False, False, True, True])
+        self.assertEqual(m[0, 2].tolist(), [True, True, True, False, False])
+        self.assertEqual(m[1, 4].tolist(), [False, False, False, False, True])
+
+    def test_rejects_bad_batches(self):
+        cfg = fixture_config("parity_sigmoid")
+        good = single_row([1, 2, 3, 4], [0, 0, 1, 1])
+        ref.MicroBatch.from_dict(good, cfg)
+        for bad in (dict(good, doc_ids=[0, 1, 0, 0]), dict(good, input_ids=[1, 2, 3]),
+                    dict(good, labels=[1, 2, 3, 999]), dict(good, input_ids=[1, 2, 3, -1])):
+            with self.assertRaises(ValueError):
+                ref.MicroBatch.from_dict(bad, cfg)
+
+    def test_config_rejects_unknown_and_invalid(self):
+        with self.assertRaises(ValueError):
+            fixture_config("parity_sigmoid", hidden_sizes=3)
+        with self.assertRaises(ValueError):
+            fixture_config("parity_sigmoid", n_group=3)
+        with self.assertRaises(ValueError):
+            fixture_config("parity_sigmoid", num_experts_per_tok=5)   # > topk_group * E / n_group
+
+
+class ForwardTest(unittest.TestCase):
+    def test_attention_matches_naive_loops(self):
+        for name in ("parity_sigmoid", "parity_softmax"):
+            cfg = fixture_config(name)
+            params, _ = random_model(cfg, 1)
+            mbs, _ = fixture_batches(name, cfg)
+            mb = mbs[0]
+            a = torch.randn(mb.rows, mb.seq_len, cfg.hidden_size, dtype=D)
+            got = ref.attention(cfg, params, 0, a, mb)
+            want = naive_attention(cfg, params, 0, a, mb.doc_ids.view(mb.rows, mb.seq_len).tolist())
+            self.assertTrue(torch.allclose(got, want, rtol=1e-12, atol=1e-14), name)
+
+    def test_gqa_equals_mha_with_repeated_kv_heads(self):
+        cfg = fixture_config("parity_sigmoid")   # H = 4, H_kv = 2
+        mha = fixture_config("parity_sigmoid", num_key_value_heads=4)
+        params, _ = random_model(cfg, 2)
+        p2 = dict(params)
+        hd = cfg.head_dim
+        for n in ("k_proj", "v_proj"):
+            w = params[ref.layer_name(0, f"self_attn.{n}.weight")].view(2, hd, -1)
+            p2[ref.layer_name(0, f"self_attn.{n}.weight")] = w.repeat_interleave(2, dim=0).reshape(4 * hd, -1)
+        mb = ref.MicroBatch.from_dict(single_row(list(range(1, 11)), [0] * 4 + [1] * 6), cfg)
+        a = torch.randn(1, 10, cfg.hidden_size, dtype=D)
+        self.assertTrue(torch.allclose(ref.attention(cfg, params, 0, a, mb), ref.attention(mha, p2, 0, a, mb),
+                                       rtol=1e-12, atol=1e-14))
+
+    def test_packed_document_equals_document_alone(self):
+        # Dropless routing is per token, so a document's logits cannot depend on its neighbours.
+        cfg = fixture_config("parity_sigmoid")
+        params, biases = random_model(cfg, 3, bias_scale=0.05)
+        doc = [5, 9, 2, 33, 7, 7, 1, 40, 12]
+        packed = ref.MicroBatch.from_dict(single_row([3, 4, 8, 1, 2] + doc + [0, 0], [0] * 5 + [1] * 9 + [2] * 2), cfg)
+        alone = ref.MicroBatch.from_dict(single_row(doc + [11] * 7, [0] * 9 + [1] * 7), cfg)
+        with torch.no_grad():
+            lp = ref.forward(cfg, params, biases, packed).logits[5:14]
+            la = ref.forward(cfg, params, biases, alone).logits[0:9]
+        self.assertTrue(torch.allclose(lp, la, rtol=1e-10, atol=1e-12))
+        # ... and it is the document mask that makes them equal: one doc id for the whole row
+        # lets the document see its neighbours. (Restarting RoPE positions alone changes
+        # nothing in exact arithmetic: RoPE scores depend only on i - j.)
+        merged = ref.MicroBatch.from_dict(single_row([3, 4, 8, 1, 2] + doc + [0, 0], [0] * 16), cfg)
+        with torch.no_grad():
+            lm = ref.forward(cfg, params, biases, merged).logits[5:14]
+        self.assertFalse(torch.allclose(lm, la, rtol=1e-6, atol=1e-8))
+
+    def test_tied_equals_untied_with_copied_head(self):
+        tied = fixture_config("parity_softmax")
+        untied = fixture_config("parity_softmax", tie_word_embeddings=False)
+        params, biases = random_model(tied, 4)
+        p2 = {n: p.clone() for n, p in params.items()}
+        p2["lm_head.weight"] = params["model.embed_tokens.weight"].clone()
+        mbs, _ = fixture_batches("parity_softmax", tied)
+        lt = ref.compute_gradients(tied, params, biases, mbs)
+        lu = ref.compute_gradients(untied, p2, biases, mbs)
+        self.assertAlmostEqual(float(lt.total), float(lu.total), delta=1e-12)
+        e = "model.embed_tokens.weight"
+        self.assertTrue(torch.allclose(params[e].grad, p2[e].grad + p2["lm_head.weight"].grad, atol=1e-13))
+
+    def test_routing_matches_naive_including_ties(self):
+        for name, bias_scale in (("parity_sigmoid", 0.05), ("parity_softmax", 0.0)):
+            for overrides in ({}, {"topk_method": "greedy"}, {"topk_method": "noaux_tc"},
+                              {"norm_topk_prob": True}, {"n_group": 1, "topk_group": 1},
+                              {"scoring_func": "softmax"}, {"scoring_func": "sigmoid"}):
+                cfg = fixture_config(name, **overrides)
+                g = torch.Generator().manual_seed(5)
+                T, E = 40, cfg.n_routed_experts
+                logits = torch.randn(T, E, generator=g, dtype=D)
+                # Exact ties: quantised logits, and some rows entirely equal.
+                logits[:10] = (logits[:10] * 2).round() / 2
+                logits[10:13] = 0.25
+                bias = torch.zeros(E, dtype=D) if bias_scale == 0 else \
+                    (bias_scale * torch.randn(E, generator=g, dtype=D)).float().double()
+                r = ref.route(cfg, logits, bias)
+                for t in range(T):
+                    idx, w = naive_route_token(cfg, r.scores[t].tolist(), bias.tolist())
+                    self.assertEqual(r.idx[t].tolist(), idx, (name, overrides, t))
+                    self.assertTrue(torch.allclose(r.weights[t], torch.tensor(w, dtype=D), rtol=1e-14))
+                self.assertEqual(r.counts.tolist(), [int((r.idx == e).sum()) for e in range(E)])
+
+    def test_group_score_is_top2_sum_under_noaux_tc_and_max_otherwise(self):
+        # E=8 in 2 groups; group 0 = [0.9, 0.1, 0.1, 0.1] (max 0.9, top-2 sum 1.0),
+        # group 1 = [0.6, 0.6, 0.0, 0.0] (max 0.6, top-2 sum 1.2).
+        s = torch.tensor([[0.9, 0.1, 0.1, 0.1, 0.6, 0.6, 0.0, 0.0]], dtype=D)
+        logits = torch.log(s / (1 - s))   # sigmoid(logits) = s
+        cfg = fixture_config("parity_sigmoid", topk_method="noaux_tc")
+        self.assertEqual(ref.route(cfg, logits, torch.zeros(8, dtype=D)).idx.tolist(), [[4, 5]])
+        cfg = fixture_config("parity_sigmoid", topk_method="greedy")
+        self.assertEqual(ref.route(cfg, logits, torch.zeros(8, dtype=D)).idx.tolist(), [[0, 1]])
+
+    def test_capacity_matches_naive(self):
+        cfg = fixture_config("parity_softmax")
+        g = torch.Generator().manual_seed(6)
+        T = 32
+        logits = torch.randn(T, cfg.n_routed_experts, generator=g, dtype=D)
+        logits[20:26] = logits[3]          # identical tokens: ties on s, broken by token index
+        logits[:, 0] += 1.0                 # overload expert 0
+        r = ref.route(cfg, logits, torch.zeros(cfg.n_routed_experts, dtype=D))
+        ref.apply_capacity(cfg, r)
+        want = naive_capacity_keep(cfg, r.scores.tolist(), r.idx.tolist())
+        self.assertEqual(r.keep.tolist(), want)
+        self.assertGreater(r.dropped, 0)
+        cap = ref.expert_capacity(cfg, T)
+        for e in range(cfg.n_routed_experts):
+            self.assertLessEqual(int(((r.idx == e) & r.keep).sum()), cap)
+        self.assertEqual(int(r.counts.sum()), T * cfg.num_experts_per_tok)   # counted before drops
+
+    def test_losses_match_naive_loops(self):
+        for name in ("parity_sigmoid", "parity_softmax"):
+            cfg = fixture_config(name)
+            params, biases = random_model(cfg, 7, bias_scale=0.05)
+            mbs, _ = fixture_batches(name, cfg)
+            E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+            with torch.no_grad():
+                loss = ref.global_batch_loss(cfg, params, biases, mbs)
+            ce_sum, n, aux, seq, z = 0.0, 0, 0.0, 0.0, 0.0
+            for mb, f in zip(mbs, loss.forwards):
+                tgt = mb.targets().tolist()
+                for i, y in enumerate(tgt):
+                    if y != -100:
+                        row = f.logits[i].tolist()
+                        m = max(row)
+                        ce_sum += m + math.log(sum(math.exp(x - m) for x in row)) - row[y]
+                        n += 1
+                T = mb.tokens
+                for r in f.routings:
+                    s, idx, lg = r.scores.tolist(), r.idx.tolist(), r.logits.tolist()
+                    cnt = [sum(row.count(e) for row in idx) for e in range(E)]
+                    P = [sum(s[t][e] / sum(s[t]) for t in range(T)) / T for e in range(E)]
+                    aux += cfg.aux_loss_coeff * E * sum(cnt[e] / (T * K) * P[e] for e in range(E))
+                    for row in range(mb.rows):
+                        toks = range(row * mb.seq_len, (row + 1) * mb.seq_len)
+                        c = [sum(idx[t].count(e) for t in toks) for e in range(E)]
+                        Pr = [sum(s[t][e] / sum(s[t]) for t in toks) / mb.seq_len for e in range(E)]
+                        seq += cfg.seq_aux_loss_coeff * sum(E / (K * mb.seq_len) * c[e] * Pr[e] for e in range(E))
+                    z += cfg.z_loss_coeff * sum(math.log(sum(math.exp(x) for x in lg[t])) ** 2 for t in range(T)) / T
+            nm, nr = len(mbs), sum(mb.rows for mb in mbs)
+            self.assertEqual(loss.n_targets, n)
+            self.assertAlmostEqual(float(loss.ce), ce_sum / n, delta=1e-12)
+            self.assertAlmostEqual(float(loss.aux), aux / nm, delta=1e-14)
+            self.assertAlmostEqual(float(loss.seq_aux), seq / nr, delta=1e-14)
+            self.assertAlmostEqual(float(loss.z), z / nm, delta=1e-14)
+            self.assertGreater(float(loss.aux) * float(loss.seq_aux) * float(loss.z), 0)
+
+    def test_balance_counts_carry_no_gradient(self):
+        cfg = fixture_config("parity_sigmoid")
+        params, biases = random_model(cfg, 8)
+        mbs, _ = fixture_batches("parity_sigmoid", cfg)
+        for p in params.values():
+            p.requires_grad_(True)
+        loss = ref.global_batch_loss(cfg, params, biases, mbs)
+        r = loss.forwards[0].routings[0]
+        self.assertFalse(r.counts.requires_grad)
+        self.assertFalse(r.idx.requires_grad)
+        self.assertTrue(r.scores.requires_grad and r.weights.requires_grad)
+        # d(aux)/d(scores) must be coeff * E * f_i / T / (sum_j s_j) terms only: check against
+        # a version that treats f as the constant it is.
+        s = r.scores.detach().requires_grad_(True)
+        r2 = ref.Routing(r.logits, s, r.idx, r.weights, r.keep, r.counts)
+        ref.switch_aux_loss(cfg, r2).backward()
+        T, E, K = s.shape[0], cfg.n_routed_experts, cfg.num_experts_per_tok
+        f = r.counts.to(D) / (T * K)
+        ssum = s.detach().sum(-1, keepdim=True)
+        want = cfg.aux_loss_coeff * E / T * (f / ssum - (f * s.detach()).sum(-1, keepdim=True) / ssum ** 2)
+        self.assertTrue(torch.allclose(s.grad, want, rtol=1e-12, atol=1e-18))
+
+    def test_no_targets_gives_zero_ce(self):
+        cfg = fixture_config("parity_softmax")
+        params, biases = random_model(cfg, 9)
+        mb = ref.MicroBatch.from_dict(single_row([1, 2, 3, 4], [0, 0, 0, 0], [-100] * 4), cfg)
+        loss = ref.compute_gradients(cfg, params, biases, [mb])
+        self.assertEqual(float(loss.ce), 0.0)
+        self.assertTrue(math.isfinite(float(loss.total)))
+
+
+class GradientTest(unittest.TestCase):
+    """Central finite differences of the total loss against autograd, a few elements of
+    every tensor, in float64. Routing is kept away from ties by checking its margins."""
+
+    def check(self, name, seed):
+        cfg = fixture_config(name)
+        params, biases = random_model(cfg, seed, bias_scale=0.05)
+        mbs, _ = fixture_batches(name, cfg)
+        loss = ref.compute_gradients(cfg, params, biases, mbs)
+        margins = loss.min_margins()
+        self.assertGreater(min(margins.values()), 1e-5, f"routing too close to a tie: {margins}")
+        grads = {n: p.grad.clone() for n, p in params.items()}
+        h = 1e-6
+        rng = random.Random(seed)
+
+        def total():
+            with torch.no_grad():
+                return float(ref.global_batch_loss(cfg, params, biases, mbs).total)
+
+        worst = 0.0
+        for n, p in params.items():
+            for _ in range(2):
+                i = rng.randrange(p.numel())
+                flat = p.data.view(-1)
+                old = float(flat[i])
+                flat[i] = old + h
+                up = total()
+                flat[i] = old - h
+                down = total()
+                flat[i] = old
+                fd, ad = (up - down) / (2 * h), float(grads[n].view(-1)[i])
+                err = abs(fd - ad) / max(1e-4, abs(ad))
+                worst = max(worst, err)
+                self.assertLess(err, 1e-5, f"{name} {n}[{i}]: autograd {ad:.10g}, finite difference {fd:.10g}")
+        return worst
+
+    def test_sigmoid_fixture_config(self):
+        self.check("parity_sigmoid", 10)
+
+    def test_softmax_fixture_config(self):
+        self.check("parity_softmax", 11)
+
+
+class TrainingTest(unittest.TestCase):
+    def test_optimizer_matches_adamw_formula(self):
+        g = torch.Generator().manual_seed(12)
+        params = {"w": torch.randn(3, 4, generator=g, dtype=D), "norm": torch.randn(4, generator=g, dtype=D)}
+        lr, b1, b2, eps, wd = 0.01, 0.9, 0.95, 1e-8, 0.1
+        opt = ref.make_optimizer(params, lr, b1, b2, eps, wd)
+        want = {n: p.clone() for n, p in params.items()}
+        m = {n: torch.zeros_like(p) for n, p in params.items()}
+        v = {n: torch.zeros_like(p) for n, p in params.items()}
+        for t in range(1, 4):
+            grads = {n: torch.randn(p.shape, generator=g, dtype=D) for n, p in params.items()}
+            for n, p in params.items():
+                p.grad = grads[n].clone()
+            opt.step()
+            for n in want:
+                decay = wd if want[n].dim() == 2 else 0.0
+                want[n] = want[n] * (1 - lr * decay)
+                m[n] = b1 * m[n] + (1 - b1) * grads[n]
+                v[n] = b2 * v[n] + (1 - b2) * grads[n] ** 2
+                want[n] = want[n] - lr * (m[n] / (1 - b1 ** t)) / ((v[n] / (1 - b2 ** t)).sqrt() + eps)
+        for n in want:
+            self.assertTrue(torch.allclose(params[n], want[n], rtol=1e-13, atol=1e-15), n)
+
+    def test_clip_matches_torch(self):
+        g = torch.Generator().manual_seed(13)
+        params = {"a": torch.randn(3, 3, generator=g, dtype=D), "b": torch.randn(5, generator=g, dtype=D)}
+        for p in params.values():
+            p.grad = torch.randn(p.shape, generator=g, dtype=D)
+        norm = ref.global_grad_norm(params)
+        clones = [p.grad.clone() for p in params.values()]
+        torch_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), 0.5)
+        self.assertAlmostEqual(norm, float(torch_norm), delta=1e-12)
+        coef = ref.clip_coefficient(norm, 0.5)
+        for c, p in zip(clones, params.values()):
+            self.assertTrue(torch.allclose(c * coef, p.grad, rtol=1e-14))
+        self.assertEqual(ref.clip_coefficient(norm, 0.0), 1.0)
+        self.assertEqual(ref.clip_coefficient(0.1, 1.0), 1.0)
+
+    def test_bias_update_sign_and_fp32(self):
+        cfg = fixture_config("parity_sigmoid")
+        l = cfg.moe_layers()[0]
+        biases = {ref.bias_name(l): torch.full((8,), 0.1, dtype=D).float().double()}
+        counts = [torch.tensor([4, 4, 0, 8, 4, 4, 6, 2])]    # mean 4
+        ref.update_bias(cfg, biases, counts)
+        b = biases[ref.bias_name(l)]
+        step = torch.tensor([0, 0, 1, -1, 0, 0, -1, 1], dtype=D) * cfg.bias_update_rate
+        want = (torch.tensor(0.1, dtype=torch.float32).double() + step).float().double()
+        self.assertTrue(torch.equal(b, want))
+        self.assertTrue(torch.equal(b, b.float().double()))
+        greedy = fixture_config("parity_softmax")
+        gb = {ref.bias_name(l2): torch.zeros(8, dtype=D) for l2 in greedy.moe_layers()}
+        ref.update_bias(greedy, gb, [torch.tensor([9, 0, 0, 0, 0, 0, 0, 7])] * 2)
+        self.assertTrue(all(float(b.abs().sum()) == 0 for b in gb.values()))   # greedy: no update
+
+
+class FixtureTest(unittest.TestCase):
+    """End to end: --make-ckpt, then make_fixture.py, then properties the fixtures promise."""
+
+    def run_fixture(self, name, seed):
+        tmp = tempfile.mkdtemp()
+        script = os.path.join(HERE, "make_fixture.py")
+        cfg_path = os.path.join(FIXTURES, name, "config.json")
+        subprocess.run([sys.executable, script, "--make-ckpt", tmp, "--config", cfg_path, "--seed", str(seed)],
+                       check=True, capture_output=True)
+        out = os.path.join(tmp, "out.safetensors")
+        subprocess.run([sys.executable, script, "--ckpt", tmp, "--batch", os.path.join(FIXTURES, name, "batch.json"),
+                        "--out", out], check=True, capture_output=True)
+        with open(cfg_path) as f:
+            cfg = ref.Config.from_dict(json.load(f))
+        return cfg, read_safetensors(out), os.path.getsize(out)
+
+    def check_common(self, cfg, t, size):
+        for key in ("loss.ce", "loss.aux", "loss.seq_aux", "loss.z", "loss.total", "min_margin"):
+            self.assertEqual(tuple(t[key].shape), (1,), key)
+        self.assertAlmostEqual(float(t["loss.total"]), float(t["loss.ce"] + t["loss.aux"] + t["loss.seq_aux"]
+                                                             + t["loss.z"]), delta=1e-14)
+        self.assertEqual(float(t["step1.loss"]), float(t["loss.ce"]))
+        self.assertLess(float(t["step3.loss"]), float(t["step1.loss"]))
+        self.assertGreater(float(t["min_margin"]), 1e-4)
+        for name, shape in ref.param_shapes(cfg):
+            self.assertEqual(tuple(t[f"grad.{name}"].shape), shape)
+            self.assertEqual(tuple(t[f"final.{name}"].shape), shape)
+        self.assertTrue(all(v.dtype == D for v in t.values()))
+        self.assertLess(size, 300 * 1024)
+
+    def test_parity_sigmoid(self):
+        cfg, t, size = self.run_fixture("parity_sigmoid", FIXTURE_SEED)
+        self.check_common(cfg, t, size)
+        self.assertIn("final.lm_head.weight", t)
+        self.assertEqual(float(t["dropped_pairs"]), 0.0)
+        self.assertGreater(float(t["step1.grad_norm"]), 0.5)   # clipping at 0.5 is active
+        b = t["final." + ref.bias_name(1)]
+        self.assertTrue(torch.equal(b, b.float().double()))
+        self.assertGreater(float(b.abs().sum()), 0)
+
+    def test_parity_softmax(self):
+        cfg, t, size = self.run_fixture("parity_softmax", FIXTURE_SEED)
+        self.check_common(cfg, t, size)
+        self.assertNotIn("final.lm_head.weight", t)
+        self.assertGreater(float(t["dropped_pairs"]), 0.0)
+        for l in cfg.moe_layers():
+            self.assertTrue(torch.equal(t["final." + ref.bias_name(l)], torch.zeros(8, dtype=D)))
+
+
+if __name__ == "__main__":
+    unittest.main()
