@@ -9,6 +9,8 @@
 #include <iostream>
 #include <nlohmann/json.hpp>
 
+#include "dist/collective.hpp"
+#include "dist/environment.hpp"
 #include "io/checkpoint.hpp"
 #include "moe/config.hpp"
 #include "moe/error.hpp"
@@ -50,6 +52,10 @@ ModelConfig model_config_from_any(const std::string& path, const std::vector<std
 }  // namespace
 
 int main(int argc, char** argv) {
+  // MPI is always initialised (a plain `moetune train` is a one-rank job; under
+  // mpirun every rank runs this same program).
+  dist::Environment env(&argc, &argv);
+  const int rank = dist::Environment::world_rank(), ranks = dist::Environment::world_size();
   CLI::App app{"moetune: full-parameter post-training of Mixture-of-Experts transformers on CPUs"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "moetune 0.1.0");
@@ -98,8 +104,13 @@ int main(int argc, char** argv) {
   // ---- help-config
   auto* keys = app.add_subcommand("config-keys", "Print every run-config key with its default and meaning");
 
-  CLI11_PARSE(app, argc, argv);
   try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return rank == 0 ? app.exit(e) : (e.get_exit_code() == 0 ? 0 : 1);
+  }
+  try {
+    if ((*init || *gen || *keys) && rank != 0) return 0;  // single-writer commands: rank 0 only
     if (*init) {
       std::ifstream probe(init_config);
       ModelConfig cfg = model_config_from_any(init_config, init_sets);
@@ -126,8 +137,14 @@ int main(int argc, char** argv) {
     } else if (*keys) {
       std::fputs(describe_config_keys().c_str(), stdout);
     }
+  } catch (const dist::CollectiveError& e) {
+    // Every rank failed the same way: one message, every rank exits 1.
+    std::fflush(stdout);
+    if (rank == 0) std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
   } catch (const std::exception& e) {
     std::fflush(stdout);
+    if (ranks > 1) dist::abort_job(e.what());  // other ranks may be inside a collective: end the job
     std::fprintf(stderr, "error: %s\n", e.what());
     return 1;
   }

@@ -304,9 +304,12 @@ void load_model_weights(const std::string& dir_in, const ModelConfig& cfg, const
   auto src = open_tensor_set(dir, "model");
   if (!src) throw Error(join(dir, "model.safetensors") + ": missing (no model.safetensors or index)");
 
-  // Check names and shapes of everything before reading a byte.
+  // Check names and shapes of everything before reading a byte. A layout with an
+  // expert range (one expert-parallel rank) reads its share; the file must still hold
+  // exactly the full model.
   std::unordered_set<std::string> expected;
-  for (const auto& t : layout.tensors()) {
+  const ParamLayout full = ParamLayout::build(cfg);
+  for (const auto& t : full.tensors()) {
     src->expect(t.name, t.shape);
     expected.insert(t.name);
   }
@@ -342,6 +345,12 @@ bool load_optimizer_state(const std::string& dir_in, const ParamLayout& layout, 
       src->expect(t.name + suffix, t.shape);
       expected.insert(t.name + suffix);
     }
+  // Moments of experts outside this layout's expert range belong to other ranks.
+  std::unordered_set<std::string> others;
+  for (const auto& n : src->names)
+    if (!expected.count(n) && ParamLayout::is_expert_tensor(n) && !layout.contains(n.substr(0, n.rfind(".exp_avg"))))
+      others.insert(n);
+  expected.insert(others.begin(), others.end());
   src->reject_unexpected(expected);
   for (const auto& f : src->files) {
     auto it = f.metadata().find("step");

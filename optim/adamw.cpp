@@ -36,6 +36,34 @@ AdamW<T>::AdamW(const ParamLayout& layout, AdamWConfig cfg)
 }
 
 template <class T>
+void adamw_update(T* p, const T* g, T* m, T* v, int64_t n, bool decay, const AdamWConfig& cfg, int64_t step,
+                  double lr) {
+  // Scalars in double (as Python computes them), then cast to T like torch does.
+  const double t = static_cast<double>(step);
+  const double bias_correction1 = 1.0 - std::pow(cfg.beta1, t);
+  const double bias_correction2 = 1.0 - std::pow(cfg.beta2, t);
+  const T neg_step_size = static_cast<T>(-(lr / bias_correction1));
+  const T bc2_sqrt = static_cast<T>(std::sqrt(bias_correction2));
+  const T mul = decay ? static_cast<T>(1.0 - lr * cfg.weight_decay) : T(1);
+  const T lerp_w = static_cast<T>(1.0 - cfg.beta1);
+  const T beta2 = static_cast<T>(cfg.beta2);
+  const T one_minus_beta2 = static_cast<T>(1.0 - cfg.beta2);
+  const T eps = static_cast<T>(cfg.eps);
+  // Elements are independent: the static split over threads changes nothing.
+#pragma omp parallel for simd schedule(static) if (n > 4096)
+  for (int64_t i = 0; i < n; ++i) {
+    const T gi = g[i];
+    const T pi = p[i] * mul;
+    const T mi = m[i] + lerp_w * (gi - m[i]);
+    const T vi = v[i] * beta2 + one_minus_beta2 * gi * gi;
+    const T denom = std::sqrt(vi) / bc2_sqrt + eps;
+    m[i] = mi;
+    v[i] = vi;
+    p[i] = pi + neg_step_size * mi / denom;
+  }
+}
+
+template <class T>
 void AdamW<T>::step(std::vector<T>& params, const std::vector<T>& grads, double lr) {
   const size_t n = layout_->total();
   if (params.size() != n || grads.size() != n || m_.size() != n || v_.size() != n)
@@ -43,48 +71,16 @@ void AdamW<T>::step(std::vector<T>& params, const std::vector<T>& grads, double 
                 std::to_string(grads.size()) + ", moments " + std::to_string(m_.size()) + "/" +
                 std::to_string(v_.size()) + ") do not match the layout (" + std::to_string(n) + ")");
   ++t_;
-  // Scalars in double (as Python computes them), then cast to T like torch does.
-  const double t = static_cast<double>(t_);
-  const double bias_correction1 = 1.0 - std::pow(cfg_.beta1, t);
-  const double bias_correction2 = 1.0 - std::pow(cfg_.beta2, t);
-  const T neg_step_size = static_cast<T>(-(lr / bias_correction1));
-  const T bc2_sqrt = static_cast<T>(std::sqrt(bias_correction2));
-  const T decay_mul = static_cast<T>(1.0 - lr * cfg_.weight_decay);
-  const T lerp_w = static_cast<T>(1.0 - cfg_.beta1);
-  const T beta2 = static_cast<T>(cfg_.beta2);
-  const T one_minus_beta2 = static_cast<T>(1.0 - cfg_.beta2);
-  const T eps = static_cast<T>(cfg_.eps);
-
-  const std::vector<TensorInfo>& tensors = layout_->tensors();
-  T* P = params.data();
-  const T* G = grads.data();
-  T* M = m_.data();
-  T* V = v_.data();
-  // One parallel region; each tensor's elements are split statically over the threads
-  // (nowait: elements are independent). Padding between tensors is never touched.
-#pragma omp parallel
-  {
-    for (const TensorInfo& ti : tensors) {
-      T* p = P + ti.offset;
-      const T* g = G + ti.offset;
-      T* m = M + ti.offset;
-      T* v = V + ti.offset;
-      const T mul = ti.decay ? decay_mul : T(1);
-      const int64_t len = static_cast<int64_t>(ti.numel);
-#pragma omp for simd schedule(static) nowait
-      for (int64_t i = 0; i < len; ++i) {
-        const T gi = g[i];
-        const T pi = p[i] * mul;
-        const T mi = m[i] + lerp_w * (gi - m[i]);
-        const T vi = v[i] * beta2 + one_minus_beta2 * gi * gi;
-        const T denom = std::sqrt(vi) / bc2_sqrt + eps;
-        m[i] = mi;
-        v[i] = vi;
-        p[i] = pi + neg_step_size * mi / denom;
-      }
-    }
-  }
+  // Padding between tensors is never touched.
+  for (const TensorInfo& ti : layout_->tensors())
+    adamw_update(params.data() + ti.offset, grads.data() + ti.offset, m_.data() + ti.offset, v_.data() + ti.offset,
+                 static_cast<int64_t>(ti.numel), ti.decay, cfg_, t_, lr);
 }
+
+template void adamw_update<float>(float*, const float*, float*, float*, int64_t, bool, const AdamWConfig&, int64_t,
+                                  double);
+template void adamw_update<double>(double*, const double*, double*, double*, int64_t, bool, const AdamWConfig&,
+                                   int64_t, double);
 
 template <class T>
 double global_grad_norm(const std::vector<T>& grads) {

@@ -42,6 +42,12 @@ class AdamW {
   int64_t t_ = 0;
 };
 
+// The per-element AdamW update of n contiguous elements at step `step` (>= 1): what
+// AdamW::step does to each tensor; ZeRO-1 applies it to a shard.
+template <class T>
+void adamw_update(T* p, const T* g, T* m, T* v, int64_t n, bool decay, const AdamWConfig& cfg, int64_t step,
+                  double lr);
+
 // L2 norm over all elements of grads (accumulated in double). Partial sums over fixed
 // chunks of the flat buffer are added in chunk order, so the result is bit-identical
 // for any number of OpenMP threads.

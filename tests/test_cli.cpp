@@ -76,7 +76,8 @@ TEST_F(Cli, InitTrainAndResumeFromInit) {
   EXPECT_NE(r.out.find("tok/s"), std::string::npos);
   EXPECT_NE(r.out.find("MFU"), std::string::npos);
   EXPECT_TRUE(fs::exists(dir / "run" / "metrics.jsonl"));
-  EXPECT_TRUE(fs::exists(dir / "run" / "step-00000002" / "optimizer.safetensors"));
+  EXPECT_TRUE(fs::exists(dir / "run" / "step-00000002" / "optimizer.safetensors.index.json"));
+  EXPECT_TRUE(fs::exists(dir / "run" / "step-00000002" / "model-00001-of-00005.safetensors"));
 }
 
 TEST_F(Cli, MalformedJsonlNamesFileAndLine) {

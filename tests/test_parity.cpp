@@ -33,6 +33,7 @@ struct Fixture {
   json optim;
   int steps = 3;
   std::string ckpt;
+  json initial_bias;  // optional: replaces the checkpoint's routing biases (name -> E floats)
   std::unique_ptr<SafetensorsReader> expected;
 };
 
@@ -54,6 +55,7 @@ Fixture load_fixture(const std::string& name) {
     f.batch.push_back(std::move(mb));
   }
   f.optim = b.at("optim");
+  if (b.contains("initial_bias")) f.initial_bias = b.at("initial_bias");
   f.steps = b.value("steps", 3);
   f.expected = std::make_unique<SafetensorsReader>((dir / "expected.safetensors").string());
   return f;
@@ -85,6 +87,11 @@ void check_fixture(const std::string& name, double tol_loss, double tol_tensor) 
   Fixture f = load_fixture(name);
   Model<T> model(f.cfg);
   load_model_weights(f.ckpt, f.cfg, model.layout(), model.params(), model.expert_bias());
+  for (int j = 0; j < f.cfg.num_moe_layers(); ++j) {
+    const std::string name = ParamLayout::bias_name(f.cfg.first_k_dense_replace + j);
+    if (f.initial_bias.is_object() && f.initial_bias.contains(name))
+      model.expert_bias()[j] = f.initial_bias.at(name).get<std::vector<float>>();
+  }
   ASSERT_GT(expected_scalar(f, "min_margin"), 1e-4) << "fixture routing is too close to a tie";
 
   // Logits of each micro-batch.

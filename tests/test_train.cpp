@@ -149,6 +149,6 @@ TEST(TrainLoop, TinyModelLearns) {
     ++lines;
   }
   EXPECT_EQ(lines, 60);
-  EXPECT_TRUE(fs::exists(fs::path(sum.final_checkpoint) / "model.safetensors"));
+  EXPECT_TRUE(fs::exists(fs::path(sum.final_checkpoint) / "model.safetensors.index.json"));
   fs::remove_all(dir);
 }

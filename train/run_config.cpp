@@ -115,6 +115,7 @@ const std::vector<KeyDef>& keys() {
   using D = DataConfig;
   using T = TrainConfig;
   using O = OptimConfig;
+  using P = ParallelConfig;
   static const std::vector<KeyDef> k = {
       key("data", &RunConfig::data, "train", &D::train_path,
           "training data, JSONL (docs/data.md); a relative path in a config file is relative to that file's "
@@ -149,8 +150,24 @@ const std::vector<KeyDef>& keys() {
       key("train", &RunConfig::train, "precision", &T::precision,
           "arithmetic of parameters, activations and optimizer state: \"float\" or \"double\"",
           one_of({"float", "double"})),
-      key("train", &RunConfig::train, "threads", &T::threads, "OpenMP threads; 0 = OpenMP's default",
+      key("train", &RunConfig::train, "threads", &T::threads, "OpenMP threads per rank; 0 = OpenMP's default",
           non_negative<int>()),
+      key("train", &RunConfig::train, "global_batch_size", &T::global_batch_size,
+          "rows per optimizer step over all ranks (a multiple of micro_batch_size * ranks); 0 = "
+          "micro_batch_size * grad_accum_steps * ranks. Set it to keep the same global batch at every layout",
+          non_negative<int64_t>()),
+      key("train", &RunConfig::train, "deterministic", &T::deterministic,
+          "sum gradients exactly (128-bit fixed point), so results are bit-identical for every (ranks, ep) "
+          "layout at the same threads per rank"),
+      key("parallel", &RunConfig::parallel, "ep", &P::ep,
+          "expert-parallel group size: divides the number of ranks and model.n_routed_experts; 1 = pure data "
+          "parallelism",
+          positive<int>()),
+      key("parallel", &RunConfig::parallel, "zero_stage", &P::zero_stage,
+          "1 = shard the AdamW moments of replicated tensors over the ranks that replicate them (ZeRO-1); 0 = off",
+          [](const int& v, const std::string& w, const std::string& k) {
+            if (v != 0 && v != 1) fail(w, k, "must be 0 or 1, got " + std::to_string(v));
+          }),
 
       key("optim", &RunConfig::optim, "lr", &O::lr, "peak learning rate (after warmup)", positive<double>()),
       key("optim", &RunConfig::optim, "beta1", &O::beta1, "AdamW beta1, in [0, 1)", half_open_unit),
@@ -183,7 +200,9 @@ const KeyDef* find_key(const std::string& section, const std::string& name) {
   return nullptr;
 }
 
-bool is_section(const std::string& s) { return s == "model" || s == "data" || s == "train" || s == "optim"; }
+bool is_section(const std::string& s) {
+  return s == "model" || s == "data" || s == "train" || s == "optim" || s == "parallel";
+}
 
 // ModelConfig names keys "<where>: key 'hidden_size': ..."; a run config names them
 // "model.hidden_size".
@@ -231,6 +250,15 @@ const std::vector<std::pair<std::string, std::string>>& model_help() {
 
 }  // namespace
 
+int TrainConfig::micro_batches(int ranks) const {
+  if (global_batch_size == 0) return grad_accum_steps * ranks;
+  if (global_batch_size % (int64_t(micro_batch_size) * ranks) != 0)
+    throw Error("key 'train.global_batch_size': " + std::to_string(global_batch_size) +
+                " rows must be a multiple of train.micro_batch_size (" + std::to_string(micro_batch_size) +
+                ") times the number of ranks (" + std::to_string(ranks) + ")");
+  return int(global_batch_size / micro_batch_size);
+}
+
 RunConfig RunConfig::from_file(const std::string& path) {
   std::ifstream in(path);
   if (!in) throw Error(path + ": cannot open file");
@@ -244,11 +272,11 @@ RunConfig RunConfig::from_file(const std::string& path) {
 }
 
 RunConfig RunConfig::from_json(const json& j, const std::string& where, const std::string& base_dir) {
-  if (!j.is_object()) throw Error(where + ": expected a JSON object with sections model, data, train, optim");
+  if (!j.is_object()) throw Error(where + ": expected a JSON object with sections model, data, train, optim, parallel");
   RunConfig c;
   for (auto sec = j.begin(); sec != j.end(); ++sec) {
     const std::string& s = sec.key();
-    if (!is_section(s)) fail(where, s, "unknown section (expected model, data, train or optim)");
+    if (!is_section(s)) fail(where, s, "unknown section (expected model, data, train, optim or parallel)");
     if (!sec.value().is_object()) fail(where, s, "expected a JSON object, got " + sec.value().dump());
     if (s == "model") {
       try {
@@ -282,7 +310,7 @@ void RunConfig::set(const std::string& assignment) {
   if (dot == std::string::npos) fail(where, dotted, "expected <section>.<key> (sections: model, data, train, optim)");
   const std::string section = dotted.substr(0, dot), name = dotted.substr(dot + 1);
   if (!is_section(section))
-    fail(where, dotted, "unknown section '" + section + "' (expected model, data, train or optim)");
+    fail(where, dotted, "unknown section '" + section + "' (expected model, data, train, optim or parallel)");
   if (section == "model") {
     ModelConfig m = model;  // leave *this untouched when the value is rejected
     try {
@@ -362,7 +390,8 @@ std::string describe_config_keys() {
       s << "\n[" << section << "]  "
         << (section == "data"    ? "training data and batch rows (docs/data.md)"
             : section == "train" ? "the training loop"
-                                 : "AdamW and the learning-rate schedule")
+            : section == "optim" ? "AdamW and the learning-rate schedule"
+                                 : "the process grid under mpirun (README: Running on several processes)")
         << "\n";
     }
     s << "  " << k.dotted() << " = " << k.write(defaults).dump() << "\n      " << k.help << "\n";

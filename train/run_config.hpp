@@ -25,6 +25,17 @@ struct TrainConfig {
   int64_t save_every = 0;           // checkpoint every N steps; 0 = no periodic checkpoints
   std::string precision = "float";  // "float" | "double"
   int threads = 0;                  // OpenMP threads; 0 = OpenMP's default
+  int64_t global_batch_size = 0;    // rows per optimizer step over all ranks; 0 = micro * accum * ranks
+  bool deterministic = true;        // layout-independent, bit-reproducible gradient sums
+
+  // Micro-batches in the global batch for `ranks` ranks (global_batch_size / micro_batch_size, or
+  // grad_accum_steps * ranks). Throws moetune::Error naming the key if it does not divide.
+  int micro_batches(int ranks) const;
+};
+
+struct ParallelConfig {
+  int ep = 1;          // expert-parallel group size (divides the number of ranks and n_routed_experts)
+  int zero_stage = 0;  // 1: shard AdamW moments of replicated tensors over their data-parallel group
 };
 
 struct OptimConfig {
@@ -39,6 +50,7 @@ struct RunConfig {
   DataConfig data;
   TrainConfig train;
   OptimConfig optim;
+  ParallelConfig parallel;
 
   // Reads a JSON file; `data.train` is resolved relative to the file's directory.
   static RunConfig from_file(const std::string& path);

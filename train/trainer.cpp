@@ -10,7 +10,12 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <memory>
+#include <optional>
 
+#include "dist/checkpoint_parallel.hpp"
+#include "dist/collective.hpp"
+#include "dist/parallel_trainer.hpp"
 #include "io/checkpoint.hpp"
 #include "moe/error.hpp"
 #include "moe/model.hpp"
@@ -44,57 +49,86 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
   const int threads = rc.train.threads > 0 ? rc.train.threads : omp_get_max_threads();
   omp_set_num_threads(threads);
 
-  fs::create_directories(opt.out_dir);
-  Model<T> model(cfg);
-  if (!opt.init_from.empty()) {
-    load_model_weights(opt.init_from, cfg, model.layout(), model.params(), model.expert_bias());
-  } else {
-    model.init(rc.train.seed);
-  }
-  AdamWConfig ac;
-  ac.beta1 = rc.optim.beta1;
-  ac.beta2 = rc.optim.beta2;
-  ac.eps = rc.optim.eps;
-  ac.weight_decay = rc.optim.weight_decay;
-  AdamW<T> adamw(model.layout(), ac);
-  ScheduleConfig sched;
-  sched.kind = rc.optim.schedule;
-  sched.lr = rc.optim.lr;
-  sched.warmup_steps = rc.optim.warmup_steps;
-  sched.total_steps = rc.train.steps;
-  sched.min_lr_ratio = rc.optim.min_lr_ratio;
-  validate(sched);
-
-  auto docs = read_jsonl_documents(rc.data.train_path, cfg.vocab_size);
-  const size_t n_docs = docs.size();
-  BatchLoader loader(std::move(docs), rc.data, rc.train.seed);
+  // Set-up is collective: it succeeds on every rank or fails on every rank with one
+  // message (bad layout, unreadable data or checkpoint), never leaving a rank waiting.
+  dist::Comm world = dist::Comm::world();
+  std::optional<dist::ProcessGrid> grid_holder;
+  std::unique_ptr<dist::ParallelTrainer<T>> trainer_holder;
+  std::unique_ptr<BatchLoader> loader_holder;
+  size_t n_docs = 0;
+  int M = 0;
+  ScheduleConfig sched = rc.schedule_config();
+  dist::run_collectively(world, [&] {
+    grid_holder.emplace(dist::ProcessGrid::create(world, rc.parallel.ep, cfg));
+  });
+  dist::ProcessGrid& grid = *grid_holder;
+  dist::run_collectively(world, [&] {
+    M = rc.train.micro_batches(grid.world_size);
+    if (M < grid.world_size)
+      throw Error("key 'train.global_batch_size': the global batch has " + std::to_string(M) +
+                  " micro-batches but there are " + std::to_string(grid.world_size) +
+                  " ranks; every rank needs at least one micro-batch");
+    if (M % grid.world_size != 0)
+      throw Error("key 'train.global_batch_size': " + std::to_string(M) + " micro-batches cannot be shared equally by " +
+                  std::to_string(grid.world_size) + " ranks");
+    validate(sched);
+    if (grid.world_rank == 0) fs::create_directories(opt.out_dir);
+    trainer_holder = std::make_unique<dist::ParallelTrainer<T>>(cfg, grid, rc.adamw_config(), rc.parallel.zero_stage);
+    Model<T>& m = trainer_holder->model();
+    if (!opt.init_from.empty())
+      load_model_weights(opt.init_from, cfg, m.layout(), m.params(), m.expert_bias());
+    else
+      m.init(rc.train.seed);
+    // Every rank reads the data and builds the same global batch; rank r trains on its
+    // contiguous share of the micro-batches.
+    auto docs = read_jsonl_documents(rc.data.train_path, cfg.vocab_size);
+    n_docs = docs.size();
+    loader_holder = std::make_unique<BatchLoader>(std::move(docs), rc.data, rc.train.seed);
+  });
+  dist::ParallelTrainer<T>& trainer = *trainer_holder;
+  Model<T>& model = trainer.model();
+  BatchLoader& loader = *loader_holder;
+  const bool root = grid.world_rank == 0;
+  const bool talk = root && opt.progress;
 
   const double flops_tok = flops_per_token(cfg, rc.data.seq_len);
-  const double peak = opt.peak_gflops > 0 ? opt.peak_gflops * 1e9 : measure_peak_flops(threads);
-  if (opt.progress) {
+  // Peak of one rank (its threads), measured by rank 0's FMA probe; the job's peak
+  // assumes every rank has cores of its own.
+  double peak_rank = opt.peak_gflops > 0 ? opt.peak_gflops * 1e9 : (root ? measure_peak_flops(threads) : 0.0);
+  grid.world.broadcast(std::span<double>(&peak_rank, 1), 0);
+  const double peak = peak_rank * grid.world_size;
+  if (talk) {
     std::printf("moetune train: %zu documents from %s, %lld rows/epoch, seq_len %d\n", n_docs,
                 rc.data.train_path.c_str(), static_cast<long long>(loader.rows_per_epoch()), rc.data.seq_len);
-    std::printf("model: %d layers (%d MoE), d=%d, E=%d, K=%d, %zu parameters, %s precision, %d threads\n",
-                cfg.num_hidden_layers, cfg.num_moe_layers(), cfg.d(), cfg.E(), cfg.K(), model.layout().total(),
-                rc.train.precision.c_str(), threads);
-    std::printf("MFU denominator: %.1f GFLOP/s (%s, %s); %.3f MFLOP per token\n", peak / 1e9,
-                opt.peak_gflops > 0 ? "given by --peak-gflops" : "measured FMA probe", cpu_model_name().c_str(),
-                flops_tok / 1e6);
+    std::printf("model: %d layers (%d MoE), d=%d, E=%d, K=%d, %zu parameters, %s precision\n",
+                cfg.num_hidden_layers, cfg.num_moe_layers(), cfg.d(), cfg.E(), cfg.K(),
+                ParamLayout::build(cfg).total(), rc.train.precision.c_str());
+    std::printf("grid: %s, %d threads per rank; global batch %d micro-batches x %d rows; ZeRO stage %d, "
+                "optimizer state %.1f MiB on rank 0\n",
+                grid.describe().c_str(), threads, M, rc.train.micro_batch_size, trainer.zero_stage(),
+                double(trainer.optimizer_state_bytes()) / (1 << 20));
+    std::printf("MFU denominator: %.1f GFLOP/s = %d ranks x %.1f (%s, %s); %.3f MFLOP per token\n", peak / 1e9,
+                grid.world_size, peak_rank / 1e9, opt.peak_gflops > 0 ? "given by --peak-gflops" : "measured FMA probe",
+                cpu_model_name().c_str(), flops_tok / 1e6);
     std::fflush(stdout);
   }
 
-  std::ofstream metrics(fs::path(opt.out_dir) / "metrics.jsonl", std::ios::trunc);
-  if (!metrics) throw Error(opt.out_dir + "/metrics.jsonl: cannot open for writing");
+  std::ofstream metrics;
+  if (root) {
+    metrics.open(fs::path(opt.out_dir) / "metrics.jsonl", std::ios::trunc);
+    if (!metrics) throw Error(opt.out_dir + "/metrics.jsonl: cannot open for writing");
+  }
 
   TrainSummary sum;
   sum.peak_flops = peak;
   std::vector<double> tps;
   int64_t consecutive_skips = 0;
   for (int64_t step = 1; step <= rc.train.steps; ++step) {
-    auto batch = loader.next_global_batch(rc.train.micro_batch_size, rc.train.grad_accum_steps);
+    auto batch = loader.next_global_batch(rc.train.micro_batch_size, M);
     const double lr = lr_at(sched, step);
+    trainer.stats = dist::ParallelStats{};
     const auto t0 = std::chrono::steady_clock::now();
-    StepResult r = train_step(model, adamw, batch, lr, rc.optim.max_grad_norm);
+    StepResult r = trainer.step(batch, lr, rc.optim.max_grad_norm);
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     const double tok_s = double(r.tokens) / dt;
     const double mfu = flops_tok * tok_s / peak;
@@ -111,8 +145,10 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
     sum.last_loss = r.loss;
     sum.steps = step;
 
+    // Load imbalance over experts (max/mean per MoE layer) and over EP ranks (tokens
+    // each rank's experts receive).
     json load = json::array();
-    double worst = 0;
+    double worst = 0, worst_rank = 0;
     for (size_t j = 0; j < r.expert_counts.size(); ++j) {
       const auto& c = r.expert_counts[j];
       double mean = 0, mx = 0;
@@ -121,35 +157,55 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
         mx = std::max(mx, double(v));
       }
       mean /= double(c.size());
-      const double ratio = mean > 0 ? mx / mean : 0;
+      std::vector<double> per_rank(grid.ep, 0.0);
+      for (size_t e = 0; e < c.size(); ++e) per_rank[e / (c.size() / grid.ep)] += double(c[e]);
+      const double rmean = mean * double(c.size()) / grid.ep;
+      const double rmax = *std::max_element(per_rank.begin(), per_rank.end());
+      const double ratio = mean > 0 ? mx / mean : 0, rratio = rmean > 0 ? rmax / rmean : 0;
       worst = std::max(worst, ratio);
+      worst_rank = std::max(worst_rank, rratio);
       load.push_back({{"layer", cfg.first_k_dense_replace + int(j)}, {"max", mx}, {"mean", mean},
-                      {"max_over_mean", ratio}});
+                      {"max_over_mean", ratio}, {"rank_max_over_mean", rratio}});
     }
-    json m = {{"step", step},
-              {"loss", r.loss},
-              {"aux_loss", r.aux_loss},
-              {"seq_aux_loss", r.seq_aux_loss},
-              {"z_loss", r.z_loss},
-              {"lr", lr},
-              {"grad_norm", r.grad_norm},
-              {"clip_coef", r.clip_coef},
-              {"tokens", r.tokens},
-              {"targets", r.n_targets},
-              {"step_time_s", dt},
-              {"tokens_per_s", tok_s},
-              {"mfu", mfu},
-              {"dropped_pairs", r.dropped_pairs},
-              {"skipped", r.skipped},
-              {"expert_load", load}};
-    metrics << m.dump() << "\n";
-    metrics.flush();
-    if (opt.progress && (step % rc.train.log_every == 0 || step == 1 || step == rc.train.steps)) {
+    // Communication: this rank's numbers, maximum over ranks for the time.
+    std::vector<double> comm = {trainer.stats.exchange.dispatch_s, trainer.stats.exchange.combine_s,
+                                trainer.stats.reduce_s};
+    grid.world.allreduce_max(std::span<double>(comm));
+    std::vector<int64_t> bytes = {trainer.stats.exchange.dispatch_bytes, trainer.stats.exchange.combine_bytes,
+                                  trainer.stats.reduce_bytes};
+    grid.world.allreduce_sum(std::span<int64_t>(bytes));
+    if (root) {
+      json m = {{"step", step},
+                {"loss", r.loss},
+                {"aux_loss", r.aux_loss},
+                {"seq_aux_loss", r.seq_aux_loss},
+                {"z_loss", r.z_loss},
+                {"lr", lr},
+                {"grad_norm", r.grad_norm},
+                {"clip_coef", r.clip_coef},
+                {"tokens", r.tokens},
+                {"targets", r.n_targets},
+                {"step_time_s", dt},
+                {"tokens_per_s", tok_s},
+                {"mfu", mfu},
+                {"dropped_pairs", r.dropped_pairs},
+                {"skipped", r.skipped},
+                {"dispatch_s", comm[0]},
+                {"combine_s", comm[1]},
+                {"grad_reduce_s", comm[2]},
+                {"dispatch_bytes", bytes[0]},
+                {"combine_bytes", bytes[1]},
+                {"grad_reduce_bytes", bytes[2]},
+                {"expert_load", load}};
+      metrics << m.dump() << "\n";
+      metrics.flush();
+    }
+    if (talk && (step % rc.train.log_every == 0 || step == 1 || step == rc.train.steps)) {
       std::printf("step %5lld/%lld | loss %.4f | aux %.2e seq %.2e z %.2e | lr %.2e | gnorm %.3f | %.0f tok/s | "
-                  "MFU %.2f%% | load max/mean %.2f%s\n",
+                  "MFU %.2f%% | load max/mean %.2f (ranks %.2f) | a2a %.0f ms%s\n",
                   static_cast<long long>(step), static_cast<long long>(rc.train.steps), r.loss, r.aux_loss,
-                  r.seq_aux_loss, r.z_loss, lr, r.grad_norm, tok_s, 100 * mfu, worst,
-                  r.skipped ? " | SKIPPED (non-finite)" : "");
+                  r.seq_aux_loss, r.z_loss, lr, r.grad_norm, tok_s, 100 * mfu, worst, worst_rank,
+                  1e3 * (comm[0] + comm[1]), r.skipped ? " | SKIPPED (non-finite)" : "");
       std::fflush(stdout);
     }
     const bool last = step == rc.train.steps;
@@ -162,16 +218,19 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
                                   {"total_steps", sched.total_steps}, {"min_lr_ratio", sched.min_lr_ratio}}},
                     {"data", {{"epoch", loader.state().epoch}, {"row", loader.state().row}}},
                     {"seed", rc.train.seed},
+                    {"layout", {{"world_size", grid.world_size}, {"ep", grid.ep}}},
                     {"run_config", rc.to_json()}};
-      save_checkpoint(dir, cfg, model.layout(), model.params(), model.expert_bias(), &adamw.exp_avg(),
-                      &adamw.exp_avg_sq(), adamw.step_count(), state);
+      std::vector<T> m, v;
+      trainer.gather_optimizer_state(m, v);
+      dist::save_checkpoint_parallel(dir, grid, cfg, model.layout(), model.params(), model.expert_bias(), &m, &v,
+                                     trainer.optimizer().step_count(), state);
       sum.final_checkpoint = dir;
-      if (opt.progress) std::printf("saved checkpoint %s\n", dir.c_str());
+      if (talk) std::printf("saved checkpoint %s\n", dir.c_str());
     }
   }
   sum.tokens_per_s = median(tps);
   sum.mfu = flops_tok * sum.tokens_per_s / peak;
-  if (opt.progress)
+  if (talk)
     std::printf("done: %lld steps, loss %.4f -> %.4f, median %.0f tok/s, MFU %.2f%%, %lld skipped steps\n",
                 static_cast<long long>(sum.steps), sum.first_loss, sum.last_loss, sum.tokens_per_s, 100 * sum.mfu,
                 static_cast<long long>(sum.skipped_steps));

@@ -1,0 +1,156 @@
+// All-to-all expert stage (the token dispatcher of expert parallelism). Phases, as
+// in Megatron-Core: the MoE layer has routed and permuted the tokens into
+// per-expert slices (experts of one rank are contiguous, so the slices are also
+// grouped by destination rank) -> exchange per-expert counts (MPI_Alltoall) ->
+// exchange token rows (MPI_Alltoallv) -> the owner runs its local experts on
+// contiguous slices, one GEMM chain per (source rank, expert) -> reverse exchange.
+// The backward of dispatch is a combine and vice versa: the gradient rows travel
+// the same way. Gate weights and the combine weights stay on the source rank.
+//
+// Determinism: the owner computes each source's slice separately, on exactly the
+// rows (and in the order) that rank 1 would use for that micro-batch, and hands each
+// source's expert-gradient contribution to `after_source` as its own leaf, so the
+// fixed-point gradient sum is the same for every layout.
+#pragma once
+#include <chrono>
+#include <functional>
+#include <unordered_map>
+#include <vector>
+
+#include "dist/comm.hpp"
+#include "moe/moe_layer.hpp"
+
+namespace moetune::dist {
+
+struct ExchangeStats {
+  int64_t dispatch_bytes = 0, combine_bytes = 0;  // sent to other ranks (forward + backward)
+  double dispatch_s = 0, combine_s = 0;           // time in the exchanges
+  void reset() { *this = ExchangeStats{}; }
+};
+
+template <class T>
+class AllToAllExpertStage : public ExpertStage<T> {
+ public:
+  using ViewFn = std::function<ExpertViews<T>(int layer)>;
+  // ep_comm: this rank's expert-parallel group; the rank owns experts
+  // [ep_comm.rank() * E/ep, ...). views(layer) gives this rank's local experts.
+  AllToAllExpertStage(const Comm& ep_comm, int E, int64_t d, int64_t F, ViewFn views)
+      : comm_(ep_comm), E_(E), ep_(ep_comm.size()), local_(E / ep_comm.size()), d_(d), F_(F), views_(std::move(views)) {}
+
+  void forward(int layer, const Permutation& perm, const T* xp, T* yp) override {
+    auto t0 = clock::now();
+    auto& c = cache_[layer];
+    // 1. per-expert counts to the owners: block q of the send vector = q's experts.
+    std::vector<int64_t> send_counts(E_), recv_counts(E_);
+    for (int e = 0; e < E_; ++e) send_counts[e] = perm.offsets[e + 1] - perm.offsets[e];
+    comm_.alltoall(std::span<const int64_t>(send_counts), std::span<int64_t>(recv_counts));
+    // recv_counts[q*local + j] = rows source q sends for local expert j.
+    c.send_rows.assign(ep_, 0);
+    c.recv_rows.assign(ep_, 0);
+    for (int q = 0; q < ep_; ++q)
+      for (int j = 0; j < local_; ++j) {
+        c.send_rows[q] += send_counts[q * local_ + j];
+        c.recv_rows[q] += recv_counts[q * local_ + j];
+      }
+    c.recv_counts = recv_counts;
+    int64_t total_recv = 0;
+    for (auto r : c.recv_rows) total_recv += r;
+    // 2. token rows.
+    c.x.resize(total_recv * d_);
+    exchange(xp, c.send_rows, c.x.data(), c.recv_rows, stats.dispatch_bytes);
+    stats.dispatch_s += seconds_since(t0);
+    // 3. local experts, one source at a time.
+    std::vector<T> y(total_recv * d_);
+    c.mlp.resize(ep_);
+    int64_t row = 0;
+    for (int q = 0; q < ep_; ++q) {
+      local_forward(layer, q, source_offsets(c, q), c.x.data() + row * d_, y.data() + row * d_);
+      row += c.recv_rows[q];
+    }
+    // 4. outputs back to the sources.
+    t0 = clock::now();
+    exchange(y.data(), c.recv_rows, yp, c.send_rows, stats.combine_bytes);
+    stats.combine_s += seconds_since(t0);
+  }
+
+  void backward(int layer, const Permutation& perm, const T* dyp, T* dxp) override {
+    auto& c = cache_[layer];
+    int64_t total_recv = 0;
+    for (auto r : c.recv_rows) total_recv += r;
+    // Backward of combine = dispatch of the output gradient.
+    auto t0 = clock::now();
+    std::vector<T> dy(total_recv * d_), dx(total_recv * d_);
+    exchange(dyp, c.send_rows, dy.data(), c.recv_rows, stats.combine_bytes);
+    stats.combine_s += seconds_since(t0);
+    int64_t row = 0;
+    for (int q = 0; q < ep_; ++q) {
+      local_backward(layer, q, source_offsets(c, q), c.x.data() + row * d_, dy.data() + row * d_,
+                     dx.data() + row * d_);
+      if (after_source) after_source(layer);
+      row += c.recv_rows[q];
+    }
+    // Backward of dispatch = combine of the input gradient.
+    t0 = clock::now();
+    exchange(dx.data(), c.recv_rows, dxp, c.send_rows, stats.dispatch_bytes);
+    stats.dispatch_s += seconds_since(t0);
+  }
+
+  // Called after one source rank's expert-gradient contribution of `layer` is
+  // complete (each is one leaf of the deterministic gradient sum).
+  std::function<void(int layer)> after_source;
+  ExchangeStats stats;
+
+ protected:
+  // The owner's computation on the rows received from source rank q: offsets
+  // (local+1) delimit the rows of each local expert in x (rows,d); y (rows,d) out.
+  virtual void local_forward(int layer, int q, const std::vector<int64_t>& offsets, const T* x, T* y) {
+    experts_forward(y, cache_[layer].mlp[q], x, views_(layer), offsets, d_, F_);
+  }
+  // dy (rows,d) in, dx (rows,d) out; expert weight gradients accumulate.
+  virtual void local_backward(int layer, int q, const std::vector<int64_t>& offsets, const T* x, const T* dy, T* dx) {
+    experts_backward(dx, dy, x, cache_[layer].mlp[q], views_(layer), offsets, d_, F_, scratch_);
+  }
+  int rank() const { return comm_.rank(); }
+  int experts_per_rank() const { return local_; }
+
+ private:
+  using clock = std::chrono::steady_clock;
+  static double seconds_since(clock::time_point t0) {
+    return std::chrono::duration<double>(clock::now() - t0).count();
+  }
+  struct Cache {
+    std::vector<int64_t> recv_counts;         // (ep * local)
+    std::vector<int64_t> send_rows, recv_rows;  // (ep)
+    std::vector<T> x;                          // received rows, by source then local expert
+    std::vector<MlpCache<T>> mlp;              // per source
+  };
+  std::vector<int64_t> source_offsets(const Cache& c, int q) const {
+    std::vector<int64_t> offs(local_ + 1, 0);
+    for (int j = 0; j < local_; ++j) offs[j + 1] = offs[j] + c.recv_counts[q * local_ + j];
+    return offs;
+  }
+  // Row exchange: `send` holds rows for each rank in rank order (send_rows[q] rows of
+  // d values each); `recv` gets recv_rows[q] rows from each rank q.
+  void exchange(const T* send, const std::vector<int64_t>& send_rows, T* recv, const std::vector<int64_t>& recv_rows,
+                int64_t& bytes) {
+    std::vector<int64_t> sc(ep_), rc(ep_);
+    int64_t ns = 0, nr = 0;
+    for (int q = 0; q < ep_; ++q) {
+      sc[q] = send_rows[q] * d_;
+      rc[q] = recv_rows[q] * d_;
+      ns += sc[q];
+      nr += rc[q];
+      if (q != comm_.rank()) bytes += sc[q] * int64_t(sizeof(T));
+    }
+    comm_.alltoallv(std::span<const T>(send, ns), sc, std::span<T>(recv, nr), rc);
+  }
+
+  const Comm& comm_;
+  int E_, ep_, local_;
+  int64_t d_, F_;
+  ViewFn views_;
+  std::unordered_map<int, Cache> cache_;
+  std::vector<T> scratch_;
+};
+
+}  // namespace moetune::dist

@@ -1,0 +1,161 @@
+#include "dist/checkpoint_parallel.hpp"
+
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <type_traits>
+
+#include "io/fsutil.hpp"
+#include "io/safetensors.hpp"
+#include "moe/error.hpp"
+
+namespace moetune::dist {
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+std::string shard_name(const char* stem, int k, int n) {
+  if (n == 1) return std::string(stem) + ".safetensors";
+  char buf[128];
+  std::snprintf(buf, sizeof buf, "%s-%05d-of-%05d.safetensors", stem, k + 1, n);
+  return buf;
+}
+
+template <class T>
+TensorToWrite to_write(std::string name, std::vector<int64_t> shape, const T* data) {
+  TensorToWrite w;
+  w.name = std::move(name);
+  w.shape = std::move(shape);
+  if constexpr (std::is_same_v<T, float>)
+    w.data = data;
+  else
+    w.data_f64 = data;
+  return w;
+}
+
+// Shard (0-based) of a tensor: 0 = every dense tensor and the routing biases,
+// 1 + e = routed expert e of every layer. Independent of the layout that writes it.
+int shard_of(const std::string& name) {
+  if (!ParamLayout::is_expert_tensor(name)) return 0;
+  const auto p = name.find(".mlp.experts.") + 13;
+  return 1 + std::stoi(name.substr(p));
+}
+
+}  // namespace
+
+template <class T>
+void save_checkpoint_parallel(const std::string& dir_in, const ProcessGrid& g, const ModelConfig& cfg,
+                              const ParamLayout& layout, const std::vector<T>& params,
+                              const std::vector<std::vector<float>>& bias, const std::vector<T>* exp_avg,
+                              const std::vector<T>* exp_avg_sq, int64_t optimizer_step, const json& state) {
+  std::string dir = dir_in;
+  while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
+  // One temporary name for all ranks: rank 0's pid.
+  int64_t pid = ::getpid();
+  g.world.broadcast(std::span<int64_t>(&pid, 1), 0);
+  const std::string tmp = dir + ".tmp-" + std::to_string(pid), old = dir + ".old-" + std::to_string(pid);
+  std::error_code ec;
+  std::string error;
+  if (g.world_rank == 0) {
+    try {
+      if (fs::exists(fs::symlink_status(dir)) && !fs::exists(fs::path(dir) / "config.json") && !fs::is_empty(dir))
+        throw Error(dir + ": exists and is not a moetune checkpoint (no config.json); refusing to replace it");
+      fs::create_directories(fs::path(dir).parent_path().empty() ? fs::path(".") : fs::path(dir).parent_path());
+      fs::remove_all(tmp);
+      fs::create_directory(tmp);
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+  }
+  auto verdict = [&](const char* what) {
+    const bool ok = g.world.all_true(error.empty());
+    if (!ok) {
+      if (g.world_rank == 0) fs::remove_all(tmp, ec);
+      throw Error(dir + ": saving the checkpoint failed (" + what + ")" +
+                  (error.empty() ? std::string(" on another rank") : ": " + error));
+    }
+  };
+  verdict("creating the temporary directory");
+
+  // Shard writers: the ranks of EP group 0; world rank 0 writes shard 0 (dense), the
+  // owner of expert e writes shard 1 + e.
+  const int n = cfg.E() + 1;
+  if (g.ep_group == 0) {
+    try {
+      for (int k = 0; k < n; ++k) {
+        const bool mine = k == 0 ? g.world_rank == 0 : (k - 1 >= layout.expert_begin() && k - 1 < layout.expert_end());
+        if (!mine) continue;
+        std::vector<TensorToWrite> model, moments;
+        for (const auto& t : layout.tensors()) {
+          if (shard_of(t.name) != k) continue;
+          model.push_back(to_write(t.name, t.shape, params.data() + t.offset));
+          if (exp_avg) {
+            moments.push_back(to_write(t.name + ".exp_avg", t.shape, exp_avg->data() + t.offset));
+            moments.push_back(to_write(t.name + ".exp_avg_sq", t.shape, exp_avg_sq->data() + t.offset));
+          }
+          for (int j = 0; j < cfg.num_moe_layers() && k == 0; ++j) {
+            const int l = cfg.first_k_dense_replace + j;
+            if (t.name == ParamLayout::layer(l, "mlp.gate.weight"))
+              model.push_back(to_write<float>(ParamLayout::bias_name(l), {cfg.E()}, bias[j].data()));
+          }
+        }
+        write_safetensors((fs::path(tmp) / shard_name("model", k, n)).string(), model, {{"format", "pt"}});
+        if (exp_avg)
+          write_safetensors((fs::path(tmp) / shard_name("optimizer", k, n)).string(), moments,
+                            {{"format", "pt"}, {"step", std::to_string(optimizer_step)}});
+      }
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+  }
+  verdict("writing the shards");
+
+  if (g.world_rank == 0) {
+    try {
+      fsutil::write_file_atomic((fs::path(tmp) / "config.json").string(), cfg.to_json().dump(2) + "\n");
+      {
+        const ParamLayout full = ParamLayout::build(cfg);
+        json mi = {{"metadata", {{"format", "pt"}}}, {"weight_map", json::object()}};
+        json oi = {{"metadata", {{"format", "pt"}, {"step", std::to_string(optimizer_step)}}},
+                   {"weight_map", json::object()}};
+        for (const auto& t : full.tensors()) {
+          mi["weight_map"][t.name] = shard_name("model", shard_of(t.name), n);
+          const std::string of = shard_name("optimizer", shard_of(t.name), n);
+          oi["weight_map"][t.name + ".exp_avg"] = of;
+          oi["weight_map"][t.name + ".exp_avg_sq"] = of;
+        }
+        for (int j = 0; j < cfg.num_moe_layers(); ++j)
+          mi["weight_map"][ParamLayout::bias_name(cfg.first_k_dense_replace + j)] = shard_name("model", 0, n);
+        fsutil::write_file_atomic((fs::path(tmp) / "model.safetensors.index.json").string(), mi.dump(2) + "\n");
+        if (exp_avg)
+          fsutil::write_file_atomic((fs::path(tmp) / "optimizer.safetensors.index.json").string(), oi.dump(2) + "\n");
+      }
+      fsutil::write_file_atomic((fs::path(tmp) / "trainer_state.json").string(), state.dump(2) + "\n");
+      fsutil::fsync_dir(tmp);
+      const bool replacing = fs::exists(fs::symlink_status(dir));
+      if (replacing) {
+        fs::remove_all(old);
+        fs::rename(dir, old);
+      }
+      fs::rename(tmp, dir);
+      fsutil::fsync_dir(fs::path(dir).parent_path().empty() ? "." : fs::path(dir).parent_path().string());
+      if (replacing) fs::remove_all(old, ec);
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+  }
+  verdict("finishing the checkpoint");
+}
+
+template void save_checkpoint_parallel<float>(const std::string&, const ProcessGrid&, const ModelConfig&,
+                                              const ParamLayout&, const std::vector<float>&,
+                                              const std::vector<std::vector<float>>&, const std::vector<float>*,
+                                              const std::vector<float>*, int64_t, const json&);
+template void save_checkpoint_parallel<double>(const std::string&, const ProcessGrid&, const ModelConfig&,
+                                               const ParamLayout&, const std::vector<double>&,
+                                               const std::vector<std::vector<float>>&, const std::vector<double>*,
+                                               const std::vector<double>*, int64_t, const json&);
+
+}  // namespace moetune::dist

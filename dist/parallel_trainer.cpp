@@ -1,0 +1,288 @@
+// ParallelTrainer: layout-independent data + expert parallel training steps.
+#include "dist/parallel_trainer.hpp"
+
+#include <chrono>
+#include <cmath>
+
+#include "moe/error.hpp"
+
+namespace moetune::dist {
+namespace {
+
+using clock_type = std::chrono::steady_clock;
+double since(clock_type::time_point t0) { return std::chrono::duration<double>(clock_type::now() - t0).count(); }
+
+// Sum of squares of one tensor: fixed 4096-element chunks, 8 interleaved double
+// accumulators per chunk, chunks added in order. Depends only on the tensor's values.
+template <class T>
+double tensor_sq(const T* g, size_t n) {
+  constexpr size_t kChunk = 4096;
+  double total = 0;
+  for (size_t b = 0; b < n; b += kChunk) {
+    const size_t e = std::min(n, b + kChunk);
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    size_t i = b;
+    for (; i + 8 <= e; i += 8)
+      for (int j = 0; j < 8; ++j) acc[j] += double(g[i + j]) * double(g[i + j]);
+    for (int j = 0; i < e; ++i, ++j) acc[j] += double(g[i]) * double(g[i]);
+    total += ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  }
+  return total;
+}
+
+}  // namespace
+
+template <class T>
+ParallelTrainer<T>::ParallelTrainer(const ModelConfig& cfg, ProcessGrid& grid, const AdamWConfig& ac, int zero_stage)
+    : grid_(grid), cfg_(cfg), zero_(zero_stage) {
+  if (zero_stage != 0 && zero_stage != 1)
+    throw Error("key 'parallel.zero_stage': must be 0 or 1, got " + std::to_string(zero_stage));
+  model_ = std::make_unique<Model<T>>(cfg, grid.expert_begin, grid.expert_end);
+  const ParamLayout& lay = model_->layout();
+  opt_ = std::make_unique<AdamW<T>>(lay, ac);
+  acc_.assign(lay.total(), int128(0));
+  // Segments: maximal runs of dense or of expert tensors, in layout order.
+  for (const auto& t : lay.tensors()) {
+    const bool ex = ParamLayout::is_expert_tensor(t.name);
+    if (!segments_.empty() && segments_.back().expert == ex)
+      segments_.back().end = t.offset + t.numel;
+    else
+      segments_.push_back({t.offset, t.offset + t.numel, ex});
+  }
+  // Leaf hooks: each (micro-batch, source rank) contribution to the experts of a
+  // layer is flushed into the fixed-point accumulator on its own.
+  auto flush_layer = [this](int layer) {
+    auto r = model_->layout().expert_region(layer);
+    flush_leaf(r.first, r.second);
+  };
+  model_->local_expert_stage().after_backward = flush_layer;
+  if (grid.ep > 1) {
+    stage_ = std::make_unique<AllToAllExpertStage<T>>(grid_.ep_comm, cfg.E(), cfg.d(), cfg.F(),
+                                                      [this](int l) { return model_->expert_views(l); });
+    stage_->after_source = flush_layer;
+    model_->set_expert_stage(stage_.get());
+  }
+  if (zero_ == 1) {
+    // Shard of every segment over the ranks that replicate it.
+    size_t total = 0;
+    for (const auto& s : segments_) {
+      const Comm& c = s.expert ? grid_.edp_comm : grid_.world;
+      const size_t n = s.end - s.begin, per = (n + c.size() - 1) / c.size();
+      const size_t b = std::min(n, per * size_t(c.rank())), e = std::min(n, b + per);
+      shards_.push_back({s.begin + b, s.begin + e});
+      total += e - b;
+    }
+    zm_.assign(total, T(0));
+    zv_.assign(total, T(0));
+    // The unsharded moments are not needed.
+    opt_->exp_avg().clear();
+    opt_->exp_avg().shrink_to_fit();
+    opt_->exp_avg_sq().clear();
+    opt_->exp_avg_sq().shrink_to_fit();
+  }
+}
+
+template <class T>
+void ParallelTrainer<T>::flush_leaf(size_t begin, size_t end) {
+  auto& g = model_->grads();
+  add_fixed(std::span<int128>(acc_.data() + begin, end - begin), std::span<const T>(g.data() + begin, end - begin));
+  std::fill(g.begin() + begin, g.begin() + end, T(0));
+}
+
+template <class T>
+StepResult ParallelTrainer<T>::accumulate(const std::vector<MicroBatch>& batch) {
+  const int W = grid_.world_size, M = int(batch.size());
+  if (M % W != 0)
+    throw Error("the global batch has " + std::to_string(M) + " micro-batches, which " + std::to_string(W) +
+                " ranks cannot share equally (train.global_batch_size / train.micro_batch_size must be a multiple "
+                "of the number of ranks)");
+  const int A = M / W, first = grid_.world_rank * A;
+  const LossNorm norm = global_loss_norm(batch);
+  const int nm = cfg_.num_moe_layers(), E = cfg_.E();
+  auto t0 = clock_type::now();
+  model_->zero_grad();
+  std::fill(acc_.begin(), acc_.end(), int128(0));
+  // Per local micro-batch: ce, aux, seq, z, targets, tokens, dropped.
+  constexpr int kStats = 7;
+  std::vector<double> local(size_t(A) * kStats, 0.0);
+  std::vector<int64_t> counts(size_t(nm) * E, 0);
+  for (int a = 0; a < A; ++a) {
+    const MicroBatch& mb = batch[first + a];
+    const MicroStats s = model_->forward_backward(mb, norm, true);
+    flush_leaf(0, model_->grads().size());
+    double* o = local.data() + size_t(a) * kStats;
+    o[0] = s.ce;
+    o[1] = s.aux_loss;
+    o[2] = s.seq_aux_loss;
+    o[3] = s.z_loss;
+    o[4] = double(s.n_targets);
+    o[5] = double(mb.tokens());
+    o[6] = double(s.dropped_pairs);
+    for (int j = 0; j < nm; ++j)
+      for (int e = 0; e < E; ++e) counts[size_t(j) * E + e] += s.expert_counts[j][e];
+  }
+  stats.compute_s += since(t0);
+
+  // Exact reduction of the gradient leaves.
+  t0 = clock_type::now();
+  for (const auto& s : segments_) {
+    const Comm& c = s.expert ? grid_.edp_comm : grid_.world;
+    if (c.size() > 1) {
+      c.allreduce_sum(std::span<int128>(acc_.data() + s.begin, s.end - s.begin));
+      stats.reduce_bytes += int64_t(s.end - s.begin) * int64_t(sizeof(int128));
+    }
+  }
+  stats.reduce_s += since(t0);
+  load_fixed(std::span<T>(model_->grads()), std::span<const int128>(acc_));
+
+  // Loss terms summed in global micro-batch order; expert loads are exact integers.
+  std::vector<double> all(size_t(M) * kStats);
+  grid_.world.allgather(std::span<const double>(local), std::span<double>(all));
+  grid_.world.allreduce_sum(std::span<int64_t>(counts));
+  StepResult r;
+  for (int m = 0; m < M; ++m) {
+    const double* o = all.data() + size_t(m) * kStats;
+    r.loss += o[0];
+    r.aux_loss += o[1];
+    r.seq_aux_loss += o[2];
+    r.z_loss += o[3];
+    r.n_targets += int64_t(o[4]);
+    r.tokens += int64_t(o[5]);
+    r.dropped_pairs += int64_t(o[6]);
+  }
+  r.total_loss = r.loss + r.aux_loss + r.seq_aux_loss + r.z_loss;
+  r.expert_counts.assign(nm, std::vector<int64_t>(E));
+  for (int j = 0; j < nm; ++j)
+    for (int e = 0; e < E; ++e) r.expert_counts[j][e] = counts[size_t(j) * E + e];
+  r.grad_norm = global_grad_norm_exact();
+  return r;
+}
+
+template <class T>
+double ParallelTrainer<T>::global_grad_norm_exact() {
+  // One entry per tensor of the FULL layout, filled by exactly one rank: dense tensors
+  // by world rank 0, an expert's tensors by its owner in EP group 0. The sum of one
+  // value and zeros is exact, and the entries are added in the canonical order.
+  const ParamLayout full = ParamLayout::build(cfg_);
+  std::vector<double> sq(full.tensors().size(), 0.0);
+  const ParamLayout& lay = model_->layout();
+  const auto& g = model_->grads();
+  for (size_t i = 0; i < full.tensors().size(); ++i) {
+    const auto& t = full.tensors()[i];
+    if (!lay.contains(t.name)) continue;
+    const bool ex = ParamLayout::is_expert_tensor(t.name);
+    if ((ex && grid_.ep_group == 0) || (!ex && grid_.world_rank == 0))
+      sq[i] = tensor_sq(g.data() + lay.at(t.name).offset, t.numel);
+  }
+  grid_.world.allreduce_sum(std::span<double>(sq));
+  double total = 0;
+  for (double v : sq) total += v;
+  return std::sqrt(total);
+}
+
+template <class T>
+void ParallelTrainer<T>::zero_step(double lr) {
+  // ZeRO-1: update this rank's shard of every replicated segment with its sharded
+  // moments, then all-gather the parameters of the segment.
+  auto& p = model_->params();
+  const auto& g = model_->grads();
+  const ParamLayout& lay = model_->layout();
+  ++zstep_;
+  size_t mo = 0;
+  for (size_t si = 0; si < segments_.size(); ++si) {
+    const auto& seg = segments_[si];
+    const auto& sh = shards_[si];
+    // Elements of the shard, tensor by tensor (decay differs per tensor).
+    for (const auto& t : lay.tensors()) {
+      const size_t b = std::max(sh.begin, t.offset), e = std::min(sh.end, t.offset + t.numel);
+      if (b >= e) continue;
+      adamw_update(p.data() + b, g.data() + b, zm_.data() + mo + (b - sh.begin), zv_.data() + mo + (b - sh.begin),
+                   int64_t(e - b), t.decay, opt_->config(), zstep_, lr);
+    }
+    mo += sh.end - sh.begin;
+    const Comm& c = seg.expert ? grid_.edp_comm : grid_.world;
+    const size_t n = seg.end - seg.begin, per = (n + c.size() - 1) / c.size();
+    std::vector<int64_t> cnt(c.size());
+    for (int q = 0; q < c.size(); ++q) {
+      const size_t b = std::min(n, per * size_t(q)), e = std::min(n, b + per);
+      cnt[q] = int64_t(e - b);
+    }
+    std::vector<T> mine(p.begin() + sh.begin, p.begin() + sh.end);
+    c.allgatherv(std::span<const T>(mine), std::span<T>(p.data() + seg.begin, n), cnt);
+  }
+  opt_->set_step_count(zstep_);
+}
+
+template <class T>
+StepResult ParallelTrainer<T>::step(const std::vector<MicroBatch>& batch, double lr, double max_grad_norm) {
+  StepResult r = accumulate(batch);
+  if (!std::isfinite(r.total_loss) || !std::isfinite(r.grad_norm)) {
+    r.skipped = true;
+    return r;
+  }
+  r.clip_coef = clip_coefficient(r.grad_norm, max_grad_norm);
+  if (r.clip_coef < 1.0) scale_grads(model_->grads(), r.clip_coef);
+  if (zero_ == 1)
+    zero_step(lr);
+  else
+    opt_->step(model_->params(), model_->grads(), lr);
+  if (cfg_.noaux_tc()) update_expert_bias(model_->expert_bias(), r.expert_counts, cfg_.bias_update_rate);
+  return r;
+}
+
+template <class T>
+int64_t ParallelTrainer<T>::optimizer_state_bytes() const {
+  if (zero_ == 1) return int64_t(zm_.size() + zv_.size()) * int64_t(sizeof(T));
+  return int64_t(opt_->exp_avg().size() + opt_->exp_avg_sq().size()) * int64_t(sizeof(T));
+}
+
+template <class T>
+void ParallelTrainer<T>::gather_optimizer_state(std::vector<T>& m, std::vector<T>& v) {
+  if (zero_ == 0) {
+    m = opt_->exp_avg();
+    v = opt_->exp_avg_sq();
+    return;
+  }
+  const size_t total = model_->layout().total();
+  m.assign(total, T(0));
+  v.assign(total, T(0));
+  size_t mo = 0;
+  for (size_t si = 0; si < segments_.size(); ++si) {
+    const auto& seg = segments_[si];
+    const auto& sh = shards_[si];
+    const Comm& c = seg.expert ? grid_.edp_comm : grid_.world;
+    const size_t n = seg.end - seg.begin, per = (n + c.size() - 1) / c.size();
+    std::vector<int64_t> cnt(c.size());
+    for (int q = 0; q < c.size(); ++q) {
+      const size_t b = std::min(n, per * size_t(q)), e = std::min(n, b + per);
+      cnt[q] = int64_t(e - b);
+    }
+    const size_t len = sh.end - sh.begin;
+    c.allgatherv(std::span<const T>(zm_.data() + mo, len), std::span<T>(m.data() + seg.begin, n), cnt);
+    c.allgatherv(std::span<const T>(zv_.data() + mo, len), std::span<T>(v.data() + seg.begin, n), cnt);
+    mo += len;
+  }
+}
+
+template <class T>
+void ParallelTrainer<T>::set_optimizer_state(const std::vector<T>& m, const std::vector<T>& v, int64_t step) {
+  if (zero_ == 0) {
+    opt_->exp_avg() = m;
+    opt_->exp_avg_sq() = v;
+    opt_->set_step_count(step);
+    return;
+  }
+  size_t mo = 0;
+  for (const auto& sh : shards_) {
+    std::copy(m.begin() + sh.begin, m.begin() + sh.end, zm_.begin() + mo);
+    std::copy(v.begin() + sh.begin, v.begin() + sh.end, zv_.begin() + mo);
+    mo += sh.end - sh.begin;
+  }
+  zstep_ = step;
+  opt_->set_step_count(step);
+}
+
+template class ParallelTrainer<float>;
+template class ParallelTrainer<double>;
+
+}  // namespace moetune::dist

@@ -1,0 +1,93 @@
+// One optimizer step over the process grid (data + expert parallelism), with results
+// that do not depend on the layout. How:
+//  - every rank builds the same global batch, a fixed sequence of M micro-batches;
+//    rank r runs micro-batches [r*M/W, (r+1)*M/W);
+//  - each micro-batch's gradient (and, under expert parallelism, each source rank's
+//    contribution to an expert) is one "leaf", computed on exactly the rows rank 1
+//    would use; leaves are summed in 128-bit fixed point (value * 2^100), which is
+//    exact, so the sum is the same in any order and over any reduction tree;
+//  - dense gradients are reduced over all W ranks, expert gradients over their
+//    expert-data-parallel group (MPI_Allreduce on the 128-bit integers);
+//  - loss terms are gathered per micro-batch and summed in global micro-batch order;
+//    the gradient norm is summed per tensor in the canonical tensor order.
+// Each rank's GEMMs see the same shapes as on one rank, so with the same number of
+// threads per rank every layout gives bit-identical weights.
+#pragma once
+#include <memory>
+#include <vector>
+
+#include "dist/a2a_stage.hpp"
+#include "dist/grid.hpp"
+#include "dist/int128.hpp"
+#include "moe/model.hpp"
+#include "optim/adamw.hpp"
+#include "train/step.hpp"
+
+namespace moetune::dist {
+
+struct ParallelStats {
+  ExchangeStats exchange;     // dispatch/combine bytes and seconds (this rank)
+  int64_t reduce_bytes = 0;   // gradient bytes this rank contributed to reductions
+  double reduce_s = 0;        // seconds in gradient reduction
+  double compute_s = 0;       // seconds in forward/backward (including exchanges)
+};
+
+template <class T>
+class ParallelTrainer {
+ public:
+  // zero_stage 1 shards the AdamW moments of each replicated tensor over the ranks
+  // that replicate it (all W for dense tensors, the EDP group for experts).
+  ParallelTrainer(const ModelConfig& cfg, ProcessGrid& grid, const AdamWConfig& ac, int zero_stage = 0);
+
+  Model<T>& model() { return *model_; }
+  AdamW<T>& optimizer() { return *opt_; }
+  ProcessGrid& grid() { return grid_; }
+  int zero_stage() const { return zero_; }
+
+  // Collective. Forward/backward of this rank's share of the global batch and the
+  // exact reduction; afterwards model().grads() holds the global gradient of this
+  // rank's tensors (identical on every rank that holds a tensor).
+  StepResult accumulate(const std::vector<MicroBatch>& global_batch);
+  // Collective. accumulate + clip + AdamW + expert-bias update.
+  StepResult step(const std::vector<MicroBatch>& global_batch, double lr, double max_grad_norm);
+
+  // Bytes of AdamW state (exp_avg + exp_avg_sq) this rank holds.
+  int64_t optimizer_state_bytes() const;
+  // Full (unsharded) AdamW moments of this rank's tensors, gathered for checkpoints;
+  // collective when zero_stage == 1.
+  void gather_optimizer_state(std::vector<T>& exp_avg, std::vector<T>& exp_avg_sq);
+  // Install full moments (from a checkpoint) into this rank's (possibly sharded) state.
+  void set_optimizer_state(const std::vector<T>& exp_avg, const std::vector<T>& exp_avg_sq, int64_t step);
+
+  ParallelStats stats;
+
+ private:
+  struct Segment {  // a contiguous run of the flat buffer reduced over one communicator
+    size_t begin, end;
+    bool expert;
+  };
+  void flush_leaf(size_t begin, size_t end);
+  double global_grad_norm_exact();
+  void zero_step(double lr);
+
+  ProcessGrid& grid_;
+  ModelConfig cfg_;
+  std::unique_ptr<Model<T>> model_;
+  std::unique_ptr<AdamW<T>> opt_;
+  std::unique_ptr<AllToAllExpertStage<T>> stage_;
+  std::vector<int128> acc_;
+  std::vector<Segment> segments_;
+  int zero_ = 0;
+  // ZeRO-1: per segment, this rank's shard [begin, end) and the moments of it.
+  struct Shard {
+    size_t begin, end;
+  };
+  std::vector<Shard> shards_;
+  std::vector<T> zm_, zv_;  // moments of the shards, concatenated
+  int64_t zstep_ = 0;
+};
+
+extern template class ParallelTrainer<float>;
+extern template class ParallelTrainer<double>;
+
+}  // namespace moetune::dist
