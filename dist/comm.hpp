@@ -1,0 +1,141 @@
+// dist/comm.hpp — a move-only MPI communicator with typed collectives over spans.
+//
+//   Environment env(&argc, &argv);
+//   Comm world = Comm::world();                       // non-owning MPI_COMM_WORLD
+//   Comm half = world.split(world.rank() % 2, world.rank());   // owning, freed in ~Comm
+//   std::vector<dist::int128> g(n);  ...;
+//   half.allreduce_sum<dist::int128>(g);              // exact, order-independent sum
+//
+// Element types T: int32_t, int64_t, uint64_t, float, double, int128 (dist/datatype.hpp).
+// Counts and sizes are in elements. Every MPI return code is checked (dist/check.hpp):
+// failures throw moetune::Error("MPI_Xxx failed on rank R: ..."). Argument errors that
+// can be seen locally (wrong span lengths, counts that do not fit MPI's int) throw
+// moetune::Error naming the call BEFORE any MPI call is made, so when every rank makes the
+// same mistake every rank throws and nobody is left waiting.
+//
+// COLLECTIVE means: every rank of the communicator must call it, in the same order as the
+// other collectives, with matching arguments (same root, same total sizes). A rank that
+// skips a collective (e.g. because it threw) leaves the others waiting: use abort_job
+// (dist/environment.hpp) when one rank cannot continue.
+#pragma once
+#include <mpi.h>
+
+#include <cstdint>
+#include <span>
+#include <type_traits>
+#include <vector>
+
+#include "dist/datatype.hpp"
+#include "dist/int128.hpp"
+
+namespace moetune::dist {
+
+class Comm {
+ public:
+  // A null communicator (what a moved-from Comm or split(MPI_UNDEFINED, ...) gives).
+  Comm() noexcept = default;
+  ~Comm();
+  Comm(Comm&& other) noexcept;
+  Comm& operator=(Comm&& other) noexcept;
+  Comm(const Comm&) = delete;
+  Comm& operator=(const Comm&) = delete;
+
+  // Non-owning wrappers of MPI_COMM_WORLD / MPI_COMM_SELF (never freed).
+  static Comm world();
+  static Comm self();
+
+  // COLLECTIVE. Ranks with the same color form a new communicator, ordered by key (then
+  // by rank here). color == kUndefinedColor gives this rank a null Comm. Owning.
+  static constexpr int kUndefinedColor = MPI_UNDEFINED;
+  Comm split(int color, int key) const;
+  // COLLECTIVE. A new owning communicator with the same group (its own message space).
+  Comm dup() const;
+
+  bool is_null() const noexcept { return comm_ == MPI_COMM_NULL; }
+  bool owns() const noexcept { return owned_; }
+  int rank() const;  // throws moetune::Error on a null Comm
+  int size() const;  // throws moetune::Error on a null Comm
+  MPI_Comm raw() const noexcept { return comm_; }
+
+  // COLLECTIVE. Waits for every rank.
+  void barrier() const;
+
+  // COLLECTIVE, in place: inout[i] = sum over ranks of inout[i]. All ranks pass the same
+  // length. For int128 the sum is exact (wrapping, dist/int128.hpp), hence bit-identical
+  // whatever order/tree MPI uses: moetune's deterministic gradient reduction.
+  template <MpiElement T>
+  void allreduce_sum(std::span<T> inout) const;
+  // COLLECTIVE, in place: element-wise max / min over ranks (not for int128).
+  template <MpiOrderedElement T>
+  void allreduce_max(std::span<T> inout) const;
+  template <MpiOrderedElement T>
+  void allreduce_min(std::span<T> inout) const;
+
+  // COLLECTIVE: data on every rank becomes data of rank `root`. Same length on all ranks.
+  template <MpiElement T>
+  void broadcast(std::span<T> data, int root) const;
+
+  // COLLECTIVE: recv = concatenation over ranks r of rank r's send (all of the same
+  // length). recv (size() * send.size()).
+  template <MpiElement T>
+  void allgather(std::span<const std::type_identity_t<T>> send, std::span<T> recv) const;
+
+  // COLLECTIVE: recv = concatenation over ranks r of rank r's send, of counts[r]
+  // elements. counts (size()), the same on every rank; send (counts[rank()]),
+  // recv (sum counts).
+  template <MpiElement T>
+  void allgatherv(std::span<const std::type_identity_t<T>> send, std::span<T> recv,
+                  const std::vector<std::int64_t>& counts) const;
+
+  // COLLECTIVE: equal blocks. send (size() * B) holds block d for rank d; recv (size() * B)
+  // receives block s from rank s. send.size() % size() == 0, recv.size() == send.size().
+  template <MpiElement T>
+  void alltoall(std::span<const std::type_identity_t<T>> send, std::span<T> recv) const;
+
+  // COLLECTIVE: uneven blocks. send_counts[d] elements go to rank d, taken in rank order
+  // from send (sum send_counts); recv_counts[s] elements arrive from rank s, stored in
+  // rank order in recv (sum recv_counts). Displacements are the prefix sums. Rank s's
+  // send_counts[d] must equal rank d's recv_counts[s]. Zero counts are fine. Counts and
+  // their sums must fit in int (MPI's counts): larger throws moetune::Error.
+  template <MpiElement T>
+  void alltoallv(std::span<const std::type_identity_t<T>> send,
+                 const std::vector<std::int64_t>& send_counts, std::span<T> recv,
+                 const std::vector<std::int64_t>& recv_counts) const;
+
+  // COLLECTIVE (MPI_Reduce_scatter): the element-wise sum over ranks of send
+  // (sum counts) is split into blocks of counts[r] elements; rank r gets block r in recv
+  // (counts[rank()]). counts (size()), the same on every rank. int128: exact sum.
+  template <MpiElement T>
+  void reduce_scatter_sum(std::span<const std::type_identity_t<T>> send, std::span<T> recv,
+                          const std::vector<std::int64_t>& counts) const;
+
+  // COLLECTIVE: logical AND of `local` over ranks (a verdict combiner: "did every rank
+  // succeed?").
+  bool all_true(bool local) const;
+
+  // Point-to-point, blocking. recv requires a message of exactly data.size() elements
+  // (shorter or longer throws moetune::Error). dest/source are ranks of this communicator.
+  template <MpiElement T>
+  void send(std::span<const T> data, int dest, int tag) const;
+  template <MpiElement T>
+  void send(std::span<T> data, int dest, int tag) const {
+    send(std::span<const T>(data), dest, tag);
+  }
+  template <MpiElement T>
+  void recv(std::span<T> data, int source, int tag) const;
+  // Send to dest and receive from source in one deadlock-free step (rings, shifts).
+  template <MpiElement T>
+  void sendrecv(std::span<const std::type_identity_t<T>> send_data, int dest,
+                std::span<T> recv_data, int source, int tag) const;
+
+ private:
+  Comm(MPI_Comm comm, bool owned);
+  void require_valid(const char* call) const;
+
+  MPI_Comm comm_ = MPI_COMM_NULL;
+  bool owned_ = false;
+  int rank_ = -1;
+  int size_ = 0;
+};
+
+}  // namespace moetune::dist

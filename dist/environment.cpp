@@ -1,0 +1,80 @@
+// dist/environment.cpp — MPI_Init_thread / MPI_Finalize as RAII, and abort_job.
+#include "dist/environment.hpp"
+
+#include <mpi.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <iostream>
+
+#include "dist/check.hpp"
+
+namespace moetune::dist {
+
+namespace {
+
+bool mpi_running() {
+  int initialized = 0, finalized = 0;
+  MPI_Initialized(&initialized);
+  MPI_Finalized(&finalized);
+  return initialized && !finalized;
+}
+
+}  // namespace
+
+Environment::Environment(int* argc, char*** argv) {
+  int initialized = 0;
+  MOETUNE_MPI(MPI_Initialized, &initialized);
+  if (initialized) {
+    MOETUNE_MPI(MPI_Query_thread, &thread_level_);
+  } else {
+    MOETUNE_MPI(MPI_Init_thread, argc, argv, MPI_THREAD_FUNNELED, &thread_level_);
+    owns_ = true;
+  }
+  // From here on a failure must not leave MPI initialised without its finaliser.
+  try {
+    MOETUNE_MPI(MPI_Comm_set_errhandler, MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+    MOETUNE_MPI(MPI_Comm_set_errhandler, MPI_COMM_SELF, MPI_ERRORS_RETURN);
+  } catch (...) {
+    if (owns_) MPI_Finalize();
+    throw;
+  }
+}
+
+Environment::~Environment() {
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (owns_ && !finalized) {
+    // Attribute callbacks on MPI_COMM_SELF run first inside MPI_Finalize: that is where
+    // the int128 datatype and reduction op are freed (dist/datatype.cpp).
+    if (MPI_Finalize() != MPI_SUCCESS) std::fputs("warning: MPI_Finalize failed\n", stderr);
+  }
+}
+
+int Environment::world_rank() {
+  if (!mpi_running()) return 0;
+  int rank = 0;
+  MOETUNE_MPI(MPI_Comm_rank, MPI_COMM_WORLD, &rank);
+  return rank;
+}
+
+int Environment::world_size() {
+  if (!mpi_running()) return 1;
+  int size = 1;
+  MOETUNE_MPI(MPI_Comm_size, MPI_COMM_WORLD, &size);
+  return size;
+}
+
+void abort_job(const std::string& message, int code) {
+  const bool running = mpi_running();
+  int rank = 0;
+  if (running && MPI_Comm_rank(MPI_COMM_WORLD, &rank) != MPI_SUCCESS) rank = -1;
+  std::cout.flush();
+  std::cerr << "error: [rank " << rank << "] " << message << std::endl;
+  std::fflush(stdout);
+  std::fflush(stderr);
+  if (running) MPI_Abort(MPI_COMM_WORLD, code);
+  std::exit(code);  // MPI_Abort does not return; this is for the no-MPI case
+}
+
+}  // namespace moetune::dist

@@ -1,0 +1,96 @@
+// dist/int128.cpp — fixed-point conversions and the OpenMP loops that accumulate
+// gradients into int128 buffers (see dist/int128.hpp for the number format).
+#include "dist/int128.hpp"
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <sstream>
+#include <string>
+
+#include "moe/error.hpp"
+
+namespace moetune::dist {
+
+namespace {
+
+constexpr double kRange = 0x1p26;  // 2^kFixedRangeExponent
+static_assert(kFixedRangeExponent == 26 && kFixedFractionBits == 100);
+
+std::string format_value(double v) {
+  std::ostringstream s;
+  s.precision(17);
+  s << v;
+  return s.str();
+}
+
+[[noreturn]] void throw_out_of_range(double v, const std::string& where) {
+  throw Error("gradient value " + format_value(v) + where +
+              " is out of the fixed-point range (|v| < 2^26 = 67108864); "
+              "the int128 gradient sum cannot represent it");
+}
+
+// Non-finite sentinel: +inf and NaN saturate to the maximum, -inf to the minimum.
+int128 saturate(double v) { return (std::isnan(v) || v > 0) ? kFixedMax : kFixedMin; }
+
+// Precondition: v finite and |v| < 2^26, so v * 2^100 < 2^126 fits; the cast truncates
+// toward zero. ldexp by a power of two is exact (no rounding) in this range.
+int128 to_fixed_unchecked(double v) { return static_cast<int128>(std::ldexp(v, kFixedFractionBits)); }
+
+}  // namespace
+
+int128 to_fixed(double v) {
+  if (!std::isfinite(v)) return saturate(v);
+  if (std::fabs(v) >= kRange) throw_out_of_range(v, "");
+  return to_fixed_unchecked(v);
+}
+
+double from_fixed(int128 v) {
+  return std::ldexp(static_cast<double>(v), -kFixedFractionBits);
+}
+
+template <class T>
+std::size_t add_fixed(std::span<int128> acc, std::span<const T> values) {
+  if (acc.size() != values.size()) {
+    throw Error("add_fixed: accumulator has " + std::to_string(acc.size()) +
+                " elements but values has " + std::to_string(values.size()));
+  }
+  const std::int64_t n = static_cast<std::int64_t>(values.size());
+  std::int64_t nonfinite = 0;
+  std::int64_t first_bad = n;  // first out-of-range index (n = none)
+#pragma omp parallel for schedule(static) reduction(+ : nonfinite) reduction(min : first_bad)
+  for (std::int64_t i = 0; i < n; ++i) {
+    const double v = static_cast<double>(values[i]);
+    if (!std::isfinite(v)) {
+      acc[i] = saturate(v);
+      ++nonfinite;
+    } else if (std::fabs(v) >= kRange) {
+      if (i < first_bad) first_bad = i;  // exceptions may not leave an OpenMP region
+    } else {
+      acc[i] = fixed_add(acc[i], to_fixed_unchecked(v));
+    }
+  }
+  if (first_bad < n) {
+    throw_out_of_range(static_cast<double>(values[first_bad]),
+                       " at index " + std::to_string(first_bad));
+  }
+  return static_cast<std::size_t>(nonfinite);
+}
+
+template <class T>
+void load_fixed(std::span<T> out, std::span<const int128> acc) {
+  if (out.size() != acc.size()) {
+    throw Error("load_fixed: output has " + std::to_string(out.size()) +
+                " elements but accumulator has " + std::to_string(acc.size()));
+  }
+  const std::int64_t n = static_cast<std::int64_t>(out.size());
+#pragma omp parallel for schedule(static)
+  for (std::int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(from_fixed(acc[i]));
+}
+
+template std::size_t add_fixed<float>(std::span<int128>, std::span<const float>);
+template std::size_t add_fixed<double>(std::span<int128>, std::span<const double>);
+template void load_fixed<float>(std::span<float>, std::span<const int128>);
+template void load_fixed<double>(std::span<double>, std::span<const int128>);
+
+}  // namespace moetune::dist

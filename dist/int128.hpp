@@ -1,0 +1,68 @@
+// dist/int128.hpp — 128-bit fixed-point numbers for exact, order-independent gradient
+// sums across ranks.
+//
+// A gradient value v (float or double) is stored as the integer round_toward_zero(v * 2^100)
+// in a signed 128-bit integer. Integer addition is exact and associative, so the sum of
+// the same fixed-point values is bit-identical whatever the order in which they are added:
+// the MPI reduction (Comm::allreduce_sum<int128>, dist/comm.hpp) may combine ranks in any
+// tree and the result does not change with the number of ranks. Floating-point sums do
+// not have this property (demonstrated in tests/mpi/test_comm.cpp).
+//
+// Range and precision:
+//   - |v| < 2^26 is accepted; |v| >= 2^26 (finite) throws moetune::Error.
+//   - Resolution is 2^-100. A double in [2^e, 2^(e+1)) has its last mantissa bit at
+//     2^(e-52), a float at 2^(e-23); so every double with |v| >= 2^-48 and every float
+//     with |v| >= 2^-77 converts exactly, and from_fixed(to_fixed(v)) == v for
+//     2^-48 <= |v| < 2^26 (in particular for the 2^-47 <= |v| < 2^26 of the design).
+//     Smaller values are truncated toward zero at 2^-100.
+//   - Additions wrap modulo 2^128 (they are done in unsigned arithmetic, never signed
+//     overflow UB). Because wrapping addition is still associative, a total is exact
+//     whenever the TRUE total lies in (-2^127, 2^127), i.e. |sum of values| < 2^27, even if
+//     a partial sum wrapped on the way.
+//
+// Non-finite values (NaN, +-inf) are never UB: to_fixed saturates them to the sentinels
+// kFixedMax (+inf and NaN) and kFixedMin (-inf), and add_fixed returns how many it met.
+// A fixed-point buffer that received a non-finite value holds meaningless numbers in those
+// slots; the caller (the trainer) must combine the count across ranks (Comm::all_true)
+// and skip the optimizer step.
+#pragma once
+#include <cstddef>
+#include <span>
+
+namespace moetune::dist {
+
+__extension__ using int128 = __int128;            // GCC/Clang extension, silenced for -Wpedantic
+__extension__ using uint128 = unsigned __int128;  // wrapping arithmetic for sums
+
+inline constexpr int kFixedFractionBits = 100;    // value = integer * 2^-100
+inline constexpr int kFixedRangeExponent = 26;    // accepted: |v| < 2^26
+inline constexpr int128 kFixedMax = static_cast<int128>((static_cast<uint128>(1) << 127) - 1);
+inline constexpr int128 kFixedMin = -kFixedMax - 1;
+
+// Wrapping 128-bit addition (a + b mod 2^128): exact, associative, commutative, no UB.
+inline int128 fixed_add(int128 a, int128 b) noexcept {
+  return static_cast<int128>(static_cast<uint128>(a) + static_cast<uint128>(b));
+}
+
+// v * 2^100 rounded toward zero. Finite |v| >= 2^26 throws moetune::Error("gradient value
+// ... out of the fixed-point range ..."). NaN and +inf give kFixedMax, -inf gives kFixedMin.
+int128 to_fixed(double v);
+
+// (double)v * 2^-100: v rounded to the nearest double, then scaled exactly.
+double from_fixed(int128 v);
+
+// acc[i] = acc[i] + to_fixed(values[i]) for all i (wrapping add), OpenMP parallel.
+// acc (n), values (n); sizes must match (moetune::Error otherwise).
+// Returns the number of non-finite values met; their slots are set to the sentinel
+// (kFixedMax / kFixedMin) instead of being added. A finite value out of range throws
+// moetune::Error naming its index after the loop; acc then has every other value added.
+// Instantiated for T = float and T = double.
+template <class T>
+std::size_t add_fixed(std::span<int128> acc, std::span<const T> values);
+
+// out[i] = T(from_fixed(acc[i])), OpenMP parallel. out (n), acc (n); sizes must match.
+// Instantiated for T = float and T = double.
+template <class T>
+void load_fixed(std::span<T> out, std::span<const int128> acc);
+
+}  // namespace moetune::dist

@@ -1,0 +1,633 @@
+// tests/mpi/test_comm.cpp — dist::Comm collectives, communicator ownership, argument
+// checks, and the int128 fixed-point helpers. Run under mpirun at -np 1, 2, 3, 4
+// (tests/mpi/CMakeLists.txt); every check uses rank-dependent data, and expected values
+// are recomputed locally from the same formulas each rank used.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "dist/comm.hpp"
+#include "dist/environment.hpp"
+#include "dist/int128.hpp"
+#include "moe/error.hpp"
+
+namespace {
+
+using moetune::Error;
+using moetune::dist::Comm;
+using moetune::dist::int128;
+using moetune::dist::uint128;
+namespace dist = moetune::dist;
+
+std::string show(int128 v) {
+  if (v == 0) return "0";
+  const bool neg = v < 0;
+  uint128 u = neg ? -static_cast<uint128>(v) : static_cast<uint128>(v);
+  std::string s;
+  while (u > 0) {
+    s.insert(s.begin(), static_cast<char>('0' + static_cast<int>(u % 10)));
+    u /= 10;
+  }
+  return neg ? "-" + s : s;
+}
+template <class T>
+std::string show(T v) {
+  return std::to_string(v);
+}
+
+// Exact equality with a readable message for every element type, int128 included.
+#define EXPECT_SAME(got, want) EXPECT_TRUE((got) == (want)) << show(got) << " != " << show(want)
+
+// Rank-dependent test values. For int128 the value x * 2^70 + x does not fit in int64,
+// so a reduction that went through 64 bits would be caught. Floats get small integers
+// (exact sums).
+template <class T>
+T val(std::int64_t x) {
+  if constexpr (std::is_same_v<T, int128>) return static_cast<int128>(x) * (int128{1} << 70) + x;
+  else return static_cast<T>(x);
+}
+
+// EXPECT that `f` throws moetune::Error whose message contains every one of `parts`.
+template <class F>
+void expect_error(F&& f, std::initializer_list<std::string> parts) {
+  try {
+    f();
+    ADD_FAILURE() << "expected moetune::Error containing '" << *parts.begin() << "'";
+  } catch (const Error& e) {
+    const std::string what = e.what();
+    for (const std::string& p : parts) {
+      EXPECT_NE(what.find(p), std::string::npos) << "message '" << what << "' lacks '" << p << "'";
+    }
+  }
+}
+
+// ---- typed collectives over every element type ------------------------------------------
+
+template <class T>
+class CommTyped : public ::testing::Test {};
+using AllTypes = ::testing::Types<std::int32_t, std::int64_t, std::uint64_t, float, double, int128>;
+TYPED_TEST_SUITE(CommTyped, AllTypes);
+
+template <class T>
+class CommOrdered : public ::testing::Test {};
+using OrderedTypes = ::testing::Types<std::int32_t, std::int64_t, std::uint64_t, float, double>;
+TYPED_TEST_SUITE(CommOrdered, OrderedTypes);
+
+TYPED_TEST(CommTyped, AllreduceSum) {
+  using T = TypeParam;
+  const Comm world = Comm::world();
+  const int n = 5;
+  std::vector<T> x(n);
+  for (int i = 0; i < n; ++i) x[i] = val<T>(world.rank() * 10 + i + 1);
+  world.allreduce_sum<T>(x);
+  for (int i = 0; i < n; ++i) {
+    T want{};
+    for (int r = 0; r < world.size(); ++r) want += val<T>(r * 10 + i + 1);
+    EXPECT_SAME(x[i], want);
+  }
+  std::vector<T> empty;  // zero elements: a valid no-op
+  world.allreduce_sum<T>(empty);
+}
+
+TYPED_TEST(CommOrdered, AllreduceMaxMin) {
+  using T = TypeParam;
+  const Comm world = Comm::world();
+  const int n = 6;
+  auto f = [](int r, int i) { return val<T>((r * 37 + i * 11) % 17); };
+  std::vector<T> mx(n), mn(n);
+  for (int i = 0; i < n; ++i) mx[i] = mn[i] = f(world.rank(), i);
+  world.allreduce_max<T>(mx);
+  world.allreduce_min<T>(mn);
+  for (int i = 0; i < n; ++i) {
+    T want_max = f(0, i), want_min = f(0, i);
+    for (int r = 1; r < world.size(); ++r) {
+      want_max = std::max(want_max, f(r, i));
+      want_min = std::min(want_min, f(r, i));
+    }
+    EXPECT_SAME(mx[i], want_max);
+    EXPECT_SAME(mn[i], want_min);
+  }
+}
+
+TYPED_TEST(CommTyped, BroadcastFromEveryRoot) {
+  using T = TypeParam;
+  const Comm world = Comm::world();
+  for (int root = 0; root < world.size(); ++root) {
+    std::vector<T> x(4);
+    for (int i = 0; i < 4; ++i) x[i] = val<T>(world.rank() * 100 + i);
+    world.broadcast<T>(x, root);
+    for (int i = 0; i < 4; ++i) EXPECT_SAME(x[i], val<T>(root * 100 + i));
+  }
+}
+
+TYPED_TEST(CommTyped, Allgather) {
+  using T = TypeParam;
+  const Comm world = Comm::world();
+  std::vector<T> send(3), recv(3 * world.size());
+  for (int i = 0; i < 3; ++i) send[i] = val<T>(world.rank() * 10 + i);
+  world.allgather<T>(send, recv);
+  for (int r = 0; r < world.size(); ++r)
+    for (int i = 0; i < 3; ++i) EXPECT_SAME(recv[r * 3 + i], val<T>(r * 10 + i));
+}
+
+TYPED_TEST(CommTyped, AllgathervUnevenWithZeroCount) {
+  using T = TypeParam;
+  const Comm world = Comm::world();
+  std::vector<std::int64_t> counts(world.size());
+  for (int r = 0; r < world.size(); ++r) counts[r] = (r + 1) % 3;  // 1, 2, 0, 1: rank 2 sends nothing
+  std::vector<T> send(counts[world.rank()]);
+  for (std::size_t i = 0; i < send.size(); ++i) send[i] = val<T>(world.rank() * 10 + i);
+  std::vector<T> recv(std::accumulate(counts.begin(), counts.end(), std::int64_t{0}));
+  world.allgatherv<T>(send, recv, counts);
+  std::size_t k = 0;
+  for (int r = 0; r < world.size(); ++r)
+    for (std::int64_t i = 0; i < counts[r]; ++i) EXPECT_SAME(recv[k++], val<T>(r * 10 + i));
+  EXPECT_EQ(k, recv.size());
+}
+
+TYPED_TEST(CommTyped, AlltoallEqualBlocks) {
+  using T = TypeParam;
+  const Comm world = Comm::world();
+  const int p = world.size(), me = world.rank(), b = 2;
+  std::vector<T> send(p * b), recv(p * b);
+  for (int d = 0; d < p; ++d)
+    for (int j = 0; j < b; ++j) send[d * b + j] = val<T>(1000 * me + 10 * d + j);
+  world.alltoall<T>(send, recv);
+  for (int s = 0; s < p; ++s)
+    for (int j = 0; j < b; ++j) EXPECT_SAME(recv[s * b + j], val<T>(1000 * s + 10 * me + j));
+}
+
+// Elements rank s sends to rank d. With 2+ ranks, rank 0 sends nothing and the last rank
+// receives nothing; other pairs get 0..3 elements.
+std::int64_t a2av_count(int s, int d, int p) {
+  if (p == 1) return 3;
+  if (s == 0 || d == p - 1) return 0;
+  return (3 * s + d) % 4;
+}
+
+TYPED_TEST(CommTyped, AlltoallvUnevenAndZeroCounts) {
+  using T = TypeParam;
+  const Comm world = Comm::world();
+  const int p = world.size(), me = world.rank();
+  std::vector<std::int64_t> sc(p), rc(p);
+  for (int r = 0; r < p; ++r) {
+    sc[r] = a2av_count(me, r, p);
+    rc[r] = a2av_count(r, me, p);
+  }
+  const std::int64_t ns = std::accumulate(sc.begin(), sc.end(), std::int64_t{0});
+  const std::int64_t nr = std::accumulate(rc.begin(), rc.end(), std::int64_t{0});
+  if (p > 1 && me == 0) {
+    EXPECT_EQ(ns, 0);  // the rank that sends nothing
+  }
+  if (p > 1 && me == p - 1) {
+    EXPECT_EQ(nr, 0);  // the rank that receives nothing
+  }
+  std::vector<T> send(ns), recv(nr);
+  std::size_t k = 0;
+  for (int d = 0; d < p; ++d)
+    for (std::int64_t j = 0; j < sc[d]; ++j) send[k++] = val<T>(1000 * me + 100 * d + j);
+  world.alltoallv<T>(send, sc, recv, rc);
+  k = 0;
+  for (int s = 0; s < p; ++s)
+    for (std::int64_t j = 0; j < rc[s]; ++j) EXPECT_SAME(recv[k++], val<T>(1000 * s + 100 * me + j));
+}
+
+TYPED_TEST(CommTyped, ReduceScatterSum) {
+  using T = TypeParam;
+  const Comm world = Comm::world();
+  const int p = world.size(), me = world.rank();
+  std::vector<std::int64_t> counts(p);
+  for (int r = 0; r < p; ++r) counts[r] = (r + 2) % 3;  // 2, 0, 1, 2: rank 1 gets nothing
+  const std::int64_t total = std::accumulate(counts.begin(), counts.end(), std::int64_t{0});
+  std::vector<T> send(total);
+  for (std::int64_t i = 0; i < total; ++i) send[i] = val<T>(me * 7 + i + 1);
+  std::vector<T> recv(counts[me]);
+  world.reduce_scatter_sum<T>(send, recv, counts);
+  const std::int64_t offset = std::accumulate(counts.begin(), counts.begin() + me, std::int64_t{0});
+  for (std::int64_t j = 0; j < counts[me]; ++j) {
+    T want{};
+    for (int r = 0; r < p; ++r) want += val<T>(r * 7 + offset + j + 1);
+    EXPECT_SAME(recv[j], want);
+  }
+}
+
+TYPED_TEST(CommTyped, SendRecvRing) {
+  using T = TypeParam;
+  const Comm world = Comm::world();
+  const int p = world.size(), me = world.rank();
+  if (p == 1) GTEST_SKIP() << "a blocking ring needs 2+ ranks (SendrecvRing covers -np 1)";
+  const int next = (me + 1) % p, prev = (me + p - 1) % p;
+  std::vector<T> out(4), in(4);
+  for (int i = 0; i < 4; ++i) out[i] = val<T>(me * 10 + i);
+  // Even ranks send first, odd ranks receive first: no cycle of blocked senders.
+  if (me % 2 == 0) {
+    world.send<T>(out, next, 7);
+    world.recv<T>(in, prev, 7);
+  } else {
+    world.recv<T>(in, prev, 7);
+    world.send<T>(out, next, 7);
+  }
+  for (int i = 0; i < 4; ++i) EXPECT_SAME(in[i], val<T>(prev * 10 + i));
+}
+
+TYPED_TEST(CommTyped, SendrecvRing) {
+  using T = TypeParam;
+  const Comm world = Comm::world();
+  const int p = world.size(), me = world.rank();
+  const int next = (me + 1) % p, prev = (me + p - 1) % p;
+  std::vector<T> out(3), in(3);
+  for (int i = 0; i < 3; ++i) out[i] = val<T>(me * 10 + i + 5);
+  world.sendrecv<T>(out, next, in, prev, 3);
+  for (int i = 0; i < 3; ++i) EXPECT_SAME(in[i], val<T>(prev * 10 + i + 5));
+}
+
+// ---- values a 64-bit or floating-point reduction would get wrong ------------------------
+
+TEST(CommInt128, SumBeyondInt64IsExact) {
+  const Comm world = Comm::world();
+  const int p = world.size(), me = world.rank();
+  // Each contribution exceeds int64 by far, and the low bits must survive next to 2^120.
+  auto f = [](int r, int i) -> int128 {
+    return (int128{1} << 120) / (r + 2) * (i % 2 == 0 ? 1 : -1) + (int128{r} << 64) + r * 3 + i;
+  };
+  std::vector<int128> x(4);
+  for (int i = 0; i < 4; ++i) x[i] = f(me, i);
+  world.allreduce_sum<int128>(x);
+  for (int i = 0; i < 4; ++i) {
+    int128 want = 0;
+    for (int r = 0; r < p; ++r) want += f(r, i);
+    EXPECT_SAME(x[i], want);
+  }
+}
+
+TEST(CommInt128, FixedPointSumIsExactWhereDoubleRounds) {
+  // Values in rank order: 2^25 (rank 0), eight 2^-29 per rank, -2^25 (last rank).
+  // 2^-29 is below half an ulp of 2^25, so a double sum in rank order loses every small
+  // value; the fixed-point sum gives exactly 8 * size * 2^-29.
+  const Comm world = Comm::world();
+  const int p = world.size(), me = world.rank();
+  auto values_of = [p](int r) {
+    std::vector<double> v;
+    if (r == 0) v.push_back(0x1p25);
+    for (int k = 0; k < 8; ++k) v.push_back(0x1p-29);
+    if (r == p - 1) v.push_back(-0x1p25);
+    return v;
+  };
+  const std::vector<double> mine = values_of(me);
+  // Each value in its own slot would need a gather; instead every rank sums its values into
+  // one fixed-point slot, and the ranks' slots are reduced with the int128 op.
+  std::vector<int128> acc(1, 0);
+  for (double v : mine) {
+    const std::vector<double> one{v};
+    EXPECT_EQ(dist::add_fixed<double>(acc, one), 0u);
+  }
+  world.allreduce_sum<int128>(acc);
+  const double exact = 8.0 * p * 0x1p-29;
+  EXPECT_EQ(dist::from_fixed(acc[0]), exact);
+  EXPECT_SAME(acc[0], static_cast<int128>(8 * p) << 71);  // 2^-29 * 2^100 = 2^71
+
+  double in_rank_order = 0.0;
+  for (int r = 0; r < p; ++r)
+    for (double v : values_of(r)) in_rank_order += v;
+  EXPECT_EQ(in_rank_order, 0.0);  // every small value was rounded away
+  EXPECT_NE(in_rank_order, exact);
+}
+
+TEST(CommInt128, DistributedFixedSumMatchesSerialSumAtAnyRankCount) {
+  // Every rank owns 257 values of mixed magnitude; the MPI sum must equal, bit for bit, the
+  // serial fixed-point sum of all ranks' values (recomputed here from the same seeds),
+  // whatever the rank count or MPI's reduction tree.
+  const Comm world = Comm::world();
+  const int p = world.size(), me = world.rank();
+  const int n = 257;
+  auto values_of = [n](int r) {
+    std::mt19937_64 rng(1234 + r);
+    std::uniform_real_distribution<double> mant(-1.0, 1.0);
+    std::uniform_int_distribution<int> expo(-40, 20);
+    std::vector<double> v(n);
+    for (double& x : v) x = std::ldexp(mant(rng), expo(rng));
+    return v;
+  };
+  std::vector<int128> acc(n, 0);
+  EXPECT_EQ(dist::add_fixed<double>(acc, values_of(me)), 0u);
+  world.allreduce_sum<int128>(acc);
+
+  std::vector<int128> serial(n, 0);
+  for (int r = 0; r < p; ++r) dist::add_fixed<double>(serial, values_of(r));
+  for (int i = 0; i < n; ++i) EXPECT_SAME(acc[i], serial[i]);
+
+  std::vector<double> out(n);
+  dist::load_fixed<double>(out, acc);
+  for (int i = 0; i < n; ++i) EXPECT_EQ(out[i], dist::from_fixed(serial[i]));
+}
+
+// ---- environment -----------------------------------------------------------------------
+
+TEST(CommEnvironment, NestedEnvironmentDoesNotOwnMpi) {
+  const Comm world = Comm::world();
+  {
+    const dist::Environment inner;  // MPI is already running (mpi_main's Environment)
+    EXPECT_FALSE(inner.owns_mpi());
+    EXPECT_GE(inner.thread_level(), MPI_THREAD_FUNNELED);
+  }  // must not finalise MPI
+  int finalized = 1;
+  MPI_Finalized(&finalized);
+  EXPECT_EQ(finalized, 0);
+  EXPECT_EQ(dist::Environment::world_rank(), world.rank());
+  EXPECT_EQ(dist::Environment::world_size(), world.size());
+  world.barrier();
+}
+
+// ---- communicators: split, dup, ownership -----------------------------------------------
+
+TEST(CommSplit, ByParityWithReversedKeys) {
+  const Comm world = Comm::world();
+  const int p = world.size(), me = world.rank();
+  EXPECT_FALSE(world.owns());
+  const Comm sub = world.split(me % 2, -me);  // key -rank: highest world rank first
+  EXPECT_TRUE(sub.owns());
+  std::vector<int> same;
+  for (int r = p - 1; r >= 0; --r)
+    if (r % 2 == me % 2) same.push_back(r);
+  ASSERT_EQ(sub.size(), static_cast<int>(same.size()));  // same verdict on every rank
+  EXPECT_EQ(sub.rank(), static_cast<int>(std::find(same.begin(), same.end(), me) - same.begin()));
+  std::vector<std::int64_t> x{me, 1};
+  sub.allreduce_sum<std::int64_t>(x);
+  EXPECT_EQ(x[0], std::accumulate(same.begin(), same.end(), std::int64_t{0}));
+  EXPECT_EQ(x[1], static_cast<std::int64_t>(same.size()));
+}
+
+TEST(CommSplit, UndefinedColorGivesNullComm) {
+  const Comm world = Comm::world();
+  const int me = world.rank();
+  const Comm sub = world.split(me == 0 ? Comm::kUndefinedColor : 5, me);
+  if (me == 0) {
+    EXPECT_TRUE(sub.is_null());
+    expect_error([&] { (void)sub.size(); }, {"Comm::size", "null communicator"});
+  } else {
+    EXPECT_FALSE(sub.is_null());
+    EXPECT_EQ(sub.size(), world.size() - 1);
+    EXPECT_EQ(sub.rank(), me - 1);
+  }
+}
+
+// Counts communicators actually freed: MPI calls an attribute's delete callback when the
+// communicator carrying it is freed (MPI_Comm_free).
+int g_freed = 0;
+int count_free(MPI_Comm, int, void*, void*) {
+  ++g_freed;
+  return MPI_SUCCESS;
+}
+
+TEST(CommOwnership, DupAndSplitAreFreedNoLeak) {
+  const Comm world = Comm::world();
+  int keyval = MPI_KEYVAL_INVALID;
+  ASSERT_EQ(MPI_Comm_create_keyval(MPI_COMM_NULL_COPY_FN, count_free, &keyval, nullptr),
+            MPI_SUCCESS);
+  g_freed = 0;
+  for (int i = 0; i < 100; ++i) {
+    Comm d = world.dup();
+    Comm s = world.split(world.rank() % 2, world.rank());
+    EXPECT_EQ(MPI_Comm_set_attr(d.raw(), keyval, nullptr), MPI_SUCCESS);
+    EXPECT_EQ(MPI_Comm_set_attr(s.raw(), keyval, nullptr), MPI_SUCCESS);
+    EXPECT_EQ(d.size(), world.size());
+    int cmp = MPI_UNEQUAL;
+    MPI_Comm_compare(d.raw(), world.raw(), &cmp);
+    EXPECT_EQ(cmp, MPI_CONGRUENT);  // same group, its own context
+    // Moving must transfer ownership: exactly one free per communicator.
+    Comm moved = std::move(d);
+    EXPECT_TRUE(d.is_null());
+    EXPECT_FALSE(d.owns());
+    EXPECT_TRUE(moved.owns());
+    s = std::move(moved);  // frees the old split, now owns the dup
+    EXPECT_EQ(g_freed, 2 * i + 1);
+  }
+  EXPECT_EQ(g_freed, 200);
+  // WORLD and SELF wrappers never free the predefined communicators.
+  { const Comm w = Comm::world(), s = Comm::self(); }
+  EXPECT_EQ(Comm::self().size(), 1);
+  EXPECT_EQ(Comm::world().size(), world.size());
+  MPI_Comm_free_keyval(&keyval);
+}
+
+TEST(CommVerdict, AllTrue) {
+  const Comm world = Comm::world();
+  const int p = world.size(), me = world.rank();
+  EXPECT_TRUE(world.all_true(true));
+  EXPECT_FALSE(world.all_true(me != p - 1));  // one rank (the last) says no
+  EXPECT_FALSE(world.all_true(false));
+  EXPECT_EQ(world.all_true(me != 0 || p == 1), p == 1 ? true : false);
+}
+
+// ---- argument errors: thrown before MPI, naming the call ---------------------------------
+
+TEST(CommErrors, SizeMismatchesThrowBeforeMpi) {
+  const Comm world = Comm::world();
+  const int p = world.size();
+  std::vector<double> a(3), b(3 * p + 1);
+  expect_error([&] { world.allgather<double>(a, b); }, {"MPI_Allgather", "recv"});
+  std::vector<double> c(p + 1), d(p);
+  if (p > 1) {
+    expect_error([&] { world.alltoall<double>(c, std::span<double>(c)); },
+                 {"MPI_Alltoall", "multiple of size()"});
+  }
+  expect_error([&] { world.alltoall<double>(d, std::span<double>(b)); }, {"MPI_Alltoall", "recv"});
+
+  std::vector<std::int64_t> ones(p, 1), short_counts(p + 1, 1);
+  expect_error([&] { world.alltoallv<double>(d, short_counts, d, ones); },
+               {"MPI_Alltoallv", "send_counts", "one per rank"});
+  expect_error([&] { world.alltoallv<double>(c, ones, d, ones); },
+               {"MPI_Alltoallv", "send has"});
+  expect_error([&] { world.alltoallv<double>(d, ones, c, ones); },
+               {"MPI_Alltoallv", "recv has"});
+  std::vector<std::int64_t> negative(p, 1);
+  negative[0] = -1;
+  expect_error([&] { world.alltoallv<double>(d, negative, d, ones); },
+               {"MPI_Alltoallv", "negative"});
+
+  expect_error([&] { world.allgatherv<double>(a, d, ones); }, {"MPI_Allgatherv", "send"});
+  expect_error([&] { world.reduce_scatter_sum<double>(c, a, ones); },
+               {"MPI_Reduce_scatter", "send"});
+  expect_error([&] { world.reduce_scatter_sum<double>(d, a, ones); },
+               {"MPI_Reduce_scatter", "recv"});
+  expect_error([&] { world.broadcast<double>(a, p); }, {"MPI_Bcast", "root"});
+  expect_error([&] { world.broadcast<double>(a, -1); }, {"MPI_Bcast", "root"});
+  world.barrier();  // everyone is still in step
+}
+
+TEST(CommErrors, CountsBeyondIntMaxAreRejected) {
+  const Comm world = Comm::world();
+  const int p = world.size();
+  std::vector<float> none;
+  std::vector<std::int64_t> zeros(p, 0), huge(p, 0);
+  huge[0] = std::int64_t{INT_MAX} + 1;
+  expect_error([&] { world.alltoallv<float>(none, huge, none, zeros); },
+               {"MPI_Alltoallv", "send_counts[0]", "exceeds INT_MAX"});
+  // Each count fits but a prefix sum (the displacement of rank 2) does not.
+  if (p > 2) {
+    std::vector<std::int64_t> big(p, INT_MAX);
+    expect_error([&] { world.alltoallv<float>(none, zeros, none, big); },
+                 {"MPI_Alltoallv", "displacement", "exceeds INT_MAX"});
+  }
+  std::vector<std::int64_t> huge_gather(p, 0);
+  huge_gather[p - 1] = std::int64_t{1} << 33;
+  expect_error([&] { world.allgatherv<float>(none, none, huge_gather); },
+               {"MPI_Allgatherv", "exceeds INT_MAX"});
+}
+
+TEST(CommErrors, MpiErrorCodeBecomesError) {
+  // An invalid destination rank is caught by MPI itself (MPI_ERRORS_RETURN): the code must
+  // come back as moetune::Error naming the MPI function and this rank.
+  const Comm world = Comm::world();
+  std::vector<std::int32_t> x(2, 1);
+  expect_error([&] { world.send<std::int32_t>(x, world.size() + 3, 0); },
+               {"MPI_Send failed on rank " + std::to_string(world.rank()), "rank"});
+}
+
+TEST(CommErrors, RecvOfWrongLength) {
+  const Comm world = Comm::world();
+  const int p = world.size(), me = world.rank();
+  if (p == 1) GTEST_SKIP() << "needs 2 ranks";
+  std::vector<std::int64_t> three{1, 2, 3}, five{1, 2, 3, 4, 5};
+  if (me == 0) {
+    world.send<std::int64_t>(three, 1, 11);
+    world.send<std::int64_t>(five, 1, 12);
+  } else if (me == 1) {
+    std::vector<std::int64_t> buf5(5), buf3(3);
+    expect_error([&] { world.recv<std::int64_t>(buf5, 0, 11); },
+                 {"Comm::recv", "received 3 elements", "expected 5"});
+    expect_error([&] { world.recv<std::int64_t>(buf3, 0, 12); }, {"MPI_Recv failed on rank 1"});
+  }
+  world.barrier();
+}
+
+// ---- fixed-point conversion --------------------------------------------------------------
+
+TEST(FixedPoint, RoundTripExactInRange) {
+  std::mt19937_64 rng(7);
+  std::uniform_real_distribution<double> mant(0.5, 1.0);  // full 53-bit mantissas
+  std::uniform_int_distribution<int> expo(-47, 26);       // |v| in [2^-48, 2^26)
+  for (int k = 0; k < 20000; ++k) {
+    double v = std::ldexp(mant(rng), expo(rng));
+    if (k % 2) v = -v;
+    ASSERT_EQ(dist::from_fixed(dist::to_fixed(v)), v) << v;
+  }
+  // The boundaries themselves.
+  // The boundaries: in [2^-48, 2^-47) a double's last mantissa bit is exactly 2^-100.
+  const double lo = std::nextafter(0x1p-48, 1.0), hi = std::nextafter(0x1p26, 0.0);
+  EXPECT_EQ(lo, 0x1p-48 + 0x1p-100);
+  EXPECT_EQ(dist::from_fixed(dist::to_fixed(lo)), lo);
+  EXPECT_EQ(dist::from_fixed(dist::to_fixed(-hi)), -hi);
+  EXPECT_EQ(dist::from_fixed(dist::to_fixed(0x1p-47)), 0x1p-47);
+  // float values are exact down to 2^-77 (last bit 2^-100).
+  const float f = std::nextafter(0x1p-77f, 1.0f);
+  EXPECT_EQ(static_cast<float>(dist::from_fixed(dist::to_fixed(f))), f);
+}
+
+TEST(FixedPoint, BelowResolutionTruncatesTowardZero) {
+  EXPECT_SAME(dist::to_fixed(0x1p-100), int128{1});
+  EXPECT_SAME(dist::to_fixed(0x1p-101), int128{0});
+  EXPECT_SAME(dist::to_fixed(1.75 * 0x1p-100), int128{1});
+  EXPECT_SAME(dist::to_fixed(-1.75 * 0x1p-100), int128{-1});
+  EXPECT_SAME(dist::to_fixed(1.0), int128{1} << 100);
+  // Below 2^-48 the last mantissa bit falls under 2^-100: no longer exact.
+  const double v = std::nextafter(0x1p-49, 1.0);  // 2^-49 + 2^-101
+  EXPECT_NE(dist::from_fixed(dist::to_fixed(v)), v);
+  EXPECT_LT(std::fabs(dist::from_fixed(dist::to_fixed(v))), std::fabs(v));
+}
+
+TEST(FixedPoint, OutOfRangeThrows) {
+  for (double v : {0x1p26, -0x1p26, 1e300, -3e7 * 3}) {
+    expect_error([&] { (void)dist::to_fixed(v); }, {"gradient value", "out of the fixed-point range"});
+  }
+  EXPECT_NO_THROW((void)dist::to_fixed(std::nextafter(0x1p26, 0.0)));
+  std::vector<int128> acc(4, 0);
+  const std::vector<float> vals{1.0f, 2.0f, 1e8f, 3.0f};
+  expect_error([&] { dist::add_fixed<float>(acc, vals); }, {"at index 2", "out of the fixed-point range"});
+  EXPECT_SAME(acc[0], dist::to_fixed(1.0));  // the other values were added
+  EXPECT_SAME(acc[3], dist::to_fixed(3.0));
+  EXPECT_SAME(acc[2], int128{0});
+}
+
+TEST(FixedPoint, NonFiniteSaturatesAndIsCounted) {
+  const double inf = std::numeric_limits<double>::infinity();
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  EXPECT_SAME(dist::to_fixed(nan), dist::kFixedMax);
+  EXPECT_SAME(dist::to_fixed(inf), dist::kFixedMax);
+  EXPECT_SAME(dist::to_fixed(-inf), dist::kFixedMin);
+  EXPECT_SAME(dist::kFixedMin, -dist::kFixedMax - 1);
+  std::vector<int128> acc(5, dist::to_fixed(0.5));
+  const std::vector<double> vals{1.0, nan, -inf, 2.0, inf};
+  EXPECT_EQ(dist::add_fixed<double>(acc, vals), 3u);
+  EXPECT_SAME(acc[0], dist::to_fixed(1.5));
+  EXPECT_SAME(acc[1], dist::kFixedMax);
+  EXPECT_SAME(acc[2], dist::kFixedMin);
+  EXPECT_SAME(acc[3], dist::to_fixed(2.5));
+  EXPECT_SAME(acc[4], dist::kFixedMax);
+  const std::vector<double> finite{1.0, 2.0, 3.0, 4.0, 5.0};
+  EXPECT_EQ(dist::add_fixed<double>(acc, finite), 0u);
+}
+
+TEST(FixedPoint, SumIsOrderIndependentWhileDoubleSumIsNot) {
+  // Hand-built: 2^25, eight 2^-29, -2^25. Forward the small values vanish; small ones first
+  // they survive. The fixed-point sum is the same bits in every order.
+  std::vector<double> v{0x1p25};
+  for (int k = 0; k < 8; ++k) v.push_back(0x1p-29);
+  v.push_back(-0x1p25);
+  auto double_sum = [](const std::vector<double>& x) {
+    double s = 0;
+    for (double y : x) s += y;
+    return s;
+  };
+  auto fixed_sum = [](const std::vector<double>& x) {
+    std::vector<int128> acc(1, 0);
+    for (double y : x) dist::add_fixed<double>(acc, std::vector<double>{y});
+    return acc[0];
+  };
+  std::vector<double> small_first(v.begin() + 1, v.end() - 1);
+  small_first.push_back(0x1p25);
+  small_first.push_back(-0x1p25);
+  EXPECT_EQ(double_sum(v), 0.0);
+  EXPECT_EQ(double_sum(small_first), 0x1p-26);
+  EXPECT_SAME(fixed_sum(v), fixed_sum(small_first));
+  EXPECT_EQ(dist::from_fixed(fixed_sum(v)), 0x1p-26);
+
+  // Random values of mixed magnitude in 30 shuffled orders.
+  std::mt19937_64 rng(99);
+  std::uniform_real_distribution<double> mant(-1.0, 1.0);
+  std::uniform_int_distribution<int> expo(-30, 20);
+  std::vector<double> r(2000);
+  for (double& x : r) x = std::ldexp(mant(rng), expo(rng));
+  std::set<double> double_sums;
+  const int128 reference = fixed_sum(r);
+  for (int k = 0; k < 30; ++k) {
+    std::shuffle(r.begin(), r.end(), rng);
+    double_sums.insert(double_sum(r));
+    EXPECT_SAME(fixed_sum(r), reference);
+  }
+  EXPECT_GT(double_sums.size(), 1u);  // the double sum depends on the order
+}
+
+TEST(FixedPoint, LoadFixedAndSizeChecks) {
+  const std::vector<float> vals{0.25f, -3.5f, 1e-6f};
+  std::vector<int128> acc(3, 0);
+  dist::add_fixed<float>(acc, vals);
+  dist::add_fixed<float>(acc, vals);
+  std::vector<float> out(3);
+  dist::load_fixed<float>(out, acc);
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(out[i], 2.0f * vals[i]);
+  std::vector<float> wrong(2);
+  expect_error([&] { dist::add_fixed<float>(acc, wrong); }, {"add_fixed"});
+  expect_error([&] { dist::load_fixed<float>(wrong, acc); }, {"load_fixed"});
+}
+
+}  // namespace
