@@ -48,7 +48,9 @@ TEST_P(ModelGrad, EveryParameterTensor) {
   m.zero_grad();
   const auto st = m.forward_backward(mb, norm, true);
   ASSERT_GT(st.n_targets, 0);
-  if (cfg.capacity_factor > 0) EXPECT_GT(st.dropped_pairs, 0);
+  if (cfg.capacity_factor > 0) {
+    EXPECT_GT(st.dropped_pairs, 0);
+  }
   const std::vector<double> grads = m.grads();
   auto f = [&] { return m.forward_backward(mb, norm, false).total(); };
   EXPECT_NEAR(f(), st.total(), 1e-12);

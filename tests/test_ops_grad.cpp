@@ -183,7 +183,9 @@ TEST_P(RouterGrad, LogitsGradient) {
   std::vector<double> dw(N * K), dl(N * E);
   for (int64_t i = 0; i < N * K; ++i) dw[i] = r.kept[i] ? R[i] : 0.0;
   router_backward(dl.data(), dw.data(), logits.data(), r, cfg, rows, S, sc);
-  if (cfg.capacity_factor > 0) EXPECT_GT(r.dropped, 0) << "the capacity case must drop pairs";
+  if (cfg.capacity_factor > 0) {
+    EXPECT_GT(r.dropped, 0) << "the capacity case must drop pairs";
+  }
   EXPECT_LT(check_grad(f, logits, dl, 1000), 1e-5) << GetParam().name;
 }
 
@@ -263,7 +265,9 @@ TEST_P(MoeLayerGrad, AllInputsAndWeights) {
   g.su = dsu.data();
   g.sd = dsd.data();
   moe_backward(dx.data(), g, R.data(), x.data(), w, stage, 0, cache, cfg, rows, S, sc, scratch);
-  if (cfg.capacity_factor > 0) EXPECT_GT(cache.routing.dropped, 0) << "the capacity case must drop pairs";
+  if (cfg.capacity_factor > 0) {
+    EXPECT_GT(cache.routing.dropped, 0) << "the capacity case must drop pairs";
+  }
   EXPECT_LT(check_grad(f, x, dx, 100), 1e-5);
   EXPECT_LT(check_grad(f, gate, dgate, 100), 1e-5);
   for (int e = 0; e < E; ++e) {

@@ -92,10 +92,11 @@ TEST(TrainStep, NoauxBiasMovesOnlyUnderNoauxTc) {
     int64_t routed = 0;
     for (auto c : r.expert_counts[0]) routed += c;
     EXPECT_EQ(routed, mb.tokens() * cfg.K());
-    if (std::string(method) == "noaux_tc")
+    if (std::string(method) == "noaux_tc") {
       EXPECT_GT(moved, 0.0);
-    else
+    } else {
       EXPECT_EQ(moved, 0.0);
+    }
   }
 }
 
@@ -112,7 +113,9 @@ TEST(TrainStep, NonFiniteStepIsSkippedAndChangesNothing) {
   EXPECT_EQ(opt.step_count(), 0);
   EXPECT_EQ(m.expert_bias(), bias_before);
   for (size_t i = 0; i < before.size(); ++i)
-    if (!std::isnan(before[i])) ASSERT_EQ(before[i], m.params()[i]);
+    if (!std::isnan(before[i])) {
+      ASSERT_EQ(before[i], m.params()[i]);
+    }
 }
 
 // A tiny model learns the synthetic progression task within a few seconds.
