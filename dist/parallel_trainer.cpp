@@ -100,6 +100,7 @@ StepResult ParallelTrainer<T>::accumulate(const std::vector<MicroBatch>& batch) 
   const LossNorm norm = global_loss_norm(batch);
   const int nm = cfg_.num_moe_layers(), E = cfg_.E();
   auto t0 = clock_type::now();
+  if (stage_) stage_->stats.reset();
   model_->zero_grad();
   std::fill(acc_.begin(), acc_.end(), int128(0));
   // Per local micro-batch: ce, aux, seq, z, targets, tokens, dropped.
@@ -122,6 +123,12 @@ StepResult ParallelTrainer<T>::accumulate(const std::vector<MicroBatch>& batch) 
       for (int e = 0; e < E; ++e) counts[size_t(j) * E + e] += s.expert_counts[j][e];
   }
   stats.compute_s += since(t0);
+  if (stage_) {
+    stats.exchange.dispatch_bytes += stage_->stats.dispatch_bytes;
+    stats.exchange.combine_bytes += stage_->stats.combine_bytes;
+    stats.exchange.dispatch_s += stage_->stats.dispatch_s;
+    stats.exchange.combine_s += stage_->stats.combine_s;
+  }
 
   // Exact reduction of the gradient leaves.
   t0 = clock_type::now();
