@@ -3,6 +3,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <limits>
 
 #include "moe/error.hpp"
 
@@ -85,7 +86,12 @@ ParallelTrainer<T>::ParallelTrainer(const ModelConfig& cfg, ProcessGrid& grid, c
 template <class T>
 void ParallelTrainer<T>::flush_leaf(size_t begin, size_t end) {
   auto& g = model_->grads();
-  add_fixed(std::span<int128>(acc_.data() + begin, end - begin), std::span<const T>(g.data() + begin, end - begin));
+  try {
+    nonfinite_ += add_fixed(std::span<int128>(acc_.data() + begin, end - begin),
+                            std::span<const T>(g.data() + begin, end - begin));
+  } catch (const Error&) {
+    ++nonfinite_;  // a gradient beyond the fixed-point range (2^26): treated like inf
+  }
   std::fill(g.begin() + begin, g.begin() + end, T(0));
 }
 
@@ -103,6 +109,7 @@ StepResult ParallelTrainer<T>::accumulate(const std::vector<MicroBatch>& batch) 
   if (stage_) stage_->stats.reset();
   model_->zero_grad();
   std::fill(acc_.begin(), acc_.end(), int128(0));
+  nonfinite_ = 0;
   // Per local micro-batch: ce, aux, seq, z, targets, tokens, dropped.
   constexpr int kStats = 7;
   std::vector<double> local(size_t(A) * kStats, 0.0);
@@ -162,6 +169,8 @@ StepResult ParallelTrainer<T>::accumulate(const std::vector<MicroBatch>& batch) 
   for (int j = 0; j < nm; ++j)
     for (int e = 0; e < E; ++e) r.expert_counts[j][e] = counts[size_t(j) * E + e];
   r.grad_norm = global_grad_norm_exact();
+  // A non-finite (or out-of-range) gradient on any rank makes the step non-finite.
+  if (!grid_.world.all_true(nonfinite_ == 0)) r.grad_norm = std::numeric_limits<double>::quiet_NaN();
   return r;
 }
 

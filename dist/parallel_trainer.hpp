@@ -78,6 +78,7 @@ class ParallelTrainer {
   std::vector<int128> acc_;
   std::vector<Segment> segments_;
   int zero_ = 0;
+  size_t nonfinite_ = 0;  // non-finite gradient values met in this step's leaves
   // ZeRO-1: per segment, this rank's shard [begin, end) and the moments of it.
   struct Shard {
     size_t begin, end;

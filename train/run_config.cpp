@@ -156,9 +156,6 @@ const std::vector<KeyDef>& keys() {
           "rows per optimizer step over all ranks (a multiple of micro_batch_size * ranks); 0 = "
           "micro_batch_size * grad_accum_steps * ranks. Set it to keep the same global batch at every layout",
           non_negative<int64_t>()),
-      key("train", &RunConfig::train, "deterministic", &T::deterministic,
-          "sum gradients exactly (128-bit fixed point), so results are bit-identical for every (ranks, ep) "
-          "layout at the same threads per rank"),
       key("parallel", &RunConfig::parallel, "ep", &P::ep,
           "expert-parallel group size: divides the number of ranks and model.n_routed_experts; 1 = pure data "
           "parallelism",

@@ -26,7 +26,6 @@ struct TrainConfig {
   std::string precision = "float";  // "float" | "double"
   int threads = 0;                  // OpenMP threads; 0 = OpenMP's default
   int64_t global_batch_size = 0;    // rows per optimizer step over all ranks; 0 = micro * accum * ranks
-  bool deterministic = true;        // layout-independent, bit-reproducible gradient sums
 
   // Micro-batches in the global batch for `ranks` ranks (global_batch_size / micro_batch_size, or
   // grad_accum_steps * ranks). Throws moetune::Error naming the key if it does not divide.

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <random>
 
 #include "dist/checkpoint_parallel.hpp"
@@ -370,4 +371,33 @@ TEST(ExpertParallel, BadLayoutsAreRejectedOnEveryRank) {
     }
   }
   world.barrier();  // every rank got here: nobody hung
+}
+
+// A non-finite gradient on one rank skips the step on every rank: weights, AdamW
+// state and routing bias stay as they were.
+TEST(ExpertParallel, NonFiniteStepIsSkippedEverywhere) {
+  Comm world = Comm::world();
+  const auto cfg = tiny_config();
+  ProcessGrid grid = ProcessGrid::create(world, valid_eps(world.size(), cfg.E()).back(), cfg);
+  AdamWConfig ac;
+  ParallelTrainer<float> t(cfg, grid, ac, 0);
+  t.model().init(7);
+  // Poison one input embedding row used only by the last rank's first micro-batch.
+  auto batch = global_batch(world.size(), 1, cfg.vocab_size);
+  const int32_t poisoned = batch.back().input_ids[0];
+  for (auto& mb : batch)
+    for (auto& id : mb.input_ids)
+      if (id == poisoned && &mb != &batch.back()) id = (poisoned + 1) % cfg.vocab_size;
+  auto& p = t.model().params();
+  p[t.model().layout().offset("model.embed_tokens.weight") + size_t(poisoned) * cfg.d()] =
+      std::numeric_limits<float>::infinity();
+  const auto before = p;
+  const auto bias = t.model().expert_bias();
+  const auto r = t.step(batch, 1e-3, 1.0);
+  EXPECT_TRUE(r.skipped);
+  EXPECT_EQ(t.optimizer().step_count(), 0);
+  EXPECT_EQ(t.model().expert_bias(), bias);
+  int64_t changed = 0;
+  for (size_t i = 0; i < p.size(); ++i) changed += !(p[i] == before[i]) && !std::isinf(before[i]);
+  EXPECT_EQ(changed, 0);
 }

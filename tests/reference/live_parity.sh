@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Live parity check: a checkpoint written by this build's `moetune init` is read by the
+# PyTorch reference (its own safetensors parser), which computes the expected loss
+# terms, logits, gradients and 3 AdamW steps; the C++ Parity tests then compare this
+# build against those fresh results (MOETUNE_FIXTURE_ROOT).
+# usage: live_parity.sh <moetune binary> <moetune_tests binary> <scratch dir>
+set -euo pipefail
+moetune=$1 tests=$2 dir=$3
+src=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+rm -rf "$dir" && mkdir -p "$dir"
+trap 'rm -rf "$dir"' EXIT
+for case in parity_sigmoid parity_softmax; do
+  mkdir -p "$dir/$case"
+  cp "$src/tests/fixtures/$case/batch.json" "$dir/$case/"
+  "$moetune" init --config "$src/tests/fixtures/$case/config.json" --seed 39 --out "$dir/$case/ckpt"
+  /usr/bin/python3 "$src/tests/reference/make_fixture.py" --ckpt "$dir/$case/ckpt" \
+      --batch "$dir/$case/batch.json" --out "$dir/$case/expected.safetensors"
+done
+MOETUNE_FIXTURE_ROOT=$dir "$tests" --gtest_filter='Parity.*'
