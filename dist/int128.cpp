@@ -33,9 +33,17 @@ std::string format_value(double v) {
 // Non-finite sentinel: +inf and NaN saturate to the maximum, -inf to the minimum.
 int128 saturate(double v) { return (std::isnan(v) || v > 0) ? kFixedMax : kFixedMin; }
 
-// Precondition: v finite and |v| < 2^26, so v * 2^100 < 2^126 fits; the cast truncates
-// toward zero. ldexp by a power of two is exact (no rounding) in this range.
-int128 to_fixed_unchecked(double v) { return static_cast<int128>(std::ldexp(v, kFixedFractionBits)); }
+// Precondition: v finite and |v| < 2^26, so v * 2^100 < 2^126 fits. Computes
+// trunc(v * 2^100) without the slow double -> int128 library call: with
+// x = v * 2^37 (exact), hi = trunc(x) and r = x - hi (exact, |r| < 1, same sign as x),
+// v * 2^100 = hi * 2^63 + r * 2^63, and trunc of that is hi * 2^63 + trunc(r * 2^63)
+// because both parts have the same sign. Two double -> int64 conversions.
+inline int128 to_fixed_unchecked(double v) {
+  const double x = v * 0x1p37;
+  const double hi = std::trunc(x);
+  const auto lo = static_cast<int64_t>((x - hi) * 0x1p63);
+  return static_cast<int128>(static_cast<int64_t>(hi)) * (int128(1) << 63) + lo;
+}
 
 }  // namespace
 

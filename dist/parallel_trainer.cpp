@@ -117,7 +117,10 @@ StepResult ParallelTrainer<T>::accumulate(const std::vector<MicroBatch>& batch) 
   for (int a = 0; a < A; ++a) {
     const MicroBatch& mb = batch[first + a];
     const MicroStats s = model_->forward_backward(mb, norm, true);
-    flush_leaf(0, model_->grads().size());
+    // The dense part of this micro-batch's gradient is one leaf (the experts' leaves
+    // were flushed layer by layer during the backward).
+    for (const auto& seg : segments_)
+      if (!seg.expert) flush_leaf(seg.begin, seg.end);
     double* o = local.data() + size_t(a) * kStats;
     o[0] = s.ce;
     o[1] = s.aux_loss;

@@ -40,10 +40,10 @@ void validate(const ScheduleConfig& s) {
   if (s.kind != "constant" && s.kind != "linear" && s.kind != "cosine")
     fail("optim.schedule", "expected one of constant, linear, cosine, got '" + s.kind + "'");
   if (!std::isfinite(s.lr) || s.lr < 0.0) fail("optim.lr", "must be a finite number >= 0");
-  if (s.total_steps < 1) fail("optim.total_steps", "must be >= 1, got " + std::to_string(s.total_steps));
+  if (s.total_steps < 1) fail("train.steps", "must be >= 1, got " + std::to_string(s.total_steps));
   if (s.warmup_steps < 0) fail("optim.warmup_steps", "must be >= 0, got " + std::to_string(s.warmup_steps));
   if (s.warmup_steps > s.total_steps)
-    fail("optim.warmup_steps", "must be <= optim.total_steps (" + std::to_string(s.total_steps) + "), got " +
+    fail("optim.warmup_steps", "must be <= train.steps (" + std::to_string(s.total_steps) + "), got " +
                                    std::to_string(s.warmup_steps));
   if (!(s.min_lr_ratio >= 0.0 && s.min_lr_ratio <= 1.0))
     fail("optim.min_lr_ratio", "must be in [0, 1]");

@@ -327,7 +327,7 @@ TEST(Schedule, ValidateNamesKey) {
             std::string::npos);
   EXPECT_NE(error_of([] { validate(sched("cosine", 1e-3, 200, 100, 0.0)); }).find("'optim.warmup_steps'"),
             std::string::npos);
-  EXPECT_NE(error_of([] { validate(sched("cosine", 1e-3, 0, 0, 0.0)); }).find("'optim.total_steps'"),
+  EXPECT_NE(error_of([] { validate(sched("cosine", 1e-3, 0, 0, 0.0)); }).find("'train.steps'"),
             std::string::npos);
   EXPECT_NE(error_of([] { validate(sched("linear", 1e-3, 0, 100, 1.5)); }).find("'optim.min_lr_ratio'"),
             std::string::npos);
