@@ -6,6 +6,7 @@
 // (the `parity_live` ctest does this with `moetune init` + make_fixture.py).
 #include <gtest/gtest.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -103,7 +104,9 @@ void check_fixture(const std::string& name, double tol_loss, double tol_tensor) 
   }
   // Loss terms and every gradient at the initial weights.
   StepResult r = accumulate_gradients(model, f.batch);
+  double worst_loss = 0, worst_tensor = 0;
   auto close = [&](double a, double b, const char* what) {
+    worst_loss = std::max(worst_loss, std::fabs(a - b) / std::max(1.0, std::fabs(b)));
     EXPECT_LE(std::fabs(a - b), tol_loss * std::max(1.0, std::fabs(b))) << name << " " << what << ": " << a
                                                                          << " vs " << b;
   };
@@ -114,8 +117,9 @@ void check_fixture(const std::string& name, double tol_loss, double tol_tensor) 
   close(r.total_loss, expected_scalar(f, "loss.total"), "loss.total");
   int checked = 0;
   for (const auto& t : model.layout().tensors()) {
-    EXPECT_LT(tensor_err(model.grads().data() + t.offset, expected(f, "grad." + t.name)), tol_tensor)
-        << name << " grad." << t.name;
+    const double err = tensor_err(model.grads().data() + t.offset, expected(f, "grad." + t.name));
+    worst_tensor = std::max(worst_tensor, err);
+    EXPECT_LT(err, tol_tensor) << name << " grad." << t.name;
     ++checked;
   }
   EXPECT_EQ(checked, int(model.layout().tensors().size()));
@@ -133,9 +137,13 @@ void check_fixture(const std::string& name, double tol_loss, double tol_tensor) 
     close(s.loss, expected_scalar(f, "step" + std::to_string(k) + ".loss"), "step loss");
     close(s.grad_norm, expected_scalar(f, "step" + std::to_string(k) + ".grad_norm"), "step grad_norm");
   }
-  for (const auto& t : model.layout().tensors())
-    EXPECT_LT(tensor_err(model.params().data() + t.offset, expected(f, "final." + t.name)), tol_tensor)
-        << name << " final." << t.name;
+  for (const auto& t : model.layout().tensors()) {
+    const double err = tensor_err(model.params().data() + t.offset, expected(f, "final." + t.name));
+    worst_tensor = std::max(worst_tensor, err);
+    EXPECT_LT(err, tol_tensor) << name << " final." << t.name;
+  }
+  std::printf("[ parity ] %s (%s): worst relative error: losses %.2e, gradients/weights %.2e\n", name.c_str(),
+              sizeof(T) == 8 ? "double" : "float", worst_loss, worst_tensor);
   for (int j = 0; j < f.cfg.num_moe_layers(); ++j) {
     const auto want = expected(f, "final." + ParamLayout::bias_name(f.cfg.first_k_dense_replace + j));
     for (int e = 0; e < f.cfg.E(); ++e)

@@ -264,6 +264,35 @@ TEST(ExpertParallel, TrainingIsBitIdenticalToOneRank) {
     }
 }
 
+// The loss and every gradient of one global batch at every valid (W, ep) equal one
+// rank's, bit for bit.
+TEST(ExpertParallel, LossAndGradientsAreBitIdenticalToOneRank) {
+  Comm world = Comm::world();
+  const auto cfg = tiny_config({{"seq_aux_loss_coeff", 0.01}});
+  const auto batch = global_batch(12, 3, cfg.vocab_size);
+  Comm self = Comm::self();
+  ProcessGrid one = ProcessGrid::create(self, 1, cfg);
+  AdamWConfig ac;
+  ParallelTrainer<double> ref(cfg, one, ac, 0);
+  ref.model().init(9);
+  const StepResult rr = ref.accumulate(batch);
+  for (int ep : valid_eps(world.size(), cfg.E())) {
+    ProcessGrid grid = ProcessGrid::create(world, ep, cfg);
+    ParallelTrainer<double> t(cfg, grid, ac, 0);
+    t.model().init(9);
+    const StepResult r = t.accumulate(batch);
+    EXPECT_EQ(std::memcmp(&r.total_loss, &rr.total_loss, sizeof(double)), 0) << "ep " << ep;
+    EXPECT_EQ(std::memcmp(&r.grad_norm, &rr.grad_norm, sizeof(double)), 0) << "ep " << ep;
+    EXPECT_EQ(r.expert_counts, rr.expert_counts);
+    for (const auto& tn : t.model().layout().tensors())
+      ASSERT_EQ(std::memcmp(t.model().grads().data() + tn.offset,
+                            ref.model().grads().data() + ref.model().layout().at(tn.name).offset,
+                            tn.numel * sizeof(double)),
+                0)
+          << "gradient of " << tn.name << " at W=" << world.size() << " ep=" << ep;
+  }
+}
+
 // Save at one layout, resume at another: the continued run equals the uninterrupted
 // one on a single rank, bit for bit.
 TEST(ExpertParallel, ResumeAtAnotherLayoutEqualsUninterruptedRun) {
