@@ -84,6 +84,12 @@ int main(int argc, char** argv) {
       ->required();
   train->add_option("--init-from", topt.init_from,
                     "Start from this checkpoint's weights (its config.json replaces the run config's model section)");
+  train->add_option("--resume-from", topt.resume_from,
+                    "Continue exactly from this checkpoint (weights, AdamW state, step, data position); it must be "
+                    "complete and intact (manifest.json checksums)");
+  train->add_flag("--auto-resume", topt.auto_resume,
+                  "Continue from the newest valid checkpoint in --out if there is one (invalid ones are skipped "
+                  "with a warning), else start afresh");
   train->add_option("--set", train_sets, "Override a run-config key, e.g. --set train.steps=10 --set optim.lr=3e-4");
   train->add_option("--peak-gflops", topt.peak_gflops,
                     "Peak GFLOP/s for MFU (default: measured with an FMA probe at start-up)");
@@ -124,6 +130,8 @@ int main(int argc, char** argv) {
     } else if (*train) {
       RunConfig rc = RunConfig::from_file(train_config);
       for (const auto& s : train_sets) rc.set(s);
+      if (!topt.init_from.empty() && (!topt.resume_from.empty() || topt.auto_resume))
+        throw Error("train: --init-from starts a new run; it cannot be combined with --resume-from/--auto-resume");
       if (!topt.init_from.empty()) {
         rc.model = load_checkpoint_config(topt.init_from);
         rc.validate(train_config);

@@ -6,7 +6,9 @@
 #include <filesystem>
 #include <type_traits>
 
+#include "dist/fault.hpp"
 #include "io/fsutil.hpp"
+#include "io/manifest.hpp"
 #include "io/safetensors.hpp"
 #include "moe/error.hpp"
 
@@ -110,6 +112,7 @@ void save_checkpoint_parallel(const std::string& dir_in, const ProcessGrid& g, c
       error = e.what();
     }
   }
+  maybe_inject_fault("in-save", state.value("step", int64_t(-1)), g.world_rank);
   verdict("writing the shards");
 
   if (g.world_rank == 0) {
@@ -133,6 +136,7 @@ void save_checkpoint_parallel(const std::string& dir_in, const ProcessGrid& g, c
           fsutil::write_file_atomic((fs::path(tmp) / "optimizer.safetensors.index.json").string(), oi.dump(2) + "\n");
       }
       fsutil::write_file_atomic((fs::path(tmp) / "trainer_state.json").string(), state.dump(2) + "\n");
+      write_manifest(tmp);  // last: a checkpoint with a valid manifest is complete
       fsutil::fsync_dir(tmp);
       const bool replacing = fs::exists(fs::symlink_status(dir));
       if (replacing) {

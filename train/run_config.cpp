@@ -147,6 +147,10 @@ const std::vector<KeyDef>& keys() {
       key("train", &RunConfig::train, "log_every", &T::log_every, "log every N steps", positive<int>()),
       key("train", &RunConfig::train, "save_every", &T::save_every,
           "write a checkpoint every N steps; 0 = no periodic checkpoints", non_negative<int64_t>()),
+      key("train", &RunConfig::train, "keep_checkpoints", &T::keep_checkpoints,
+          "keep only the newest N step checkpoints in the output directory (older ones are removed after a new "
+          "one is complete); 0 = keep all",
+          non_negative<int>()),
       key("train", &RunConfig::train, "precision", &T::precision,
           "arithmetic of parameters, activations and optimizer state: \"float\" or \"double\"",
           one_of({"float", "double"})),

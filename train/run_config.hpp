@@ -23,6 +23,7 @@ struct TrainConfig {
   uint64_t seed = 1234;             // initialisation and data shuffling
   int log_every = 1;                // log every N steps
   int64_t save_every = 0;           // checkpoint every N steps; 0 = no periodic checkpoints
+  int keep_checkpoints = 0;         // keep only the newest N step checkpoints; 0 = keep all
   std::string precision = "float";  // "float" | "double"
   int threads = 0;                  // OpenMP threads; 0 = OpenMP's default
   int64_t global_batch_size = 0;    // rows per optimizer step over all ranks; 0 = micro * accum * ranks

@@ -15,6 +15,8 @@
 
 #include "dist/checkpoint_parallel.hpp"
 #include "dist/collective.hpp"
+#include "dist/fault.hpp"
+#include "io/manifest.hpp"
 #include "dist/parallel_trainer.hpp"
 #include "io/checkpoint.hpp"
 #include "moe/error.hpp"
@@ -37,6 +39,26 @@ std::string step_dir(const std::string& out, int64_t step) {
   return (fs::path(out) / buf).string();
 }
 
+// Step checkpoint directories of out_dir, newest first.
+std::vector<fs::path> step_dirs(const std::string& out) {
+  std::vector<fs::path> v;
+  if (!fs::is_directory(out)) return v;
+  for (const auto& e : fs::directory_iterator(out)) {
+    const std::string n = e.path().filename().string();
+    if (e.is_directory() && n.size() == 13 && n.rfind("step-", 0) == 0 &&
+        n.find_first_not_of("0123456789", 5) == std::string::npos)
+      v.push_back(e.path());
+  }
+  std::sort(v.rbegin(), v.rend());
+  return v;
+}
+
+void prune_checkpoints(const std::string& out, int keep) {
+  const auto dirs = step_dirs(out);
+  std::error_code ec;
+  for (size_t i = size_t(keep); i < dirs.size(); ++i) fs::remove_all(dirs[i], ec);
+}
+
 double median(std::vector<double> v) {
   if (v.empty()) return 0;
   std::sort(v.begin(), v.end());
@@ -57,6 +79,9 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
   std::unique_ptr<BatchLoader> loader_holder;
   size_t n_docs = 0;
   int M = 0;
+  std::string resume_dir;
+  json resume_state;
+  int64_t start_step = 1;
   ScheduleConfig sched = rc.schedule_config();
   dist::run_collectively(world, [&] {
     grid_holder.emplace(dist::ProcessGrid::create(world, rc.parallel.ep, cfg));
@@ -75,15 +100,48 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
     if (grid.world_rank == 0) fs::create_directories(opt.out_dir);
     trainer_holder = std::make_unique<dist::ParallelTrainer<T>>(cfg, grid, rc.adamw_config(), rc.parallel.zero_stage);
     Model<T>& m = trainer_holder->model();
-    if (!opt.init_from.empty())
+    // Temporary directories of checkpoints whose writing was interrupted are incomplete
+    // by construction (a checkpoint only gets its name once complete): remove them.
+    if (grid.world_rank == 0 && fs::is_directory(opt.out_dir))
+      for (const auto& e : fs::directory_iterator(opt.out_dir)) {
+        const std::string n = e.path().filename().string();
+        if (e.is_directory() && n.rfind("step-", 0) == 0 && n.find(".tmp-") != std::string::npos) {
+          std::error_code ec;
+          fs::remove_all(e.path(), ec);
+        }
+      }
+    if (opt.auto_resume && opt.resume_from.empty())
+      resume_dir = find_latest_valid_checkpoint(opt.out_dir, [&](const std::string& w) {
+        if (grid.world_rank == 0) std::fprintf(stderr, "warning: %s\n", w.c_str());
+      });
+    else if (!opt.resume_from.empty()) {
+      resume_dir = opt.resume_from;
+      verify_manifest(resume_dir);  // an explicit checkpoint must be complete and intact
+    }
+    if (!resume_dir.empty()) {
+      load_model_weights(resume_dir, cfg, m.layout(), m.params(), m.expert_bias());
+      std::vector<T> mo, vo;
+      int64_t ostep = 0;
+      if (!load_optimizer_state(resume_dir, m.layout(), mo, vo, ostep))
+        throw Error(resume_dir + ": no optimizer state; cannot resume exactly (use --init-from to start afresh)");
+      trainer_holder->set_optimizer_state(mo, vo, ostep);
+      resume_state = load_trainer_state(resume_dir);
+      if (!resume_state.contains("step") || !resume_state.contains("data"))
+        throw Error(resume_dir + "/trainer_state.json: needs \"step\" and \"data\" to resume");
+      start_step = resume_state["step"].get<int64_t>() + 1;
+    } else if (!opt.init_from.empty()) {
       load_model_weights(opt.init_from, cfg, m.layout(), m.params(), m.expert_bias());
-    else
+    } else {
       m.init(rc.train.seed);
+    }
     // Every rank reads the data and builds the same global batch; rank r trains on its
     // contiguous share of the micro-batches.
     auto docs = read_jsonl_documents(rc.data.train_path, cfg.vocab_size);
     n_docs = docs.size();
     loader_holder = std::make_unique<BatchLoader>(std::move(docs), rc.data, rc.train.seed);
+    if (!resume_dir.empty())
+      loader_holder->set_state({resume_state["data"].at("epoch").get<int64_t>(),
+                                resume_state["data"].at("row").get<int64_t>()});
   });
   dist::ParallelTrainer<T>& trainer = *trainer_holder;
   Model<T>& model = trainer.model();
@@ -115,15 +173,28 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
 
   std::ofstream metrics;
   if (root) {
-    metrics.open(fs::path(opt.out_dir) / "metrics.jsonl", std::ios::trunc);
-    if (!metrics) throw Error(opt.out_dir + "/metrics.jsonl: cannot open for writing");
+    const fs::path mpath = fs::path(opt.out_dir) / "metrics.jsonl";
+    std::vector<std::string> kept;  // when resuming: the lines of the steps before the checkpoint
+    if (start_step > 1) {
+      std::ifstream old(mpath);
+      std::string line;
+      while (std::getline(old, line)) {
+        const json j = json::parse(line, nullptr, false);
+        if (!j.is_discarded() && j.contains("step") && j["step"].get<int64_t>() < start_step) kept.push_back(line);
+      }
+    }
+    metrics.open(mpath, std::ios::trunc);
+    if (!metrics) throw Error(mpath.string() + ": cannot open for writing");
+    for (const auto& l : kept) metrics << l << "\n";
+    if (talk && start_step > 1)
+      std::printf("resuming from %s at step %lld\n", resume_dir.c_str(), static_cast<long long>(start_step));
   }
 
   TrainSummary sum;
   sum.peak_flops = peak;
   std::vector<double> tps;
   int64_t consecutive_skips = 0;
-  for (int64_t step = 1; step <= rc.train.steps; ++step) {
+  for (int64_t step = start_step; step <= rc.train.steps; ++step) {
     auto batch = loader.next_global_batch(rc.train.micro_batch_size, M);
     const double lr = lr_at(sched, step);
     trainer.stats = dist::ParallelStats{};
@@ -141,7 +212,7 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
     } else {
       consecutive_skips = 0;
     }
-    if (step == 1) sum.first_loss = r.loss;
+    if (step == start_step) sum.first_loss = r.loss;
     sum.last_loss = r.loss;
     sum.steps = step;
 
@@ -208,6 +279,7 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
                   1e3 * (comm[0] + comm[1]), r.skipped ? " | SKIPPED (non-finite)" : "");
       std::fflush(stdout);
     }
+    dist::maybe_inject_fault("after-step", step, grid.world_rank);
     const bool last = step == rc.train.steps;
     if ((rc.train.save_every > 0 && step % rc.train.save_every == 0) || last) {
       const std::string dir = step_dir(opt.out_dir, step);
@@ -226,6 +298,7 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
                                      trainer.optimizer().step_count(), state);
       sum.final_checkpoint = dir;
       if (talk) std::printf("saved checkpoint %s\n", dir.c_str());
+      if (root && rc.train.keep_checkpoints > 0) prune_checkpoints(opt.out_dir, rc.train.keep_checkpoints);
     }
   }
   sum.tokens_per_s = median(tps);
@@ -238,6 +311,19 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
 }
 
 }  // namespace
+
+std::string find_latest_valid_checkpoint(const std::string& out_dir,
+                                         const std::function<void(const std::string&)>& warn) {
+  for (const auto& d : step_dirs(out_dir)) {
+    try {
+      verify_manifest(d.string());
+      return d.string();
+    } catch (const std::exception& e) {
+      warn("skipping checkpoint " + d.string() + ": " + e.what());
+    }
+  }
+  return "";
+}
 
 TrainSummary run_training(const RunConfig& rc, const TrainOptions& opt) {
   if (opt.out_dir.empty()) throw Error("train: --out is required");

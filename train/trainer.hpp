@@ -1,6 +1,7 @@
 // The single-process training loop behind `moetune train`: data -> train_step ->
 // progress line + metrics.jsonl -> checkpoints.
 #pragma once
+#include <functional>
 #include <string>
 
 #include "train/run_config.hpp"
@@ -10,6 +11,8 @@ namespace moetune {
 struct TrainOptions {
   std::string out_dir;      // checkpoints and metrics.jsonl go here
   std::string init_from;    // optional checkpoint directory to start from (weights + routing bias)
+  std::string resume_from;  // continue exactly from this checkpoint (weights, optimizer, step, data position)
+  bool auto_resume = false; // continue from the newest valid checkpoint in out_dir, if any
   double peak_gflops = 0;   // > 0: divide MFU by this instead of the measured FMA peak
   bool progress = true;     // one progress line per logged step on stdout
 };
@@ -25,6 +28,11 @@ struct TrainSummary {
 };
 
 TrainSummary run_training(const RunConfig& rc, const TrainOptions& opt);
+
+// The newest step-NNNNNNNN checkpoint of out_dir whose manifest verifies ("" if none);
+// each invalid one met on the way is reported through `warn`.
+std::string find_latest_valid_checkpoint(const std::string& out_dir,
+                                         const std::function<void(const std::string&)>& warn);
 
 // `moetune init`: a step-0 checkpoint (weights from the seed, bias 0, no optimizer state).
 void write_initial_checkpoint(const ModelConfig& cfg, uint64_t seed, const std::string& out_dir);

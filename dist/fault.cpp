@@ -1,0 +1,42 @@
+#include "dist/fault.hpp"
+
+#include <signal.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+
+namespace moetune::dist {
+
+void maybe_inject_fault(const char* when, int64_t step, int rank) {
+  const char* spec = std::getenv("MOETUNE_FAULT");
+  if (!spec) return;
+  int64_t want_rank = -1, want_step = -1;
+  std::string want_when = "after-step", once;
+  std::stringstream ss(spec);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    const auto eq = item.find('=');
+    if (eq == std::string::npos) continue;
+    const std::string k = item.substr(0, eq), v = item.substr(eq + 1);
+    if (k == "rank") want_rank = std::atoll(v.c_str());
+    if (k == "step") want_step = std::atoll(v.c_str());
+    if (k == "when") want_when = v;
+    if (k == "once") once = v;
+  }
+  if (want_rank != rank || want_step != step || want_when != when) return;
+  if (!once.empty()) {
+    if (std::filesystem::exists(once)) return;
+    std::ofstream(once) << "fired\n";
+  }
+  std::fprintf(stderr, "moetune: MOETUNE_FAULT: killing rank %d at step %lld (%s)\n", rank,
+               static_cast<long long>(step), when);
+  std::fflush(stderr);
+  ::kill(::getpid(), SIGKILL);
+}
+
+}  // namespace moetune::dist

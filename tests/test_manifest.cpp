@@ -1,0 +1,55 @@
+// SHA-256 against the FIPS 180-4 test vectors; checkpoint manifests catch missing,
+// truncated, altered and unlisted files.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "io/manifest.hpp"
+#include "io/sha256.hpp"
+#include "moe/error.hpp"
+
+using namespace moetune;
+namespace fs = std::filesystem;
+
+TEST(Sha256, KnownVectors) {
+  EXPECT_EQ(sha256_hex(""), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+  EXPECT_EQ(sha256_hex("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+  EXPECT_EQ(sha256_hex("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"),
+            "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
+  EXPECT_EQ(sha256_hex(std::string(1000000, 'a')),
+            "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
+}
+
+TEST(Manifest, DetectsEveryKindOfDamage) {
+  const fs::path dir = fs::temp_directory_path() / ("moetune_manifest_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  std::ofstream(dir / "a.bin") << "hello world";
+  std::ofstream(dir / "b.json") << "{}";
+  EXPECT_THROW(verify_manifest(dir.string()), Error);  // no manifest yet
+  write_manifest(dir.string());
+  EXPECT_NO_THROW(verify_manifest(dir.string()));
+  auto expect_error = [&](const char* needle) {
+    try {
+      verify_manifest(dir.string());
+      ADD_FAILURE() << "no error, expected " << needle;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  std::ofstream(dir / "a.bin") << "hello world";  // same bytes: still valid
+  EXPECT_NO_THROW(verify_manifest(dir.string()));
+  std::ofstream(dir / "a.bin") << "hello worle";  // same size, one byte changed
+  expect_error("SHA-256 differs");
+  std::ofstream(dir / "a.bin") << "hello";  // truncated
+  expect_error("size 5");
+  std::ofstream(dir / "a.bin") << "hello world";
+  std::ofstream(dir / "extra.txt") << "x";
+  expect_error("not listed");
+  fs::remove(dir / "extra.txt");
+  fs::remove(dir / "b.json");
+  expect_error("missing");
+  fs::remove_all(dir);
+}
