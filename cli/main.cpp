@@ -4,6 +4,7 @@
 //   moetune gen-data --out FILE [--docs N] [--vocab V] ...     synthetic JSONL for the demo
 // Every user error prints "error: <message naming file/line/key>" and exits 1.
 #include <CLI/CLI.hpp>
+#include <csignal>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -55,6 +56,8 @@ int main(int argc, char** argv) {
   // MPI is always initialised (a plain `moetune train` is a one-rank job; under
   // mpirun every rank runs this same program).
   dist::Environment env(&argc, &argv);
+  // A file-size limit (ulimit -f) must give a write error we report, not a signal.
+  std::signal(SIGXFSZ, SIG_IGN);
   const int rank = dist::Environment::world_rank(), ranks = dist::Environment::world_size();
   CLI::App app{"moetune: full-parameter post-training of Mixture-of-Experts transformers on CPUs"};
   app.require_subcommand(1);

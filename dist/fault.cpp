@@ -12,9 +12,9 @@
 
 namespace moetune::dist {
 
-void maybe_inject_fault(const char* when, int64_t step, int rank) {
+bool fault_requested(const char* when, int64_t step, int rank) {
   const char* spec = std::getenv("MOETUNE_FAULT");
-  if (!spec) return;
+  if (!spec) return false;
   int64_t want_rank = -1, want_step = -1;
   std::string want_when = "after-step", once;
   std::stringstream ss(spec);
@@ -28,11 +28,16 @@ void maybe_inject_fault(const char* when, int64_t step, int rank) {
     if (k == "when") want_when = v;
     if (k == "once") once = v;
   }
-  if (want_rank != rank || want_step != step || want_when != when) return;
+  if (want_rank != rank || want_step != step || want_when != when) return false;
   if (!once.empty()) {
-    if (std::filesystem::exists(once)) return;
+    if (std::filesystem::exists(once)) return false;
     std::ofstream(once) << "fired\n";
   }
+  return true;
+}
+
+void maybe_inject_fault(const char* when, int64_t step, int rank) {
+  if (!fault_requested(when, step, rank)) return;
   std::fprintf(stderr, "moetune: MOETUNE_FAULT: killing rank %d at step %lld (%s)\n", rank,
                static_cast<long long>(step), when);
   std::fflush(stderr);

@@ -151,6 +151,11 @@ const std::vector<KeyDef>& keys() {
           "keep only the newest N step checkpoints in the output directory (older ones are removed after a new "
           "one is complete); 0 = keep all",
           non_negative<int>()),
+      key("train", &RunConfig::train, "max_consecutive_skips", &T::max_consecutive_skips,
+          "a step whose loss or gradient is not finite is skipped (weights, AdamW state and routing bias "
+          "untouched) and counted; this many in a row stop the run with an error, keeping the last good "
+          "checkpoint",
+          positive<int>()),
       key("train", &RunConfig::train, "precision", &T::precision,
           "arithmetic of parameters, activations and optimizer state: \"float\" or \"double\"",
           one_of({"float", "double"})),

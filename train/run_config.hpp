@@ -24,6 +24,7 @@ struct TrainConfig {
   int log_every = 1;                // log every N steps
   int64_t save_every = 0;           // checkpoint every N steps; 0 = no periodic checkpoints
   int keep_checkpoints = 0;         // keep only the newest N step checkpoints; 0 = keep all
+  int max_consecutive_skips = 10;   // stop after this many non-finite steps in a row
   std::string precision = "float";  // "float" | "double"
   int threads = 0;                  // OpenMP threads; 0 = OpenMP's default
   int64_t global_batch_size = 0;    // rows per optimizer step over all ranks; 0 = micro * accum * ranks

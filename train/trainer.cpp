@@ -12,6 +12,7 @@
 #include <fstream>
 #include <memory>
 #include <optional>
+#include <limits>
 
 #include "dist/checkpoint_parallel.hpp"
 #include "dist/collective.hpp"
@@ -192,23 +193,34 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
 
   TrainSummary sum;
   sum.peak_flops = peak;
+  sum.final_checkpoint = resume_dir;
   std::vector<double> tps;
   int64_t consecutive_skips = 0;
   for (int64_t step = start_step; step <= rc.train.steps; ++step) {
     auto batch = loader.next_global_batch(rc.train.micro_batch_size, M);
     const double lr = lr_at(sched, step);
     trainer.stats = dist::ParallelStats{};
+    // Fault injection (tests): a non-finite gradient on this rank for this step only.
+    const bool poison = dist::fault_requested("nan", step, grid.world_rank);
+    const size_t poison_at = model.layout().offset("model.norm.weight");
+    const T poison_saved = model.params()[poison_at];
+    if (poison) model.params()[poison_at] = std::numeric_limits<T>::quiet_NaN();
     const auto t0 = std::chrono::steady_clock::now();
     StepResult r = trainer.step(batch, lr, rc.optim.max_grad_norm);
+    if (poison) model.params()[poison_at] = poison_saved;
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     const double tok_s = double(r.tokens) / dt;
     const double mfu = flops_tok * tok_s / peak;
     if (step > 1 || rc.train.steps == 1) tps.push_back(tok_s);
     if (r.skipped) {
       ++sum.skipped_steps;
-      if (++consecutive_skips >= 10)
-        throw Error("step " + std::to_string(step) + ": 10 consecutive non-finite steps; stopping (loss " +
-                    std::to_string(r.loss) + ", grad norm " + std::to_string(r.grad_norm) + ")");
+      if (talk)
+        std::printf("step %lld: loss %g, grad norm %g: not finite, update skipped (%lld skipped so far)\n",
+                    static_cast<long long>(step), r.loss, r.grad_norm, static_cast<long long>(sum.skipped_steps));
+      if (++consecutive_skips >= rc.train.max_consecutive_skips)
+        throw Error("step " + std::to_string(step) + ": " + std::to_string(consecutive_skips) +
+                    " consecutive non-finite steps (train.max_consecutive_skips); stopping. The last good "
+                    "checkpoint is " + (sum.final_checkpoint.empty() ? std::string("(none written)") : sum.final_checkpoint));
     } else {
       consecutive_skips = 0;
     }
@@ -261,6 +273,7 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
                 {"mfu", mfu},
                 {"dropped_pairs", r.dropped_pairs},
                 {"skipped", r.skipped},
+              {"skipped_total", sum.skipped_steps},
                 {"dispatch_s", comm[0]},
                 {"combine_s", comm[1]},
                 {"grad_reduce_s", comm[2]},

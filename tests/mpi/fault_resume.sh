@@ -68,4 +68,38 @@ echo "ok: --resume-from a corrupt checkpoint: $(grep '^error' <<<"$out")"
 out=$(train 1 --out "$dir/corrupt" --auto-resume 2>&1)
 grep -q "skipping checkpoint .*step-00000030" <<<"$out" || { echo "FAIL: corrupt checkpoint not skipped: $out"; exit 1; }
 echo "ok: --auto-resume skipped the corrupt step-00000030 and resumed from step-00000025"
+# A non-finite step is skipped on every rank, counted, and training goes on.
+MOETUNE_FAULT="rank=1,step=7,when=nan" train 2 --out "$dir/nan" --set parallel.ep=2
+grep -q '"skipped":true,"skipped_total":1,"step":7' "$dir/nan/metrics.jsonl" || { echo "FAIL: step 7 not skipped"; exit 1; }
+[[ $(grep -c '"skipped":true' "$dir/nan/metrics.jsonl") == 1 ]] || { echo "FAIL: more than one skipped step"; exit 1; }
+grep -q '"loss":nan\|"loss":null' "$dir/nan/step-00000030/trainer_state.json" && { echo "FAIL: NaN got in"; exit 1; }
+echo "ok: a non-finite step (7) was skipped and counted; the run finished"
+# With max_consecutive_skips=1 the first non-finite step stops the run, naming the last good checkpoint.
+if out=$(MOETUNE_FAULT="rank=0,step=12,when=nan" train 2 --out "$dir/nanstop" --set train.max_consecutive_skips=1 2>&1); then
+  echo "FAIL: the run did not stop"; exit 1
+fi
+grep -q "consecutive non-finite steps.*step-00000010" <<<"$out" || { echo "FAIL: unclear message: $out"; exit 1; }
+echo "ok: $(grep '^error' <<<"$out")"
+
+# Disk full while writing a checkpoint: a clear error, and the existing checkpoint of
+# that step is left intact. The output directory is a small tmpfs that holds the two
+# last checkpoints and little more (skipped with a notice where mounting is not allowed).
+full="$dir/full"
+mkdir -p "$full"
+need=$(du -sk "$dir/ref/step-00000025" "$dir/ref/step-00000030" | awk '{s += $1} END {print s}')
+if mount -t tmpfs -o size=$((need + 64))k tmpfs "$full" 2>/dev/null; then
+  cp -r "$dir/ref/step-00000025" "$dir/ref/step-00000030" "$full/"
+  if out=$(train 1 --out "$full" --resume-from "$full/step-00000025" 2>&1); then
+    umount "$full"; echo "FAIL: writing to a full file system succeeded"; exit 1
+  fi
+  ok=1
+  grep -q "^error: .*step-00000030.*saving the checkpoint failed" <<<"$out" || ok=0
+  [[ $(final "$dir/ref") == $(cat "$full"/step-00000030/model-*.safetensors "$full"/step-00000030/optimizer-*.safetensors | sha256sum | cut -d' ' -f1) ]] || ok=0
+  ls "$full" | grep -q tmp && ok=0   # no half-written directory left behind
+  umount "$full"
+  [[ $ok == 1 ]] || { echo "FAIL: disk full: $out"; exit 1; }
+  echo "ok: disk full: $(grep '^error' <<<"$out" | cut -c1-200)..."
+else
+  echo "skipped: cannot mount a tmpfs here (disk-full check needs root)"
+fi
 echo "fault_resume: all checks passed"
