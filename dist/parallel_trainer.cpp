@@ -250,6 +250,27 @@ StepResult ParallelTrainer<T>::step(const std::vector<MicroBatch>& batch, double
 }
 
 template <class T>
+double ParallelTrainer<T>::evaluate(const std::vector<MicroBatch>& batches) {
+  const int W = grid_.world_size, M = int(batches.size());
+  if (M == 0 || M % W != 0)
+    throw Error("evaluate: " + std::to_string(M) + " micro-batches cannot be shared by " + std::to_string(W) + " ranks");
+  const int A = M / W, first = grid_.world_rank * A;
+  std::vector<double> local(size_t(A) * 2), all(size_t(M) * 2);
+  for (int a = 0; a < A; ++a) {
+    const MicroStats s = model_->forward_backward(batches[first + a], LossNorm{}, false);
+    local[2 * a] = s.ce_sum;
+    local[2 * a + 1] = double(s.n_targets);
+  }
+  grid_.world.allgather(std::span<const double>(local), std::span<double>(all));
+  double ce = 0, n = 0;
+  for (int m = 0; m < M; ++m) {
+    ce += all[2 * m];
+    n += all[2 * m + 1];
+  }
+  return n > 0 ? ce / n : 0.0;
+}
+
+template <class T>
 int64_t ParallelTrainer<T>::optimizer_state_bytes() const {
   if (zero_ == 1) return int64_t(zm_.size() + zv_.size()) * int64_t(sizeof(T));
   return int64_t(opt_->exp_avg().size() + opt_->exp_avg_sq().size()) * int64_t(sizeof(T));

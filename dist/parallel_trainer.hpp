@@ -51,6 +51,10 @@ class ParallelTrainer {
   // Collective. accumulate + clip + AdamW + expert-bias update.
   StepResult step(const std::vector<MicroBatch>& global_batch, double lr, double max_grad_norm);
 
+  // Collective. Cross-entropy (mean over every target) of a fixed set of micro-batches,
+  // forward only; their number must be a multiple of the number of ranks.
+  double evaluate(const std::vector<MicroBatch>& batches);
+
   // Bytes of AdamW state (exp_avg + exp_avg_sq) this rank holds.
   int64_t optimizer_state_bytes() const;
   // Full (unsharded) AdamW moments of this rank's tensors, gathered for checkpoints;

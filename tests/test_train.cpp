@@ -123,12 +123,13 @@ TEST(TrainLoop, TinyModelLearns) {
   const fs::path dir = fs::temp_directory_path() / ("moetune_trainloop_" + std::to_string(::getpid()));
   fs::create_directories(dir);
   write_synthetic_jsonl((dir / "data.jsonl").string(), 400, 32, 12, 32, 3);
+  write_synthetic_jsonl((dir / "valid.jsonl").string(), 30, 32, 12, 32, 99);
   RunConfig rc = RunConfig::from_json(
       {{"model",
         {{"vocab_size", 32}, {"hidden_size", 32}, {"num_hidden_layers", 2}, {"num_attention_heads", 4},
          {"n_routed_experts", 4}, {"num_experts_per_tok", 2}, {"max_position_embeddings", 64}}},
-       {"data", {{"train", (dir / "data.jsonl").string()}, {"seq_len", 32}}},
-       {"train", {{"steps", 60}, {"micro_batch_size", 8}, {"seed", 1}}},
+       {"data", {{"train", (dir / "data.jsonl").string()}, {"valid", (dir / "valid.jsonl").string()}, {"seq_len", 32}}},
+       {"train", {{"steps", 60}, {"micro_batch_size", 8}, {"seed", 1}, {"eval_every", 25}}},
        {"optim", {{"lr", 1e-2}, {"warmup_steps", 5}, {"schedule", "cosine"}}}},
       "test", "");
   TrainOptions opt;
@@ -144,14 +145,21 @@ TEST(TrainLoop, TinyModelLearns) {
   std::ifstream in(fs::path(opt.out_dir) / "metrics.jsonl");
   std::string line;
   int lines = 0;
+  std::vector<double> valid;
   while (std::getline(in, line)) {
     auto j = nlohmann::json::parse(line);
+    if (j.contains("valid_loss")) {
+      EXPECT_TRUE(j["step"] == 25 || j["step"] == 50 || j["step"] == 60) << j["step"];
+      valid.push_back(j["valid_loss"].get<double>());
+    }
     for (const char* k : {"step", "loss", "aux_loss", "seq_aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_s",
                           "mfu", "expert_load"})
       ASSERT_TRUE(j.contains(k)) << k;
     ++lines;
   }
   EXPECT_EQ(lines, 60);
+  ASSERT_EQ(valid.size(), 3u);            // steps 25, 50 and the last
+  EXPECT_LT(valid.back(), valid.front());  // the held-out loss falls too
   EXPECT_TRUE(fs::exists(fs::path(sum.final_checkpoint) / "model.safetensors.index.json"));
   fs::remove_all(dir);
 }

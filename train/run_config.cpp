@@ -120,6 +120,9 @@ const std::vector<KeyDef>& keys() {
       key("data", &RunConfig::data, "train", &D::train_path,
           "training data, JSONL (docs/data.md); a relative path in a config file is relative to that file's "
           "directory, one given with --set is relative to the working directory"),
+      key("data", &RunConfig::data, "valid", &D::valid_path,
+          "optional held-out JSONL (same format); its loss is reported every train.eval_every steps and at the "
+          "end as valid_loss in metrics.jsonl; \"\" = none. Relative paths resolve like data.train"),
       key("data", &RunConfig::data, "seq_len", &D::seq_len,
           "tokens per batch row; at most model.max_position_embeddings", positive<int>()),
       key("data", &RunConfig::data, "packing", &D::packing,
@@ -147,6 +150,9 @@ const std::vector<KeyDef>& keys() {
       key("train", &RunConfig::train, "log_every", &T::log_every, "log every N steps", positive<int>()),
       key("train", &RunConfig::train, "save_every", &T::save_every,
           "write a checkpoint every N steps; 0 = no periodic checkpoints", non_negative<int64_t>()),
+      key("train", &RunConfig::train, "eval_every", &T::eval_every,
+          "compute the validation loss (data.valid) every N steps and after the last; 0 = only after the last",
+          non_negative<int64_t>()),
       key("train", &RunConfig::train, "keep_checkpoints", &T::keep_checkpoints,
           "keep only the newest N step checkpoints in the output directory (older ones are removed after a new "
           "one is complete); 0 = keep all",
@@ -301,6 +307,8 @@ RunConfig RunConfig::from_json(const json& j, const std::string& where, const st
   namespace fs = std::filesystem;
   if (!base_dir.empty() && !c.data.train_path.empty() && fs::path(c.data.train_path).is_relative())
     c.data.train_path = (fs::path(base_dir) / c.data.train_path).lexically_normal().string();
+  if (!base_dir.empty() && !c.data.valid_path.empty() && fs::path(c.data.valid_path).is_relative())
+    c.data.valid_path = (fs::path(base_dir) / c.data.valid_path).lexically_normal().string();
   c.validate(where);
   return c;
 }

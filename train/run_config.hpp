@@ -24,6 +24,7 @@ struct TrainConfig {
   int log_every = 1;                // log every N steps
   int64_t save_every = 0;           // checkpoint every N steps; 0 = no periodic checkpoints
   int keep_checkpoints = 0;         // keep only the newest N step checkpoints; 0 = keep all
+  int64_t eval_every = 0;           // validation loss every N steps (and after the last); 0 = after the last
   int max_consecutive_skips = 10;   // stop after this many non-finite steps in a row
   std::string precision = "float";  // "float" | "double"
   int threads = 0;                  // OpenMP threads; 0 = OpenMP's default

@@ -82,6 +82,7 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
   int M = 0;
   std::string resume_dir;
   json resume_state;
+  std::vector<MicroBatch> valid;
   int64_t start_step = 1;
   ScheduleConfig sched = rc.schedule_config();
   dist::run_collectively(world, [&] {
@@ -140,6 +141,23 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
     auto docs = read_jsonl_documents(rc.data.train_path, cfg.vocab_size);
     n_docs = docs.size();
     loader_holder = std::make_unique<BatchLoader>(std::move(docs), rc.data, rc.train.seed);
+    if (!rc.data.valid_path.empty()) {
+      // The validation set: every row of it once, in file order, padded with empty
+      // (all-ignored) micro-batches to a multiple of the number of ranks.
+      DataConfig vc = rc.data;
+      vc.shuffle = false;
+      BatchLoader vl(read_jsonl_documents(rc.data.valid_path, cfg.vocab_size), vc, rc.train.seed);
+      const int64_t rows = vl.rows_per_epoch();
+      int vm = int((rows + rc.train.micro_batch_size - 1) / rc.train.micro_batch_size);
+      vm = (vm + grid.world_size - 1) / grid.world_size * grid.world_size;
+      valid = vl.next_global_batch(rc.train.micro_batch_size, vm);
+      int64_t seen = 0;  // rows beyond the first epoch are masked out
+      for (auto& mb : valid)
+        for (int r = 0; r < mb.rows; ++r, ++seen)
+          if (seen >= rows)
+            std::fill(mb.labels.begin() + int64_t(r) * mb.seq_len, mb.labels.begin() + int64_t(r + 1) * mb.seq_len,
+                      kIgnoreIndex);
+    }
     if (!resume_dir.empty())
       loader_holder->set_state({resume_state["data"].at("epoch").get<int64_t>(),
                                 resume_state["data"].at("row").get<int64_t>()});
@@ -257,6 +275,9 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
     std::vector<int64_t> bytes = {trainer.stats.exchange.dispatch_bytes, trainer.stats.exchange.combine_bytes,
                                   trainer.stats.reduce_bytes};
     grid.world.allreduce_sum(std::span<int64_t>(bytes));
+    double valid_loss = std::numeric_limits<double>::quiet_NaN();
+    if (!valid.empty() && ((rc.train.eval_every > 0 && step % rc.train.eval_every == 0) || step == rc.train.steps))
+      valid_loss = trainer.evaluate(valid);
     if (root) {
       json m = {{"step", step},
                 {"loss", r.loss},
@@ -281,6 +302,7 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
                 {"combine_bytes", bytes[1]},
                 {"grad_reduce_bytes", bytes[2]},
                 {"expert_load", load}};
+      if (!std::isnan(valid_loss)) m["valid_loss"] = valid_loss;
       metrics << m.dump() << "\n";
       metrics.flush();
     }
@@ -290,6 +312,7 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
                   static_cast<long long>(step), static_cast<long long>(rc.train.steps), r.loss, r.aux_loss,
                   r.seq_aux_loss, r.z_loss, lr, r.grad_norm, tok_s, 100 * mfu, worst, worst_rank,
                   1e3 * (comm[0] + comm[1]), r.skipped ? " | SKIPPED (non-finite)" : "");
+    if (talk && !std::isnan(valid_loss)) std::printf("step %5lld | valid loss %.4f\n", static_cast<long long>(step), valid_loss);
       std::fflush(stdout);
     }
     dist::maybe_inject_fault("after-step", step, grid.world_rank);
