@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "dist/parallel_trainer.hpp"
 #include "io/checkpoint.hpp"
 #include "io/safetensors.hpp"
 #include "moe/model.hpp"
@@ -83,10 +84,22 @@ double tensor_err(const T* a, const std::vector<double>& b, double floor = 1e-30
   return diff / scale;
 }
 
+// parallel = true runs the training steps through the trainer's own path
+// (dist::ParallelTrainer on a one-rank grid: exact fixed-point gradient sums, ZeRO
+// off) instead of train_step.
 template <class T>
-void check_fixture(const std::string& name, double tol_loss, double tol_tensor) {
+void check_fixture(const std::string& name, double tol_loss, double tol_tensor, bool parallel = false) {
   Fixture f = load_fixture(name);
-  Model<T> model(f.cfg);
+  dist::Comm self = dist::Comm::self();
+  dist::ProcessGrid grid = dist::ProcessGrid::create(self, 1, f.cfg);
+  AdamWConfig ac;
+  ac.beta1 = f.optim.at("beta1");
+  ac.beta2 = f.optim.at("beta2");
+  ac.eps = f.optim.at("eps");
+  ac.weight_decay = f.optim.at("weight_decay");
+  dist::ParallelTrainer<T> trainer(f.cfg, grid, ac, 0);
+  Model<T> plain(f.cfg);
+  Model<T>& model = parallel ? trainer.model() : plain;
   load_model_weights(f.ckpt, f.cfg, model.layout(), model.params(), model.expert_bias());
   for (int j = 0; j < f.cfg.num_moe_layers(); ++j) {
     const std::string name = ParamLayout::bias_name(f.cfg.first_k_dense_replace + j);
@@ -103,7 +116,7 @@ void check_fixture(const std::string& name, double tol_loss, double tol_tensor) 
         << name << " logits of micro-batch " << m;
   }
   // Loss terms and every gradient at the initial weights.
-  StepResult r = accumulate_gradients(model, f.batch);
+  StepResult r = parallel ? trainer.accumulate(f.batch) : accumulate_gradients(model, f.batch);
   double worst_loss = 0, worst_tensor = 0;
   auto close = [&](double a, double b, const char* what) {
     worst_loss = std::max(worst_loss, std::fabs(a - b) / std::max(1.0, std::fabs(b)));
@@ -125,15 +138,10 @@ void check_fixture(const std::string& name, double tol_loss, double tol_tensor) 
   EXPECT_EQ(checked, int(model.layout().tensors().size()));
 
   // Training steps on the same global batch: loss, grad norm, then final weights and bias.
-  AdamWConfig ac;
-  ac.beta1 = f.optim.at("beta1");
-  ac.beta2 = f.optim.at("beta2");
-  ac.eps = f.optim.at("eps");
-  ac.weight_decay = f.optim.at("weight_decay");
   AdamW<T> opt(model.layout(), ac);
   for (int k = 1; k <= f.steps; ++k) {
-    StepResult s = train_step(model, opt, f.batch, f.optim.at("lr").get<double>(),
-                              f.optim.at("max_grad_norm").get<double>());
+    const double lr = f.optim.at("lr").get<double>(), clip = f.optim.at("max_grad_norm").get<double>();
+    StepResult s = parallel ? trainer.step(f.batch, lr, clip) : train_step(model, opt, f.batch, lr, clip);
     close(s.loss, expected_scalar(f, "step" + std::to_string(k) + ".loss"), "step loss");
     close(s.grad_norm, expected_scalar(f, "step" + std::to_string(k) + ".grad_norm"), "step grad_norm");
   }
@@ -142,8 +150,8 @@ void check_fixture(const std::string& name, double tol_loss, double tol_tensor) 
     worst_tensor = std::max(worst_tensor, err);
     EXPECT_LT(err, tol_tensor) << name << " final." << t.name;
   }
-  std::printf("[ parity ] %s (%s): worst relative error: losses %.2e, gradients/weights %.2e\n", name.c_str(),
-              sizeof(T) == 8 ? "double" : "float", worst_loss, worst_tensor);
+  std::printf("[ parity ] %s (%s%s): worst relative error: losses %.2e, gradients/weights %.2e\n", name.c_str(),
+              sizeof(T) == 8 ? "double" : "float", parallel ? ", trainer path" : "", worst_loss, worst_tensor);
   for (int j = 0; j < f.cfg.num_moe_layers(); ++j) {
     const auto want = expected(f, "final." + ParamLayout::bias_name(f.cfg.first_k_dense_replace + j));
     for (int e = 0; e < f.cfg.E(); ++e)
@@ -157,3 +165,11 @@ TEST(Parity, SigmoidNoauxGroupsSharedDouble) { check_fixture<double>("parity_sig
 TEST(Parity, SigmoidNoauxGroupsSharedFloat) { check_fixture<float>("parity_sigmoid", 2e-5, 2e-5); }
 TEST(Parity, SoftmaxCapacityTiedDouble) { check_fixture<double>("parity_softmax", 1e-10, 1e-9); }
 TEST(Parity, SoftmaxCapacityTiedFloat) { check_fixture<float>("parity_softmax", 2e-5, 2e-5); }
+TEST(Parity, TrainerPathDouble) {
+  check_fixture<double>("parity_sigmoid", 1e-10, 1e-9, true);
+  check_fixture<double>("parity_softmax", 1e-10, 1e-9, true);
+}
+TEST(Parity, TrainerPathFloat) {
+  check_fixture<float>("parity_sigmoid", 2e-5, 2e-5, true);
+  check_fixture<float>("parity_softmax", 2e-5, 2e-5, true);
+}
