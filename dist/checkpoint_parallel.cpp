@@ -25,18 +25,6 @@ std::string shard_name(const char* stem, int k, int n) {
   return buf;
 }
 
-template <class T>
-TensorToWrite to_write(std::string name, std::vector<int64_t> shape, const T* data) {
-  TensorToWrite w;
-  w.name = std::move(name);
-  w.shape = std::move(shape);
-  if constexpr (std::is_same_v<T, float>)
-    w.data = data;
-  else
-    w.data_f64 = data;
-  return w;
-}
-
 // Shard (0-based) of a tensor: 0 = every dense tensor and the routing biases,
 // 1 + e = routed expert e of every layer. Independent of the layout that writes it.
 int shard_of(const std::string& name) {

@@ -72,18 +72,6 @@ void write_tensor_set(const std::string& dir, const std::string& stem, const std
   fsutil::write_file_atomic(join(dir, stem + ".safetensors.index.json"), index.dump(2) + "\n");
 }
 
-template <class T>
-TensorToWrite to_write(std::string name, std::vector<int64_t> shape, const T* data) {
-  TensorToWrite w;
-  w.name = std::move(name);
-  w.shape = std::move(shape);
-  if constexpr (std::is_same_v<T, float>)
-    w.data = data;
-  else
-    w.data_f64 = data;
-  return w;
-}
-
 // ---------------------------------------------------------------------------------
 // Reading: "<stem>.safetensors" or "<stem>.safetensors.index.json" + shards.
 

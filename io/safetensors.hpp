@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <map>
 #include <string>
+#include <type_traits>
 #include <unordered_map>
 #include <vector>
 
@@ -71,6 +72,19 @@ struct TensorToWrite {
   const float* data = nullptr;
   const double* data_f64 = nullptr;
 };
+
+// A TensorToWrite over float or double data (written as F32 either way).
+template <class T>
+TensorToWrite to_write(std::string name, std::vector<int64_t> shape, const T* data) {
+  TensorToWrite w;
+  w.name = std::move(name);
+  w.shape = std::move(shape);
+  if constexpr (std::is_same_v<T, float>)
+    w.data = data;
+  else
+    w.data_f64 = data;
+  return w;
+}
 
 // Writes the tensors as F32, packed contiguously in the given order, header padded
 // with spaces to a multiple of 8 bytes. Goes through "<path>.tmp" + fsync + rename,

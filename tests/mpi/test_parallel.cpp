@@ -16,6 +16,7 @@
 #include "moe/error.hpp"
 #include "moe/model.hpp"
 #include "moe/moe_layer.hpp"
+#include "../test_util.hpp"
 
 using namespace moetune;
 using namespace moetune::dist;
@@ -41,26 +42,9 @@ ModelConfig tiny_config(nlohmann::json extra = nlohmann::json::object()) {
   return ModelConfig::from_json(j);
 }
 
-MicroBatch random_micro(int rows, int S, int V, uint64_t seed) {
-  std::mt19937_64 g(seed);
-  MicroBatch mb;
-  mb.rows = rows;
-  mb.seq_len = S;
-  const int64_t n = int64_t(rows) * S;
-  mb.input_ids.resize(n);
-  mb.labels.resize(n);
-  mb.doc_ids.resize(n);
-  for (int64_t i = 0; i < n; ++i) {
-    mb.input_ids[i] = int32_t(g() % V);
-    mb.labels[i] = g() % 5 == 0 ? kIgnoreIndex : mb.input_ids[i];
-    mb.doc_ids[i] = int32_t((i % S) / (S / 2 + 1));  // two documents per row
-  }
-  return mb;
-}
-
 std::vector<MicroBatch> global_batch(int M, uint64_t step, int V) {
   std::vector<MicroBatch> b;
-  for (int m = 0; m < M; ++m) b.push_back(random_micro(2, 8, V, 1000 * step + m));
+  for (int m = 0; m < M; ++m) b.push_back(moetune::testing::make_batch(2, 8, V, 1000 * step + m));
   return b;
 }
 
@@ -204,7 +188,7 @@ TEST(ExpertParallel, AllToAllLayerEqualsLocal) {
                                       [&](int l) { return part.expert_views(l); });
     part.set_expert_stage(&stage);
     // Each rank its own micro-batch: the experts see tokens of every rank of the group.
-    const MicroBatch mb = random_micro(2, 8, cfg.vocab_size, 77 + world.rank());
+    const MicroBatch mb = moetune::testing::make_batch(2, 8, cfg.vocab_size, 77 + world.rank());
     const LossNorm norm{double(mb.count_targets()), 1, 2};
     local.zero_grad();
     part.zero_grad();
