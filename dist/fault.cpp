@@ -12,9 +12,10 @@
 
 namespace moetune::dist {
 
-bool fault_requested(const char* when, int64_t step, int rank) {
-  const char* spec = std::getenv("MOETUNE_FAULT");
-  if (!spec) return false;
+namespace {
+
+// One fault spec "rank=R,step=S,when=W[,once=FILE]".
+bool spec_matches(const std::string& spec, const char* when, int64_t step, int rank) {
   int64_t want_rank = -1, want_step = -1;
   std::string want_when = "after-step", once;
   std::stringstream ss(spec);
@@ -34,6 +35,18 @@ bool fault_requested(const char* when, int64_t step, int rank) {
     std::ofstream(once) << "fired\n";
   }
   return true;
+}
+
+}  // namespace
+
+bool fault_requested(const char* when, int64_t step, int rank) {
+  const char* env = std::getenv("MOETUNE_FAULT");
+  if (!env) return false;
+  std::stringstream all(env);
+  std::string spec;
+  bool hit = false;
+  while (std::getline(all, spec, ';')) hit = spec_matches(spec, when, step, rank) || hit;
+  return hit;
 }
 
 void maybe_inject_fault(const char* when, int64_t step, int rank) {

@@ -2,7 +2,8 @@
 //   MOETUNE_FAULT="rank=R,step=S,when=after-step|in-save|nan[,once=FILE]"
 // rank R kills itself with SIGKILL after optimizer step S completes, or in the middle
 // of writing step S's checkpoint (after its shard files, before the checkpoint is
-// complete), or (when=nan) makes its gradients of step S non-finite. With once=FILE the fault fires only if FILE does not exist, and creates
+// complete), or (when=nan) makes its gradients of step S non-finite. Several specs
+// may be given, separated by ';'. With once=FILE the fault fires only if FILE does not exist, and creates
 // it first, so a relaunched job runs through.
 #pragma once
 #include <cstdint>

@@ -84,6 +84,7 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
   json resume_state;
   std::vector<MicroBatch> valid;
   int64_t start_step = 1;
+  double resume_load_s = 0;
   ScheduleConfig sched = rc.schedule_config();
   dist::run_collectively(world, [&] {
     grid_holder.emplace(dist::ProcessGrid::create(world, rc.parallel.ep, cfg));
@@ -121,6 +122,7 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
       verify_manifest(resume_dir);  // an explicit checkpoint must be complete and intact
     }
     if (!resume_dir.empty()) {
+      const auto tl = std::chrono::steady_clock::now();
       load_model_weights(resume_dir, cfg, m.layout(), m.params(), m.expert_bias());
       std::vector<T> mo, vo;
       int64_t ostep = 0;
@@ -131,6 +133,7 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
       if (!resume_state.contains("step") || !resume_state.contains("data"))
         throw Error(resume_dir + "/trainer_state.json: needs \"step\" and \"data\" to resume");
       start_step = resume_state["step"].get<int64_t>() + 1;
+      resume_load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - tl).count();
     } else if (!opt.init_from.empty()) {
       load_model_weights(opt.init_from, cfg, m.layout(), m.params(), m.expert_bias());
     } else {
@@ -206,7 +209,8 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
     if (!metrics) throw Error(mpath.string() + ": cannot open for writing");
     for (const auto& l : kept) metrics << l << "\n";
     if (talk && start_step > 1)
-      std::printf("resuming from %s at step %lld\n", resume_dir.c_str(), static_cast<long long>(start_step));
+      std::printf("resuming from %s at step %lld (loaded in %.3f s, manifest verified)\n", resume_dir.c_str(),
+                  static_cast<long long>(start_step), resume_load_s);
   }
 
   TrainSummary sum;
@@ -328,12 +332,20 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
                     {"seed", rc.train.seed},
                     {"layout", {{"world_size", grid.world_size}, {"ep", grid.ep}}},
                     {"run_config", rc.to_json()}};
+      const auto ts = std::chrono::steady_clock::now();
       std::vector<T> m, v;
       trainer.gather_optimizer_state(m, v);
       dist::save_checkpoint_parallel(dir, grid, cfg, model.layout(), model.params(), model.expert_bias(), &m, &v,
                                      trainer.optimizer().step_count(), state);
+      const double save_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - ts).count();
       sum.final_checkpoint = dir;
-      if (talk) std::printf("saved checkpoint %s\n", dir.c_str());
+      if (talk) {
+        uintmax_t bytes = 0;
+        for (const auto& e : fs::directory_iterator(dir))
+          if (e.is_regular_file()) bytes += e.file_size();
+        std::printf("saved checkpoint %s (%.1f MiB in %.3f s, %.0f MiB/s, checksums included)\n", dir.c_str(),
+                    double(bytes) / (1 << 20), save_s, double(bytes) / (1 << 20) / save_s);
+      }
       if (root && rc.train.keep_checkpoints > 0) prune_checkpoints(opt.out_dir, rc.train.keep_checkpoints);
     }
   }
