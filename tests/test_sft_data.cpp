@@ -461,3 +461,16 @@ TEST(SftOverlong, FromFileKeepsLinesForErrors) {
     EXPECT_NE(std::string(e.what()).find(p + ":3: sample has 20 tokens"), std::string::npos) << e.what();
   }
 }
+
+TEST(SftRead, CrlfLinesAndByteOrderMark) {
+  // Files written on Windows: CRLF line ends and a UTF-8 byte order mark before line 1.
+  const auto p = write_file("crlf.jsonl",
+                            "\xef\xbb\xbf{\"prompt\": \"a\", \"completion\": \"b\"}\r\n"
+                            "\r\n"
+                            "{\"prompt\": \"c\", \"completion\": \"d\"}\r\n");
+  const auto s = read_sft_jsonl(p, ByteEncoder(), kVocab);
+  ASSERT_EQ(s.size(), 2u);
+  EXPECT_EQ(s[0].doc.input_ids, (std::vector<int32_t>{BOS, USR, 'a', END, AST, 'b', END, EOS}));
+  EXPECT_EQ(s[1].line, 3);
+  EXPECT_EQ(s[1].doc.input_ids, (std::vector<int32_t>{BOS, USR, 'c', END, AST, 'd', END, EOS}));
+}
