@@ -98,6 +98,26 @@ int main(int argc, char** argv) {
                     "Peak GFLOP/s for MFU (default: measured with an FMA probe at start-up)");
   train->add_flag("--quiet", quiet, "No progress lines");
 
+  // ---- sft
+  auto* sft = app.add_subcommand(
+      "sft", "Post-train (supervised fine-tuning) a checkpoint on chat / prompt-completion JSONL (docs/sft.md)");
+  std::string sft_config, sft_data, sft_valid;
+  TrainOptions sopt;
+  std::vector<std::string> sft_sets;
+  bool sft_quiet = false;
+  sft->add_option("--init-from", sopt.init_from, "Base checkpoint (any moetune checkpoint, any layout)")->required();
+  sft->add_option("--data", sft_data, "SFT JSONL: {\"messages\": [...]}, {\"prompt\", \"completion\"} or token ids")
+      ->required();
+  sft->add_option("--out", sopt.out_dir, "Output directory: metrics.jsonl and step-NNNNNNNN checkpoints")->required();
+  sft->add_option("--config", sft_config, "Run config for the data/train/optim/parallel sections (default: defaults)");
+  sft->add_option("--valid", sft_valid, "Held-out SFT JSONL for the validation loss");
+  sft->add_flag("--continue-optimizer", sopt.continue_optimizer,
+                "Continue the base checkpoint's AdamW moments and step count (default: a fresh optimizer)");
+  sft->add_flag("--auto-resume", sopt.auto_resume, "Continue from the newest valid checkpoint in --out, if any");
+  sft->add_option("--set", sft_sets, "Override a run-config key, e.g. --set train.steps=200");
+  sft->add_option("--peak-gflops", sopt.peak_gflops, "Peak GFLOP/s for MFU (default: measured)");
+  sft->add_flag("--quiet", sft_quiet, "No progress lines");
+
   // ---- gen-data
   auto* gen = app.add_subcommand("gen-data", "Write a synthetic JSONL token dataset (for demos and tests)");
   std::string gen_out;
@@ -141,6 +161,16 @@ int main(int argc, char** argv) {
       }
       topt.progress = !quiet;
       run_training(rc, topt);
+    } else if (*sft) {
+      RunConfig rc = sft_config.empty() ? RunConfig{} : RunConfig::from_file(sft_config);
+      rc.model = load_checkpoint_config(sopt.init_from);
+      rc.data.format = "sft";
+      rc.data.train_path = sft_data;
+      if (!sft_valid.empty()) rc.data.valid_path = sft_valid;
+      for (const auto& s : sft_sets) rc.set(s);
+      rc.validate(sft_config.empty() ? "sft" : sft_config);
+      sopt.progress = !sft_quiet;
+      run_training(rc, sopt);
     } else if (*gen) {
       if (gen_min > gen_max) throw Error("gen-data: --min-len exceeds --max-len");
       write_synthetic_jsonl(gen_out, gen_docs, gen_vocab, gen_min, gen_max, gen_seed);

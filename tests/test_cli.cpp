@@ -144,3 +144,40 @@ TEST_F(Cli, MissingFilesAndBadArguments) {
   EXPECT_NE(r.code, 0);
   EXPECT_NE(r.out.find("--config"), std::string::npos) << r.out;
 }
+
+TEST_F(Cli, SftFromABaseCheckpointOnChatData) {
+  std::string chat;
+  for (int i = 0; i < 40; ++i) {
+    const std::string a = std::to_string(i % 7), b = std::to_string(i % 5), c = std::to_string(i % 7 + i % 5);
+    chat += i % 2 ? R"({"messages": [{"role": "user", "content": ")" + a + "+" + b +
+                        R"(="}, {"role": "assistant", "content": ")" + c + "\"}]}\n"
+                  : R"({"prompt": ")" + a + "+" + b + R"(=", "completion": ")" + c + "\"}\n";
+  }
+  const auto data = write("chat.jsonl", chat);
+  const auto model = write("model.json", R"({"vocab_size": 264, "hidden_size": 16, "num_hidden_layers": 2,
+      "num_attention_heads": 2, "n_routed_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 32})");
+  ASSERT_EQ(run("init --config " + model + " --out " + (dir / "base").string()).code, 0);
+  auto r = run("sft --init-from " + (dir / "base").string() + " --data " + data + " --valid " + data + " --out " +
+               (dir / "sft").string() + " --peak-gflops 10 --set data.seq_len=32 --set train.steps=20 " +
+               "--set train.micro_batch_size=4 --set optim.warmup_steps=2");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("sft data"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("40 samples"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("valid loss"), std::string::npos) << r.out;
+  EXPECT_TRUE(fs::exists(dir / "sft" / "step-00000020" / "manifest.json"));
+  // A bad line names the file and line; nothing is written.
+  const auto bad = write("bad.jsonl", chat + R"({"messages": [{"role": "robot", "content": "x"}]})" + "\n");
+  r = run("sft --init-from " + (dir / "base").string() + " --data " + bad + " --out " + (dir / "sft2").string() +
+          " --peak-gflops 10 --set data.seq_len=32");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.out.find("bad.jsonl:41"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("robot"), std::string::npos) << r.out;
+  // The base model's vocabulary must hold the byte tokenizer.
+  const auto small = write("small.json", R"({"vocab_size": 100, "hidden_size": 16, "num_hidden_layers": 1,
+      "num_attention_heads": 2, "first_k_dense_replace": 0, "n_routed_experts": 4, "num_experts_per_tok": 2})");
+  ASSERT_EQ(run("init --config " + small + " --out " + (dir / "base2").string()).code, 0);
+  r = run("sft --init-from " + (dir / "base2").string() + " --data " + data + " --out " + (dir / "sft3").string() +
+          " --peak-gflops 10 --set data.seq_len=32");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.out.find("model.vocab_size"), std::string::npos) << r.out;
+}

@@ -29,6 +29,7 @@ std::vector<Document> read_jsonl_documents(const std::string& path, int vocab_si
 struct DataConfig {
   std::string train_path;             // JSONL; relative paths in a run config resolve against its directory
   std::string valid_path;             // optional held-out JSONL for the validation loss ("" = none)
+  std::string format = "tokens";      // "tokens": {"input_ids", "labels"}; "sft": chat / prompt-completion (docs/sft.md)
   int seq_len = 64;                   // row length in tokens
   bool packing = true;                // true: pack whole documents into rows; false: one document per row
   bool shuffle = true;                // permute documents each epoch, from (seed, epoch)

@@ -130,10 +130,15 @@ const std::vector<KeyDef>& keys() {
           "document per row, padded"),
       key("data", &RunConfig::data, "shuffle", &D::shuffle,
           "permute the documents each epoch (deterministic in train.seed and the epoch)"),
+      key("data", &RunConfig::data, "format", &D::format,
+          "\"tokens\": JSONL of token ids (docs/data.md); \"sft\": JSONL of chats {\"messages\": [...]}, "
+          "{\"prompt\", \"completion\"} or token ids, rendered with the chat template and the byte tokenizer, "
+          "loss only on assistant/completion tokens (docs/sft.md)",
+          one_of({"tokens", "sft"})),
       key("data", &RunConfig::data, "overlong", &D::overlong,
-          "documents longer than seq_len: \"truncate\" (keep the first seq_len tokens; counted) or "
-          "\"error\"",
-          one_of({"truncate", "error"})),
+          "documents longer than seq_len: \"truncate\" (keep the first seq_len tokens; counted), \"error\", "
+          "or (data.format \"sft\" only) \"skip\" (drop the sample; counted)",
+          one_of({"truncate", "error", "skip"})),
       key("data", &RunConfig::data, "pad_id", &D::pad_id,
           "input token id of padding, in [0, model.vocab_size); padding labels are always -100",
           non_negative<int32_t>()),

@@ -24,7 +24,9 @@
 #include "moe/model.hpp"
 #include "optim/adamw.hpp"
 #include "optim/schedule.hpp"
+#include "train/byte_tokenizer.hpp"
 #include "train/data.hpp"
+#include "train/sft_data.hpp"
 #include "train/flops.hpp"
 #include "train/step.hpp"
 
@@ -58,6 +60,24 @@ void prune_checkpoints(const std::string& out, int keep) {
   const auto dirs = step_dirs(out);
   std::error_code ec;
   for (size_t i = size_t(keep); i < dirs.size(); ++i) fs::remove_all(dirs[i], ec);
+}
+
+// The documents of a data file: token-id JSONL, or SFT JSONL rendered with the chat
+// template and the byte tokenizer (overlong samples truncated, skipped or refused).
+std::vector<Document> load_documents(const DataConfig& dc, const std::string& path, int vocab_size, bool talk) {
+  if (dc.format != "sft") return read_jsonl_documents(path, vocab_size);
+  if (vocab_size < ByteTokenizer::kVocabSize)
+    throw Error("key 'model.vocab_size': data.format \"sft\" uses the byte tokenizer, which needs vocab_size >= " +
+                std::to_string(ByteTokenizer::kVocabSize) + ", got " + std::to_string(vocab_size));
+  ByteTokenizer tok;
+  auto samples = read_sft_jsonl(path, tok, vocab_size);
+  const size_t n = samples.size();
+  const auto st = apply_overlong(samples, dc.seq_len, dc.overlong, path);
+  if (talk)
+    std::printf("sft data %s: %zu samples, %lld truncated, %lld skipped (seq_len %d, data.overlong %s)\n",
+                path.c_str(), n, static_cast<long long>(st.truncated), static_cast<long long>(st.skipped), dc.seq_len,
+                dc.overlong.c_str());
+  return sft_documents(std::move(samples));
 }
 
 double median(std::vector<double> v) {
@@ -136,20 +156,30 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
       resume_load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - tl).count();
     } else if (!opt.init_from.empty()) {
       load_model_weights(opt.init_from, cfg, m.layout(), m.params(), m.expert_bias());
+      if (opt.continue_optimizer) {
+        std::vector<T> mo, vo;
+        int64_t ostep = 0;
+        if (!load_optimizer_state(opt.init_from, m.layout(), mo, vo, ostep))
+          throw Error(opt.init_from + ": --continue-optimizer: the checkpoint has no optimizer state");
+        trainer_holder->set_optimizer_state(mo, vo, ostep);
+      }
     } else {
       m.init(rc.train.seed);
     }
     // Every rank reads the data and builds the same global batch; rank r trains on its
     // contiguous share of the micro-batches.
-    auto docs = read_jsonl_documents(rc.data.train_path, cfg.vocab_size);
+    auto docs = load_documents(rc.data, rc.data.train_path, cfg.vocab_size, grid.world_rank == 0 && opt.progress);
     n_docs = docs.size();
-    loader_holder = std::make_unique<BatchLoader>(std::move(docs), rc.data, rc.train.seed);
+    DataConfig dc = rc.data;
+    if (dc.overlong == "skip") dc.overlong = "truncate";  // already applied to the SFT samples
+    loader_holder = std::make_unique<BatchLoader>(std::move(docs), dc, rc.train.seed);
     if (!rc.data.valid_path.empty()) {
       // The validation set: every row of it once, in file order, padded with empty
       // (all-ignored) micro-batches to a multiple of the number of ranks.
       DataConfig vc = rc.data;
       vc.shuffle = false;
-      BatchLoader vl(read_jsonl_documents(rc.data.valid_path, cfg.vocab_size), vc, rc.train.seed);
+      if (vc.overlong == "skip") vc.overlong = "truncate";
+      BatchLoader vl(load_documents(rc.data, rc.data.valid_path, cfg.vocab_size, false), vc, rc.train.seed);
       const int64_t rows = vl.rows_per_epoch();
       int vm = int((rows + rc.train.micro_batch_size - 1) / rc.train.micro_batch_size);
       vm = (vm + grid.world_size - 1) / grid.world_size * grid.world_size;

@@ -11,6 +11,7 @@ namespace moetune {
 struct TrainOptions {
   std::string out_dir;      // checkpoints and metrics.jsonl go here
   std::string init_from;    // optional checkpoint directory to start from (weights + routing bias)
+  bool continue_optimizer = false;  // with init_from: also take its AdamW moments and step count
   std::string resume_from;  // continue exactly from this checkpoint (weights, optimizer, step, data position)
   bool auto_resume = false; // continue from the newest valid checkpoint in out_dir, if any
   double peak_gflops = 0;   // > 0: divide MFU by this instead of the measured FMA peak
