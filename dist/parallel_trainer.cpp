@@ -31,6 +31,18 @@ double tensor_sq(const T* g, size_t n) {
   return total;
 }
 
+// ZeRO-1 split of n elements over `ranks` ranks: equal contiguous shards (the last
+// ones may be shorter or empty). Rank q holds [q*per, q*per + sizes[q]).
+std::vector<int64_t> shard_sizes(size_t n, int ranks) {
+  const size_t per = (n + size_t(ranks) - 1) / size_t(ranks);
+  std::vector<int64_t> sizes(ranks);
+  for (int q = 0; q < ranks; ++q) {
+    const size_t b = std::min(n, per * size_t(q));
+    sizes[q] = int64_t(std::min(n, b + per) - b);
+  }
+  return sizes;
+}
+
 }  // namespace
 
 template <class T>
@@ -68,10 +80,11 @@ ParallelTrainer<T>::ParallelTrainer(const ModelConfig& cfg, ProcessGrid& grid, c
     size_t total = 0;
     for (const auto& s : segments_) {
       const Comm& c = s.expert ? grid_.edp_comm : grid_.world;
-      const size_t n = s.end - s.begin, per = (n + c.size() - 1) / c.size();
-      const size_t b = std::min(n, per * size_t(c.rank())), e = std::min(n, b + per);
-      shards_.push_back({s.begin + b, s.begin + e});
-      total += e - b;
+      const auto sizes = shard_sizes(s.end - s.begin, c.size());
+      size_t b = 0;
+      for (int q = 0; q < c.rank(); ++q) b += size_t(sizes[q]);
+      shards_.push_back({s.begin + b, s.begin + b + size_t(sizes[c.rank()])});
+      total += size_t(sizes[c.rank()]);
     }
     zm_.assign(total, T(0));
     zv_.assign(total, T(0));
@@ -220,12 +233,8 @@ void ParallelTrainer<T>::zero_step(double lr) {
     }
     mo += sh.end - sh.begin;
     const Comm& c = seg.expert ? grid_.edp_comm : grid_.world;
-    const size_t n = seg.end - seg.begin, per = (n + c.size() - 1) / c.size();
-    std::vector<int64_t> cnt(c.size());
-    for (int q = 0; q < c.size(); ++q) {
-      const size_t b = std::min(n, per * size_t(q)), e = std::min(n, b + per);
-      cnt[q] = int64_t(e - b);
-    }
+    const size_t n = seg.end - seg.begin;
+    const std::vector<int64_t> cnt = shard_sizes(n, c.size());
     std::vector<T> mine(p.begin() + sh.begin, p.begin() + sh.end);
     c.allgatherv(std::span<const T>(mine), std::span<T>(p.data() + seg.begin, n), cnt);
   }
@@ -291,12 +300,8 @@ void ParallelTrainer<T>::gather_optimizer_state(std::vector<T>& m, std::vector<T
     const auto& seg = segments_[si];
     const auto& sh = shards_[si];
     const Comm& c = seg.expert ? grid_.edp_comm : grid_.world;
-    const size_t n = seg.end - seg.begin, per = (n + c.size() - 1) / c.size();
-    std::vector<int64_t> cnt(c.size());
-    for (int q = 0; q < c.size(); ++q) {
-      const size_t b = std::min(n, per * size_t(q)), e = std::min(n, b + per);
-      cnt[q] = int64_t(e - b);
-    }
+    const size_t n = seg.end - seg.begin;
+    const std::vector<int64_t> cnt = shard_sizes(n, c.size());
     const size_t len = sh.end - sh.begin;
     c.allgatherv(std::span<const T>(zm_.data() + mo, len), std::span<T>(m.data() + seg.begin, n), cnt);
     c.allgatherv(std::span<const T>(zv_.data() + mo, len), std::span<T>(v.data() + seg.begin, n), cnt);
