@@ -51,6 +51,17 @@ else
   "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
 fi
 
+# Optional: the tokenizer cross-check (tests/tokenizer/parity.sh) needs python3-regex.
+# A machine without it still builds and passes the rest of the suite.
+if ! dpkg-query -W -f='${Status}' python3-regex 2>/dev/null | grep -q "install ok installed"; then
+  if [[ $(id -u) -eq 0 ]] || command -v sudo >/dev/null; then
+    s=(); [[ $(id -u) -ne 0 ]] && s=(sudo)
+    inst=("${s[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3-regex)
+    "${inst[@]}" || { "${s[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update && "${inst[@]}"; } ||
+      echo "setup.sh: note: python3-regex not installed; the tokenizer_python_parity test will be skipped"
+  fi
+fi
+
 if [[ $do_build == 1 ]]; then
   echo "+ cmake -S . -B $build_dir -DCMAKE_BUILD_TYPE=Release"
   cmake -S . -B "$build_dir" -DCMAKE_BUILD_TYPE=Release

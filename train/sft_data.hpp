@@ -7,20 +7,10 @@
 #include <string>
 #include <vector>
 
+#include "tokenizer/text_encoder.hpp"
 #include "train/data.hpp"
 
 namespace moetune {
-
-// What SFT needs from a tokenizer (implemented by the tokenizers).
-struct TextEncoder {
-  virtual ~TextEncoder() = default;
-  // Token ids of plain text. Never produces special ids: a literal "<|user|>" in the
-  // text is encoded as ordinary text, so user content cannot forge a turn.
-  virtual std::vector<int32_t> encode(const std::string& text) const = 0;
-  // Id of a special token: "<|bos|>", "<|eos|>", "<|system|>", "<|user|>",
-  // "<|assistant|>", "<|end|>", "<|pad|>".
-  virtual int32_t special_id(const std::string& name) const = 0;
-};
 
 // One chat turn. role: "system" | "user" | "assistant".
 struct ChatMessage {
