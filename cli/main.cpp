@@ -2,10 +2,12 @@
 //   moetune init     --config CFG --out DIR [--seed S]        step-0 checkpoint
 //   moetune train    --config CFG --out DIR [--init-from CKPT] [--set key=value ...]
 //   moetune gen-data --out FILE [--docs N] [--vocab V] ...     synthetic JSONL for the demo
+//   moetune tokenizer train|encode|decode|info ...              byte-level BPE (docs/tokenizer.md)
 // Every user error prints "error: <message naming file/line/key>" and exits 1.
 #include <CLI/CLI.hpp>
 #include <csignal>
 #include <cstdio>
+#include <climits>
 #include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -13,10 +15,13 @@
 #include "dist/collective.hpp"
 #include "dist/environment.hpp"
 #include "io/checkpoint.hpp"
+#include "io/fsutil.hpp"
 #include "moe/config.hpp"
 #include "moe/error.hpp"
 #include "train/run_config.hpp"
+#include "tokenizer/tokenizer.hpp"
 #include "train/synthetic.hpp"
+#include "train/text_corpus.hpp"
 #include "train/trainer.hpp"
 
 using namespace moetune;
@@ -48,6 +53,33 @@ ModelConfig model_config_from_any(const std::string& path, const std::vector<std
     c.set(key, s.substr(eq + 1), "--set " + s);
   }
   return c;
+}
+
+// Parses "1,2,3" / "1 2 3" / "[1, 2, 3]" into ids.
+std::vector<int32_t> parse_ids(const std::string& s) {
+  std::vector<int32_t> ids;
+  std::string cur;
+  const auto flush = [&] {
+    if (cur.empty()) return;
+    size_t used = 0;
+    long long v = 0;
+    try {
+      v = std::stoll(cur, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used != cur.size() || v < 0 || v > INT32_MAX) throw Error("--ids: '" + cur + "' is not a token id");
+    ids.push_back(int32_t(v));
+    cur.clear();
+  };
+  for (char c : s) {
+    if (c == ',' || c == ' ' || c == '[' || c == ']' || c == '\n' || c == '\t')
+      flush();
+    else
+      cur += c;
+  }
+  flush();
+  return ids;
 }
 
 }  // namespace
@@ -130,6 +162,38 @@ int main(int argc, char** argv) {
   gen->add_option("--max-len", gen_max, "Longest document (tokens)")->check(CLI::PositiveNumber);
   gen->add_option("--seed", gen_seed, "Generator seed");
 
+  // ---- tokenizer
+  auto* tokc = app.add_subcommand("tokenizer", "Train and inspect byte-level BPE tokenizers (docs/tokenizer.md)");
+  tokc->require_subcommand(1);
+  auto* tok_train = tokc->add_subcommand("train", "Learn a byte-level BPE from text / JSONL {\"text\"} files");
+  std::vector<std::string> tt_inputs;
+  std::string tt_out;
+  int tt_vocab = 0;
+  int64_t tt_min_freq = 2;
+  TextCorpusOptions tt_corpus;
+  bool tt_quiet = false;
+  tok_train->add_option("--input", tt_inputs, "Text or JSONL files (one or more)")->required();
+  tok_train->add_option("--vocab-size", tt_vocab, "Vocabulary size, 256 bytes and 7 special tokens included (>= 263)")
+      ->required();
+  tok_train->add_option("--out", tt_out, "tokenizer.json to write (Hugging Face format)")->required();
+  tok_train->add_option("--min-frequency", tt_min_freq, "Stop when the best pair occurs fewer times (default 2)");
+  tok_train->add_option("--format", tt_corpus.format, "auto (*.jsonl/*.json are JSONL) | text | jsonl");
+  tok_train->add_option("--text-split", tt_corpus.text_split, "Documents of a text file: file | paragraph | line");
+  tok_train->add_option("--jsonl-key", tt_corpus.jsonl_key, "Field of a JSONL line holding the text (default text)");
+  tok_train->add_flag("--quiet", tt_quiet, "No progress lines");
+  auto* tok_encode = tokc->add_subcommand("encode", "Print the token ids of a text");
+  std::string te_tok = "byte", te_text, te_file;
+  tok_encode->add_option("--tokenizer", te_tok, "tokenizer.json, a checkpoint directory, or \"byte\" (default)");
+  auto* te_text_opt = tok_encode->add_option("--text", te_text, "Text to encode");
+  tok_encode->add_option("--file", te_file, "File whose bytes to encode")->excludes(te_text_opt);
+  auto* tok_decode = tokc->add_subcommand("decode", "Print the text of token ids");
+  std::string td_tok = "byte", td_ids;
+  tok_decode->add_option("--tokenizer", td_tok, "tokenizer.json, a checkpoint directory, or \"byte\" (default)");
+  tok_decode->add_option("--ids", td_ids, "Ids, e.g. \"72,105\"")->required();
+  auto* tok_info = tokc->add_subcommand("info", "Describe a tokenizer: size, merges, special tokens, SHA-256");
+  std::string ti_tok = "byte";
+  tok_info->add_option("--tokenizer", ti_tok, "tokenizer.json, a checkpoint directory, or \"byte\" (default)");
+
   // ---- help-config
   auto* keys = app.add_subcommand("config-keys", "Print every run-config key with its default and meaning");
 
@@ -139,7 +203,7 @@ int main(int argc, char** argv) {
     return rank == 0 ? app.exit(e) : (e.get_exit_code() == 0 ? 0 : 1);
   }
   try {
-    if ((*init || *gen || *keys) && rank != 0) return 0;  // single-writer commands: rank 0 only
+    if ((*init || *gen || *keys || *tokc) && rank != 0) return 0;  // single-writer commands: rank 0 only
     if (*init) {
       std::ifstream probe(init_config);
       ModelConfig cfg = model_config_from_any(init_config, init_sets);
@@ -175,6 +239,50 @@ int main(int argc, char** argv) {
       if (gen_min > gen_max) throw Error("gen-data: --min-len exceeds --max-len");
       write_synthetic_jsonl(gen_out, gen_docs, gen_vocab, gen_min, gen_max, gen_seed);
       std::printf("wrote %d documents to %s\n", gen_docs, gen_out.c_str());
+    } else if (*tok_train) {
+      BpeTrainer trainer;
+      TextCorpusStats total;
+      for (const auto& path : tt_inputs) {
+        const auto st = for_each_text_document(path, tt_corpus, [&](std::string&& doc, const std::string&) {
+          trainer.add_text(doc);
+        });
+        total.documents += st.documents;
+        total.bytes += st.bytes;
+        if (!tt_quiet)
+          std::printf("tokenizer train: %s: %lld documents, %.1f MB\n", path.c_str(),
+                      static_cast<long long>(st.documents), double(st.bytes) / 1e6);
+      }
+      if (total.documents == 0) throw Error("tokenizer train: the --input files hold no text");
+      if (!tt_quiet) {
+        std::printf("tokenizer train: %lld documents, %.1f MB, %lld distinct words; learning up to %d tokens\n",
+                    static_cast<long long>(total.documents), double(total.bytes) / 1e6,
+                    static_cast<long long>(trainer.distinct_words()), tt_vocab);
+        std::fflush(stdout);
+      }
+      const Tokenizer t = trainer.train({tt_vocab, tt_min_freq, !tt_quiet});
+      t.save(tt_out);
+      std::printf("wrote %s: %s\n", tt_out.c_str(), t.describe().c_str());
+      if (t.vocab_size() < tt_vocab)
+        std::printf("note: %d tokens instead of %d: no pair of tokens occurs %lld or more times any more "
+                    "(more text or a lower --min-frequency gives more)\n",
+                    t.vocab_size(), tt_vocab, static_cast<long long>(tt_min_freq));
+    } else if (*tok_encode) {
+      const Tokenizer t = Tokenizer::from_spec(te_tok);
+      const std::string text = te_file.empty() ? te_text : fsutil::read_file(te_file);
+      const auto ids = t.encode(text);
+      std::string out;
+      for (size_t i = 0; i < ids.size(); ++i) out += (i ? " " : "") + std::to_string(ids[i]);
+      std::printf("%s\n", out.c_str());
+    } else if (*tok_decode) {
+      const Tokenizer t = Tokenizer::from_spec(td_tok);
+      std::fputs(t.decode(parse_ids(td_ids)).c_str(), stdout);
+      std::printf("\n");
+    } else if (*tok_info) {
+      const Tokenizer t = Tokenizer::from_spec(ti_tok);
+      std::printf("%s\n", t.describe().c_str());
+      std::printf("sha256 %s\n", t.sha256_hex().c_str());
+      for (int32_t id = 0; id < t.vocab_size(); ++id)
+        if (t.is_special(id)) std::printf("special %d %s\n", id, t.token(id).c_str());
     } else if (*keys) {
       std::fputs(describe_config_keys().c_str(), stdout);
     }
