@@ -39,7 +39,8 @@ template <class T>
 void save_checkpoint_parallel(const std::string& dir_in, const ProcessGrid& g, const ModelConfig& cfg,
                               const ParamLayout& layout, const std::vector<T>& params,
                               const std::vector<std::vector<float>>& bias, const std::vector<T>* exp_avg,
-                              const std::vector<T>* exp_avg_sq, int64_t optimizer_step, const json& state) {
+                              const std::vector<T>* exp_avg_sq, int64_t optimizer_step, const json& state,
+                              const std::string& tokenizer_json) {
   std::string dir = dir_in;
   while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
   // One temporary name for all ranks: rank 0's pid.
@@ -124,6 +125,8 @@ void save_checkpoint_parallel(const std::string& dir_in, const ProcessGrid& g, c
           fsutil::write_file_atomic((fs::path(tmp) / "optimizer.safetensors.index.json").string(), oi.dump(2) + "\n");
       }
       fsutil::write_file_atomic((fs::path(tmp) / "trainer_state.json").string(), state.dump(2) + "\n");
+      if (!tokenizer_json.empty())
+        fsutil::write_file_atomic((fs::path(tmp) / "tokenizer.json").string(), tokenizer_json);
       write_manifest(tmp);  // last: a checkpoint with a valid manifest is complete
       fsutil::fsync_dir(tmp);
       const bool replacing = fs::exists(fs::symlink_status(dir));
@@ -144,10 +147,10 @@ void save_checkpoint_parallel(const std::string& dir_in, const ProcessGrid& g, c
 template void save_checkpoint_parallel<float>(const std::string&, const ProcessGrid&, const ModelConfig&,
                                               const ParamLayout&, const std::vector<float>&,
                                               const std::vector<std::vector<float>>&, const std::vector<float>*,
-                                              const std::vector<float>*, int64_t, const json&);
+                                              const std::vector<float>*, int64_t, const json&, const std::string&);
 template void save_checkpoint_parallel<double>(const std::string&, const ProcessGrid&, const ModelConfig&,
                                                const ParamLayout&, const std::vector<double>&,
                                                const std::vector<std::vector<float>>&, const std::vector<double>*,
-                                               const std::vector<double>*, int64_t, const json&);
+                                               const std::vector<double>*, int64_t, const json&, const std::string&);
 
 }  // namespace moetune::dist

@@ -24,11 +24,12 @@
 namespace moetune::dist {
 
 // Collective over grid.world. `layout` is this rank's layout (its expert range).
+// tokenizer_json: written by rank 0 as tokenizer.json when not empty.
 template <class T>
 void save_checkpoint_parallel(const std::string& dir, const ProcessGrid& grid, const ModelConfig& cfg,
                               const ParamLayout& layout, const std::vector<T>& params,
                               const std::vector<std::vector<float>>& bias, const std::vector<T>* exp_avg,
                               const std::vector<T>* exp_avg_sq, int64_t optimizer_step,
-                              const nlohmann::json& trainer_state);
+                              const nlohmann::json& trainer_state, const std::string& tokenizer_json = {});
 
 }  // namespace moetune::dist

@@ -248,6 +248,7 @@ void save_checkpoint(const std::string& dir_in, const ModelConfig& cfg, const Pa
                        opt.max_shard_bytes);
     }
     fsutil::write_file_atomic(join(tmp, "trainer_state.json"), state_text);
+    if (!opt.tokenizer_json.empty()) fsutil::write_file_atomic(join(tmp, "tokenizer.json"), opt.tokenizer_json);
     fsutil::fsync_dir(tmp);
   } catch (const Error& e) {
     fs::remove_all(tmp, ec);

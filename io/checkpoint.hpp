@@ -5,6 +5,7 @@
 //   optimizer.safetensors       "<param>.exp_avg" / "<param>.exp_avg_sq", metadata "step"
 //                               (or optimizer-0000k-of-0000n.safetensors + optimizer.safetensors.index.json)
 //   trainer_state.json          whatever JSON object the trainer hands in
+//   tokenizer.json              the run's tokenizer (Hugging Face format), when given
 // Saving is atomic at the directory level: everything goes into "<dir>.tmp-<pid>",
 // is fsynced, and only then replaces <dir>. Loading checks every name and shape.
 // Call these on one rank: the files never depend on how many ranks trained.
@@ -24,6 +25,8 @@ struct CheckpointWriteOptions {
   // optimizer.safetensors). A tensor larger than the limit gets a shard of its own;
   // if everything fits in one shard no index file is written (Hugging Face style).
   uint64_t max_shard_bytes = 0;
+  // Written verbatim as tokenizer.json when not empty (the tokenizer travels with the model).
+  std::string tokenizer_json;
 };
 
 // Writes a checkpoint of `params` (layout.total() elements, viewed through `layout`)
