@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 #include <utility>
 
+#include "io/token_file.hpp"
 #include "moe/error.hpp"
 
 namespace moetune {
@@ -115,29 +116,83 @@ std::vector<int64_t> epoch_order(int64_t n, uint64_t seed, int64_t epoch, bool s
   return order;
 }
 
+VectorDocuments::VectorDocuments(std::vector<Document> docs, const std::string& name) : docs_(std::move(docs)) {
+  for (size_t i = 0; i < docs_.size(); ++i) {
+    if (docs_[i].input_ids.empty()) throw Error(name + ": document " + std::to_string(i) + " is empty");
+    if (docs_[i].labels.size() != docs_[i].input_ids.size())
+      throw Error(name + ": document " + std::to_string(i) + " has labels of a different length than input_ids");
+  }
+}
+
+void VectorDocuments::copy(int64_t d, int64_t off, int32_t len, int32_t* ids, int32_t* labels) const {
+  const Document& doc = docs_[size_t(d)];
+  std::copy_n(doc.input_ids.begin() + off, len, ids);
+  std::copy_n(doc.labels.begin() + off, len, labels);
+}
+
+TokenFileDocuments::TokenFileDocuments(const std::string& path, int model_vocab_size)
+    : file_(std::make_unique<TokenFile>(path)) {
+  if (file_->vocab_size() > uint64_t(model_vocab_size))
+    throw Error(path + ": the token file's vocabulary has " + std::to_string(file_->vocab_size()) +
+                " ids but key 'model.vocab_size' is " + std::to_string(model_vocab_size) +
+                " (the model must cover the tokenizer it was prepared with)");
+  if (file_->num_docs() > uint64_t(std::numeric_limits<int64_t>::max()))
+    throw Error(path + ": too many documents");
+}
+TokenFileDocuments::~TokenFileDocuments() = default;
+int64_t TokenFileDocuments::num_docs() const { return int64_t(file_->num_docs()); }
+int64_t TokenFileDocuments::length(int64_t d) const { return int64_t(file_->doc_length(uint64_t(d))); }
+void TokenFileDocuments::copy(int64_t d, int64_t off, int32_t len, int32_t* ids, int32_t* labels) const {
+  file_->copy(uint64_t(d), uint64_t(off), uint64_t(len), ids);
+  std::copy_n(ids, len, labels);
+}
+
 BatchLoader::BatchLoader(std::vector<Document> docs, DataConfig cfg, uint64_t seed)
+    : BatchLoader(std::make_shared<VectorDocuments>(std::move(docs),
+                                                     cfg.train_path.empty() ? std::string("data") : cfg.train_path),
+                  cfg, seed) {}
+
+BatchLoader::BatchLoader(std::shared_ptr<const DocumentSource> docs, DataConfig cfg, uint64_t seed)
     : docs_(std::move(docs)), cfg_(std::move(cfg)), seed_(seed) {
   if (cfg_.seq_len <= 0) throw Error("data.seq_len must be positive, got " + std::to_string(cfg_.seq_len));
-  if (cfg_.overlong != "truncate" && cfg_.overlong != "error")
-    throw Error("data.overlong must be \"truncate\" or \"error\", got \"" + cfg_.overlong + "\"");
+  if (cfg_.overlong != "truncate" && cfg_.overlong != "error" && cfg_.overlong != "split")
+    throw Error("data.overlong must be \"truncate\", \"error\" or \"split\", got \"" + cfg_.overlong + "\"");
+  const bool split = cfg_.overlong == "split";
+  if (split && cfg_.seq_len < 2)
+    throw Error("data.overlong = \"split\" needs data.seq_len >= 2, got " + std::to_string(cfg_.seq_len));
   const std::string src = cfg_.train_path.empty() ? std::string("data") : cfg_.train_path;
-  if (docs_.empty()) throw Error(src + ": no documents");
-  for (size_t i = 0; i < docs_.size(); ++i) {
-    const Document& d = docs_[i];
-    if (d.input_ids.empty()) throw Error(src + ": document " + std::to_string(i) + " is empty");
-    if (d.labels.size() != d.input_ids.size())
-      throw Error(src + ": document " + std::to_string(i) + " has labels of a different length than input_ids");
-    const int64_t len = int64_t(d.input_ids.size());
-    if (len > cfg_.seq_len) {
+  const int64_t n = docs_->num_docs();
+  if (n == 0) throw Error(src + ": no documents");
+  const int64_t S = cfg_.seq_len;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t len = docs_->length(i);
+    if (len <= 0) throw Error(src + ": document " + std::to_string(i) + " is empty");
+    if (len > S) {
       if (cfg_.overlong == "error")
         throw Error(src + ": document " + std::to_string(i) + " (0-based, in file order) has " + std::to_string(len) +
-                    " tokens, longer than data.seq_len = " + std::to_string(cfg_.seq_len) +
-                    " (set data.overlong = \"truncate\" to cut it)");
-      ++truncated_;
+                    " tokens, longer than data.seq_len = " + std::to_string(S) +
+                    " (set data.overlong = \"truncate\" or \"split\")");
+      ++(split ? split_ : truncated_);
     }
-    tokens_ += std::min<int64_t>(len, cfg_.seq_len);
+    if (!split) {
+      tokens_ += std::min(len, S);
+      continue;
+    }
+    for (int64_t off = 0;; off += S - 1) {  // units of S tokens, stride S - 1
+      units_.push_back({i, off});
+      tokens_ += std::min(S, len - off);
+      if (off + S >= len) break;
+    }
   }
+  if (split && split_ == 0) units_.clear();  // units = documents: the stream without split
   build_epoch(0);
+}
+
+int64_t BatchLoader::num_units() const { return units_.empty() ? docs_->num_docs() : int64_t(units_.size()); }
+
+int32_t BatchLoader::unit_length(int64_t u) const {
+  const Unit x = unit(u);
+  return int32_t(std::min<int64_t>(docs_->length(x.doc) - x.off, cfg_.seq_len));
 }
 
 void BatchLoader::build_epoch(int64_t epoch) {
@@ -146,14 +201,14 @@ void BatchLoader::build_epoch(int64_t epoch) {
   pieces_.clear();
   row_start_.assign(1, 0);
   int64_t fill = 0;  // tokens in the row being built
-  for (int64_t d : epoch_order(int64_t(docs_.size()), seed_, epoch, cfg_.shuffle)) {
-    const int32_t len = int32_t(std::min<int64_t>(int64_t(docs_[size_t(d)].input_ids.size()), cfg_.seq_len));
-    // Close the current row when this document does not fit (always, without packing).
+  for (int64_t u : epoch_order(num_units(), seed_, epoch, cfg_.shuffle)) {
+    const int32_t len = unit_length(u);
+    // Close the current row when this unit does not fit (always, without packing).
     if (fill > 0 && (!cfg_.packing || fill + len > cfg_.seq_len)) {
       row_start_.push_back(int64_t(pieces_.size()));
       fill = 0;
     }
-    pieces_.push_back({d, len});
+    pieces_.push_back({u, len});
     fill += len;
   }
   if (fill > 0) row_start_.push_back(int64_t(pieces_.size()));
@@ -164,16 +219,15 @@ void BatchLoader::write_row(int64_t row, int32_t* ids, int32_t* labels, int32_t*
   int32_t local = 0;
   for (int64_t p = row_start_[size_t(row)]; p < row_start_[size_t(row) + 1]; ++p, ++local) {
     const Piece& pc = pieces_[size_t(p)];
-    const Document& d = docs_[size_t(pc.doc)];
-    std::copy_n(d.input_ids.begin(), pc.len, ids + pos);
-    std::copy_n(d.labels.begin(), pc.len, labels + pos);
+    const Unit x = unit(pc.unit);
+    docs_->copy(x.doc, x.off, pc.len, ids + pos, labels + pos);
     std::fill_n(doc_ids + pos, pc.len, local);
     pos += pc.len;
   }
   const int pad = cfg_.seq_len - pos;
   std::fill_n(ids + pos, pad, cfg_.pad_id);
   std::fill_n(labels + pos, pad, kIgnoreIndex);
-  std::fill_n(doc_ids + pos, pad, local);  // `local` = number of documents: distinct from theirs
+  std::fill_n(doc_ids + pos, pad, local);  // `local` = number of units: distinct from theirs
 }
 
 std::vector<MicroBatch> BatchLoader::next_global_batch(int rows_per_micro, int micro_batches) {
