@@ -3,6 +3,7 @@
 //   moetune train    --config CFG --out DIR [--init-from CKPT] [--set key=value ...]
 //   moetune gen-data --out FILE [--docs N] [--vocab V] ...     synthetic JSONL for the demo
 //   moetune tokenizer train|encode|decode|info ...              byte-level BPE (docs/tokenizer.md)
+//   moetune data prepare|inspect ...                            token files for continued pre-training
 // Every user error prints "error: <message naming file/line/key>" and exits 1.
 #include <CLI/CLI.hpp>
 #include <csignal>
@@ -16,11 +17,13 @@
 #include "dist/environment.hpp"
 #include "io/checkpoint.hpp"
 #include "io/fsutil.hpp"
+#include "io/token_file.hpp"
 #include "moe/config.hpp"
 #include "moe/error.hpp"
 #include "train/run_config.hpp"
 #include "tokenizer/tokenizer.hpp"
 #include "train/synthetic.hpp"
+#include "train/prepare.hpp"
 #include "train/text_corpus.hpp"
 #include "train/trainer.hpp"
 
@@ -107,6 +110,10 @@ int main(int argc, char** argv) {
   init->add_option("--seed", init_seed, "Initialisation seed (default: train.seed of a run config, else 1234)")
       ->each([&](const std::string&) { init_seed_given = true; });
   init->add_option("--set", init_sets, "Override a key, e.g. --set model.hidden_size=64");
+  std::string init_tok;
+  init->add_option("--tokenizer", init_tok,
+                   "Tokenizer to store in the checkpoint as tokenizer.json: \"byte\", a tokenizer.json or a "
+                   "checkpoint (default: data.tokenizer of a run config, else none)");
 
   // ---- train
   auto* train = app.add_subcommand("train", "Train (or post-train) a model on JSONL token data");
@@ -194,6 +201,30 @@ int main(int argc, char** argv) {
   std::string ti_tok = "byte";
   tok_info->add_option("--tokenizer", ti_tok, "tokenizer.json, a checkpoint directory, or \"byte\" (default)");
 
+  // ---- data
+  auto* datac = app.add_subcommand("data", "Prepare and inspect token files for continued pre-training (docs/data.md)");
+  datac->require_subcommand(1);
+  auto* prep = datac->add_subcommand("prepare", "Tokenize text / JSONL {\"text\"} files once into a token file");
+  PrepareOptions popt;
+  std::string prep_tok = "byte";
+  bool prep_no_eos = false, prep_quiet = false;
+  prep->add_option("--input", popt.inputs, "Text or JSONL files (one or more), read in order")->required();
+  prep->add_option("--out", popt.out, "Token file to write (atomically), e.g. train.bin")->required();
+  prep->add_option("--tokenizer", prep_tok, "tokenizer.json, a checkpoint directory, or \"byte\" (default)");
+  prep->add_option("--format", popt.corpus.format, "auto (*.jsonl/*.json are JSONL) | text | jsonl");
+  prep->add_option("--text-split", popt.corpus.text_split, "Documents of a text file: file (default) | paragraph | line");
+  prep->add_option("--jsonl-key", popt.corpus.jsonl_key, "Field of a JSONL line holding the text (default text)");
+  prep->add_flag("--bos", popt.bos, "Start every document with <|bos|>");
+  prep->add_option("--eos", popt.eos, "Special token appended to every document (default <|eos|>)");
+  prep->add_flag("--no-eos", prep_no_eos, "Append nothing to documents");
+  prep->add_flag("--quiet", prep_quiet, "No progress lines");
+  auto* insp = datac->add_subcommand("inspect", "Describe a token file (and check it)");
+  std::string insp_path, insp_tok;
+  int insp_show = 0;
+  insp->add_option("file", insp_path, "Token file")->required();
+  insp->add_option("--tokenizer", insp_tok, "Tokenizer to decode with (checked against the file's SHA-256)");
+  insp->add_option("--show", insp_show, "Decode the first N documents (needs --tokenizer)");
+
   // ---- help-config
   auto* keys = app.add_subcommand("config-keys", "Print every run-config key with its default and meaning");
 
@@ -203,15 +234,16 @@ int main(int argc, char** argv) {
     return rank == 0 ? app.exit(e) : (e.get_exit_code() == 0 ? 0 : 1);
   }
   try {
-    if ((*init || *gen || *keys || *tokc) && rank != 0) return 0;  // single-writer commands: rank 0 only
+    if ((*init || *gen || *keys || *tokc || *datac) && rank != 0) return 0;  // single-writer commands: rank 0 only
     if (*init) {
       std::ifstream probe(init_config);
       ModelConfig cfg = model_config_from_any(init_config, init_sets);
-      if (!init_seed_given) {
-        nlohmann::json j = nlohmann::json::parse(probe, nullptr, false);
-        if (j.is_object() && j.contains("train")) init_seed = RunConfig::from_file(init_config).train.seed;
-      }
-      write_initial_checkpoint(cfg, init_seed, init_out);
+      nlohmann::json j = nlohmann::json::parse(probe, nullptr, false);
+      const bool run_config = j.is_object() && (j.contains("train") || j.contains("data"));
+      if (!init_seed_given && run_config && j.contains("train"))
+        init_seed = RunConfig::from_file(init_config).train.seed;
+      if (init_tok.empty() && run_config) init_tok = RunConfig::from_file(init_config).data.tokenizer;
+      write_initial_checkpoint(cfg, init_seed, init_out, init_tok);
       std::printf("wrote step-0 checkpoint to %s (seed %llu)\n", init_out.c_str(),
                   static_cast<unsigned long long>(init_seed));
     } else if (*train) {
@@ -283,6 +315,41 @@ int main(int argc, char** argv) {
       std::printf("sha256 %s\n", t.sha256_hex().c_str());
       for (int32_t id = 0; id < t.vocab_size(); ++id)
         if (t.is_special(id)) std::printf("special %d %s\n", id, t.token(id).c_str());
+    } else if (*prep) {
+      if (prep_no_eos) popt.eos.clear();
+      popt.progress = !prep_quiet;
+      const Tokenizer t = Tokenizer::from_spec(prep_tok);
+      if (popt.progress) std::printf("data prepare: tokenizer %s\n", t.describe().c_str());
+      const PrepareStats st = prepare_token_file(popt, t);
+      std::printf("wrote %s: %lld documents, %lld tokens from %.1f MB of text (%.2f bytes/token; %lld empty "
+                  "documents skipped) in %.2f s (%.1f MB/s)\n",
+                  popt.out.c_str(), static_cast<long long>(st.documents), static_cast<long long>(st.tokens),
+                  double(st.bytes) / 1e6, double(st.bytes) / double(std::max<int64_t>(st.tokens, 1)),
+                  static_cast<long long>(st.empty), st.seconds, double(st.bytes) / 1e6 / std::max(st.seconds, 1e-9));
+    } else if (*insp) {
+      const TokenFile f(insp_path);
+      uint64_t longest = 0;
+      for (uint64_t d = 0; d < f.num_docs(); ++d) longest = std::max(longest, f.doc_length(d));
+      std::printf("%s: moetune token file, %llu documents, %llu tokens (%u-byte ids), longest document %llu, "
+                  "vocab_size %llu\ntokenizer sha256 %s\n",
+                  insp_path.c_str(), static_cast<unsigned long long>(f.num_docs()),
+                  static_cast<unsigned long long>(f.num_tokens()), f.token_bytes(),
+                  static_cast<unsigned long long>(longest), static_cast<unsigned long long>(f.vocab_size()),
+                  sha256_to_hex(f.tokenizer_sha256()).c_str());
+      if (insp_show > 0 && insp_tok.empty()) throw Error("data inspect: --show needs --tokenizer");
+      if (!insp_tok.empty()) {
+        const Tokenizer t = Tokenizer::from_spec(insp_tok);
+        if (t.sha256_hex() != sha256_to_hex(f.tokenizer_sha256()))
+          throw Error("data inspect: --tokenizer " + insp_tok + " (sha256 " + t.sha256_hex() +
+                      ") is not the tokenizer this file was prepared with");
+        std::printf("tokenizer matches: %s\n", t.describe().c_str());
+        for (uint64_t d = 0; d < std::min<uint64_t>(uint64_t(insp_show), f.num_docs()); ++d) {
+          std::vector<int32_t> ids(f.doc_length(d));
+          f.copy(d, 0, ids.size(), ids.data());
+          std::printf("--- document %llu (%zu tokens)\n%s\n", static_cast<unsigned long long>(d), ids.size(),
+                      t.decode(ids).c_str());
+        }
+      }
     } else if (*keys) {
       std::fputs(describe_config_keys().c_str(), stdout);
     }

@@ -118,8 +118,9 @@ const std::vector<KeyDef>& keys() {
   using P = ParallelConfig;
   static const std::vector<KeyDef> k = {
       key("data", &RunConfig::data, "train", &D::train_path,
-          "training data, JSONL (docs/data.md); a relative path in a config file is relative to that file's "
-          "directory, one given with --set is relative to the working directory"),
+          "training data: JSONL, or a token file of moetune data prepare (data.format); a relative path in a "
+          "config file is relative to that file's directory, one given with --set is relative to the working "
+          "directory"),
       key("data", &RunConfig::data, "valid", &D::valid_path,
           "optional held-out JSONL (same format); its loss is reported every train.eval_every steps and at the "
           "end as valid_loss in metrics.jsonl; \"\" = none. Relative paths resolve like data.train"),
@@ -132,13 +133,20 @@ const std::vector<KeyDef>& keys() {
           "permute the documents each epoch (deterministic in train.seed and the epoch)"),
       key("data", &RunConfig::data, "format", &D::format,
           "\"tokens\": JSONL of token ids (docs/data.md); \"sft\": JSONL of chats {\"messages\": [...]}, "
-          "{\"prompt\", \"completion\"} or token ids, rendered with the chat template and the byte tokenizer, "
-          "loss only on assistant/completion tokens (docs/sft.md)",
-          one_of({"tokens", "sft"})),
+          "{\"prompt\", \"completion\"} or token ids, rendered with the chat template and the run's tokenizer, "
+          "loss only on assistant/completion tokens (docs/sft.md); \"bin\": a token file written by moetune "
+          "data prepare, read by memory map, loss on every token (continued pre-training)",
+          one_of({"tokens", "sft", "bin"})),
+      key("data", &RunConfig::data, "tokenizer", &D::tokenizer,
+          "the run's tokenizer, saved as tokenizer.json in every checkpoint (docs/tokenizer.md): \"byte\", a "
+          "tokenizer.json, or a checkpoint directory; \"\" = the tokenizer of the checkpoint the run starts "
+          "from, else the byte tokenizer for data.format sft/bin, else none. Relative paths resolve like "
+          "data.train"),
       key("data", &RunConfig::data, "overlong", &D::overlong,
           "documents longer than seq_len: \"truncate\" (keep the first seq_len tokens; counted), \"error\", "
-          "or (data.format \"sft\" only) \"skip\" (drop the sample; counted)",
-          one_of({"truncate", "error", "skip"})),
+          "\"split\" (cut into seq_len-token pieces overlapping by one token, so every target is trained "
+          "once; counted; for data.format tokens/bin) or \"skip\" (drop the sample; counted; data.format sft)",
+          one_of({"truncate", "error", "split", "skip"})),
       key("data", &RunConfig::data, "pad_id", &D::pad_id,
           "input token id of padding, in [0, model.vocab_size); padding labels are always -100",
           non_negative<int32_t>()),
@@ -314,6 +322,9 @@ RunConfig RunConfig::from_json(const json& j, const std::string& where, const st
     c.data.train_path = (fs::path(base_dir) / c.data.train_path).lexically_normal().string();
   if (!base_dir.empty() && !c.data.valid_path.empty() && fs::path(c.data.valid_path).is_relative())
     c.data.valid_path = (fs::path(base_dir) / c.data.valid_path).lexically_normal().string();
+  if (!base_dir.empty() && !c.data.tokenizer.empty() && c.data.tokenizer != "byte" &&
+      fs::path(c.data.tokenizer).is_relative())
+    c.data.tokenizer = (fs::path(base_dir) / c.data.tokenizer).lexically_normal().string();
   c.validate(where);
   return c;
 }
@@ -381,6 +392,13 @@ void RunConfig::validate(const std::string& where) const {
   if (data.pad_id >= model.vocab_size)
     fail(where, "data.pad_id",
          "must be < model.vocab_size (" + std::to_string(model.vocab_size) + "), got " + std::to_string(data.pad_id));
+  if (data.overlong == "skip" && data.format != "sft")
+    fail(where, "data.overlong", "\"skip\" applies to data.format \"sft\" only (use truncate, error or split)");
+  if (data.overlong == "split" && data.format == "sft")
+    fail(where, "data.overlong",
+         "\"split\" applies to data.format \"tokens\" and \"bin\"; an SFT sample is truncated, skipped or refused");
+  if (data.overlong == "split" && data.seq_len < 2)
+    fail(where, "data.overlong", "\"split\" needs data.seq_len >= 2");
   if (optim.warmup_steps > train.steps)
     fail(where, "optim.warmup_steps",
          "must be <= train.steps (" + std::to_string(train.steps) + "), got " + std::to_string(optim.warmup_steps));

@@ -24,7 +24,8 @@
 #include "moe/model.hpp"
 #include "optim/adamw.hpp"
 #include "optim/schedule.hpp"
-#include "train/byte_tokenizer.hpp"
+#include "io/token_file.hpp"
+#include "tokenizer/tokenizer.hpp"
 #include "train/data.hpp"
 #include "train/sft_data.hpp"
 #include "train/flops.hpp"
@@ -62,22 +63,62 @@ void prune_checkpoints(const std::string& out, int keep) {
   for (size_t i = size_t(keep); i < dirs.size(); ++i) fs::remove_all(dirs[i], ec);
 }
 
-// The documents of a data file: token-id JSONL, or SFT JSONL rendered with the chat
-// template and the byte tokenizer (overlong samples truncated, skipped or refused).
-std::vector<Document> load_documents(const DataConfig& dc, const std::string& path, int vocab_size, bool talk) {
-  if (dc.format != "sft") return read_jsonl_documents(path, vocab_size);
-  if (vocab_size < ByteTokenizer::kVocabSize)
-    throw Error("key 'model.vocab_size': data.format \"sft\" uses the byte tokenizer, which needs vocab_size >= " +
-                std::to_string(ByteTokenizer::kVocabSize) + ", got " + std::to_string(vocab_size));
-  ByteTokenizer tok;
-  auto samples = read_sft_jsonl(path, tok, vocab_size);
+// The run's tokenizer (docs/tokenizer.md): data.tokenizer when set, else the one of the
+// checkpoint the run starts from, else the byte tokenizer when the data needs one (SFT
+// text, token files); none for pre-tokenized JSONL without either. `start` is the
+// checkpoint directory the run starts from ("" for none).
+std::optional<Tokenizer> resolve_tokenizer(const RunConfig& rc, const std::string& start) {
+  const std::string carried = start.empty() ? std::string() : (fs::path(start) / "tokenizer.json").string();
+  std::optional<Tokenizer> from_ckpt;
+  if (!carried.empty() && fs::exists(carried)) from_ckpt = Tokenizer::load(carried);
+  std::optional<Tokenizer> t;
+  if (!rc.data.tokenizer.empty()) {
+    t = Tokenizer::from_spec(rc.data.tokenizer);
+    if (from_ckpt && from_ckpt->sha256_hex() != t->sha256_hex())
+      throw Error("key 'data.tokenizer': " + rc.data.tokenizer + " (sha256 " + t->sha256_hex().substr(0, 12) +
+                  ") is not the tokenizer of the checkpoint " + start + " (" + carried + ", sha256 " +
+                  from_ckpt->sha256_hex().substr(0, 12) +
+                  "); a model goes on with the tokenizer it was trained with (leave data.tokenizer unset to use it)");
+  } else if (from_ckpt) {
+    t = std::move(from_ckpt);
+  } else if (rc.data.format == "sft" || rc.data.format == "bin") {
+    t = Tokenizer::byte_level();
+  }
+  if (t && t->vocab_size() > rc.model.vocab_size)
+    throw Error("key 'model.vocab_size': the tokenizer (" + t->describe() + ") has " +
+                std::to_string(t->vocab_size()) + " tokens, more than model.vocab_size = " +
+                std::to_string(rc.model.vocab_size));
+  return t;
+}
+
+// The documents of a data file: token-id JSONL, SFT JSONL rendered with the chat
+// template and the run's tokenizer (overlong samples truncated, skipped or refused), or
+// a token file (memory-mapped; it must come from the run's tokenizer).
+std::shared_ptr<const DocumentSource> load_documents(const DataConfig& dc, const std::string& path, int vocab_size,
+                                                     const std::optional<Tokenizer>& tok, bool talk) {
+  if (dc.format == "bin") {
+    auto src = std::make_shared<TokenFileDocuments>(path, vocab_size);
+    const std::string file_sha = sha256_to_hex(src->file().tokenizer_sha256());
+    if (tok && file_sha != tok->sha256_hex())
+      throw Error(path + ": this token file was prepared with the tokenizer of sha256 " + file_sha.substr(0, 12) +
+                  ", but the run's tokenizer is " + tok->describe() +
+                  (dc.tokenizer.empty() ? " (set key 'data.tokenizer' to the tokenizer.json given to moetune data prepare)"
+                                        : " (key 'data.tokenizer')"));
+    return src;
+  }
+  if (dc.format == "tokens") {
+    if (TokenFile::looks_like(path))
+      throw Error(path + ": is a token file (moetune data prepare); set data.format = \"bin\" to read it");
+    return std::make_shared<VectorDocuments>(read_jsonl_documents(path, vocab_size), path);
+  }
+  auto samples = read_sft_jsonl(path, *tok, vocab_size);
   const size_t n = samples.size();
   const auto st = apply_overlong(samples, dc.seq_len, dc.overlong, path);
   if (talk)
     std::printf("sft data %s: %zu samples, %lld truncated, %lld skipped (seq_len %d, data.overlong %s)\n",
                 path.c_str(), n, static_cast<long long>(st.truncated), static_cast<long long>(st.skipped), dc.seq_len,
                 dc.overlong.c_str());
-  return sft_documents(std::move(samples));
+  return std::make_shared<VectorDocuments>(sft_documents(std::move(samples)), path);
 }
 
 double median(std::vector<double> v) {
@@ -103,6 +144,7 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
   std::string resume_dir;
   json resume_state;
   std::vector<MicroBatch> valid;
+  std::optional<Tokenizer> tokenizer;
   int64_t start_step = 1;
   double resume_load_s = 0;
   ScheduleConfig sched = rc.schedule_config();
@@ -168,8 +210,10 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
     }
     // Every rank reads the data and builds the same global batch; rank r trains on its
     // contiguous share of the micro-batches.
-    auto docs = load_documents(rc.data, rc.data.train_path, cfg.vocab_size, grid.world_rank == 0 && opt.progress);
-    n_docs = docs.size();
+    tokenizer = resolve_tokenizer(rc, !resume_dir.empty() ? resume_dir : opt.init_from);
+    auto docs = load_documents(rc.data, rc.data.train_path, cfg.vocab_size, tokenizer,
+                               grid.world_rank == 0 && opt.progress);
+    n_docs = size_t(docs->num_docs());
     DataConfig dc = rc.data;
     if (dc.overlong == "skip") dc.overlong = "truncate";  // already applied to the SFT samples
     loader_holder = std::make_unique<BatchLoader>(std::move(docs), dc, rc.train.seed);
@@ -178,8 +222,10 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
       // (all-ignored) micro-batches to a multiple of the number of ranks.
       DataConfig vc = rc.data;
       vc.shuffle = false;
+      vc.train_path = rc.data.valid_path;
       if (vc.overlong == "skip") vc.overlong = "truncate";
-      BatchLoader vl(load_documents(rc.data, rc.data.valid_path, cfg.vocab_size, false), vc, rc.train.seed);
+      BatchLoader vl(load_documents(rc.data, rc.data.valid_path, cfg.vocab_size, tokenizer, false), vc,
+                     rc.train.seed);
       const int64_t rows = vl.rows_per_epoch();
       int vm = int((rows + rc.train.micro_batch_size - 1) / rc.train.micro_batch_size);
       vm = (vm + grid.world_size - 1) / grid.world_size * grid.world_size;
@@ -210,6 +256,10 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
   if (talk) {
     std::printf("moetune train: %zu documents from %s, %lld rows/epoch, seq_len %d\n", n_docs,
                 rc.data.train_path.c_str(), static_cast<long long>(loader.rows_per_epoch()), rc.data.seq_len);
+    if (tokenizer) std::printf("tokenizer: %s (carried in every checkpoint)\n", tokenizer->describe().c_str());
+    if (loader.split_documents() > 0)
+      std::printf("data.overlong split: %lld documents longer than seq_len cut into %lld units\n",
+                  static_cast<long long>(loader.split_documents()), static_cast<long long>(loader.num_units()));
     std::printf("model: %d layers (%d MoE), d=%d, E=%d, K=%d, %zu parameters, %s precision\n",
                 cfg.num_hidden_layers, cfg.num_moe_layers(), cfg.d(), cfg.E(), cfg.K(),
                 ParamLayout::build(cfg).total(), rc.train.precision.c_str());
@@ -366,7 +416,7 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
       std::vector<T> m, v;
       trainer.gather_optimizer_state(m, v);
       dist::save_checkpoint_parallel(dir, grid, cfg, model.layout(), model.params(), model.expert_bias(), &m, &v,
-                                     trainer.optimizer().step_count(), state);
+                                     trainer.optimizer().step_count(), state, tokenizer ? tokenizer->json() : "");
       const double save_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - ts).count();
       sum.final_checkpoint = dir;
       if (talk) {
@@ -409,12 +459,21 @@ TrainSummary run_training(const RunConfig& rc, const TrainOptions& opt) {
   return train_impl<float>(rc, opt);
 }
 
-void write_initial_checkpoint(const ModelConfig& cfg, uint64_t seed, const std::string& out_dir) {
+void write_initial_checkpoint(const ModelConfig& cfg, uint64_t seed, const std::string& out_dir,
+                              const std::string& tokenizer_spec) {
+  CheckpointWriteOptions wo;
+  if (!tokenizer_spec.empty()) {
+    const Tokenizer t = Tokenizer::from_spec(tokenizer_spec);
+    if (t.vocab_size() > cfg.vocab_size)
+      throw Error("key 'model.vocab_size': the tokenizer " + tokenizer_spec + " has " + std::to_string(t.vocab_size()) +
+                  " tokens, more than model.vocab_size = " + std::to_string(cfg.vocab_size));
+    wo.tokenizer_json = t.json();
+  }
   Model<float> model(cfg);
   model.init(seed);
   json state = {{"step", 0}, {"seed", seed}};
   save_checkpoint<float>(out_dir, cfg, model.layout(), model.params(), model.expert_bias(), nullptr, nullptr, 0,
-                         state);
+                         state, wo);
 }
 
 }  // namespace moetune

@@ -35,7 +35,10 @@ TrainSummary run_training(const RunConfig& rc, const TrainOptions& opt);
 std::string find_latest_valid_checkpoint(const std::string& out_dir,
                                          const std::function<void(const std::string&)>& warn);
 
-// `moetune init`: a step-0 checkpoint (weights from the seed, bias 0, no optimizer state).
-void write_initial_checkpoint(const ModelConfig& cfg, uint64_t seed, const std::string& out_dir);
+// `moetune init`: a step-0 checkpoint (weights from the seed, bias 0, no optimizer state),
+// with the tokenizer `tokenizer_spec` ("byte", a tokenizer.json, a checkpoint; "" = none)
+// as its tokenizer.json. Throws moetune::Error if that tokenizer exceeds model.vocab_size.
+void write_initial_checkpoint(const ModelConfig& cfg, uint64_t seed, const std::string& out_dir,
+                              const std::string& tokenizer_spec = "");
 
 }  // namespace moetune
