@@ -6,6 +6,7 @@
 
 #include <cstdio>
 #include <filesystem>
+#include <algorithm>
 #include <fstream>
 #include <sstream>
 
@@ -55,7 +56,8 @@ class Cli : public ::testing::Test {
 }  // namespace
 
 TEST_F(Cli, HelpForEveryCommand) {
-  for (const char* cmd : {"", "init", "train", "gen-data", "config-keys"}) {
+  for (const char* cmd : {"", "init", "train", "sft", "gen-data", "config-keys", "tokenizer train", "tokenizer encode",
+                          "tokenizer decode", "tokenizer info", "data prepare", "data inspect"}) {
     auto r = run(std::string(cmd) + " --help");
     EXPECT_EQ(r.code, 0) << cmd << r.out;
     EXPECT_NE(r.out.find("Usage"), std::string::npos) << cmd;
@@ -180,4 +182,100 @@ TEST_F(Cli, SftFromABaseCheckpointOnChatData) {
           " --peak-gflops 10 --set data.seq_len=32");
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.out.find("model.vocab_size"), std::string::npos) << r.out;
+}
+
+// Continued pre-training end to end: train a BPE on text, tokenize text and JSONL into a
+// token file, train from it (the tokenizer lands in every checkpoint), post-train (SFT)
+// from that checkpoint with the inherited tokenizer; mismatches are refused.
+TEST_F(Cli, TokenizerDataPrepareTrainAndSftCarryTheTokenizer) {
+  std::string text, jsonl;
+  for (int i = 0; i < 300; ++i) {
+    const std::string line = "the cat " + std::to_string(i % 13) + " sat on the mat, and the dog didn't.";
+    text += line + (i % 10 == 9 ? "\n\n" : "\n");
+    if (i % 3 == 0) jsonl += "{\"text\": \"" + line + "\", \"id\": " + std::to_string(i) + "}\n";
+  }
+  const auto txt = write("corpus.txt", text), js = write("more.jsonl", jsonl);
+  const std::string tok = (dir / "tokenizer.json").string(), bin = (dir / "train.bin").string();
+  auto r = run("tokenizer train --input " + txt + " " + js + " --vocab-size 290 --out " + tok + " --quiet");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("290 tokens (256 bytes, 27 merges, 7 special)"), std::string::npos) << r.out;
+  r = run("tokenizer encode --tokenizer " + tok + " --text 'the cat'");
+  ASSERT_EQ(r.code, 0) << r.out;
+  std::string ids = r.out.substr(0, r.out.find('\n'));
+  EXPECT_LT(std::count(ids.begin(), ids.end(), ' '), 3) << ids;  // merged: at most 3 tokens for 7 bytes
+  r = run("tokenizer decode --tokenizer " + tok + " --ids '" + ids + "'");
+  EXPECT_EQ(r.out, "the cat\n");
+
+  r = run("data prepare --input " + txt + " " + js + " --text-split paragraph --tokenizer " + tok + " --out " + bin +
+          " --quiet");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("130 documents"), std::string::npos) << r.out;  // 30 paragraphs + 100 JSONL lines
+  r = run("data inspect " + bin + " --tokenizer " + tok + " --show 1");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("130 documents"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("the cat 0 sat on the mat, and the dog didn't.\nthe cat 1"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("<|eos|>"), std::string::npos) << r.out;
+
+  const auto cfg = write("cpt.json", R"({"model": {"vocab_size": 320, "hidden_size": 16, "num_hidden_layers": 2,
+      "num_attention_heads": 2, "n_routed_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 32},
+      "data": {"train": "train.bin", "format": "bin", "tokenizer": "tokenizer.json", "seq_len": 32,
+               "overlong": "split"},
+      "train": {"steps": 4, "micro_batch_size": 2, "save_every": 2}, "optim": {"warmup_steps": 1}})");
+  r = run("train --config " + cfg + " --out " + (dir / "cpt").string() + " --peak-gflops 10");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("tokenizer: byte-level BPE: 290 tokens"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("data.overlong split"), std::string::npos) << r.out;
+  const auto read = [](const fs::path& p) {
+    std::ifstream in(p, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  };
+  for (const char* step : {"step-00000002", "step-00000004"}) {
+    EXPECT_EQ(read(dir / "cpt" / step / "tokenizer.json"), read(tok)) << step;
+    EXPECT_NE(read(dir / "cpt" / step / "manifest.json").find("tokenizer.json"), std::string::npos);
+  }
+  // Resuming checks the carried tokenizer too (and keeps it).
+  r = run("train --config " + cfg + " --out " + (dir / "cpt").string() + " --auto-resume --set train.steps=6 " +
+          "--peak-gflops 10");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_EQ(read(dir / "cpt" / "step-00000006" / "tokenizer.json"), read(tok));
+
+  // SFT from that checkpoint: chat text rendered with the inherited tokenizer.
+  const auto chat = write("chat.jsonl", R"({"messages": [{"role": "user", "content": "the cat?"}, )"
+                                        R"({"role": "assistant", "content": "sat on the mat"}]})"
+                                        "\n");
+  r = run("sft --init-from " + (dir / "cpt" / "step-00000004").string() + " --data " + chat + " --out " +
+          (dir / "sft").string() + " --peak-gflops 10 --set data.seq_len=32 --set train.steps=2 "
+          "--set train.micro_batch_size=1 --set optim.warmup_steps=1");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("tokenizer: byte-level BPE: 290 tokens"), std::string::npos) << r.out;
+  EXPECT_EQ(read(dir / "sft" / "step-00000002" / "tokenizer.json"), read(tok));
+
+  // Refused: another tokenizer than the checkpoint's; a token file of another tokenizer;
+  // a token file read as JSONL; a tokenizer larger than the model.
+  r = run("sft --init-from " + (dir / "cpt" / "step-00000004").string() + " --data " + chat + " --out " +
+          (dir / "sft2").string() + " --set data.tokenizer=byte --set data.seq_len=32");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.out.find("is not the tokenizer of the checkpoint"), std::string::npos) << r.out;
+  r = run("train --config " + cfg + " --out " + (dir / "x").string() + " --set data.tokenizer=byte");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.out.find("this token file was prepared with the tokenizer of sha256"), std::string::npos) << r.out;
+  r = run("train --config " + cfg + " --out " + (dir / "x").string() + " --set data.format=tokens " +
+          "--set data.overlong=truncate");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.out.find("set data.format = \"bin\""), std::string::npos) << r.out;
+  r = run("train --config " + cfg + " --out " + (dir / "x").string() + " --set model.vocab_size=289");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.out.find("model.vocab_size"), std::string::npos) << r.out;
+  EXPECT_FALSE(fs::exists(dir / "x" / "step-00000004"));
+  // Bad corpus input names file:line, and the old token file is untouched.
+  const std::string before = read(bin);
+  const auto bad = write("bad.jsonl", "{\"text\": \"ok\"}\n{\"text\": 3}\n");
+  r = run("data prepare --input " + bad + " --tokenizer " + tok + " --out " + bin);
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.out.find("bad.jsonl:2"), std::string::npos) << r.out;
+  EXPECT_EQ(read(bin), before);
+  r = run("data prepare --input " + txt + " --tokenizer " + tok + " --out " + bin + " --eos '<|tool|>'");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.out.find("<|tool|>"), std::string::npos) << r.out;
+  EXPECT_EQ(read(bin), before);
 }
