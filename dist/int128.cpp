@@ -53,8 +53,35 @@ int128 to_fixed(double v) {
   return to_fixed_unchecked(v);
 }
 
+// 2^(s - 100) for s = 0..64: the exact scale of from_fixed's fast path.
+struct Pow2Table {
+  double p[65];
+  Pow2Table() {
+    for (int s = 0; s <= 64; ++s) p[s] = std::ldexp(1.0, s - kFixedFractionBits);
+  }
+};
+const Pow2Table kPow2;
+
+// Equal to std::ldexp(static_cast<double>(v), -100) for every v (tested), without the
+// slow int128 -> double and ldexp library calls: the magnitude's top 64 bits m (shifted
+// right by `shift`) with the discarded bits OR-ed into m's lowest bit as a sticky bit,
+// so that the hardware's uint64 -> double rounding (to nearest even at bit 11 of m) is
+// the correct rounding of the whole magnitude; then an exact scale by 2^(shift - 100).
 double from_fixed(int128 v) {
-  return std::ldexp(static_cast<double>(v), -kFixedFractionBits);
+  const bool neg = v < 0;
+  const uint128 u = neg ? uint128(0) - static_cast<uint128>(v) : static_cast<uint128>(v);
+  const auto hi = static_cast<uint64_t>(u >> 64);
+  double r;
+  if (hi == 0) {
+    r = static_cast<double>(static_cast<uint64_t>(u)) * kPow2.p[0];
+  } else {
+    const int shift = 64 - __builtin_clzll(hi);  // 1..64: u >> shift fits in 64 bits
+    uint64_t m = static_cast<uint64_t>(u >> shift);
+    const uint128 rest = u & ((uint128(1) << shift) - 1);
+    m |= uint64_t(rest != 0);
+    r = static_cast<double>(m) * kPow2.p[shift];
+  }
+  return neg ? -r : r;
 }
 
 template <class T>

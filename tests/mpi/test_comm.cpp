@@ -8,6 +8,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <random>
@@ -531,6 +532,36 @@ TEST(FixedPoint, RoundTripExactInRange) {
   // float values are exact down to 2^-77 (last bit 2^-100).
   const float f = std::nextafter(0x1p-77f, 1.0f);
   EXPECT_EQ(static_cast<float>(dist::from_fixed(dist::to_fixed(f))), f);
+}
+
+// from_fixed's fast path (top 64 bits + sticky bit, hardware rounding) must be exactly the
+// library conversion: correct rounding to nearest even of the int128, then * 2^-100.
+TEST(FixedPoint, FromFixedEqualsTheLibraryConversion) {
+  const auto reference = [](dist::int128 v) { return std::ldexp(static_cast<double>(v), -100); };
+  std::vector<dist::int128> cases = {0, 1, -1, dist::kFixedMax, dist::kFixedMin, dist::kFixedMin + 1};
+  // Ties and near-ties at every magnitude: m * 2^s with m = 2^53 + 1 (exact tie when shifted
+  // out by one bit), plus or minus the lowest bit (sticky decides).
+  for (int s = 0; s < 74; ++s)
+    for (dist::int128 m : {(dist::int128(1) << 53) + 1, (dist::int128(1) << 54) + 1, (dist::int128(1) << 54) + 3,
+                           (dist::int128(1) << 64) - 1, (dist::int128(1) << 63)}) {
+      const dist::int128 x = m << s;
+      for (dist::int128 d : {dist::int128(0), dist::int128(1), dist::int128(-1)}) {
+        cases.push_back(x + d);
+        cases.push_back(-(x + d));
+      }
+    }
+  std::mt19937_64 rng(11);
+  for (int k = 0; k < 200000; ++k) {
+    const auto bits = static_cast<dist::uint128>(rng()) << 64 | rng();
+    const int keep = int(rng() % 128) + 1;  // random magnitude
+    auto v = static_cast<dist::int128>(keep == 128 ? bits : bits & ((dist::uint128(1) << keep) - 1));
+    if (rng() & 1) v = -v;
+    cases.push_back(v);
+  }
+  for (const auto v : cases) {
+    const double a = dist::from_fixed(v), b = reference(v);
+    ASSERT_EQ(std::memcmp(&a, &b, sizeof a), 0) << static_cast<double>(v) << ": " << a << " vs " << b;
+  }
 }
 
 TEST(FixedPoint, BelowResolutionTruncatesTowardZero) {
