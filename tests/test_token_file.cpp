@@ -1,17 +1,24 @@
 // Token files (io/token_file.hpp): write/read round trip, every corruption named, failed
 // writes leave the old file, the BatchLoader reads them exactly like in-memory
-// documents, and the "split" overlong policy trains every target exactly once.
+// documents, the "split" overlong policy trains every target exactly once, and a
+// training run from a token file is bit-identical to one from the same tokens in JSONL.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
 #include <random>
 
+#include <nlohmann/json.hpp>
+
 #include "io/token_file.hpp"
 #include "moe/error.hpp"
+#include "tokenizer/tokenizer.hpp"
 #include "train/data.hpp"
+#include "train/run_config.hpp"
+#include "train/trainer.hpp"
 
 using namespace moetune;
 namespace fs = std::filesystem;
@@ -242,4 +249,87 @@ TEST(BatchLoaderSplit, EveryTargetOfALongDocumentIsTrainedExactlyOnce) {
   EXPECT_EQ(a.next_global_batch(2, 1)[0].input_ids, b.next_global_batch(2, 1)[0].input_ids);
   cfg.seq_len = 1;
   EXPECT_THROW(BatchLoader(docs, cfg, 3), Error);
+}
+
+// data.format "bin" end to end: the same documents as a token file (byte tokenizer's
+// SHA-256, as `moetune data prepare` would record) and as token-id JSONL train the same
+// model bit for bit: identical per-step losses, gradient norms, validation losses and
+// checkpoint tensors (model and optimizer). Some documents exceed seq_len (split).
+TEST(TokenFile, TrainingFromItIsBitIdenticalToJsonl) {
+  const fs::path d = scratch("train");
+  const Tokenizer byte = Tokenizer::byte_level();
+  const auto train_docs = random_docs(12, 256, 1, 40, 21), valid_docs = random_docs(6, 256, 2, 20, 22);
+  ASSERT_TRUE(std::any_of(train_docs.begin(), train_docs.end(),
+                          [](const Document& x) { return x.input_ids.size() > 16; }));
+  const auto jsonl = [&](const std::string& name, const std::vector<Document>& docs) {
+    std::ofstream out(d / name);
+    for (const auto& doc : docs) out << nlohmann::json{{"input_ids", doc.input_ids}}.dump() << "\n";
+    return (d / name).string();
+  };
+  const auto bin = [&](const std::string& name, const std::vector<Document>& docs) {
+    TokenFileWriter w((d / name).string(), uint64_t(byte.vocab_size()), sha256_from_hex(byte.sha256_hex()));
+    for (const auto& doc : docs) w.add(doc.input_ids);
+    w.finish();
+    return (d / name).string();
+  };
+  const auto run = [&](const std::string& format, const std::string& train, const std::string& valid,
+                       const std::string& out) {
+    RunConfig rc = RunConfig::from_json(
+        {{"model",
+          {{"vocab_size", byte.vocab_size() + 8}, {"hidden_size", 16}, {"num_hidden_layers", 2},
+           {"num_attention_heads", 2}, {"n_routed_experts", 4}, {"num_experts_per_tok", 2},
+           {"max_position_embeddings", 32}}},
+         {"data", {{"train", train}, {"valid", valid}, {"format", format}, {"seq_len", 16}, {"overlong", "split"}}},
+         {"train", {{"steps", 4}, {"micro_batch_size", 4}, {"seed", 7}, {"eval_every", 2}, {"threads", 1}}},
+         {"optim", {{"warmup_steps", 1}}}},
+        "test", "");
+    TrainOptions opt;
+    opt.out_dir = (d / out).string();
+    opt.progress = false;
+    opt.peak_gflops = 100;  // skip the FMA probe
+    return run_training(rc, opt);
+  };
+  const auto a = run("tokens", jsonl("train.jsonl", train_docs), jsonl("valid.jsonl", valid_docs), "from_jsonl");
+  const auto b = run("bin", bin("train.bin", train_docs), bin("valid.bin", valid_docs), "from_bin");
+  ASSERT_EQ(a.steps, 4);
+  ASSERT_EQ(b.steps, 4);
+  EXPECT_EQ(a.first_loss, b.first_loss);
+  EXPECT_EQ(a.last_loss, b.last_loss);
+
+  // metrics.jsonl: the computed quantities per step are equal (timings are not compared).
+  const auto metrics = [&](const std::string& out) {
+    std::vector<nlohmann::json> lines;
+    std::ifstream in(d / out / "metrics.jsonl");
+    std::string line;
+    while (std::getline(in, line)) lines.push_back(nlohmann::json::parse(line));
+    return lines;
+  };
+  const auto ma = metrics("from_jsonl"), mb = metrics("from_bin");
+  ASSERT_EQ(ma.size(), 4u);
+  ASSERT_EQ(mb.size(), ma.size());
+  int valid_seen = 0;
+  for (size_t i = 0; i < ma.size(); ++i) {
+    for (const char* k : {"step", "loss", "aux_loss", "z_loss", "lr", "grad_norm", "expert_load"})
+      EXPECT_EQ(ma[i].at(k), mb[i].at(k)) << "step " << i + 1 << " key " << k;
+    ASSERT_EQ(ma[i].contains("valid_loss"), mb[i].contains("valid_loss"));
+    if (ma[i].contains("valid_loss")) {
+      EXPECT_EQ(ma[i]["valid_loss"], mb[i]["valid_loss"]);
+      ++valid_seen;
+    }
+  }
+  EXPECT_EQ(valid_seen, 2);  // steps 2 and 4
+
+  // The final checkpoints' tensors, byte for byte.
+  const fs::path ca = a.final_checkpoint, cb = b.final_checkpoint;
+  ASSERT_EQ(ca.filename(), cb.filename());
+  int compared = 0;
+  for (const auto& e : fs::directory_iterator(ca)) {
+    if (e.path().extension() != ".safetensors") continue;
+    const fs::path other = cb / e.path().filename();
+    ASSERT_TRUE(fs::exists(other)) << other;
+    EXPECT_EQ(bytes_of(e.path().string()), bytes_of(other.string())) << e.path().filename();
+    ++compared;
+  }
+  EXPECT_GE(compared, 2);  // model and optimizer
+  fs::remove_all(d);
 }
