@@ -122,7 +122,7 @@ const std::vector<KeyDef>& keys() {
           "config file is relative to that file's directory, one given with --set is relative to the working "
           "directory"),
       key("data", &RunConfig::data, "valid", &D::valid_path,
-          "optional held-out JSONL (same format); its loss is reported every train.eval_every steps and at the "
+          "optional held-out data in the same data.format (JSONL, or a token file for \"bin\"); its loss is reported every train.eval_every steps and at the "
           "end as valid_loss in metrics.jsonl; \"\" = none. Relative paths resolve like data.train"),
       key("data", &RunConfig::data, "seq_len", &D::seq_len,
           "tokens per batch row; at most model.max_position_embeddings", positive<int>()),
