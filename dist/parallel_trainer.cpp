@@ -46,6 +46,16 @@ std::vector<int64_t> shard_sizes(size_t n, int ranks) {
 }  // namespace
 
 template <class T>
+std::unique_ptr<AllToAllExpertStage<T>> install_expert_stage(ProcessGrid& grid, Model<T>& model) {
+  if (grid.ep == 1) return nullptr;
+  const ModelConfig& cfg = model.config();
+  auto stage = std::make_unique<AllToAllExpertStage<T>>(grid.ep_comm, cfg.E(), cfg.d(), cfg.F(),
+                                                        [&model](int l) { return model.expert_views(l); });
+  model.set_expert_stage(stage.get());
+  return stage;
+}
+
+template <class T>
 ParallelTrainer<T>::ParallelTrainer(const ModelConfig& cfg, ProcessGrid& grid, const AdamWConfig& ac, int zero_stage)
     : grid_(grid), cfg_(cfg), zero_(zero_stage) {
   if (zero_stage != 0 && zero_stage != 1)
@@ -69,12 +79,8 @@ ParallelTrainer<T>::ParallelTrainer(const ModelConfig& cfg, ProcessGrid& grid, c
     flush_leaf(r.first, r.second);
   };
   model_->local_expert_stage().after_backward = flush_layer;
-  if (grid.ep > 1) {
-    stage_ = std::make_unique<AllToAllExpertStage<T>>(grid_.ep_comm, cfg.E(), cfg.d(), cfg.F(),
-                                                      [this](int l) { return model_->expert_views(l); });
-    stage_->after_source = flush_layer;
-    model_->set_expert_stage(stage_.get());
-  }
+  stage_ = install_expert_stage(grid_, *model_);
+  if (stage_) stage_->after_source = flush_layer;
   if (zero_ == 1) {
     // Shard of every segment over the ranks that replicate it.
     size_t total = 0;
@@ -109,7 +115,7 @@ void ParallelTrainer<T>::flush_leaf(size_t begin, size_t end) {
 }
 
 template <class T>
-StepResult ParallelTrainer<T>::accumulate(const std::vector<MicroBatch>& batch) {
+StepResult ParallelTrainer<T>::accumulate(const std::vector<MicroBatch>& batch, const LossHead<T>* head) {
   const int W = grid_.world_size, M = int(batch.size());
   if (M % W != 0)
     throw Error("the global batch has " + std::to_string(M) + " micro-batches, which " + std::to_string(W) +
@@ -129,7 +135,18 @@ StepResult ParallelTrainer<T>::accumulate(const std::vector<MicroBatch>& batch) 
   std::vector<int64_t> counts(size_t(nm) * E, 0);
   for (int a = 0; a < A; ++a) {
     const MicroBatch& mb = batch[first + a];
-    const MicroStats s = model_->forward_backward(mb, norm, true);
+    MicroStats s;
+    if (head) {
+      ForwardOptions fo;
+      if (head->replay) fo.replay = head->replay(first + a);
+      s = model_->forward(mb, norm, fo);
+      auto& dl = model_->dlogits_buffer();
+      dl.resize(model_->logits().size());
+      s.ce = head->loss(first + a, mb, *model_, dl.data());
+      model_->backward(dl.data());
+    } else {
+      s = model_->forward_backward(mb, norm, true);
+    }
     // The dense part of this micro-batch's gradient is one leaf (the experts' leaves
     // were flushed layer by layer during the backward).
     for (const auto& seg : segments_)
@@ -242,8 +259,9 @@ void ParallelTrainer<T>::zero_step(double lr) {
 }
 
 template <class T>
-StepResult ParallelTrainer<T>::step(const std::vector<MicroBatch>& batch, double lr, double max_grad_norm) {
-  StepResult r = accumulate(batch);
+StepResult ParallelTrainer<T>::step(const std::vector<MicroBatch>& batch, double lr, double max_grad_norm,
+                                    const LossHead<T>* head) {
+  StepResult r = accumulate(batch, head);
   if (!std::isfinite(r.total_loss) || !std::isfinite(r.grad_norm)) {
     r.skipped = true;
     return r;
@@ -329,5 +347,7 @@ void ParallelTrainer<T>::set_optimizer_state(const std::vector<T>& m, const std:
 
 template class ParallelTrainer<float>;
 template class ParallelTrainer<double>;
+template std::unique_ptr<AllToAllExpertStage<float>> install_expert_stage(ProcessGrid&, Model<float>&);
+template std::unique_ptr<AllToAllExpertStage<double>> install_expert_stage(ProcessGrid&, Model<double>&);
 
 }  // namespace moetune::dist

@@ -13,6 +13,7 @@
 // Each rank's GEMMs see the same shapes as on one rank, so with the same number of
 // threads per rank every layout gives bit-identical weights.
 #pragma once
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -32,6 +33,22 @@ struct ParallelStats {
   double compute_s = 0;       // seconds in forward/backward (including exchanges)
 };
 
+// A loss other than cross-entropy (the RL objective): for micro-batch m (index in the
+// global batch) after the model's forward, `loss` writes d loss / d logits (tokens, V)
+// into dlogits and returns the micro-batch's contribution to the step's loss (already
+// normalised over the whole global batch). `replay`, if set, gives the routing to
+// replay in micro-batch m's forward (nullptr = route live).
+template <class T>
+struct LossHead {
+  std::function<double(int m, const MicroBatch& mb, const Model<T>& model, T* dlogits)> loss;
+  std::function<const RoutingTrace*(int m)> replay;
+};
+
+// The all-to-all expert stage of `model` over the grid's expert-parallel group,
+// installed in the model (nullptr and nothing installed when ep == 1).
+template <class T>
+std::unique_ptr<AllToAllExpertStage<T>> install_expert_stage(ProcessGrid& grid, Model<T>& model);
+
 template <class T>
 class ParallelTrainer {
  public:
@@ -47,9 +64,11 @@ class ParallelTrainer {
   // Collective. Forward/backward of this rank's share of the global batch and the
   // exact reduction; afterwards model().grads() holds the global gradient of this
   // rank's tensors (identical on every rank that holds a tensor).
-  StepResult accumulate(const std::vector<MicroBatch>& global_batch);
+  // `head` replaces the cross-entropy (StepResult::loss is then its loss).
+  StepResult accumulate(const std::vector<MicroBatch>& global_batch, const LossHead<T>* head = nullptr);
   // Collective. accumulate + clip + AdamW + expert-bias update.
-  StepResult step(const std::vector<MicroBatch>& global_batch, double lr, double max_grad_norm);
+  StepResult step(const std::vector<MicroBatch>& global_batch, double lr, double max_grad_norm,
+                  const LossHead<T>* head = nullptr);
 
   // Collective. Cross-entropy (mean over every target) of a fixed set of micro-batches,
   // forward only; their number must be a multiple of the number of ranks.

@@ -1,10 +1,11 @@
 // Model<T>: the whole forward and backward of MODEL.md section 2-3 for one micro-batch.
 //   h = embed[x]; per layer: h += Attn(RMSNorm(h)); h += FFN(RMSNorm(h));
 //   logits = lm_head(RMSNorm(h)); CE + balance losses.
-// Every activation the backward needs is kept in Impl (no recomputation).
+// Every activation the backward needs is kept in Impl (no recomputation); inference
+// (a forward without backward, and extend() over a KV cache) keeps none of them.
 #include "moe/model.hpp"
 
-#include "moe/moe_layer.hpp"
+#include <stdexcept>
 
 #include "moe/error.hpp"
 #include "moe/init.hpp"
@@ -27,9 +28,12 @@ struct Model<T>::Impl {
     MoeCache<T> moe_cache;
   };
   std::vector<Layer> layers;
+  Layer work;  // the buffers of every layer in inference (forward without backward, extend)
   size_t embed = 0, norm = 0, lm_head = 0;
   std::vector<T> h_final, x_final, rstd_final, logits, dlogits;
-  std::vector<int32_t> pos, targets;
+  std::vector<int32_t> pos, targets, ids;
+  BalanceScales sc;      // balance-loss weights of the last forward
+  bool trained = false;  // the last forward kept what backward() needs
   MoeScratch<T> scratch;
   // work buffers reused across calls: hidden state, branch output and their gradients
   std::vector<T> h, tmp, dh, dx, dq, dk, dv, dctx;
@@ -86,6 +90,16 @@ const std::vector<T>& Model<T>::logits() const {
 }
 
 template <class T>
+const std::vector<int32_t>& Model<T>::targets() const {
+  return impl_->targets;
+}
+
+template <class T>
+std::vector<T>& Model<T>::dlogits_buffer() {
+  return impl_->dlogits;
+}
+
+template <class T>
 void Model<T>::set_expert_stage(ExpertStage<T>* stage) {
   stage_ = stage ? stage : local_stage_.get();
 }
@@ -127,8 +141,34 @@ void moe_views(P& w, T* base, const ParamLayout& lay, const ModelConfig& c, int 
 
 }  // namespace
 
+namespace {
+
 template <class T>
-MicroStats Model<T>::forward_backward(const MicroBatch& mb, const LossNorm& norm, bool backward) {
+void check_tokens(const int32_t* ids, int64_t n, int64_t V) {
+  for (int64_t i = 0; i < n; ++i)
+    if (ids[i] < 0 || ids[i] >= V)
+      throw Error("micro-batch: token id " + std::to_string(ids[i]) + " at position " + std::to_string(i) +
+                  " is outside the vocabulary [0, " + std::to_string(V) + ")");
+}
+
+// Routing control of MoE layer j of a forward.
+inline RouteControl route_control(const ForwardOptions& opt, int j) {
+  RouteControl rc;
+  if (opt.replay) {
+    rc.replay_idx = opt.replay->idx.at(j).data();
+    rc.replay_kept = opt.replay->kept.at(j).data();
+  }
+  if (opt.record) {
+    rc.record_idx = &opt.record->idx[j];
+    rc.record_kept = &opt.record->kept[j];
+  }
+  return rc;
+}
+
+}  // namespace
+
+template <class T>
+MicroStats Model<T>::forward(const MicroBatch& mb, const LossNorm& norm, const ForwardOptions& opt) {
   auto& I = *impl_;
   const ModelConfig& c = cfg_;
   const int B = mb.rows, S = mb.seq_len;
@@ -139,12 +179,25 @@ MicroStats Model<T>::forward_backward(const MicroBatch& mb, const LossNorm& norm
   if (S > c.max_position_embeddings)
     throw Error("micro-batch: seq_len " + std::to_string(S) + " exceeds max_position_embeddings " +
                 std::to_string(c.max_position_embeddings));
-  for (int64_t i = 0; i < N; ++i)
-    if (mb.input_ids[i] < 0 || mb.input_ids[i] >= V)
-      throw Error("micro-batch: token id " + std::to_string(mb.input_ids[i]) + " at position " + std::to_string(i) +
-                  " is outside the vocabulary [0, " + std::to_string(V) + ")");
+  check_tokens<T>(mb.input_ids.data(), N, V);
+  const int nm = c.num_moe_layers();
+  if (opt.replay && (int(opt.replay->idx.size()) != nm || int(opt.replay->kept.size()) != nm))
+    throw Error("routing replay: " + std::to_string(opt.replay->idx.size()) + " MoE layers given, the model has " +
+                std::to_string(nm));
+  if (opt.replay)
+    for (int j = 0; j < nm; ++j)
+      if (int64_t(opt.replay->idx[j].size()) != N * c.K() || int64_t(opt.replay->kept[j].size()) != N * c.K())
+        throw Error("routing replay: MoE layer " + std::to_string(j) + " has a selection of " +
+                    std::to_string(opt.replay->idx[j].size()) + " entries for " + std::to_string(N) + " tokens x K " +
+                    std::to_string(c.K()));
+  if (opt.record) {
+    opt.record->idx.assign(nm, {});
+    opt.record->kept.assign(nm, {});
+  }
   I.rows = B;
   I.seq_len = S;
+  I.trained = opt.train;
+  I.ids = mb.input_ids;
   // RoPE positions restart at each document; targets shift labels by one.
   I.pos.resize(N);
   I.targets.resize(N);
@@ -154,11 +207,10 @@ MicroStats Model<T>::forward_backward(const MicroBatch& mb, const LossNorm& norm
     I.targets[i] = mb.target(i);
   }
   const T* P = params_.data();
-  const BalanceScales sc{c.aux_loss_coeff / norm.n_micro, c.seq_aux_loss_coeff / norm.n_rows,
-                         c.z_loss_coeff / norm.n_micro};
+  I.sc = BalanceScales{c.aux_loss_coeff / norm.n_micro, c.seq_aux_loss_coeff / norm.n_rows,
+                       c.z_loss_coeff / norm.n_micro};
   MicroStats st;
 
-  // ---- forward
   auto& h = I.h;
   auto& tmp = I.tmp;
   h.resize(N * d);
@@ -166,37 +218,40 @@ MicroStats Model<T>::forward_backward(const MicroBatch& mb, const LossNorm& norm
   ops::embedding_forward(h.data(), mb.input_ids.data(), P + I.embed, N, d);
   int moe_j = 0;
   for (int l = 0; l < c.num_hidden_layers; ++l) {
-    auto& L = I.layers[l];
-    L.h_in = h;
+    // Inference keeps nothing per layer: every layer uses the same buffers.
+    auto& L = opt.train ? I.layers[l] : I.work;
+    const auto& W = I.layers[l];
+    if (opt.train) L.h_in = h;
     L.a_in.resize(N * d);
     L.rstd1.resize(N);
-    ops::rmsnorm_forward(L.a_in.data(), L.rstd1.data(), h.data(), P + L.ln1, N, d, c.rms_norm_eps);
+    ops::rmsnorm_forward(L.a_in.data(), L.rstd1.data(), h.data(), P + W.ln1, N, d, c.rms_norm_eps);
     L.q_act.resize(N * qd);
     L.k_act.resize(N * kvd);
     L.v_act.resize(N * kvd);
-    ops::linear_forward(L.q_act.data(), L.a_in.data(), P + L.q, N, d, qd);
-    ops::linear_forward(L.k_act.data(), L.a_in.data(), P + L.k, N, d, kvd);
-    ops::linear_forward(L.v_act.data(), L.a_in.data(), P + L.v, N, d, kvd);
+    ops::linear_forward(L.q_act.data(), L.a_in.data(), P + W.q, N, d, qd);
+    ops::linear_forward(L.k_act.data(), L.a_in.data(), P + W.k, N, d, kvd);
+    ops::linear_forward(L.v_act.data(), L.a_in.data(), P + W.v, N, d, kvd);
     ops::rope_apply(L.q_act.data(), I.pos.data(), N, H, hd, c.rope_theta, +1);
     ops::rope_apply(L.k_act.data(), I.pos.data(), N, Hkv, hd, c.rope_theta, +1);
     L.probs.resize(int64_t(B) * H * S * S);
     L.ctx.resize(N * qd);
     ops::attention_forward(L.ctx.data(), L.probs.data(), L.q_act.data(), L.k_act.data(), L.v_act.data(),
                            mb.doc_ids.data(), B, S, H, Hkv, hd);
-    ops::linear_forward(tmp.data(), L.ctx.data(), P + L.o, N, qd, d);
+    ops::linear_forward(tmp.data(), L.ctx.data(), P + W.o, N, qd, d);
     for (int64_t i = 0; i < N * d; ++i) h[i] += tmp[i];
-    L.h_mid = h;
+    if (opt.train) L.h_mid = h;
     L.f_in.resize(N * d);
     L.rstd2.resize(N);
-    ops::rmsnorm_forward(L.f_in.data(), L.rstd2.data(), h.data(), P + L.ln2, N, d, c.rms_norm_eps);
+    ops::rmsnorm_forward(L.f_in.data(), L.rstd2.data(), h.data(), P + W.ln2, N, d, c.rms_norm_eps);
     if (!c.is_moe_layer(l)) {
       const int64_t Fi = c.intermediate_size;
       L.dense.resize(N, Fi);
-      mlp_forward(tmp.data(), L.dense.g.data(), L.dense.u.data(), L.dense.a.data(), L.f_in.data(), P + L.dg,
-                  P + L.du, P + L.dd, N, d, Fi);
+      mlp_forward(tmp.data(), L.dense.g.data(), L.dense.u.data(), L.dense.a.data(), L.f_in.data(), P + W.dg,
+                  P + W.du, P + W.dd, N, d, Fi);
     } else {
       moe_views(L.moe, P, layout_, c, l);
-      moe_forward(tmp.data(), L.moe_cache, L.f_in.data(), L.moe, *stage_, l, bias_[moe_j].data(), c, B, S, sc);
+      moe_forward(tmp.data(), L.moe_cache, L.f_in.data(), L.moe, *stage_, l, bias_[moe_j].data(), c, B, S, I.sc,
+                  route_control(opt, moe_j));
       st.aux_loss += L.moe_cache.losses.aux;
       st.seq_aux_loss += L.moe_cache.losses.seq;
       st.z_loss += L.moe_cache.losses.z;
@@ -206,7 +261,7 @@ MicroStats Model<T>::forward_backward(const MicroBatch& mb, const LossNorm& norm
     }
     for (int64_t i = 0; i < N * d; ++i) h[i] += tmp[i];
   }
-  I.h_final = h;
+  if (opt.train) I.h_final = h;
   I.x_final.resize(N * d);
   I.rstd_final.resize(N);
   ops::rmsnorm_forward(I.x_final.data(), I.rstd_final.data(), h.data(), P + I.norm, N, d, c.rms_norm_eps);
@@ -214,14 +269,19 @@ MicroStats Model<T>::forward_backward(const MicroBatch& mb, const LossNorm& norm
   ops::linear_forward(I.logits.data(), I.x_final.data(), P + I.lm_head, N, d, V);
   st.n_targets = 0;
   for (int64_t i = 0; i < N; ++i) st.n_targets += I.targets[i] != kIgnoreIndex;
-  const double denom = norm.n_targets > 0 ? norm.n_targets : 1.0;
-  if (backward) I.dlogits.resize(N * V);
-  st.ce_sum = ops::cross_entropy_forward_backward(backward ? I.dlogits.data() : static_cast<T*>(nullptr),
-                                                  I.logits.data(), I.targets.data(), N, V, 1.0 / denom);
-  st.ce = st.ce_sum / denom;
-  if (!backward) return st;
+  return st;
+}
 
-  // ---- backward
+template <class T>
+void Model<T>::backward(const T* dlogits) {
+  auto& I = *impl_;
+  if (!I.trained) throw std::logic_error("Model::backward without a training forward");
+  I.trained = false;  // the activations are consumed (the expert stage's caches are)
+  const ModelConfig& c = cfg_;
+  const int B = I.rows, S = I.seq_len;
+  const int64_t N = int64_t(B) * S, d = c.d(), V = c.vocab_size, H = c.H(), Hkv = c.Hkv(), hd = c.hd();
+  const int64_t qd = H * hd, kvd = Hkv * hd;
+  const T* P = params_.data();
   T* G = grads_.data();
   auto &dh = I.dh, &dx = I.dx, &dq = I.dq, &dk = I.dk, &dv = I.dv, &dctx = I.dctx;
   dh.assign(N * d, T(0));
@@ -230,7 +290,7 @@ MicroStats Model<T>::forward_backward(const MicroBatch& mb, const LossNorm& norm
   dk.resize(N * kvd);
   dv.resize(N * kvd);
   dctx.resize(N * qd);
-  ops::linear_backward(dx.data(), G + I.lm_head, I.dlogits.data(), I.x_final.data(), P + I.lm_head, N, d, V);
+  ops::linear_backward(dx.data(), G + I.lm_head, dlogits, I.x_final.data(), P + I.lm_head, N, d, V);
   ops::rmsnorm_backward(dh.data(), G + I.norm, dx.data(), I.h_final.data(), P + I.norm, I.rstd_final.data(), N, d);
   for (int l = c.num_hidden_layers - 1; l >= 0; --l) {
     auto& L = I.layers[l];
@@ -241,10 +301,9 @@ MicroStats Model<T>::forward_backward(const MicroBatch& mb, const LossNorm& norm
       mlp_backward(dx.data(), G + L.dg, G + L.du, G + L.dd, dh.data(), L.f_in.data(), L.dense.g.data(),
                    L.dense.u.data(), L.dense.a.data(), P + L.dg, P + L.du, P + L.dd, N, d, Fi, I.scratch.mlp);
     } else {
-      --moe_j;
       MoeGrads<T> g;
       moe_views(g, G, layout_, c, l);
-      moe_backward(dx.data(), g, dh.data(), L.f_in.data(), L.moe, *stage_, l, L.moe_cache, c, B, S, sc, I.scratch);
+      moe_backward(dx.data(), g, dh.data(), L.f_in.data(), L.moe, *stage_, l, L.moe_cache, c, B, S, I.sc, I.scratch);
     }
     ops::rmsnorm_backward(dh.data(), G + L.ln2, dx.data(), L.h_mid.data(), P + L.ln2, L.rstd2.data(), N, d);
     // Attention: h_mid = h_in + o_proj(Attn(RMSNorm(h_in)))
@@ -263,8 +322,130 @@ MicroStats Model<T>::forward_backward(const MicroBatch& mb, const LossNorm& norm
     ops::linear_backward(dx.data(), G + L.v, dv.data(), L.a_in.data(), P + L.v, N, d, kvd);
     ops::rmsnorm_backward(dh.data(), G + L.ln1, dx.data(), L.h_in.data(), P + L.ln1, L.rstd1.data(), N, d);
   }
-  ops::embedding_backward(G + I.embed, dh.data(), mb.input_ids.data(), N, d);
+  ops::embedding_backward(G + I.embed, dh.data(), I.ids.data(), N, d);
+}
+
+template <class T>
+MicroStats Model<T>::forward_backward(const MicroBatch& mb, const LossNorm& norm, bool backward) {
+  MicroStats st = forward(mb, norm, ForwardOptions{backward});
+  auto& I = *impl_;
+  const int64_t N = mb.tokens(), V = cfg_.vocab_size;
+  const double denom = norm.n_targets > 0 ? norm.n_targets : 1.0;
+  if (backward) I.dlogits.resize(N * V);
+  st.ce_sum = ops::cross_entropy_forward_backward(backward ? I.dlogits.data() : static_cast<T*>(nullptr),
+                                                  I.logits.data(), I.targets.data(), N, V, 1.0 / denom);
+  st.ce = st.ce_sum / denom;
+  if (backward) this->backward(I.dlogits.data());
   return st;
+}
+
+template <class T>
+void Model<T>::kv_init(KvCache<T>& kv, int rows, int capacity) const {
+  if (capacity > cfg_.max_position_embeddings)
+    throw Error("KV cache: " + std::to_string(capacity) + " positions exceed max_position_embeddings " +
+                std::to_string(cfg_.max_position_embeddings));
+  const int64_t kvd = int64_t(cfg_.Hkv()) * cfg_.hd();
+  kv.rows = rows;
+  kv.capacity = capacity;
+  kv.len.assign(rows, 0);
+  kv.k.resize(cfg_.num_hidden_layers);
+  kv.v.resize(cfg_.num_hidden_layers);
+  for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
+    kv.k[l].assign(int64_t(rows) * capacity * kvd, T(0));
+    kv.v[l].assign(int64_t(rows) * capacity * kvd, T(0));
+  }
+}
+
+template <class T>
+void Model<T>::extend(KvCache<T>& kv, const int32_t* row, const int32_t* tokens, int64_t n, std::vector<T>& logits,
+                      RoutingTrace* record) {
+  auto& I = *impl_;
+  const ModelConfig& c = cfg_;
+  const int64_t d = c.d(), V = c.vocab_size, H = c.H(), Hkv = c.Hkv(), hd = c.hd();
+  const int64_t qd = H * hd, kvd = Hkv * hd;
+  check_tokens<T>(tokens, n, V);
+  // Positions: each row's tokens continue its cached sequence.
+  I.pos.resize(n);
+  std::vector<int32_t> next(kv.len);
+  std::vector<int64_t> last;  // index of each distinct row's last new token, in order of first appearance
+  std::vector<int64_t> slot(kv.rows, -1);
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t r = row[i];
+    if (r < 0 || r >= kv.rows) throw Error("KV cache: row " + std::to_string(r) + " out of range");
+    if (next[r] >= kv.capacity)
+      throw Error("KV cache: row " + std::to_string(r) + " is full (" + std::to_string(kv.capacity) + " positions)");
+    I.pos[i] = next[r]++;
+    if (slot[r] < 0) {
+      slot[r] = int64_t(last.size());
+      last.push_back(i);
+    } else {
+      last[slot[r]] = i;
+    }
+  }
+  const int nm = c.num_moe_layers();
+  if (record) {
+    record->idx.assign(nm, {});
+    record->kept.assign(nm, {});
+  }
+  const T* P = params_.data();
+  auto& L = I.work;
+  auto& h = I.h;
+  auto& tmp = I.tmp;
+  h.resize(n * d);
+  tmp.resize(n * d);
+  ops::embedding_forward(h.data(), tokens, P + I.embed, n, d);
+  ForwardOptions fo{false, nullptr, record};
+  int moe_j = 0;
+  for (int l = 0; l < c.num_hidden_layers; ++l) {
+    const auto& W = I.layers[l];
+    L.a_in.resize(n * d);
+    L.rstd1.resize(n);
+    ops::rmsnorm_forward(L.a_in.data(), L.rstd1.data(), h.data(), P + W.ln1, n, d, c.rms_norm_eps);
+    L.q_act.resize(n * qd);
+    L.k_act.resize(n * kvd);
+    L.v_act.resize(n * kvd);
+    ops::linear_forward(L.q_act.data(), L.a_in.data(), P + W.q, n, d, qd);
+    ops::linear_forward(L.k_act.data(), L.a_in.data(), P + W.k, n, d, kvd);
+    ops::linear_forward(L.v_act.data(), L.a_in.data(), P + W.v, n, d, kvd);
+    ops::rope_apply(L.q_act.data(), I.pos.data(), n, H, hd, c.rope_theta, +1);
+    ops::rope_apply(L.k_act.data(), I.pos.data(), n, Hkv, hd, c.rope_theta, +1);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t at = (int64_t(row[i]) * kv.capacity + I.pos[i]) * kvd;
+      std::copy_n(L.k_act.data() + i * kvd, kvd, kv.k[l].data() + at);
+      std::copy_n(L.v_act.data() + i * kvd, kvd, kv.v[l].data() + at);
+    }
+    L.ctx.resize(n * qd);
+    ops::attention_cached(L.ctx.data(), L.q_act.data(), kv.k[l].data(), kv.v[l].data(), row, I.pos.data(), n,
+                          kv.capacity, H, Hkv, hd);
+    ops::linear_forward(tmp.data(), L.ctx.data(), P + W.o, n, qd, d);
+    for (int64_t i = 0; i < n * d; ++i) h[i] += tmp[i];
+    L.f_in.resize(n * d);
+    L.rstd2.resize(n);
+    ops::rmsnorm_forward(L.f_in.data(), L.rstd2.data(), h.data(), P + W.ln2, n, d, c.rms_norm_eps);
+    if (!c.is_moe_layer(l)) {
+      const int64_t Fi = c.intermediate_size;
+      L.dense.resize(n, Fi);
+      mlp_forward(tmp.data(), L.dense.g.data(), L.dense.u.data(), L.dense.a.data(), L.f_in.data(), P + W.dg,
+                  P + W.du, P + W.dd, n, d, Fi);
+    } else {
+      // Each new token is its own "row" of one position; no balance loss is computed.
+      moe_views(L.moe, P, layout_, c, l);
+      moe_forward(tmp.data(), L.moe_cache, L.f_in.data(), L.moe, *stage_, l, bias_[moe_j].data(), c, int(n), 1,
+                  BalanceScales{}, route_control(fo, moe_j));
+      ++moe_j;
+    }
+    for (int64_t i = 0; i < n * d; ++i) h[i] += tmp[i];
+  }
+  for (int64_t i = 0; i < n; ++i) kv.len[row[i]] = std::max(kv.len[row[i]], I.pos[i] + 1);
+  // Final norm and LM head of the last new token of each row only.
+  const int64_t m = int64_t(last.size());
+  tmp.resize(m * d);
+  for (int64_t j = 0; j < m; ++j) std::copy_n(h.data() + last[j] * d, d, tmp.data() + j * d);
+  I.x_final.resize(m * d);
+  I.rstd_final.resize(m);
+  ops::rmsnorm_forward(I.x_final.data(), I.rstd_final.data(), tmp.data(), P + I.norm, m, d, c.rms_norm_eps);
+  logits.resize(m * V);
+  ops::linear_forward(logits.data(), I.x_final.data(), P + I.lm_head, m, d, V);
 }
 
 template class Model<float>;

@@ -32,6 +32,31 @@ struct MicroStats {
   double total() const { return ce + aux_loss + seq_aux_loss + z_loss; }
 };
 
+// The expert selections of every MoE layer for the N tokens of one forward (or one
+// cached extension): idx[j] and kept[j], (N*K) each, of MoE layer j. Recorded by a
+// forward, replayed by another (routing replay, MODEL.md section 11).
+struct RoutingTrace {
+  std::vector<std::vector<int32_t>> idx;
+  std::vector<std::vector<uint8_t>> kept;
+};
+
+struct ForwardOptions {
+  // Keep every activation the backward needs. false (inference): only work buffers
+  // shared by all layers; backward() must not follow.
+  bool train = true;
+  const RoutingTrace* replay = nullptr;  // force these expert selections
+  RoutingTrace* record = nullptr;        // copy out the selections made
+};
+
+// Keys (after RoPE) and values of every cached position (MODEL.md section 10):
+// row r's position p of layer l is at k[l][(r * capacity + p) * Hkv*hd].
+template <class T>
+struct KvCache {
+  int rows = 0, capacity = 0;
+  std::vector<int32_t> len;          // (rows) positions cached per row
+  std::vector<std::vector<T>> k, v;  // [layer] (rows * capacity, Hkv*hd)
+};
+
 template <class T>
 class ExpertStage;
 template <class T>
@@ -63,10 +88,32 @@ class Model {
   void init(uint64_t seed);  // MODEL.md section 6
   void zero_grad();
 
-  // Forward (and, if `backward`, backward accumulating into grads()) for one micro-batch.
+  // Forward of one micro-batch: logits() (tokens, V), the balance losses and expert
+  // counts in the result (ce left 0; n_targets counted). `norm` scales the balance
+  // losses. The loss head is the caller's: it turns logits() into dlogits.
+  MicroStats forward(const MicroBatch& mb, const LossNorm& norm, const ForwardOptions& opt = {});
+  // Backward of the last training forward from dlogits (tokens, V) = d loss / d logits;
+  // the balance losses' gradients are added; parameter gradients accumulate (+=).
+  void backward(const T* dlogits);
+  // forward + cross-entropy head (sum over targets / norm.n_targets) + backward (if
+  // `backward`): the supervised step of MODEL.md section 3.
   MicroStats forward_backward(const MicroBatch& mb, const LossNorm& norm, bool backward = true);
-  // Logits (tokens, V) of the last forward, row-major.
+  // Logits (tokens, V) of the last forward, row-major; targets (tokens) it used
+  // (labels shifted by one, -100 where there is none).
   const std::vector<T>& logits() const;
+  const std::vector<int32_t>& targets() const;
+  // A work buffer of logits' size for the caller's loss head (reused across calls).
+  std::vector<T>& dlogits_buffer();
+
+  // Inference with a KV cache (MODEL.md section 10). kv_init sizes an empty cache of
+  // `rows` rows of `capacity` positions. extend feeds n new tokens: token i goes to
+  // cache row row[i] at its next position (a row's tokens in order); logits (m, V) get
+  // the logits of the last new token of each distinct row, in order of first
+  // appearance. No backward state is kept. Under expert parallelism every rank of the
+  // group must call extend the same number of times (n may be 0).
+  void kv_init(KvCache<T>& kv, int rows, int capacity) const;
+  void extend(KvCache<T>& kv, const int32_t* row, const int32_t* tokens, int64_t n, std::vector<T>& logits,
+              RoutingTrace* record = nullptr);
 
   // Where the routed experts run: by default the local stage over this model's
   // experts (all E unless an expert range was given); dist/ installs the all-to-all

@@ -111,17 +111,34 @@ struct MoeCache {
   BalanceLosses losses;
 };
 
+// Routing replay and recording of one MoE layer (MODEL.md section 11): a given
+// selection (idx, kept; (N,K) each) replaces top-K and capacity; the selection made
+// is copied out when record_* are set.
+struct RouteControl {
+  const int32_t* replay_idx = nullptr;
+  const uint8_t* replay_kept = nullptr;
+  std::vector<int32_t>* record_idx = nullptr;
+  std::vector<uint8_t>* record_kept = nullptr;
+};
+
 // out (N,d) = MoE(x) (overwritten); x (N,d) = the normalised hidden states of
 // `rows` rows of `seq_len` tokens; bias (E) fp32.
 template <class T>
 void moe_forward(T* out, MoeCache<T>& c, const T* x, const MoeWeights<T>& w, ExpertStage<T>& experts, int layer,
-                 const float* bias, const ModelConfig& cfg, int rows, int seq_len, const BalanceScales& sc) {
+                 const float* bias, const ModelConfig& cfg, int rows, int seq_len, const BalanceScales& sc,
+                 const RouteControl& rc = {}) {
   const int64_t N = int64_t(rows) * seq_len, d = cfg.d(), E = cfg.E(), S = cfg.shared_width();
   // 1. route
   c.logits.resize(N * E);
   ops::linear_forward(c.logits.data(), x, w.gate, N, d, E);
-  route_select(c.routing, c.logits.data(), bias, cfg, N);
-  route_capacity(c.routing, cfg.capacity_factor);
+  if (rc.replay_idx) {
+    route_replay(c.routing, c.logits.data(), rc.replay_idx, rc.replay_kept, cfg, N);
+  } else {
+    route_select(c.routing, c.logits.data(), bias, cfg, N);
+    route_capacity(c.routing, cfg.capacity_factor);
+  }
+  if (rc.record_idx) *rc.record_idx = c.routing.idx;
+  if (rc.record_kept) *rc.record_kept = c.routing.kept;
   c.losses = balance_forward(c.routing, c.logits.data(), cfg, rows, seq_len, sc);
   // 2. dispatch
   c.perm = make_permutation(c.routing);

@@ -212,6 +212,47 @@ void attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* probs, cons
     }
 }
 
+// Attention of n new queries against a KV cache (decoding, MODEL.md section 10).
+// out (n, H*hd); q (n, H*hd) rotated; kc, vc (rows*cap, Hkv*hd): cache row r's
+// position p at (r*cap + p). Query i sees positions [0, pos[i]] of cache row row[i]
+// (its own key included, already written). Same arithmetic order as
+// attention_forward: scores * scale, exp(score - max), times 1/sum, then P·V.
+template <class T>
+void attention_cached(T* out, const T* q, const T* kc, const T* vc, const int32_t* row, const int32_t* pos, int64_t n,
+                      int64_t cap, int64_t H, int64_t Hkv, int64_t hd) {
+  const int64_t qs = H * hd, ks = Hkv * hd, rep = H / Hkv;
+  const T scale = T(1) / std::sqrt(T(hd));
+#pragma omp parallel
+  {
+    std::vector<T> p;
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t kh = h / rep, len = int64_t(pos[i]) + 1;
+        const T* qi = q + i * qs + h * hd;
+        const T* kb = kc + int64_t(row[i]) * cap * ks + kh * hd;
+        const T* vb = vc + int64_t(row[i]) * cap * ks + kh * hd;
+        p.resize(len);
+        T mx = -std::numeric_limits<T>::infinity();
+        for (int64_t j = 0; j < len; ++j) {
+          T dot = 0;
+          for (int64_t x = 0; x < hd; ++x) dot += qi[x] * kb[j * ks + x];
+          p[j] = dot * scale;
+          mx = std::max(mx, p[j]);
+        }
+        T sum = 0;
+        for (int64_t j = 0; j < len; ++j) sum += (p[j] = std::exp(p[j] - mx));
+        const T inv = T(1) / sum;
+        T* o = out + i * qs + h * hd;
+        std::fill_n(o, hd, T(0));
+        for (int64_t j = 0; j < len; ++j) {
+          const T w = p[j] * inv;
+          for (int64_t x = 0; x < hd; ++x) o[x] += w * vb[j * ks + x];
+        }
+      }
+  }
+}
+
 // ---------------------------------------------------------------- cross-entropy
 // Per-token CE of logits (N,V) against targets (N) (-100 = ignored), and, if dlogits
 // is non-null, dlogits (N,V) = (softmax - onehot) * grad_scale on target rows, 0 elsewhere

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <limits>
 #include <numeric>
+#include <stdexcept>
 #include <vector>
 
 #include "moe/config.hpp"
@@ -27,6 +28,34 @@ struct Routing {
   int64_t dropped = 0;
 };
 
+// s (E) = softmax(x) or sigmoid(x) of one token's router logits x (E).
+template <class T>
+void router_scores(T* s, const T* x, const ModelConfig& c) {
+  const int E = c.E();
+  if (c.sigmoid()) {
+    for (int e = 0; e < E; ++e) s[e] = T(1) / (T(1) + std::exp(-x[e]));
+  } else {
+    T mx = x[0];
+    for (int e = 1; e < E; ++e) mx = std::max(mx, x[e]);
+    T sum = 0;
+    for (int e = 0; e < E; ++e) sum += (s[e] = std::exp(x[e] - mx));
+    for (int e = 0; e < E; ++e) s[e] /= sum;
+  }
+}
+
+// w (K) = s[id], normalised (norm_topk_prob) and scaled (routed_scaling_factor).
+template <class T>
+void router_weights(T* w, const T* s, const int32_t* id, const ModelConfig& c) {
+  const int K = c.K();
+  T wsum = 0;
+  for (int k = 0; k < K; ++k) {
+    w[k] = s[id[k]];
+    wsum += w[k];
+  }
+  const T scale = T(c.routed_scaling_factor) / (c.norm_topk_prob ? wsum + T(1e-20) : T(1));
+  for (int k = 0; k < K; ++k) w[k] *= scale;
+}
+
 // Per-token selection (greedy or noaux_tc with bias, optionally group-limited).
 // logits (N,E); bias (E) fp32 (used only under noaux_tc). Fills r (all but `kept`).
 template <class T>
@@ -42,17 +71,8 @@ void route_select(Routing<T>& r, const T* logits, const float* bias, const Model
   r.dropped = 0;
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < N; ++t) {
-    const T* x = logits + t * E;
     T* s = r.scores.data() + t * E;
-    if (c.sigmoid()) {
-      for (int e = 0; e < E; ++e) s[e] = T(1) / (T(1) + std::exp(-x[e]));
-    } else {
-      T mx = x[0];
-      for (int e = 1; e < E; ++e) mx = std::max(mx, x[e]);
-      T sum = 0;
-      for (int e = 0; e < E; ++e) sum += (s[e] = std::exp(x[e] - mx));
-      for (int e = 0; e < E; ++e) s[e] /= sum;
-    }
+    router_scores(s, logits + t * E, c);
     std::vector<T> sel(s, s + E);
     if (c.noaux_tc())
       for (int e = 0; e < E; ++e) sel[e] += T(bias[e]);
@@ -75,18 +95,39 @@ void route_select(Routing<T>& r, const T* logits, const float* bias, const Model
     std::iota(order.begin(), order.end(), 0);
     std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return sel[a] > sel[b]; });
     int32_t* id = r.idx.data() + t * K;
-    T* w = r.weight.data() + t * K;
-    T wsum = 0;
-    for (int k = 0; k < K; ++k) {
-      id[k] = order[k];
-      w[k] = s[order[k]];
-      wsum += w[k];
-    }
-    const T scale = T(c.routed_scaling_factor) / (c.norm_topk_prob ? wsum + T(1e-20) : T(1));
-    for (int k = 0; k < K; ++k) w[k] *= scale;
+    for (int k = 0; k < K; ++k) id[k] = order[k];
+    router_weights(r.weight.data() + t * K, s, id, c);
   }
   r.counts.assign(E, 0);
   for (int64_t i = 0; i < N * K; ++i) r.counts[r.idx[i]]++;
+}
+
+// Routing replay (MODEL.md section 11, R2/R3): the selection (idx, kept; (N,K) each,
+// after group limits and capacity) is given; scores and weights are recomputed live
+// from the logits at those indices, so the gradient flows through the router as usual.
+template <class T>
+void route_replay(Routing<T>& r, const T* logits, const int32_t* idx, const uint8_t* kept, const ModelConfig& c,
+                  int64_t N) {
+  const int E = c.E(), K = c.K();
+  r.N = N;
+  r.E = E;
+  r.K = K;
+  r.scores.resize(N * E);
+  r.idx.assign(idx, idx + N * K);
+  r.weight.resize(N * K);
+  r.kept.assign(kept, kept + N * K);
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < N; ++t) {
+    router_scores(r.scores.data() + t * E, logits + t * E, c);
+    router_weights(r.weight.data() + t * K, r.scores.data() + t * E, r.idx.data() + t * K, c);
+  }
+  r.counts.assign(E, 0);
+  r.dropped = 0;
+  for (int64_t i = 0; i < N * K; ++i) {
+    if (r.idx[i] < 0 || r.idx[i] >= E) throw std::out_of_range("route_replay: expert index out of range");
+    r.counts[r.idx[i]]++;
+    r.dropped += r.kept[i] == 0;
+  }
 }
 
 // Capacity drops: each expert keeps at most ceil(c * N * K / E) pairs, those with the

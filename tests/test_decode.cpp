@@ -1,0 +1,227 @@
+// The inference paths of the model (MODEL.md section 10) and routing replay (section
+// 11): a KV-cache decode gives the logits of a full forward over the same tokens; an
+// inference forward equals a training forward bit for bit; replaying a forward's own
+// routing changes no bit; a replayed (fixed) selection has exact gradients.
+#include <gtest/gtest.h>
+
+#include <cstring>
+
+#include "moe/error.hpp"
+#include "moe/model.hpp"
+#include "moe/ops.hpp"
+#include "test_util.hpp"
+
+using namespace moetune;
+using namespace moetune::testing;
+
+namespace {
+
+ModelConfig small_cfg(nlohmann::json extra = {}) {
+  nlohmann::json j = {{"vocab_size", 40},
+                      {"hidden_size", 16},
+                      {"num_hidden_layers", 3},
+                      {"num_attention_heads", 4},
+                      {"num_key_value_heads", 2},
+                      {"intermediate_size", 24},
+                      {"n_routed_experts", 6},
+                      {"num_experts_per_tok", 2},
+                      {"moe_intermediate_size", 8},
+                      {"max_position_embeddings", 32},
+                      {"initializer_range", 0.2}};
+  for (auto it = extra.begin(); it != extra.end(); ++it) j[it.key()] = it.value();
+  return ModelConfig::from_json(j);
+}
+
+// One row of `len` tokens, one document.
+MicroBatch one_row(const std::vector<int32_t>& toks) {
+  MicroBatch mb;
+  mb.rows = 1;
+  mb.seq_len = int(toks.size());
+  mb.input_ids = toks;
+  mb.labels = toks;
+  mb.doc_ids.assign(toks.size(), 0);
+  return mb;
+}
+
+std::vector<int32_t> tokens(int n, int V, uint64_t seed) {
+  std::vector<int32_t> t(n);
+  uint64_t s = seed;
+  for (auto& x : t) {
+    s = s * 6364136223846793005ULL + 1442695040888963407ULL;
+    x = int32_t((s >> 33) % uint64_t(V));
+  }
+  return t;
+}
+
+// Max relative error of the cached decode's logits against full forwards, for three
+// rows of different prompt lengths decoded together (prefill, then one token per
+// row per step, rows finishing at different steps).
+template <class T>
+double decode_vs_forward(const ModelConfig& cfg) {
+  Model<T> m(cfg);
+  m.init(3);
+  for (auto& b : m.expert_bias())
+    for (size_t e = 0; e < b.size(); ++e) b[e] = 0.01f * float(e % 3);
+  const int V = cfg.vocab_size;
+  const std::vector<std::vector<int32_t>> seqs = {tokens(14, V, 1), tokens(9, V, 2), tokens(20, V, 3)};
+  const std::vector<int> prompt = {5, 1, 7};
+  KvCache<T> kv;
+  m.kv_init(kv, 3, 24);
+  std::vector<T> logits;
+  double worst = 0;
+  auto compare = [&](int r, int upto, const T* got) {  // logits after tokens [0, upto] of row r
+    Model<T>& mm = m;
+    std::vector<int32_t> prefix(seqs[r].begin(), seqs[r].begin() + upto + 1);
+    mm.forward(one_row(prefix), LossNorm{}, ForwardOptions{false});
+    const T* want = mm.logits().data() + int64_t(upto) * V;
+    double mx = 0;
+    for (int v = 0; v < V; ++v) mx = std::max(mx, std::fabs(double(want[v])));
+    for (int v = 0; v < V; ++v) worst = std::max(worst, std::fabs(double(got[v]) - double(want[v])) / (mx + 1e-30));
+  };
+  // Prefill: the three prompts in one call.
+  std::vector<int32_t> row, tok;
+  for (int r = 0; r < 3; ++r)
+    for (int i = 0; i < prompt[r]; ++i) {
+      row.push_back(r);
+      tok.push_back(seqs[r][i]);
+    }
+  m.extend(kv, row.data(), tok.data(), int64_t(tok.size()), logits);
+  // compare() runs full forwards through the same model, which must not disturb the cache.
+  std::vector<T> prefill = logits;
+  for (int r = 0; r < 3; ++r) compare(r, prompt[r] - 1, prefill.data() + int64_t(r) * V);
+  EXPECT_EQ(kv.len, (std::vector<int32_t>{5, 1, 7}));
+  // Decode: every live row gets its next token each step.
+  std::vector<int> at = prompt;
+  for (;;) {
+    row.clear();
+    tok.clear();
+    for (int r = 0; r < 3; ++r)
+      if (at[r] < int(seqs[r].size())) {
+        row.push_back(r);
+        tok.push_back(seqs[r][at[r]]);
+      }
+    if (row.empty()) break;
+    m.extend(kv, row.data(), tok.data(), int64_t(tok.size()), logits);
+    std::vector<T> got = logits;
+    for (size_t i = 0; i < row.size(); ++i) {
+      compare(row[i], at[row[i]], got.data() + int64_t(i) * V);
+      ++at[row[i]];
+    }
+  }
+  EXPECT_EQ(kv.len, (std::vector<int32_t>{14, 9, 20}));
+  return worst;
+}
+
+}  // namespace
+
+TEST(Decode, KvCacheEqualsFullForwardDouble) {
+  const double e = decode_vs_forward<double>(small_cfg());
+  std::printf("decode vs full forward, double: max relative error %.3g\n", e);
+  EXPECT_LT(e, 1e-12);
+}
+
+TEST(Decode, KvCacheEqualsFullForwardFloat) {
+  const double e = decode_vs_forward<float>(small_cfg({{"scoring_func", "softmax"}, {"n_shared_experts", 0}}));
+  std::printf("decode vs full forward, float: max relative error %.3g\n", e);
+  EXPECT_LT(e, 1e-5);
+}
+
+TEST(Decode, ExtendRejectsFullRowsAndBadTokens) {
+  const auto cfg = small_cfg();
+  Model<float> m(cfg);
+  m.init(1);
+  KvCache<float> kv;
+  m.kv_init(kv, 1, 2);
+  std::vector<float> logits;
+  const int32_t row[3] = {0, 0, 0}, tok[3] = {1, 2, 3};
+  EXPECT_THROW(m.extend(kv, row, tok, 3, logits), Error);
+  const int32_t bad[1] = {cfg.vocab_size};
+  EXPECT_THROW(m.extend(kv, row, bad, 1, logits), Error);
+  EXPECT_THROW(m.kv_init(kv, 1, cfg.max_position_embeddings + 1), Error);
+}
+
+TEST(Decode, InferenceForwardEqualsTrainingForwardBitForBit) {
+  const auto cfg = small_cfg({{"seq_aux_loss_coeff", 0.01}});
+  Model<float> m(cfg);
+  m.init(5);
+  const auto mb = make_batch(3, 10, cfg.vocab_size, 9);
+  m.forward(mb, LossNorm{}, ForwardOptions{true});
+  const std::vector<float> train = m.logits();
+  m.forward(mb, LossNorm{}, ForwardOptions{false});
+  ASSERT_EQ(train.size(), m.logits().size());
+  EXPECT_EQ(0, std::memcmp(train.data(), m.logits().data(), train.size() * sizeof(float)));
+}
+
+TEST(Replay, OwnRoutingChangesNoBit) {
+  const auto cfg = small_cfg({{"capacity_factor", 1.0}});
+  Model<float> m(cfg);
+  m.init(7);
+  const auto mb = make_batch(2, 12, cfg.vocab_size, 4);
+  RoutingTrace rec;
+  const MicroStats live = m.forward(mb, LossNorm{}, ForwardOptions{false, nullptr, &rec});
+  ASSERT_EQ(int(rec.idx.size()), cfg.num_moe_layers());
+  EXPECT_GT(live.dropped_pairs, 0);  // capacity drops are part of the replayed selection
+  const std::vector<float> want = m.logits();
+  const MicroStats rep = m.forward(mb, LossNorm{}, ForwardOptions{false, &rec, nullptr});
+  EXPECT_EQ(0, std::memcmp(want.data(), m.logits().data(), want.size() * sizeof(float)));
+  EXPECT_EQ(live.expert_counts, rep.expert_counts);
+  EXPECT_EQ(live.dropped_pairs, rep.dropped_pairs);
+}
+
+TEST(Replay, WrongShapeIsRejected) {
+  const auto cfg = small_cfg();
+  Model<float> m(cfg);
+  m.init(7);
+  const auto mb = make_batch(1, 6, cfg.vocab_size, 4);
+  RoutingTrace rec;
+  m.forward(mb, LossNorm{}, ForwardOptions{false, nullptr, &rec});
+  const auto mb2 = make_batch(1, 7, cfg.vocab_size, 4);
+  EXPECT_THROW(m.forward(mb2, LossNorm{}, ForwardOptions{false, &rec, nullptr}), Error);
+}
+
+// A replayed selection that differs from the live one: the loss is a smooth function
+// of every parameter (the selection is fixed), so its gradient matches central
+// differences, the router's included (weights come from the live scores).
+TEST(Replay, FixedSelectionGradientMatchesFiniteDifferences) {
+  const auto cfg = small_cfg({{"num_hidden_layers", 2}, {"seq_aux_loss_coeff", 0.05}, {"z_loss_coeff", 0.01},
+                              {"first_k_dense_replace", 1}});
+  Model<double> m(cfg);
+  m.init(13);
+  const auto mb = make_batch(2, 6, cfg.vocab_size, 21);
+  const int64_t N = mb.tokens();
+  RoutingTrace sel;
+  sel.idx.assign(cfg.num_moe_layers(), std::vector<int32_t>(N * cfg.K()));
+  sel.kept.assign(cfg.num_moe_layers(), std::vector<uint8_t>(N * cfg.K(), 1));
+  for (auto& layer : sel.idx)
+    for (int64_t t = 0; t < N; ++t) {  // experts (t, t+1) mod E: not what the router would pick
+      layer[t * 2] = int32_t(t % cfg.E());
+      layer[t * 2 + 1] = int32_t((t + 1) % cfg.E());
+    }
+  sel.kept[0][3] = 0;  // a dropped pair
+  const LossNorm norm{double(mb.count_targets()), 1, 2};
+  auto loss = [&](bool backward) {
+    const MicroStats st = m.forward(mb, norm, ForwardOptions{backward, &sel, nullptr});
+    auto& dl = m.dlogits_buffer();
+    dl.resize(m.logits().size());
+    const double ce = ops::cross_entropy_forward_backward(backward ? dl.data() : static_cast<double*>(nullptr),
+                                                          m.logits().data(), m.targets().data(), N,
+                                                          cfg.vocab_size, 1.0 / norm.n_targets) /
+                      norm.n_targets;
+    if (backward) m.backward(dl.data());
+    return ce + st.aux_loss + st.seq_aux_loss + st.z_loss;
+  };
+  m.zero_grad();
+  loss(true);
+  const std::vector<double> g = m.grads();
+  for (const auto& t : m.layout().tensors()) {
+    double gmax = 0;
+    for (size_t i = 0; i < t.numel; ++i) gmax = std::max(gmax, std::fabs(g[t.offset + i]));
+    const double floor = 1e-5 * (1.0 + gmax);
+    double worst = 0;
+    const size_t step = t.numel <= 32 ? 1 : t.numel / 32;
+    for (size_t i = 0; i < t.numel; i += step)
+      worst = std::max(worst, rel_err(fd([&] { return loss(false); }, m.params()[t.offset + i], 1e-5),
+                                      g[t.offset + i], floor));
+    EXPECT_LT(worst, 1e-5) << t.name;
+  }
+}
