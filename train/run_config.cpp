@@ -116,6 +116,7 @@ const std::vector<KeyDef>& keys() {
   using T = TrainConfig;
   using O = OptimConfig;
   using P = ParallelConfig;
+  using R = RlConfig;
   static const std::vector<KeyDef> k = {
       key("data", &RunConfig::data, "train", &D::train_path,
           "training data: JSONL, or a token file of moetune data prepare (data.format); a relative path in a "
@@ -194,6 +195,72 @@ const std::vector<KeyDef>& keys() {
             if (v != 0 && v != 1) fail(w, k, "must be 0 or 1, got " + std::to_string(v));
           }),
 
+      key("rl", &RunConfig::rl, "prompts_per_step", &R::prompts_per_step, "B: prompts per RL step",
+          positive<int>()),
+      key("rl", &RunConfig::rl, "num_generations", &R::num_generations,
+          "G: completions sampled per prompt (the group of the advantage)", positive<int>()),
+      key("rl", &RunConfig::rl, "max_new_tokens", &R::max_new_tokens,
+          "longest completion; one that reaches it without <|end|>/<|eos|> is truncated", positive<int>()),
+      key("rl", &RunConfig::rl, "temperature", &R::temperature,
+          "sampling temperature of the rollouts; 0 = greedy. Log-probabilities are of log_softmax(z / "
+          "temperature) (1 when 0)",
+          non_negative<double>()),
+      key("rl", &RunConfig::rl, "top_k", &R::top_k, "keep the k most likely tokens when sampling; 0 = off",
+          non_negative<int>()),
+      key("rl", &RunConfig::rl, "top_p", &R::top_p, "nucleus sampling: keep the smallest set with probability >= p; 1 = off",
+          [](const double& v, const std::string& w, const std::string& k) {
+            if (!(v > 0 && v <= 1)) fail(w, k, "must be in (0, 1], got " + num(v));
+          }),
+      key("rl", &RunConfig::rl, "generation_batch_size", &R::generation_batch_size,
+          "completions decoded together (one KV cache); the chunks are shared out over the ranks",
+          positive<int>()),
+      key("rl", &RunConfig::rl, "scale_rewards", &R::scale_rewards,
+          "advantage: (r - group mean) / (std + 1e-4) with the std of the \"group\" or of the whole \"batch\", "
+          "or \"none\" (r - group mean, Dr. GRPO)",
+          one_of({"group", "batch", "none"})),
+      key("rl", &RunConfig::rl, "loss_type", &R::loss_type,
+          "aggregation of the per-token loss: \"token_mean\" (DAPO), \"seq_mean_token_mean\" (GRPO), "
+          "\"seq_mean_token_sum_norm\" (Dr. GRPO: sum / (completions * max_new_tokens))",
+          one_of({"token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"})),
+      key("rl", &RunConfig::rl, "importance_sampling_level", &R::importance_sampling_level,
+          "\"token\": ratio per token; \"sequence\": one ratio per completion, exp(mean log-ratio) (GSPO)",
+          one_of({"token", "sequence"})),
+      key("rl", &RunConfig::rl, "epsilon", &R::epsilon, "clip range below: ratio >= 1 - epsilon", positive<double>()),
+      key("rl", &RunConfig::rl, "epsilon_high", &R::epsilon_high,
+          "clip range above: ratio <= 1 + epsilon_high (clip-higher, DAPO); 0 = rl.epsilon", non_negative<double>()),
+      key("rl", &RunConfig::rl, "beta", &R::beta,
+          "weight of the k3 KL penalty to the frozen reference model (the --init-from checkpoint); 0 = no "
+          "reference is held",
+          non_negative<double>()),
+      key("rl", &RunConfig::rl, "mu", &R::mu,
+          "passes over each step's completions (TRL num_iterations); 1 with rl.minibatches 1 = on-policy",
+          positive<int>()),
+      key("rl", &RunConfig::rl, "minibatches", &R::minibatches,
+          "optimizer steps per pass: the completions cut into this many equal slices", positive<int>()),
+      key("rl", &RunConfig::rl, "dynamic_sampling", &R::dynamic_sampling,
+          "drop the groups whose rewards are all equal before the update (DAPO); counted in the metrics"),
+      key("rl", &RunConfig::rl, "mask_truncated", &R::mask_truncated,
+          "truncated completions get no loss tokens (TRL mask_truncated_completions)"),
+      key("rl", &RunConfig::rl, "router_replay", &R::router_replay,
+          "expert selection in the update: \"none\" (live), \"rollout\" (R3: the rollout's decode steps), "
+          "\"old\" (R2: the pi_old forward); the weights are always recomputed from the live scores",
+          one_of({"none", "rollout", "old"})),
+      key("rl", &RunConfig::rl, "reward", &R::reward,
+          "reward functions, comma-separated: math (final number equals the answer), exact (trimmed text equals "
+          "the answer), format (stopped and has an answer), command (rl.reward_command) (docs/rewards.md)"),
+      key("rl", &RunConfig::rl, "reward_weights", &R::reward_weights,
+          "comma-separated weights of rl.reward, in order (TRL reward_weights); \"\" = 1 each"),
+      key("rl", &RunConfig::rl, "reward_command", &R::reward_command,
+          "a program scoring completions: one JSON object per line on its stdin, one number per line on its "
+          "stdout (docs/rewards.md)"),
+      key("rl", &RunConfig::rl, "reward_timeout", &R::reward_timeout,
+          "seconds the reward program may take for one step's completions", positive<double>()),
+      key("rl", &RunConfig::rl, "eval_every", &R::eval_every,
+          "evaluate on --valid-prompts every N steps and after the last; 0 = after the last only",
+          non_negative<int64_t>()),
+      key("rl", &RunConfig::rl, "eval_samples", &R::eval_samples,
+          "samples per valid prompt for pass@k (at rl.temperature); 0 = greedy pass@1 only", non_negative<int>()),
+
       key("optim", &RunConfig::optim, "lr", &O::lr, "peak learning rate (after warmup)", positive<double>()),
       key("optim", &RunConfig::optim, "beta1", &O::beta1, "AdamW beta1, in [0, 1)", half_open_unit),
       key("optim", &RunConfig::optim, "beta2", &O::beta2, "AdamW beta2, in [0, 1)", half_open_unit),
@@ -226,7 +293,7 @@ const KeyDef* find_key(const std::string& section, const std::string& name) {
 }
 
 bool is_section(const std::string& s) {
-  return s == "model" || s == "data" || s == "train" || s == "optim" || s == "parallel";
+  return s == "model" || s == "data" || s == "train" || s == "optim" || s == "parallel" || s == "rl";
 }
 
 // ModelConfig names keys "<where>: key 'hidden_size': ..."; a run config names them
@@ -301,7 +368,7 @@ RunConfig RunConfig::from_json(const json& j, const std::string& where, const st
   RunConfig c;
   for (auto sec = j.begin(); sec != j.end(); ++sec) {
     const std::string& s = sec.key();
-    if (!is_section(s)) fail(where, s, "unknown section (expected model, data, train, optim or parallel)");
+    if (!is_section(s)) fail(where, s, "unknown section (expected model, data, train, optim, parallel or rl)");
     if (!sec.value().is_object()) fail(where, s, "expected a JSON object, got " + sec.value().dump());
     if (s == "model") {
       try {
@@ -340,7 +407,7 @@ void RunConfig::set(const std::string& assignment) {
   if (dot == std::string::npos) fail(where, dotted, "expected <section>.<key> (sections: model, data, train, optim)");
   const std::string section = dotted.substr(0, dot), name = dotted.substr(dot + 1);
   if (!is_section(section))
-    fail(where, dotted, "unknown section '" + section + "' (expected model, data, train, optim or parallel)");
+    fail(where, dotted, "unknown section '" + section + "' (expected model, data, train, optim, parallel or rl)");
   if (section == "model") {
     ModelConfig m = model;  // leave *this untouched when the value is rejected
     try {
@@ -428,6 +495,7 @@ std::string describe_config_keys() {
         << (section == "data"    ? "training data and batch rows (docs/data.md)"
             : section == "train" ? "the training loop"
             : section == "optim" ? "AdamW and the learning-rate schedule"
+            : section == "rl"    ? "moetune rl: rollouts, rewards and the GRPO-family objective (docs/rl.md)"
                                  : "the process grid under mpirun (README: Running on several processes)")
         << "\n";
     }

@@ -47,12 +47,43 @@ struct OptimConfig {
   double min_lr_ratio = 0.1;
 };
 
+// `moetune rl` (docs/rl.md; MODEL.md sections 10-11). Names follow TRL's GRPOConfig
+// where TRL has the key.
+struct RlConfig {
+  int prompts_per_step = 8;            // B: prompts per RL step
+  int num_generations = 8;             // G: completions per prompt (the group)
+  int max_new_tokens = 32;             // completion length limit (truncated beyond)
+  double temperature = 1.0;            // sampling temperature (0 = greedy)
+  int top_k = 0;                       // 0 = off
+  double top_p = 1.0;                  // 1 = off
+  int generation_batch_size = 32;      // completions decoded together
+  std::string scale_rewards = "group"; // "group" | "batch" | "none"
+  std::string loss_type = "token_mean";  // "token_mean" | "seq_mean_token_mean" | "seq_mean_token_sum_norm"
+  std::string importance_sampling_level = "token";  // "token" | "sequence" (GSPO)
+  double epsilon = 0.2;                // clip low
+  double epsilon_high = 0.0;           // clip high; 0 = epsilon
+  double beta = 0.0;                   // k3 KL to the frozen reference; 0 = no reference held
+  int mu = 1;                          // passes over each batch of completions (TRL num_iterations)
+  int minibatches = 1;                 // optimizer steps per pass
+  bool dynamic_sampling = false;       // drop groups whose rewards are all equal
+  bool mask_truncated = false;         // truncated completions get no loss tokens
+  std::string router_replay = "none";  // "none" | "rollout" (R3) | "old" (R2)
+  std::string reward = "math";         // comma-separated reward functions: math, exact, format, command
+  std::string reward_weights;          // comma-separated weights, one per reward; "" = all 1
+  std::string reward_command;          // the program of the "command" reward (sh -c)
+  double reward_timeout = 60;          // seconds a reward program may take per batch
+  int64_t eval_every = 0;              // pass@1 on --valid-prompts every N steps (and after the last); 0 = last only
+  int eval_samples = 0;                // also pass@k with this many samples per valid prompt; 0 = greedy only
+  double epsilon_hi() const { return epsilon_high > 0 ? epsilon_high : epsilon; }
+};
+
 struct RunConfig {
   ModelConfig model = ModelConfig::from_json(nlohmann::json::object());  // defaults, derived values resolved
   DataConfig data;
   TrainConfig train;
   OptimConfig optim;
   ParallelConfig parallel;
+  RlConfig rl;
 
   // Reads a JSON file; `data.train` is resolved relative to the file's directory.
   static RunConfig from_file(const std::string& path);

@@ -37,60 +37,6 @@ using json = nlohmann::json;
 
 namespace {
 
-std::string step_dir(const std::string& out, int64_t step) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "step-%08lld", static_cast<long long>(step));
-  return (fs::path(out) / buf).string();
-}
-
-// Step checkpoint directories of out_dir, newest first.
-std::vector<fs::path> step_dirs(const std::string& out) {
-  std::vector<fs::path> v;
-  if (!fs::is_directory(out)) return v;
-  for (const auto& e : fs::directory_iterator(out)) {
-    const std::string n = e.path().filename().string();
-    if (e.is_directory() && n.size() == 13 && n.rfind("step-", 0) == 0 &&
-        n.find_first_not_of("0123456789", 5) == std::string::npos)
-      v.push_back(e.path());
-  }
-  std::sort(v.rbegin(), v.rend());
-  return v;
-}
-
-void prune_checkpoints(const std::string& out, int keep) {
-  const auto dirs = step_dirs(out);
-  std::error_code ec;
-  for (size_t i = size_t(keep); i < dirs.size(); ++i) fs::remove_all(dirs[i], ec);
-}
-
-// The run's tokenizer (docs/tokenizer.md): data.tokenizer when set, else the one of the
-// checkpoint the run starts from, else the byte tokenizer when the data needs one (SFT
-// text, token files); none for pre-tokenized JSONL without either. `start` is the
-// checkpoint directory the run starts from ("" for none).
-std::optional<Tokenizer> resolve_tokenizer(const RunConfig& rc, const std::string& start) {
-  const std::string carried = start.empty() ? std::string() : (fs::path(start) / "tokenizer.json").string();
-  std::optional<Tokenizer> from_ckpt;
-  if (!carried.empty() && fs::exists(carried)) from_ckpt = Tokenizer::load(carried);
-  std::optional<Tokenizer> t;
-  if (!rc.data.tokenizer.empty()) {
-    t = Tokenizer::from_spec(rc.data.tokenizer);
-    if (from_ckpt && from_ckpt->sha256_hex() != t->sha256_hex())
-      throw Error("key 'data.tokenizer': " + rc.data.tokenizer + " (sha256 " + t->sha256_hex().substr(0, 12) +
-                  ") is not the tokenizer of the checkpoint " + start + " (" + carried + ", sha256 " +
-                  from_ckpt->sha256_hex().substr(0, 12) +
-                  "); a model goes on with the tokenizer it was trained with (leave data.tokenizer unset to use it)");
-  } else if (from_ckpt) {
-    t = std::move(from_ckpt);
-  } else if (rc.data.format == "sft" || rc.data.format == "bin") {
-    t = Tokenizer::byte_level();
-  }
-  if (t && t->vocab_size() > rc.model.vocab_size)
-    throw Error("key 'model.vocab_size': the tokenizer (" + t->describe() + ") has " +
-                std::to_string(t->vocab_size()) + " tokens, more than model.vocab_size = " +
-                std::to_string(rc.model.vocab_size));
-  return t;
-}
-
 // The documents of a data file: token-id JSONL, SFT JSONL rendered with the chat
 // template and the run's tokenizer (overlong samples truncated, skipped or refused), or
 // a token file (memory-mapped; it must come from the run's tokenizer).
@@ -121,11 +67,6 @@ std::shared_ptr<const DocumentSource> load_documents(const DataConfig& dc, const
   return std::make_shared<VectorDocuments>(sft_documents(std::move(samples)), path);
 }
 
-double median(std::vector<double> v) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
 
 template <class T>
 TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
@@ -167,14 +108,7 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
     Model<T>& m = trainer_holder->model();
     // Temporary directories of checkpoints whose writing was interrupted are incomplete
     // by construction (a checkpoint only gets its name once complete): remove them.
-    if (grid.world_rank == 0 && fs::is_directory(opt.out_dir))
-      for (const auto& e : fs::directory_iterator(opt.out_dir)) {
-        const std::string n = e.path().filename().string();
-        if (e.is_directory() && n.rfind("step-", 0) == 0 && n.find(".tmp-") != std::string::npos) {
-          std::error_code ec;
-          fs::remove_all(e.path(), ec);
-        }
-      }
+    if (grid.world_rank == 0) remove_incomplete_checkpoints(opt.out_dir);
     if (opt.auto_resume && opt.resume_from.empty())
       resume_dir = find_latest_valid_checkpoint(opt.out_dir, [&](const std::string& w) {
         if (grid.world_rank == 0) std::fprintf(stderr, "warning: %s\n", w.c_str());
@@ -275,19 +209,7 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
 
   std::ofstream metrics;
   if (root) {
-    const fs::path mpath = fs::path(opt.out_dir) / "metrics.jsonl";
-    std::vector<std::string> kept;  // when resuming: the lines of the steps before the checkpoint
-    if (start_step > 1) {
-      std::ifstream old(mpath);
-      std::string line;
-      while (std::getline(old, line)) {
-        const json j = json::parse(line, nullptr, false);
-        if (!j.is_discarded() && j.contains("step") && j["step"].get<int64_t>() < start_step) kept.push_back(line);
-      }
-    }
-    metrics.open(mpath, std::ios::trunc);
-    if (!metrics) throw Error(mpath.string() + ": cannot open for writing");
-    for (const auto& l : kept) metrics << l << "\n";
+    metrics = open_metrics(opt.out_dir, start_step);
     if (talk && start_step > 1)
       std::printf("resuming from %s at step %lld (loaded in %.3f s, manifest verified)\n", resume_dir.c_str(),
                   static_cast<long long>(start_step), resume_load_s);
@@ -396,9 +318,9 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
                   static_cast<long long>(step), static_cast<long long>(rc.train.steps), r.loss, r.aux_loss,
                   r.seq_aux_loss, r.z_loss, lr, r.grad_norm, tok_s, 100 * mfu, worst, worst_rank,
                   1e3 * (comm[0] + comm[1]), r.skipped ? " | SKIPPED (non-finite)" : "");
-    if (talk && !std::isnan(valid_loss)) std::printf("step %5lld | valid loss %.4f\n", static_cast<long long>(step), valid_loss);
-      std::fflush(stdout);
-    }
+    if (talk && !std::isnan(valid_loss))
+      std::printf("step %5lld | valid loss %.4f\n", static_cast<long long>(step), valid_loss);
+    if (talk) std::fflush(stdout);
     dist::maybe_inject_fault("after-step", step, grid.world_rank);
     const bool last = step == rc.train.steps;
     if ((rc.train.save_every > 0 && step % rc.train.save_every == 0) || last) {
@@ -439,6 +361,95 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
 }
 
 }  // namespace
+
+std::string step_dir(const std::string& out, int64_t step) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "step-%08lld", static_cast<long long>(step));
+  return (fs::path(out) / buf).string();
+}
+
+// Step checkpoint directories of out_dir, newest first.
+std::vector<fs::path> step_dirs(const std::string& out) {
+  std::vector<fs::path> v;
+  if (!fs::is_directory(out)) return v;
+  for (const auto& e : fs::directory_iterator(out)) {
+    const std::string n = e.path().filename().string();
+    if (e.is_directory() && n.size() == 13 && n.rfind("step-", 0) == 0 &&
+        n.find_first_not_of("0123456789", 5) == std::string::npos)
+      v.push_back(e.path());
+  }
+  std::sort(v.rbegin(), v.rend());
+  return v;
+}
+
+void prune_checkpoints(const std::string& out, int keep) {
+  const auto dirs = step_dirs(out);
+  std::error_code ec;
+  for (size_t i = size_t(keep); i < dirs.size(); ++i) fs::remove_all(dirs[i], ec);
+}
+
+// The run's tokenizer (docs/tokenizer.md): data.tokenizer when set, else the one of the
+// checkpoint the run starts from, else the byte tokenizer when the data needs one (SFT
+// text, token files); none for pre-tokenized JSONL without either. `start` is the
+// checkpoint directory the run starts from ("" for none).
+std::optional<Tokenizer> resolve_tokenizer(const RunConfig& rc, const std::string& start) {
+  const std::string carried = start.empty() ? std::string() : (fs::path(start) / "tokenizer.json").string();
+  std::optional<Tokenizer> from_ckpt;
+  if (!carried.empty() && fs::exists(carried)) from_ckpt = Tokenizer::load(carried);
+  std::optional<Tokenizer> t;
+  if (!rc.data.tokenizer.empty()) {
+    t = Tokenizer::from_spec(rc.data.tokenizer);
+    if (from_ckpt && from_ckpt->sha256_hex() != t->sha256_hex())
+      throw Error("key 'data.tokenizer': " + rc.data.tokenizer + " (sha256 " + t->sha256_hex().substr(0, 12) +
+                  ") is not the tokenizer of the checkpoint " + start + " (" + carried + ", sha256 " +
+                  from_ckpt->sha256_hex().substr(0, 12) +
+                  "); a model goes on with the tokenizer it was trained with (leave data.tokenizer unset to use it)");
+  } else if (from_ckpt) {
+    t = std::move(from_ckpt);
+  } else if (rc.data.format == "sft" || rc.data.format == "bin") {
+    t = Tokenizer::byte_level();
+  }
+  if (t && t->vocab_size() > rc.model.vocab_size)
+    throw Error("key 'model.vocab_size': the tokenizer (" + t->describe() + ") has " +
+                std::to_string(t->vocab_size()) + " tokens, more than model.vocab_size = " +
+                std::to_string(rc.model.vocab_size));
+  return t;
+}
+
+double median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+
+void remove_incomplete_checkpoints(const std::string& out) {
+  if (!fs::is_directory(out)) return;
+  for (const auto& e : fs::directory_iterator(out)) {
+    const std::string n = e.path().filename().string();
+    if (e.is_directory() && n.rfind("step-", 0) == 0 && n.find(".tmp-") != std::string::npos) {
+      std::error_code ec;
+      fs::remove_all(e.path(), ec);
+    }
+  }
+}
+
+std::ofstream open_metrics(const std::string& out, int64_t start_step) {
+  const fs::path mpath = fs::path(out) / "metrics.jsonl";
+  std::vector<std::string> kept;  // when resuming: the lines of the steps before the checkpoint
+  if (start_step > 1) {
+    std::ifstream old(mpath);
+    std::string line;
+    while (std::getline(old, line)) {
+      const json j = json::parse(line, nullptr, false);
+      if (!j.is_discarded() && j.contains("step") && j["step"].get<int64_t>() < start_step) kept.push_back(line);
+    }
+  }
+  std::ofstream metrics(mpath, std::ios::trunc);
+  if (!metrics) throw Error(mpath.string() + ": cannot open for writing");
+  for (const auto& l : kept) metrics << l << "\n";
+  return metrics;
+}
 
 std::string find_latest_valid_checkpoint(const std::string& out_dir,
                                          const std::function<void(const std::string&)>& warn) {

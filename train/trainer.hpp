@@ -1,9 +1,15 @@
 // The single-process training loop behind `moetune train`: data -> train_step ->
 // progress line + metrics.jsonl -> checkpoints.
 #pragma once
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
 #include <functional>
+#include <optional>
 #include <string>
+#include <vector>
 
+#include "tokenizer/tokenizer.hpp"
 #include "train/run_config.hpp"
 
 namespace moetune {
@@ -34,6 +40,24 @@ TrainSummary run_training(const RunConfig& rc, const TrainOptions& opt);
 // each invalid one met on the way is reported through `warn`.
 std::string find_latest_valid_checkpoint(const std::string& out_dir,
                                          const std::function<void(const std::string&)>& warn);
+
+// Pieces of a run shared by `moetune train`, `sft` and `rl`.
+// out/step-NNNNNNNN
+std::string step_dir(const std::string& out, int64_t step);
+// Step checkpoint directories of out, newest first.
+std::vector<std::filesystem::path> step_dirs(const std::string& out);
+// Removes all but the newest `keep` step checkpoints of out.
+void prune_checkpoints(const std::string& out, int keep);
+// Removes step-*.tmp-* directories (checkpoints whose writing was interrupted).
+void remove_incomplete_checkpoints(const std::string& out);
+// out/metrics.jsonl opened for writing; when resuming at start_step > 1 the lines of the
+// earlier steps are kept. Throws moetune::Error if it cannot be opened.
+std::ofstream open_metrics(const std::string& out, int64_t start_step);
+// The run's tokenizer (docs/tokenizer.md): data.tokenizer when set (it must equal the
+// tokenizer of the checkpoint `start`, if that has one), else the checkpoint's, else the
+// byte tokenizer for data.format sft/bin; none otherwise. Checked against model.vocab_size.
+std::optional<Tokenizer> resolve_tokenizer(const RunConfig& rc, const std::string& start);
+double median(std::vector<double> v);
 
 // `moetune init`: a step-0 checkpoint (weights from the seed, bias 0, no optimizer state),
 // with the tokenizer `tokenizer_spec` ("byte", a tokenizer.json, a checkpoint; "" = none)
