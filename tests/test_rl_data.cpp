@@ -159,11 +159,20 @@ TEST(RlPrompt, ErrorsNamePathAndLine) {
             std::string::npos);
 }
 
+TEST(RlPrompt, ByteOrderMarkAndCrlf) {
+  const auto p = write_file("bom.jsonl", "\xEF\xBB\xBF{\"prompt\": \"a\", \"answer\": 1}\r\n\r\n{\"prompt\": \"b\"}\r\n");
+  const auto rows = read_prompt_jsonl(p, false);
+  ASSERT_EQ(rows.size(), 2u);
+  EXPECT_EQ(rows[0].messages[0].content, "a");
+  EXPECT_EQ(rows[0].answer, "1");
+  EXPECT_EQ(rows[1].line, 3);
+}
+
 TEST(RlPrompt, EmptyOrMissingFile) {
   const auto p = write_file("empty.jsonl", "\n  \n");
   EXPECT_EQ(error_of([&] { read_prompt_jsonl(p, false); }), p + ": no prompts");
   const std::string missing = (test_dir() / "nope.jsonl").string();
-  EXPECT_EQ(error_of([&] { read_prompt_jsonl(missing, false); }), missing + ": cannot open");
+  EXPECT_EQ(error_of([&] { read_prompt_jsonl(missing, false); }), missing + ": cannot open file");
 }
 
 TEST(RlPrompt, RenderPromptIsRenderChatsPrefix) {

@@ -70,8 +70,8 @@ PromptRow parse_row(const json& j, bool need_answer) {
     }
     check_roles(r.messages);
   } else {
-    const char* key = j.contains("prompt") ? "prompt" : "question";
-    r.messages.push_back({"user", string_value(j.at(key), "'" + std::string(key) + "'")});
+    const bool prompt = j.contains("prompt");
+    r.messages.push_back({"user", string_value(j.at(prompt ? "prompt" : "question"), prompt ? "'prompt'" : "'question'")});
   }
   if (auto ref = reference_answer(j)) {
     if (ref->empty()) throw Error("'answer' is empty (no reference answer after normalisation)");
@@ -89,7 +89,7 @@ PromptRow parse_row(const json& j, bool need_answer) {
 
 std::vector<PromptRow> read_prompt_jsonl(const std::string& path, bool need_answer) {
   std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error(path + ": cannot open");
+  if (!in) throw Error(path + ": cannot open file");
   std::vector<PromptRow> rows;
   std::string line;
   int lineno = 0;

@@ -33,7 +33,7 @@ struct PromptRow {
 // a wrong type, a message that is not {role, content}, an unknown role, empty messages, a
 // trailing assistant turn, an empty answer, and a missing answer when need_answer (set it
 // when a reward needs one: reward_needs_answer). A file without prompts is
-// "<path>: no prompts"; an unreadable file "<path>: cannot open".
+// "<path>: no prompts"; an unreadable file "<path>: cannot open file".
 std::vector<PromptRow> read_prompt_jsonl(const std::string& path, bool need_answer);
 
 // The prompt's tokens: <|bos|> { <|role|> encode(content) <|end|> }* <|assistant|>,
