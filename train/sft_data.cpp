@@ -21,44 +21,6 @@ bool blank(const std::string& s) {
   return std::all_of(s.begin(), s.end(), [](char c) { return c == ' ' || c == '\t' || c == '\r' || c == '\n'; });
 }
 
-// Returns the 0-based byte offset of the first byte that makes `s` invalid UTF-8
-// (RFC 3629: no overlong forms, no surrogates U+D800..U+DFFF, nothing above U+10FFFF,
-// no truncated sequence), or -1 if `s` is valid.
-int64_t first_invalid_utf8(const std::string& s) {
-  const auto* p = reinterpret_cast<const unsigned char*>(s.data());
-  const int64_t n = int64_t(s.size());
-  int64_t i = 0;
-  while (i < n) {
-    const unsigned c = p[i];
-    if (c < 0x80) {
-      ++i;
-      continue;
-    }
-    int len;
-    unsigned lo = 0x80, hi = 0xBF;  // allowed range of the second byte
-    if (c >= 0xC2 && c <= 0xDF) {
-      len = 2;
-    } else if (c >= 0xE0 && c <= 0xEF) {
-      len = 3;
-      if (c == 0xE0) lo = 0xA0;       // overlong
-      if (c == 0xED) hi = 0x9F;       // surrogates
-    } else if (c >= 0xF0 && c <= 0xF4) {
-      len = 4;
-      if (c == 0xF0) lo = 0x90;       // overlong
-      if (c == 0xF4) hi = 0x8F;       // above U+10FFFF
-    } else {
-      return i;  // continuation byte without a lead, 0xC0/0xC1 (overlong), 0xF5..0xFF
-    }
-    for (int k = 1; k < len; ++k) {
-      if (i + k >= n) return i;
-      const unsigned b = p[i + k];
-      if (k == 1 ? (b < lo || b > hi) : (b < 0x80 || b > 0xBF)) return i;
-    }
-    i += len;
-  }
-  return -1;
-}
-
 std::string hex_byte(unsigned char b) {
   const char* d = "0123456789ABCDEF";
   return std::string("0x") + d[b >> 4] + d[b & 15];
@@ -222,6 +184,41 @@ SftSample parse_sample(const json& j, const TextEncoder& enc, int vocab_size) {
 }
 
 }  // namespace
+
+int64_t first_invalid_utf8(const std::string& s) {
+  const auto* p = reinterpret_cast<const unsigned char*>(s.data());
+  const int64_t n = int64_t(s.size());
+  int64_t i = 0;
+  while (i < n) {
+    const unsigned c = p[i];
+    if (c < 0x80) {
+      ++i;
+      continue;
+    }
+    int len;
+    unsigned lo = 0x80, hi = 0xBF;  // allowed range of the second byte
+    if (c >= 0xC2 && c <= 0xDF) {
+      len = 2;
+    } else if (c >= 0xE0 && c <= 0xEF) {
+      len = 3;
+      if (c == 0xE0) lo = 0xA0;       // overlong
+      if (c == 0xED) hi = 0x9F;       // surrogates
+    } else if (c >= 0xF0 && c <= 0xF4) {
+      len = 4;
+      if (c == 0xF0) lo = 0x90;       // overlong
+      if (c == 0xF4) hi = 0x8F;       // above U+10FFFF
+    } else {
+      return i;  // continuation byte without a lead, 0xC0/0xC1 (overlong), 0xF5..0xFF
+    }
+    for (int k = 1; k < len; ++k) {
+      if (i + k >= n) return i;
+      const unsigned b = p[i + k];
+      if (k == 1 ? (b < lo || b > hi) : (b < 0x80 || b > 0xBF)) return i;
+    }
+    i += len;
+  }
+  return -1;
+}
 
 Document render_chat(const std::vector<ChatMessage>& messages, const TextEncoder& enc) {
   if (messages.empty()) throw Error("'messages' is empty (a chat sample needs at least one assistant message)");

@@ -27,6 +27,11 @@ struct SftSample {
   SftFormat format = SftFormat::Chat;
 };
 
+// The 0-based byte offset of the first byte that makes `s` invalid UTF-8 (RFC 3629: no
+// overlong forms, no surrogates U+D800..U+DFFF, nothing above U+10FFFF, no truncated
+// sequence), or -1 if `s` is valid. Shared by the JSONL readers (SFT and RL prompts).
+int64_t first_invalid_utf8(const std::string& s);
+
 // Chat template (docs/sft.md):
 //   <|bos|> { <|role|> encode(content) <|end|> }* <|eos|>
 // input_ids (L) and labels (L), Hugging Face convention (position t predicts
