@@ -1,13 +1,13 @@
 // The arithmetic task generator: splitmix64 draws, carry/borrow detection, dedupe against
-// the held-out set, and the atomic JSONL writer. Contract in arith_task.hpp.
+// the held-out set, and the JSONL files (written atomically). Contract in arith_task.hpp.
 #include "train/arith_task.hpp"
 
 #include <algorithm>
 #include <filesystem>
-#include <fstream>
 #include <nlohmann/json.hpp>
 #include <unordered_set>
 
+#include "io/fsutil.hpp"
 #include "moe/error.hpp"
 
 namespace moetune {
@@ -112,21 +112,6 @@ int64_t count_carry(const std::vector<ArithProblem>& ps) {
   return n;
 }
 
-// Writes `lines` to path atomically: "<path>.tmp", flushed and closed, then renamed.
-void write_atomic(const fs::path& path, const std::string& content) {
-  const fs::path tmp = path.string() + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) throw Error(tmp.string() + ": cannot open for writing");
-    out << content;
-    out.flush();
-    if (!out) throw Error(tmp.string() + ": write failed");
-  }
-  std::error_code ec;
-  fs::rename(tmp, path, ec);
-  if (ec) throw Error(path.string() + ": cannot rename " + tmp.string() + " into place: " + ec.message());
-}
-
 }  // namespace
 
 int64_t ArithProblem::result() const { return op == '+' ? a + b : op == '-' ? a - b : a * b; }
@@ -198,9 +183,9 @@ ArithTaskStats write_arith_task(const ArithTaskConfig& cfg, const std::string& o
   prompts(t.train_prompts, train);
   prompts(t.test_prompts, test);
   const fs::path dir(out_dir);
-  write_atomic(dir / "sft.jsonl", sft);
-  write_atomic(dir / "train_prompts.jsonl", train);
-  write_atomic(dir / "test_prompts.jsonl", test);
+  fsutil::write_file_atomic((dir / "sft.jsonl").string(), sft);  // "<name>.tmp", fsync, rename
+  fsutil::write_file_atomic((dir / "train_prompts.jsonl").string(), train);
+  fsutil::write_file_atomic((dir / "test_prompts.jsonl").string(), test);
   ArithTaskStats s;
   s.sft = int64_t(t.sft.size());
   s.train_prompts = int64_t(t.train_prompts.size());

@@ -50,7 +50,7 @@ struct ArithTaskStats {
 };
 
 // Writes make_arith_task(cfg) to out_dir (created if missing), each file atomically
-// (written to "<name>.tmp", then renamed):
+// (io/fsutil.hpp write_file_atomic: "<name>.tmp", fsync, rename):
 //   sft.jsonl            {"messages":[{"role":"user","content":"12+34="},{"role":"assistant","content":"46"}]}
 //   train_prompts.jsonl  {"prompt":"12+34=","answer":"46"}
 //   test_prompts.jsonl   the same format
