@@ -4,6 +4,9 @@
 //   moetune gen-data --out FILE [--docs N] [--vocab V] ...     synthetic JSONL for the demo
 //   moetune tokenizer train|encode|decode|info ...              byte-level BPE (docs/tokenizer.md)
 //   moetune data prepare|inspect ...                            token files for continued pre-training
+//   moetune rl       --init-from SFT --prompts F --out DIR ...   RL post-training (docs/rl.md)
+//   moetune generate --ckpt DIR --prompts F --out F.jsonl       completions with a KV cache
+//   moetune eval     --ckpt DIR --prompts F [--samples k]       pass@1 / pass@k on held-out prompts
 // Every user error prints "error: <message naming file/line/key>" and exits 1.
 #include <CLI/CLI.hpp>
 #include <csignal>
@@ -23,7 +26,10 @@
 #include "train/run_config.hpp"
 #include "tokenizer/tokenizer.hpp"
 #include "train/synthetic.hpp"
+#include "train/arith_task.hpp"
 #include "train/prepare.hpp"
+#include "train/rl_trainer.hpp"
+#include "train/rollout.hpp"
 #include "train/text_corpus.hpp"
 #include "train/trainer.hpp"
 
@@ -157,12 +163,79 @@ int main(int argc, char** argv) {
   sft->add_option("--peak-gflops", sopt.peak_gflops, "Peak GFLOP/s for MFU (default: measured)");
   sft->add_flag("--quiet", sft_quiet, "No progress lines");
 
+  // ---- rl
+  auto* rlc = app.add_subcommand(
+      "rl", "RL post-training with verifiable rewards: rollouts, rewards, GRPO-family updates (docs/rl.md)");
+  std::string rl_config;
+  RlOptions ropt;
+  std::vector<std::string> rl_sets;
+  bool rl_quiet = false;
+  rlc->add_option("--init-from", ropt.init_from, "The checkpoint to post-train (usually an SFT checkpoint); also "
+                                                 "the frozen reference when rl.beta > 0");
+  rlc->add_option("--prompts", ropt.prompts, "Training prompts: JSONL {\"prompt\"|\"messages\"|\"question\", "
+                                             "\"answer\", ...} (docs/rewards.md)")
+      ->required();
+  rlc->add_option("--valid-prompts", ropt.valid_prompts,
+                  "Held-out prompts: greedy pass@1 every rl.eval_every steps and after the last");
+  rlc->add_option("--out", ropt.out_dir, "Output directory: metrics.jsonl and step-NNNNNNNN checkpoints")->required();
+  rlc->add_option("--config", rl_config, "Run config (sections rl, train, optim, parallel; default: defaults)");
+  rlc->add_option("--set", rl_sets, "Override a run-config key, e.g. --set rl.num_generations=8");
+  rlc->add_option("--resume-from", ropt.resume_from, "Continue exactly from this RL checkpoint");
+  rlc->add_flag("--auto-resume", ropt.auto_resume, "Continue from the newest valid checkpoint in --out, if any");
+  rlc->add_option("--peak-gflops", ropt.peak_gflops, "Peak GFLOP/s for MFU (default: measured)");
+  rlc->add_flag("--quiet", rl_quiet, "No progress lines");
+
+  // ---- generate / eval
+  auto add_inference = [](CLI::App* c, InferenceOptions& o, double& temp) {
+    c->add_option("--ckpt", o.ckpt, "Checkpoint directory (its tokenizer.json, else the byte tokenizer)")->required();
+    c->add_option("--prompts", o.prompts, "Prompt JSONL: {\"prompt\"|\"messages\"|\"question\", ...}")->required();
+    c->add_option("--temperature", temp, "Sampling temperature; 0 = greedy");
+    c->add_option("--top-k", o.gen.sampling.top_k, "Keep the k most likely tokens (0 = off)");
+    c->add_option("--top-p", o.gen.sampling.top_p, "Nucleus sampling threshold (1 = off)");
+    c->add_option("--max-new-tokens", o.gen.max_new_tokens, "Longest completion (default 64)");
+    c->add_option("--seed", o.gen.seed, "Seed of the counter-based sampler (default 1)");
+    c->add_option("--batch-size", o.gen.batch_size, "Completions decoded together (default 32)");
+    c->add_option("--ep", o.ep, "Expert-parallel group size under mpirun (default 1)");
+    c->add_option("--threads", o.threads, "OpenMP threads per rank (default: OpenMP's)");
+  };
+  auto* genc = app.add_subcommand("generate", "Write completions of a checkpoint for a prompt file (KV cache)");
+  InferenceOptions gopt;
+  gopt.gen.seed = 1;
+  double gen_temp = 1.0;
+  std::string gen_outf;
+  bool gen_quiet = false;
+  add_inference(genc, gopt, gen_temp);
+  genc->add_option("--samples", gopt.samples, "Completions per prompt (default 1)");
+  genc->add_option("--out", gen_outf, "completions.jsonl to write")->required();
+  genc->add_flag("--quiet", gen_quiet, "No summary line");
+  auto* evalc = app.add_subcommand("eval", "Greedy pass@1 and sampled pass@k of a checkpoint on held-out prompts");
+  InferenceOptions eopt;
+  eopt.gen.seed = 1;
+  eopt.samples = 0;
+  double eval_temp = 1.0;
+  std::string eval_reward = "math", eval_weights, eval_cmd, eval_json;
+  add_inference(evalc, eopt, eval_temp);
+  evalc->add_option("--samples", eopt.samples, "Sampled completions per prompt for pass@k (default 0 = greedy only)");
+  evalc->add_option("--reward", eval_reward, "Reward functions, comma-separated (default math; docs/rewards.md)");
+  evalc->add_option("--reward-weights", eval_weights, "Their weights, comma-separated (default 1 each)");
+  evalc->add_option("--reward-command", eval_cmd, "Program of the \"command\" reward");
+  evalc->add_option("--json", eval_json, "Also write the result object to this file");
+
   // ---- gen-data
-  auto* gen = app.add_subcommand("gen-data", "Write a synthetic JSONL token dataset (for demos and tests)");
-  std::string gen_out;
+  auto* gen = app.add_subcommand("gen-data", "Write synthetic data: a token dataset, or the arithmetic task");
+  std::string gen_out, gen_task = "progression";
   int gen_docs = 2000, gen_vocab = 64, gen_min = 8, gen_max = 48;
   uint64_t gen_seed = 1;
-  gen->add_option("--out", gen_out, "JSONL file to write")->required();
+  ArithTaskConfig arith;
+  gen->add_option("--task", gen_task,
+                  "progression (a JSONL token dataset, --out FILE) or arith (arithmetic problems: --out DIR gets "
+                  "pretrain.jsonl, sft.jsonl, train_prompts.jsonl, test_prompts.jsonl)");
+  gen->add_option("--digits", arith.digits, "arith: operand digits (1..9, default 2)");
+  gen->add_option("--ops", arith.ops, "arith: operations, a subset of \"+-*\" (default \"+-\")");
+  gen->add_option("--sft", arith.train_sft, "arith: SFT samples (default 20000)");
+  gen->add_option("--train-prompts", arith.train_prompts, "arith: RL training prompts (default 2000)");
+  gen->add_option("--test-prompts", arith.test_prompts, "arith: held-out test prompts (default 500)");
+  gen->add_option("--out", gen_out, "JSONL file to write (progression) or directory (arith)")->required();
   gen->add_option("--docs", gen_docs, "Number of documents")->check(CLI::PositiveNumber);
   gen->add_option("--vocab", gen_vocab, "Vocabulary size of the model that will read it")->check(CLI::Range(8, 1 << 24));
   gen->add_option("--min-len", gen_min, "Shortest document (tokens)")->check(CLI::PositiveNumber);
@@ -267,10 +340,45 @@ int main(int argc, char** argv) {
       rc.validate(sft_config.empty() ? "sft" : sft_config);
       sopt.progress = !sft_quiet;
       run_training(rc, sopt);
+    } else if (*rlc) {
+      RunConfig rc = rl_config.empty() ? RunConfig{} : RunConfig::from_file(rl_config);
+      if (!ropt.init_from.empty() && !ropt.resume_from.empty())
+        throw Error("rl: --init-from starts a new run; it cannot be combined with --resume-from");
+      const std::string from = !ropt.resume_from.empty() ? ropt.resume_from : ropt.init_from;
+      if (!from.empty()) {
+        rc.model = load_checkpoint_config(from);
+      } else if (ropt.auto_resume) {
+        const std::string latest = find_latest_valid_checkpoint(ropt.out_dir, [](const std::string&) {});
+        if (latest.empty()) throw Error("rl: --auto-resume found no checkpoint in " + ropt.out_dir + " and no --init-from was given");
+        rc.model = load_checkpoint_config(latest);
+      }
+      for (const auto& s : rl_sets) rc.set(s);
+      rc.validate(rl_config.empty() ? "rl" : rl_config);
+      ropt.progress = !rl_quiet;
+      run_rl(rc, ropt);
+    } else if (*genc) {
+      gopt.gen.sampling.temperature = gen_temp;
+      gopt.progress = !gen_quiet;
+      run_generate(gopt, gen_outf);
+    } else if (*evalc) {
+      eopt.gen.sampling.temperature = eval_temp;
+      RunConfig tmp;
+      tmp.rl.reward = eval_reward;
+      tmp.rl.reward_weights = eval_weights;
+      tmp.rl.reward_command = eval_cmd;
+      run_eval(eopt, reward_spec_of(tmp.rl), eval_json);
     } else if (*gen) {
-      if (gen_min > gen_max) throw Error("gen-data: --min-len exceeds --max-len");
-      write_synthetic_jsonl(gen_out, gen_docs, gen_vocab, gen_min, gen_max, gen_seed);
-      std::printf("wrote %d documents to %s\n", gen_docs, gen_out.c_str());
+      if (gen_task == "arith") {
+        arith.seed = gen_seed;
+        const ArithTaskStats st = write_arith_task(arith, gen_out);
+        std::printf("wrote the arithmetic task to %s: %s\n", gen_out.c_str(), st.describe().c_str());
+      } else if (gen_task == "progression") {
+        if (gen_min > gen_max) throw Error("gen-data: --min-len exceeds --max-len");
+        write_synthetic_jsonl(gen_out, gen_docs, gen_vocab, gen_min, gen_max, gen_seed);
+        std::printf("wrote %d documents to %s\n", gen_docs, gen_out.c_str());
+      } else {
+        throw Error("gen-data: --task must be progression or arith, got '" + gen_task + "'");
+      }
     } else if (*tok_train) {
       BpeTrainer trainer;
       TextCorpusStats total;

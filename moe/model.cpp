@@ -364,6 +364,7 @@ void Model<T>::extend(KvCache<T>& kv, const int32_t* row, const int32_t* tokens,
   const int64_t d = c.d(), V = c.vocab_size, H = c.H(), Hkv = c.Hkv(), hd = c.hd();
   const int64_t qd = H * hd, kvd = Hkv * hd;
   check_tokens<T>(tokens, n, V);
+  I.trained = false;  // shares work buffers with forward(): a pending backward is void
   // Positions: each row's tokens continue its cached sequence.
   I.pos.resize(n);
   std::vector<int32_t> next(kv.len);

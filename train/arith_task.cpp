@@ -182,7 +182,16 @@ ArithTaskStats write_arith_task(const ArithTaskConfig& cfg, const std::string& o
   };
   prompts(t.train_prompts, train);
   prompts(t.test_prompts, test);
+  // Plain-text pre-training documents ("12+34=46\n" lines, 16 problems each) of the SFT
+  // problems: a base model that knows the equations but not the chat format.
+  std::string pre;
+  for (size_t i = 0; i < t.sft.size(); i += 16) {
+    std::string doc;
+    for (size_t j = i; j < std::min(t.sft.size(), i + 16); ++j) doc += t.sft[j].text() + t.sft[j].answer() + "\n";
+    pre += ojson{{"text", doc}}.dump() + "\n";
+  }
   const fs::path dir(out_dir);
+  fsutil::write_file_atomic((dir / "pretrain.jsonl").string(), pre);
   fsutil::write_file_atomic((dir / "sft.jsonl").string(), sft);  // "<name>.tmp", fsync, rename
   fsutil::write_file_atomic((dir / "train_prompts.jsonl").string(), train);
   fsutil::write_file_atomic((dir / "test_prompts.jsonl").string(), test);

@@ -253,8 +253,8 @@ const std::vector<KeyDef>& keys() {
       key("rl", &RunConfig::rl, "reward_command", &R::reward_command,
           "a program scoring completions: one JSON object per line on its stdin, one number per line on its "
           "stdout (docs/rewards.md)"),
-      key("rl", &RunConfig::rl, "reward_timeout", &R::reward_timeout,
-          "seconds the reward program may take for one step's completions", positive<double>()),
+      key("rl", &RunConfig::rl, "reward_timeout_s", &R::reward_timeout,
+          "seconds the reward program may take to answer one completion (per line)", positive<double>()),
       key("rl", &RunConfig::rl, "eval_every", &R::eval_every,
           "evaluate on --valid-prompts every N steps and after the last; 0 = after the last only",
           non_negative<int64_t>()),

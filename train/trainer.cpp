@@ -318,6 +318,8 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
                   static_cast<long long>(step), static_cast<long long>(rc.train.steps), r.loss, r.aux_loss,
                   r.seq_aux_loss, r.z_loss, lr, r.grad_norm, tok_s, 100 * mfu, worst, worst_rank,
                   1e3 * (comm[0] + comm[1]), r.skipped ? " | SKIPPED (non-finite)" : "");
+    }
+    // The validation loss is printed whenever it is computed, logged step or not.
     if (talk && !std::isnan(valid_loss))
       std::printf("step %5lld | valid loss %.4f\n", static_cast<long long>(step), valid_loss);
     if (talk) std::fflush(stdout);
