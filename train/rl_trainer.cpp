@@ -102,22 +102,42 @@ struct LocalMicro {
   RoutingTrace replay;       // the selection to replay in the update (R3: rollout's where recorded)
 };
 
-// Sums of the head's statistics over this rank's micro-batches of one RL step.
-struct HeadTotals {
-  double loss = 0, kl = 0, entropy = 0, ratio = 0;
+// Statistics of one RL step, kept per micro-batch of the global batch so that their
+// sums are taken in global micro-batch order on every layout: each micro-batch's row
+// is filled by the one rank that ran it, the rows are all-reduced (a value plus zeros
+// is exact), then added in order.
+struct StepStats {
+  enum { kKl, kEntropy, kRatio, kTokens, kLow, kHigh, kRouteTokens, kRouteDiff, kLpDiff, kLpTokens, kN };
+  std::vector<double> rows;  // (M, kN)
   double ratio_min = std::numeric_limits<double>::infinity(), ratio_max = -std::numeric_limits<double>::infinity();
-  double tokens = 0, low = 0, high = 0;
-  void add(const RlHeadStats& s) {
-    kl += s.kl_sum;
-    entropy += s.entropy_sum;
-    ratio += s.ratio_sum;
-    tokens += double(s.tokens);
-    low += double(s.clipped_low);
-    high += double(s.clipped_high);
+  double lp_diff_max = 0;
+  explicit StepStats(int M) : rows(size_t(M) * kN, 0.0) {}
+  double* at(int m) { return rows.data() + size_t(m) * kN; }
+  void add_head(int m, const RlHeadStats& s) {
+    double* r = at(m);
+    r[kKl] += s.kl_sum;
+    r[kEntropy] += s.entropy_sum;
+    r[kRatio] += s.ratio_sum;
+    r[kTokens] += double(s.tokens);
+    r[kLow] += double(s.clipped_low);
+    r[kHigh] += double(s.clipped_high);
     if (s.tokens > 0) {
       ratio_min = std::min(ratio_min, s.ratio_min);
       ratio_max = std::max(ratio_max, s.ratio_max);
     }
+  }
+  // Collective: the totals over the global batch, in micro-batch order.
+  std::vector<double> reduce(const dist::Comm& world) {
+    world.allreduce_sum(std::span<double>(rows));
+    std::vector<double> maxs = {lp_diff_max, ratio_max, -ratio_min};
+    world.allreduce_max(std::span<double>(maxs));
+    lp_diff_max = maxs[0];
+    ratio_max = maxs[1];
+    ratio_min = -maxs[2];
+    std::vector<double> t(kN, 0.0);
+    for (size_t m = 0; m < rows.size() / kN; ++m)
+      for (int k = 0; k < kN; ++k) t[k] += rows[m * kN + k];
+    return t;
   }
 };
 
@@ -139,25 +159,27 @@ RlSummary rl_impl(const RunConfig& rc, const RlOptions& opt) {
   const RlConfig& rl = rc.rl;
   const int threads = rc.train.threads > 0 ? rc.train.threads : omp_get_max_threads();
   omp_set_num_threads(threads);
-  if (opt.out_dir.empty()) throw Error("rl: --out is required");
-  if (opt.prompts.empty()) throw Error("rl: --prompts is required");
-  if (opt.init_from.empty() && opt.resume_from.empty() && !opt.auto_resume)
-    throw Error("rl: --init-from (the SFT checkpoint to post-train) is required");
   const RlLossConfig lc = loss_config(rl);
-  validate(lc);
-  validate(SamplingConfig{rl.temperature, rl.top_k, rl.top_p});
-  if (rl.scale_rewards == "group" && rl.num_generations < 2)
-    throw Error("key 'rl.num_generations': rl.scale_rewards = \"group\" needs groups of at least 2 completions, got " +
-                std::to_string(rl.num_generations));
   const int B = rl.prompts_per_step, G = rl.num_generations, C = B * G;
-  if (C % rl.minibatches != 0)
-    throw Error("key 'rl.minibatches': " + std::to_string(C) + " completions per step (rl.prompts_per_step x "
-                "rl.num_generations) cannot be cut into " + std::to_string(rl.minibatches) + " equal minibatches");
-  if (rl.router_replay != "none" && cfg.num_moe_layers() == 0)
-    throw Error("key 'rl.router_replay': the model has no MoE layer to replay");
-  if (cfg.K() > 16) throw Error("key 'model.num_experts_per_tok': rl supports K <= 16");
-
   dist::Comm world = dist::Comm::world();
+  // Checks of the options, on every rank: one message, every rank exits.
+  dist::run_collectively(world, [&] {
+    if (opt.out_dir.empty()) throw Error("rl: --out is required");
+    if (opt.prompts.empty()) throw Error("rl: --prompts is required");
+    if (opt.init_from.empty() && opt.resume_from.empty() && !opt.auto_resume)
+      throw Error("rl: --init-from (the SFT checkpoint to post-train) is required");
+    validate(lc);
+    validate(SamplingConfig{rl.temperature, rl.top_k, rl.top_p});
+    if (rl.scale_rewards == "group" && rl.num_generations < 2)
+      throw Error("key 'rl.num_generations': rl.scale_rewards = \"group\" needs groups of at least 2 completions, got " +
+                  std::to_string(rl.num_generations));
+    if (C % rl.minibatches != 0)
+      throw Error("key 'rl.minibatches': " + std::to_string(C) + " completions per step (rl.prompts_per_step x "
+                  "rl.num_generations) cannot be cut into " + std::to_string(rl.minibatches) + " equal minibatches");
+    if (rl.router_replay != "none" && cfg.num_moe_layers() == 0)
+      throw Error("key 'rl.router_replay': the model has no MoE layer to replay");
+    if (cfg.K() > 16) throw Error("key 'model.num_experts_per_tok': rl supports K <= 16");
+  });
   std::optional<dist::ProcessGrid> grid_holder;
   std::unique_ptr<dist::ParallelTrainer<T>> trainer_holder;
   std::unique_ptr<Model<T>> ref_holder;
@@ -364,11 +386,12 @@ RlSummary rl_impl(const RunConfig& rc, const RlOptions& opt) {
     // ---- 4. pi_old (and the reference) on this rank's micro-batches
     t0 = clock_type::now();
     std::vector<LocalMicro> local(M);
+    StepStats ss(M);
     std::vector<int> mine;
     for (int k = 0; k < rl.minibatches; ++k)
       for (int a = 0; a < A; ++a) mine.push_back(k * Mmb + grid.world_rank * A + a);
-    double mm_tokens = 0, mm_diff = 0, lp_diff_sum = 0, lp_diff_max = 0, lp_n = 0;
     for (int m : mine) {
+      double* st = ss.at(m);
       const MicroBatch& mb = mbs_all[m];
       const int64_t N = mb.tokens();
       LocalMicro& L = local[m];
@@ -397,17 +420,17 @@ RlSummary rl_impl(const RunConfig& rc, const RlOptions& opt) {
           L.weight[t] = weight_of[i];
           L.seq[t] = r;
           const double d = std::fabs(double(comps[i].logprobs[j]) - L.lp_old[t]);
-          lp_diff_sum += d;
-          lp_diff_max = std::max(lp_diff_max, d);
-          lp_n += 1;
+          st[StepStats::kLpDiff] += d;
+          st[StepStats::kLpTokens] += 1;
+          ss.lp_diff_max = std::max(ss.lp_diff_max, d);
         }
         // Routing: the rollout fed tokens [0, Lp + n - 1) of the row.
         const int64_t fed = int64_t(Lp) + n - 1;
         for (int j = 0; j < nm; ++j) {
           const auto& ro = comps[i].routing.idx[j];
           for (int64_t t = 0; t < fed; ++t) {
-            mm_tokens += 1;
-            mm_diff += selection_differs(L.old_routing.idx[j], o + t, ro, t, K);
+            st[StepStats::kRouteTokens] += 1;
+            st[StepStats::kRouteDiff] += selection_differs(L.old_routing.idx[j], o + t, ro, t, K);
           }
           if (rl.router_replay == "rollout") {
             std::copy(ro.begin(), ro.begin() + fed * K, L.replay.idx[j].begin() + o * K);
@@ -420,7 +443,6 @@ RlSummary rl_impl(const RunConfig& rc, const RlOptions& opt) {
     const double reference_s = since(t0);
     // ---- 5. updates
     t0 = clock_type::now();
-    HeadTotals ht;
     dist::LossHead<T> head;
     int mini = 0;  // minibatch of the current optimizer step
     head.loss = [&](int m, const MicroBatch& mb, const Model<T>& mdl, T* dlogits) {
@@ -428,7 +450,7 @@ RlSummary rl_impl(const RunConfig& rc, const RlOptions& opt) {
       RlTokens tk{mdl.targets().data(), L.lp_old.data(), L.lp_ref.empty() ? nullptr : L.lp_ref.data(),
                   L.adv.data(), L.weight.data(), L.seq.data()};
       const RlHeadStats hs = rl_loss_head(dlogits, mdl.logits().data(), mb.tokens(), int64_t(cfg.vocab_size), tk, lc);
-      ht.add(hs);
+      ss.add_head(mini * Mmb + m, hs);
       return hs.loss;
     };
     if (rl.router_replay == "rollout")
@@ -454,11 +476,8 @@ RlSummary rl_impl(const RunConfig& rc, const RlOptions& opt) {
     }
     const double update_s = since(t0);
     // ---- 6. metrics (sums over ranks)
-    std::vector<double> sums = {ht.kl, ht.entropy, ht.ratio, ht.tokens, ht.low, ht.high, mm_tokens, mm_diff,
-                                lp_diff_sum, lp_n};
-    grid.world.allreduce_sum(std::span<double>(sums));
-    std::vector<double> maxs = {lp_diff_max, ht.ratio_max, -ht.ratio_min};
-    grid.world.allreduce_max(std::span<double>(maxs));
+    const std::vector<double> sums = ss.reduce(grid.world);
+    const std::vector<double> maxs = {ss.lp_diff_max, ss.ratio_max, -ss.ratio_min};
     double r_mean = 0, r_sq = 0, acc = 0, len_sum = 0, trunc = 0;
     int len_min = std::numeric_limits<int>::max(), len_max = 0;
     for (int i = 0; i < C; ++i) {
