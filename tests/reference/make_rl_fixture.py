@@ -242,6 +242,10 @@ def case_specs():
     """The committed cases: (name, ckpt, rl config, optim, replay?, seed, options)."""
     optim_clip = {"lr": 0.02, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1, "max_grad_norm": 0.3}
     optim_free = {"lr": 0.01, "beta1": 0.9, "beta2": 0.99, "eps": 1e-6, "weight_decay": 0.05, "max_grad_norm": 0.0}
+    # eps 1e-8 here: with eps 1e-6 a few expert-weight gradients of this case sit below eps,
+    # where AdamW's first update lr * g / (|g| + eps) amplifies float's gradient error
+    # (~1e-6 of the tensor's scale) to ~1e-4 in the weights: conditioning, not a bug.
+    optim_free8 = dict(optim_free, eps=1e-8)
     rl = lambda lt, lvl, beta, eps_high, tau: {"loss_type": lt, "importance_sampling_level": lvl, "epsilon": 0.2,
                                                "epsilon_high": eps_high, "beta": beta, "temperature": tau,
                                                "max_new_tokens": 5}
@@ -255,7 +259,7 @@ def case_specs():
              rl=rl("token_mean", "sequence", 0.04, 0.28, 1.0), optim=optim_clip, replay=True, seed=3,
              scale_rewards="none", masked=False, pad_row=False),
         dict(name="seq_mean_token_sum_norm.token.beta0.04.replay", ckpt="rl_parity/ckpt_softmax",
-             rl=rl("seq_mean_token_sum_norm", "token", 0.04, 0.28, 1.3), optim=optim_free, replay=True, seed=4,
+             rl=rl("seq_mean_token_sum_norm", "token", 0.04, 0.28, 1.3), optim=optim_free8, replay=True, seed=4,
              scale_rewards="group", masked=True, pad_row=True),
     ]
 
