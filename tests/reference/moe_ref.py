@@ -410,6 +410,26 @@ def route(cfg, logits, bias):
     return Routing(logits, s, idx, w, keep, counts, margins)
 
 
+def route_replay(cfg, logits, idx, keep):
+    """Routing replay (MODEL.md section 11, R2/R3): the selection idx (T, K) and its capacity
+    decisions keep (T, K) bool are given (no top-K, no group limit, no capacity is applied);
+    scores and weights are live: w = s[idx], normalised and scaled as in `route`. Counts are
+    those of the replayed selection, before drops. No margins: nothing is decided here."""
+    T, E = logits.shape
+    K = cfg.num_experts_per_tok
+    idx = torch.as_tensor(idx, dtype=torch.long).view(T, K)
+    keep = torch.as_tensor(keep, dtype=torch.bool).view(T, K)
+    if idx.min() < 0 or idx.max() >= E:
+        raise ValueError("route_replay: expert index out of range")
+    s = torch.softmax(logits, dim=-1) if cfg.scoring_func == "softmax" else torch.sigmoid(logits)
+    w = s.gather(1, idx)
+    if cfg.norm_topk_prob:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    w = w * cfg.routed_scaling_factor
+    counts = torch.bincount(idx.reshape(-1), minlength=E)
+    return Routing(logits, s, idx.clone(), w, keep.clone(), counts, {})
+
+
 def expert_capacity(cfg, T):
     """ceil(c * T * K / E), evaluated in double in this order."""
     return math.ceil(cfg.capacity_factor * T * cfg.num_experts_per_tok / cfg.n_routed_experts)
@@ -435,11 +455,15 @@ def apply_capacity(cfg, r):
     r.margins["capacity"] = margin
 
 
-def moe_ffn(cfg, params, l, u, bias):
-    """u (T, d) -> y (T, d), Routing. y = sum_k w_k Expert_idx_k(u) + Shared(u)."""
+def moe_ffn(cfg, params, l, u, bias, replay=None):
+    """u (T, d) -> y (T, d), Routing. y = sum_k w_k Expert_idx_k(u) + Shared(u).
+    replay: None (route live) or (idx (T, K), keep (T, K)) to replay (route_replay)."""
     logits = u @ params[layer_name(l, "mlp.gate.weight")].T                # (T, E)
-    r = route(cfg, logits, bias)
-    apply_capacity(cfg, r)
+    if replay is None:
+        r = route(cfg, logits, bias)
+        apply_capacity(cfg, r)
+    else:
+        r = route_replay(cfg, logits, *replay)
 
     y = torch.zeros_like(u)
     for e in range(cfg.n_routed_experts):
@@ -463,8 +487,11 @@ class ForwardOut:
     routings: list         # one Routing per MoE layer, in layer order
 
 
-def forward(cfg, params, biases, mb):
+def forward(cfg, params, biases, mb, replay=None):
+    """replay: None, or one (idx, keep) per MoE layer in layer order (see route_replay)."""
     R, S, d = mb.rows, mb.seq_len, cfg.hidden_size
+    if replay is not None and len(replay) != len(cfg.moe_layers()):
+        raise ValueError(f"replay: {len(replay)} MoE layers given, the model has {len(cfg.moe_layers())}")
     eps = cfg.rms_norm_eps
     h = params["model.embed_tokens.weight"][mb.input_ids].view(R, S, d)
     routings = []
@@ -473,7 +500,8 @@ def forward(cfg, params, biases, mb):
         h = h + attention(cfg, params, l, a, mb)
         u = rms_norm(h, params[layer_name(l, "post_attention_layernorm.weight")], eps)
         if cfg.is_moe_layer(l):
-            y, r = moe_ffn(cfg, params, l, u.reshape(R * S, d), biases[bias_name(l)])
+            rp = None if replay is None else replay[len(routings)]
+            y, r = moe_ffn(cfg, params, l, u.reshape(R * S, d), biases[bias_name(l)], rp)
             h = h + y.view(R, S, d)
             routings.append(r)
         else:

@@ -570,5 +570,83 @@ class FixtureTest(unittest.TestCase):
             self.assertTrue(torch.equal(t["final." + ref.bias_name(l)], torch.zeros(8, dtype=D)))
 
 
+class RlFixtureTest(unittest.TestCase):
+    """make_rl_fixture.py: routing replay, the RL step's gradient, the committed fixtures."""
+
+    @classmethod
+    def setUpClass(cls):
+        import make_rl_fixture as rlf
+        cls.rlf = rlf
+        with open(os.path.join(FIXTURES, "rl_parity", "batch.json")) as f:
+            cls.cases = {c["name"]: c for c in json.load(f)["cases"]}
+
+    def test_replaying_the_live_selection_equals_live_routing(self):
+        case = self.cases["token_mean.token.beta0.04"]
+        cfg, params, biases, _, micros = self.rlf.load_case(case)
+        mb = micros[0].mb
+        live = ref.forward(cfg, params, biases, mb)
+        replay = [(r.idx, r.keep) for r in live.routings]
+        again = ref.forward(cfg, params, biases, mb, replay=replay)
+        self.assertTrue(torch.equal(live.logits, again.logits))
+        for a, b in zip(live.routings, again.routings):
+            self.assertTrue(torch.equal(a.weights, b.weights) and torch.equal(a.counts, b.counts))
+
+    def test_replay_weights_are_live_scores_and_counts_include_drops(self):
+        cfg = ref.Config.from_dict({"vocab_size": 8, "hidden_size": 4, "num_hidden_layers": 1,
+                                    "num_attention_heads": 1, "n_routed_experts": 4, "num_experts_per_tok": 2,
+                                    "first_k_dense_replace": 0, "scoring_func": "softmax",
+                                    "norm_topk_prob": False, "routed_scaling_factor": 2.0})
+        logits = torch.randn(3, 4, generator=torch.Generator().manual_seed(5), dtype=D)
+        idx = torch.tensor([[3, 0], [1, 2], [2, 1]])
+        keep = torch.tensor([[True, False], [True, True], [True, True]])
+        r = ref.route_replay(cfg, logits, idx, keep)
+        s = torch.softmax(logits, -1)
+        for t in range(3):
+            for k in range(2):
+                self.assertAlmostEqual(float(r.weights[t, k]), 2.0 * float(s[t, idx[t, k]]), places=14)
+        self.assertEqual(r.counts.tolist(), [1, 2, 2, 1])  # counted before drops
+        self.assertEqual(r.dropped, 1)
+        with self.assertRaises(ValueError):
+            ref.route_replay(cfg, logits, torch.tensor([[4, 0], [1, 2], [2, 1]]), keep)
+
+    def test_rl_step_gradient_matches_finite_differences(self):
+        # Through the replayed routing of the softmax case (tied head, every layer MoE).
+        case = self.cases["seq_mean_token_sum_norm.token.beta0.04.replay"]
+        cfg, params, biases, rl, micros = self.rlf.load_case(case)
+        for p in params.values():
+            p.requires_grad_(True)
+        res = self.rlf.rl_step_loss(cfg, params, biases, rl, micros)[0]
+        res["total"].backward()
+        g = torch.Generator().manual_seed(3)
+        for name in ("model.embed_tokens.weight", "model.layers.1.mlp.gate.weight",
+                     "model.layers.0.mlp.experts.2.up_proj.weight", "model.layers.1.self_attn.q_proj.weight"):
+            p = params[name]
+            for _ in range(2):
+                i = int(torch.randint(0, p.numel(), (1,), generator=g))
+                h = 1e-6
+                with torch.no_grad():
+                    old = p.view(-1)[i].item()
+                    p.view(-1)[i] = old + h
+                    fp = float(self.rlf.rl_step_loss(cfg, params, biases, rl, micros)[0]["total"])
+                    p.view(-1)[i] = old - h
+                    fm = float(self.rlf.rl_step_loss(cfg, params, biases, rl, micros)[0]["total"])
+                    p.view(-1)[i] = old
+                fd = (fp - fm) / (2 * h)
+                self.assertAlmostEqual(fd, float(p.grad.view(-1)[i]), delta=1e-7 + 1e-5 * abs(fd), msg=name)
+
+    def test_committed_fixtures_are_reproduced(self):
+        for name, case in self.cases.items():
+            out, info = self.rlf.run_case(case)
+            committed = read_safetensors(os.path.join(FIXTURES, "rl_parity", name + ".safetensors"))
+            self.assertEqual(sorted(out), sorted(committed), name)
+            for key, v in out.items():
+                self.assertTrue(torch.allclose(v, committed[key], rtol=1e-12, atol=1e-14), f"{name} {key}")
+            self.assertGreater(info["min_margin"], 1e-3, name)
+            self.assertGreaterEqual(info["clip_margin"], 1e-3, name)
+            self.assertTrue(0 < info["clipped"] < info["tokens"], name)
+            replay = "replay" in case["micro_batches"][0]
+            self.assertEqual(replay, name.endswith(".replay"))
+
+
 if __name__ == "__main__":
     unittest.main()
