@@ -16,11 +16,39 @@
 
 namespace moetune {
 
+std::vector<PromptRow> read_prompt_text(const std::string& path) {
+  const std::string bytes = fsutil::read_file(path);
+  std::vector<PromptRow> rows;
+  size_t at = 0;
+  int line = 0;
+  while (at < bytes.size()) {
+    size_t end = bytes.find('\n', at);
+    if (end == std::string::npos) end = bytes.size();
+    std::string l = bytes.substr(at, end - at);
+    ++line;
+    at = end + 1;
+    if (!l.empty() && l.back() == '\r') l.pop_back();
+    if (l.find_first_not_of(" \t") == std::string::npos) continue;
+    if (const int64_t bad = first_invalid_utf8(l); bad >= 0)
+      throw Error(path + ":" + std::to_string(line) + ": not valid UTF-8 (byte " + std::to_string(bad + 1) + ")");
+    PromptRow r;
+    r.messages = {ChatMessage{"user", l}};
+    r.row = {{"prompt", l}};
+    r.line = line;
+    rows.push_back(std::move(r));
+  }
+  if (rows.empty()) throw Error(path + ": no prompts");
+  return rows;
+}
+
 PromptSet load_prompts(const std::string& path, const Tokenizer& tok, bool need_answer, int max_new_tokens,
                        int max_positions) {
   PromptSet ps;
   ps.path = path;
-  ps.rows = read_prompt_jsonl(path, need_answer);
+  const bool text = path.size() > 4 && path.compare(path.size() - 4, 4, ".txt") == 0;
+  if (text && need_answer)
+    throw Error(path + ": a plain-text prompt file has no answers, which the rewards need (use JSONL with \"answer\")");
+  ps.rows = text ? read_prompt_text(path) : read_prompt_jsonl(path, need_answer);
   ps.ids.reserve(ps.rows.size());
   for (const auto& r : ps.rows) {
     std::vector<int32_t> ids;

@@ -25,7 +25,12 @@ struct PromptSet {
   int longest = 0;  // tokens of the longest prompt
 };
 
-// Reads and renders a prompt file. Throws moetune::Error naming path:line for a prompt
+// A plain-text prompt file: every non-empty line is one user prompt (no answers).
+// Errors name path:line (invalid UTF-8) or "path: no prompts".
+std::vector<PromptRow> read_prompt_text(const std::string& path);
+
+// Reads and renders a prompt file: JSONL (read_prompt_jsonl), or plain text when the
+// name ends in ".txt" (read_prompt_text). Throws moetune::Error naming path:line for a prompt
 // whose tokens + max_new_tokens exceed max_positions (the model's context), and the
 // read_prompt_jsonl errors (a missing answer when need_answer).
 PromptSet load_prompts(const std::string& path, const Tokenizer& tok, bool need_answer, int max_new_tokens,
