@@ -17,6 +17,11 @@ struct MicroBatch {
   std::vector<int32_t> input_ids;
   std::vector<int32_t> labels;
   std::vector<int32_t> doc_ids;
+  // Optional (rows * seq_len): 1 marks a padding token, which is computed but counts in
+  // no routing statistic (expert loads and the bias update, the balance losses and
+  // their normalisers). Empty = none. RL rows set it (MODEL.md section 11); SFT and
+  // pre-training padding counts like any token (section 8.4-8.5).
+  std::vector<uint8_t> padding;
 
   int64_t tokens() const { return int64_t(rows) * seq_len; }
   // Target of flat position i = row * seq_len + t: labels[i+1] when t+1 < seq_len and
@@ -26,6 +31,7 @@ struct MicroBatch {
     if (t + 1 >= seq_len || doc_ids[i + 1] != doc_ids[i]) return kIgnoreIndex;
     return labels[i + 1];
   }
+  bool is_padding(int64_t i) const { return !padding.empty() && padding[std::size_t(i)] != 0; }
   int64_t count_targets() const {
     int64_t n = 0;
     for (int64_t i = 0; i < tokens(); ++i) n += target(i) != kIgnoreIndex;

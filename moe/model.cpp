@@ -152,8 +152,9 @@ void check_tokens(const int32_t* ids, int64_t n, int64_t V) {
 }
 
 // Routing control of MoE layer j of a forward.
-inline RouteControl route_control(const ForwardOptions& opt, int j) {
+inline RouteControl route_control(const ForwardOptions& opt, int j, const uint8_t* padding = nullptr) {
   RouteControl rc;
+  rc.padding = padding;
   if (opt.replay) {
     rc.replay_idx = opt.replay->idx.at(j).data();
     rc.replay_kept = opt.replay->kept.at(j).data();
@@ -174,8 +175,9 @@ MicroStats Model<T>::forward(const MicroBatch& mb, const LossNorm& norm, const F
   const int B = mb.rows, S = mb.seq_len;
   const int64_t N = mb.tokens(), d = c.d(), V = c.vocab_size, H = c.H(), Hkv = c.Hkv(), hd = c.hd();
   const int64_t qd = H * hd, kvd = Hkv * hd;
-  if (int64_t(mb.input_ids.size()) != N || int64_t(mb.labels.size()) != N || int64_t(mb.doc_ids.size()) != N)
-    throw Error("micro-batch: input_ids/labels/doc_ids must have rows*seq_len elements");
+  if (int64_t(mb.input_ids.size()) != N || int64_t(mb.labels.size()) != N || int64_t(mb.doc_ids.size()) != N ||
+      (!mb.padding.empty() && int64_t(mb.padding.size()) != N))
+    throw Error("micro-batch: input_ids/labels/doc_ids (and padding, if given) must have rows*seq_len elements");
   if (S > c.max_position_embeddings)
     throw Error("micro-batch: seq_len " + std::to_string(S) + " exceeds max_position_embeddings " +
                 std::to_string(c.max_position_embeddings));
@@ -251,7 +253,7 @@ MicroStats Model<T>::forward(const MicroBatch& mb, const LossNorm& norm, const F
     } else {
       moe_views(L.moe, P, layout_, c, l);
       moe_forward(tmp.data(), L.moe_cache, L.f_in.data(), L.moe, *stage_, l, bias_[moe_j].data(), c, B, S, I.sc,
-                  route_control(opt, moe_j));
+                  route_control(opt, moe_j, mb.padding.empty() ? nullptr : mb.padding.data()));
       st.aux_loss += L.moe_cache.losses.aux;
       st.seq_aux_loss += L.moe_cache.losses.seq;
       st.z_loss += L.moe_cache.losses.z;

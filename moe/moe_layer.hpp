@@ -119,6 +119,7 @@ struct RouteControl {
   const uint8_t* replay_kept = nullptr;
   std::vector<int32_t>* record_idx = nullptr;
   std::vector<uint8_t>* record_kept = nullptr;
+  const uint8_t* padding = nullptr;  // (N) 1 = padding: in no routing statistic
 };
 
 // out (N,d) = MoE(x) (overwritten); x (N,d) = the normalised hidden states of
@@ -137,6 +138,7 @@ void moe_forward(T* out, MoeCache<T>& c, const T* x, const MoeWeights<T>& w, Exp
     route_select(c.routing, c.logits.data(), bias, cfg, N);
     route_capacity(c.routing, cfg.capacity_factor);
   }
+  if (rc.padding) route_mask_padding(c.routing, rc.padding);
   if (rc.record_idx) *rc.record_idx = c.routing.idx;
   if (rc.record_kept) *rc.record_kept = c.routing.kept;
   c.losses = balance_forward(c.routing, c.logits.data(), cfg, rows, seq_len, sc);

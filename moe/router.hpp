@@ -24,8 +24,17 @@ struct Routing {
   std::vector<int32_t> idx;      // (N,K) selected experts, in selection order
   std::vector<T> weight;         // (N,K) final combine weights (normalised, scaled)
   std::vector<uint8_t> kept;     // (N,K) 0 if dropped by capacity
-  std::vector<int64_t> counts;   // (E) pairs routed to each expert, before drops
+  std::vector<int64_t> counts;   // (E) pairs routed to each expert, before drops (padding excluded)
   int64_t dropped = 0;
+  // (N) 1 = a padding token: computed, but counted in no routing statistic (expert
+  // counts, balance losses; MODEL.md section 11). Empty = no padding.
+  std::vector<uint8_t> pad;
+  bool counted(int64_t t) const { return pad.empty() || pad[size_t(t)] == 0; }
+  int64_t counted_tokens() const {
+    int64_t n = 0;
+    for (int64_t t = 0; t < N; ++t) n += counted(t);
+    return n;
+  }
 };
 
 // s (E) = softmax(x) or sigmoid(x) of one token's router logits x (E).
@@ -69,6 +78,7 @@ void route_select(Routing<T>& r, const T* logits, const float* bias, const Model
   r.weight.resize(N * K);
   r.kept.assign(N * K, 1);
   r.dropped = 0;
+  r.pad.clear();
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < N; ++t) {
     T* s = r.scores.data() + t * E;
@@ -116,6 +126,7 @@ void route_replay(Routing<T>& r, const T* logits, const int32_t* idx, const uint
   r.idx.assign(idx, idx + N * K);
   r.weight.resize(N * K);
   r.kept.assign(kept, kept + N * K);
+  r.pad.clear();
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < N; ++t) {
     router_scores(r.scores.data() + t * E, logits + t * E, c);
@@ -128,6 +139,17 @@ void route_replay(Routing<T>& r, const T* logits, const int32_t* idx, const uint
     r.counts[r.idx[i]]++;
     r.dropped += r.kept[i] == 0;
   }
+}
+
+// Marks the padding tokens (pad (N), 1 = padding) of a routing and recounts the
+// expert loads without them; the balance losses below skip them too.
+template <class T>
+void route_mask_padding(Routing<T>& r, const uint8_t* pad) {
+  r.pad.assign(pad, pad + r.N);
+  r.counts.assign(r.E, 0);
+  for (int64_t t = 0; t < r.N; ++t)
+    if (r.counted(t))
+      for (int k = 0; k < r.K; ++k) r.counts[r.idx[t * r.K + k]]++;
 }
 
 // Capacity drops: each expert keeps at most ceil(c * N * K / E) pairs, those with the
@@ -169,22 +191,32 @@ void balance_p_grad(std::vector<double>& g, const Routing<T>& r, const ModelConf
   const int64_t N = r.N;
   const int E = r.E, K = r.K;
   g.assign(N * E, 0.0);
-  if (sc.aux > 0) {
+  // T_mb and T_s count the tokens that are not padding (all of them without padding).
+  const int64_t Tc = r.counted_tokens();
+  if (sc.aux > 0 && Tc > 0) {
     for (int e = 0; e < E; ++e) {
-      const double f = double(r.counts[e]) / (double(N) * K);
-      const double coef = sc.aux * E * f / double(N);
-      for (int64_t t = 0; t < N; ++t) g[t * E + e] += coef;
+      const double f = double(r.counts[e]) / (double(Tc) * K);
+      const double coef = sc.aux * E * f / double(Tc);
+      for (int64_t t = 0; t < N; ++t)
+        if (r.counted(t)) g[t * E + e] += coef;
     }
   }
   if (sc.seq > 0) {
     for (int row = 0; row < rows; ++row) {
+      const int64_t b = int64_t(row) * seq_len, e_ = int64_t(row + 1) * seq_len;
       std::vector<int64_t> n(E, 0);
-      for (int64_t t = int64_t(row) * seq_len; t < int64_t(row + 1) * seq_len; ++t)
+      int64_t Ts = 0;
+      for (int64_t t = b; t < e_; ++t) {
+        if (!r.counted(t)) continue;
+        ++Ts;
         for (int k = 0; k < K; ++k) n[r.idx[t * K + k]]++;
+      }
+      if (Ts == 0) continue;
       for (int e = 0; e < E; ++e) {
-        const double f = double(E) / (double(K) * seq_len) * double(n[e]);
-        const double coef = sc.seq * f / double(seq_len);
-        for (int64_t t = int64_t(row) * seq_len; t < int64_t(row + 1) * seq_len; ++t) g[t * E + e] += coef;
+        const double f = double(E) / (double(K) * Ts) * double(n[e]);
+        const double coef = sc.seq * f / double(Ts);
+        for (int64_t t = b; t < e_; ++t)
+          if (r.counted(t)) g[t * E + e] += coef;
       }
     }
   }
@@ -214,9 +246,10 @@ BalanceLosses balance_forward(const Routing<T>& r, const T* logits, const ModelC
     if (sc.aux > 0) out.aux = value({sc.aux, 0, 0});
     if (sc.seq > 0) out.seq = value({0, sc.seq, 0});
   }
-  if (sc.z > 0) {
+  if (sc.z > 0 && r.counted_tokens() > 0) {
     double acc = 0;
     for (int64_t t = 0; t < N; ++t) {
+      if (!r.counted(t)) continue;
       const T* x = logits + t * E;
       double mx = double(x[0]);
       for (int e = 1; e < E; ++e) mx = std::max(mx, double(x[e]));
@@ -225,7 +258,7 @@ BalanceLosses balance_forward(const Routing<T>& r, const T* logits, const ModelC
       const double lse = mx + std::log(sum);
       acc += lse * lse;
     }
-    out.z = sc.z * acc / double(N);
+    out.z = sc.z * acc / double(r.counted_tokens());
   }
   return out;
 }
@@ -240,6 +273,7 @@ void router_backward(T* dlogits, const T* dweight, const T* logits, const Routin
   std::vector<double> gp;
   const bool balance = sc.aux > 0 || sc.seq > 0;
   if (balance) balance_p_grad(gp, r, c, rows, seq_len, sc);
+  const double Tz = double(std::max<int64_t>(1, r.counted_tokens()));
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < N; ++t) {
     const T* s = r.scores.data() + t * E;
@@ -272,14 +306,14 @@ void router_backward(T* dlogits, const T* dweight, const T* logits, const Routin
       for (int e = 0; e < E; ++e) dot += ds[e] * s[e];
       for (int e = 0; e < E; ++e) dl[e] = s[e] * (ds[e] - dot);
     }
-    if (sc.z > 0) {
+    if (sc.z > 0 && r.counted(t)) {
       const T* x = logits + t * E;
       T mx = x[0];
       for (int e = 1; e < E; ++e) mx = std::max(mx, x[e]);
       T sum = 0;
       for (int e = 0; e < E; ++e) sum += std::exp(x[e] - mx);
       const T lse = mx + std::log(sum);
-      const T coef = T(2.0 * sc.z / double(N)) * lse;
+      const T coef = T(2.0 * sc.z / Tz) * lse;
       for (int e = 0; e < E; ++e) dl[e] += coef * std::exp(x[e] - lse);
     }
   }

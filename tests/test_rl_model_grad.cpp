@@ -2,8 +2,8 @@
 // gradient of (RL loss head + balance losses) with respect to every parameter tensor
 // against central differences, for each loss_type, both importance-sampling levels,
 // beta 0 and > 0, with clipped and unclipped tokens, with and without a replayed
-// routing. This is the path of `moetune rl`'s update: Model::forward ->
-// rl_loss_head -> Model::backward.
+// routing, and padding tokens that count in no balance loss. This is the path of
+// `moetune rl`'s update: Model::forward -> rl_loss_head -> Model::backward.
 #include <gtest/gtest.h>
 
 #include <random>
@@ -11,6 +11,7 @@
 #include "moe/model.hpp"
 #include "test_util.hpp"
 #include "train/rl_loss.hpp"
+#include "train/step.hpp"
 
 using namespace moetune;
 using namespace moetune::testing;
@@ -29,6 +30,8 @@ ModelConfig cfg_small() {
                                  {"moe_intermediate_size", 6},
                                  {"max_position_embeddings", 16},
                                  {"seq_aux_loss_coeff", 0.02},
+                                 {"aux_loss_coeff", 0.03},
+                                 {"z_loss_coeff", 0.01},
                                  {"initializer_range", 0.4}});
 }
 
@@ -52,7 +55,8 @@ MicroBatch completion_rows(int V, uint64_t seed) {
   for (auto& x : mb.input_ids) x = int32_t(g() % V);
   for (int t = 3; t < 8; ++t) mb.labels[t] = mb.input_ids[t];
   for (int t = 2; t < 6; ++t) mb.labels[S + t] = mb.input_ids[S + t];
-  for (int t = 6; t < 8; ++t) mb.doc_ids[S + t] = 1;  // padding
+  mb.padding.assign(2 * S, 0);
+  for (int t = 6; t < 8; ++t) mb.doc_ids[S + t] = mb.padding[S + t] = 1;  // padding: in no routing statistic
   return mb;
 }
 
@@ -156,3 +160,39 @@ INSTANTIATE_TEST_SUITE_P(
       return i.param.loss_type + "_" + i.param.level + (i.param.beta > 0 ? "_kl" : "") +
              (i.param.replay ? "_replay" : "");
     });
+
+// Padding (MicroBatch::padding) counts in no routing statistic: a micro-batch with an
+// extra all-padding row and padded positions gives the expert loads and balance losses
+// of the same rows without them; without the mask the padding changes them.
+TEST(RlPadding, PaddingTokensCountInNoRoutingStatistic) {
+  const auto cfg = cfg_small();
+  Model<double> m(cfg);
+  m.init(5);
+  MicroBatch a = completion_rows(cfg.vocab_size, 8);
+  const int S = a.seq_len;
+  MicroBatch b = a;  // + one row of padding
+  b.rows = 3;
+  for (int t = 0; t < S; ++t) {
+    b.input_ids.push_back(0);
+    b.labels.push_back(kIgnoreIndex);
+    b.doc_ids.push_back(1);
+    b.padding.push_back(1);
+  }
+  const LossNorm na = global_loss_norm({a}), nb = global_loss_norm({b});
+  EXPECT_EQ(na.n_rows, 2);
+  EXPECT_EQ(nb.n_rows, 2);  // the padding row is not a sequence
+  const MicroStats sa = m.forward(a, na, ForwardOptions{false});
+  const MicroStats sb = m.forward(b, nb, ForwardOptions{false});
+  EXPECT_EQ(sa.expert_counts, sb.expert_counts);
+  EXPECT_NEAR(sa.aux_loss, sb.aux_loss, 1e-15);
+  EXPECT_NEAR(sa.seq_aux_loss, sb.seq_aux_loss, 1e-15);
+  EXPECT_NEAR(sa.z_loss, sb.z_loss, 1e-15);
+  int64_t pairs = 0;
+  for (auto v : sa.expert_counts[0]) pairs += v;
+  EXPECT_EQ(pairs, int64_t(2 * S - 2) * cfg.K());  // padded positions not counted
+  MicroBatch c = b;
+  c.padding.clear();  // the same tokens, counted
+  const MicroStats sc = m.forward(c, global_loss_norm({c}), ForwardOptions{false});
+  EXPECT_NE(sa.expert_counts, sc.expert_counts);
+  EXPECT_GT(std::fabs(sa.seq_aux_loss - sc.seq_aux_loss), 1e-9);
+}

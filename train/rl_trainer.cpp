@@ -81,6 +81,7 @@ void put_row(MicroBatch& mb, int r, const std::vector<int32_t>& prompt, const Co
     mb.input_ids[o + t] = id;
     mb.labels[o + t] = label;
     mb.doc_ids[o + t] = doc;
+    mb.padding[o + t] = uint8_t(doc);
   }
 }
 
@@ -91,6 +92,7 @@ MicroBatch empty_micro(int rows, int S, int32_t pad) {
   mb.input_ids.assign(int64_t(rows) * S, pad);
   mb.labels.assign(int64_t(rows) * S, kIgnoreIndex);
   mb.doc_ids.assign(int64_t(rows) * S, 1);
+  mb.padding.assign(int64_t(rows) * S, 1);  // padding counts in no routing statistic
   return mb;
 }
 

@@ -5,15 +5,24 @@
 namespace moetune {
 
 LossNorm global_loss_norm(const std::vector<MicroBatch>& batch) {
+  // Rows and micro-batches made only of padding (MicroBatch::padding) are not
+  // sequences: they do not count in the balance losses' normalisers.
   LossNorm n;
-  int64_t targets = 0, rows = 0;
+  int64_t targets = 0, rows = 0, micro = 0;
   for (const auto& mb : batch) {
     targets += mb.count_targets();
-    rows += mb.rows;
+    int64_t real_rows = 0;
+    for (int r = 0; r < mb.rows; ++r) {
+      bool any = mb.padding.empty();
+      for (int t = 0; t < mb.seq_len && !any; ++t) any = !mb.is_padding(int64_t(r) * mb.seq_len + t);
+      real_rows += any;
+    }
+    rows += real_rows;
+    micro += real_rows > 0;
   }
   n.n_targets = double(targets);
-  n.n_micro = int(batch.size());
-  n.n_rows = int(rows);
+  n.n_micro = int(std::max<int64_t>(1, micro));
+  n.n_rows = int(std::max<int64_t>(1, rows));
   return n;
 }
 
