@@ -7,7 +7,8 @@
 #   4. GRPO (moetune rl) under mpirun -np 2, experts split over both ranks (ep=2)
 #   5. eval of base, SFT and RL on the held-out test prompts: a Markdown table
 #   6. PNG plots of the RL curves (scripts/plot_rl.py, needs python3-matplotlib)
-# Output in runs/demo (or --out DIR); --seed S sets the data and training seed.
+# Output in runs/demo (or --out DIR); --seed S (or DEMO_SEED) sets the data and training seed;
+# DEMO_THREADS (default: all cores) and DEMO_RL_STEPS (default 200) override those numbers.
 #
 # usage: scripts/demo.sh [--seed S] [--out DIR] [--no-setup]
 #        scripts/demo.sh tiny|small [extra `moetune train` arguments]   (the old examples)
@@ -40,7 +41,7 @@ while [[ $# -gt 0 ]]; do
     --seed) seed="${2:?--seed needs a number}"; shift ;;
     --out) out="${2:?--out needs a directory}"; shift ;;
     --no-setup) setup=0 ;;
-    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "demo.sh: unknown argument '$1' (try --help; old examples: tiny, small)" >&2; exit 2 ;;
   esac
   shift
@@ -52,7 +53,7 @@ task=(--task arith --digits 2 --ops + --sft 20000 --train-prompts 2000 --test-pr
 pretrain_steps=900      # base model: equations as plain text (8 rows x 128 tokens a step)
 sft_steps=160           # SFT: short on purpose, the model stays partly right
 sft_lr=1e-3
-rl_steps=200            # GRPO
+rl_steps=${DEMO_RL_STEPS:-200}   # GRPO
 rl_lr=5e-5
 eval_samples=8
 max_new=8
@@ -62,7 +63,7 @@ B=./build/moetune
 [[ -x $B ]] || { echo "demo.sh: $B is missing (run scripts/setup.sh)" >&2; exit 1; }
 # Open MPI refuses root without these.
 if [[ $(id -u) -eq 0 ]]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi
-ncores=$(nproc)
+ncores=${DEMO_THREADS:-$(nproc)}   # OpenMP threads of the one-rank stages
 
 if [[ -e $out ]]; then echo "demo.sh: removing the previous $out"; rm -rf "$out"; fi
 mkdir -p "$out"
