@@ -235,6 +235,9 @@ int main(int argc, char** argv) {
   gen->add_option("--sft", arith.train_sft, "arith: SFT samples (default 20000)");
   gen->add_option("--train-prompts", arith.train_prompts, "arith: RL training prompts (default 2000)");
   gen->add_option("--test-prompts", arith.test_prompts, "arith: held-out test prompts (default 500)");
+  gen->add_option("--sft-carry-error", arith.sft_carry_error,
+                  "arith: share of SFT samples with a carry answered as if the carry were forgotten (noisy "
+                  "demonstrations that the math reward catches; default 0)");
   gen->add_option("--out", gen_out, "JSONL file to write (progression) or directory (arith)")->required();
   gen->add_option("--docs", gen_docs, "Number of documents")->check(CLI::PositiveNumber);
   gen->add_option("--vocab", gen_vocab, "Vocabulary size of the model that will read it")->check(CLI::Range(8, 1 << 24));

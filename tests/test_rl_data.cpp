@@ -381,3 +381,43 @@ TEST(ArithTask, ConfigErrorsNameTheOption) {
   c.test_prompts = 2;
   EXPECT_NE(err(c).find("(with a carry)"), std::string::npos) << err(c);
 }
+
+TEST(ArithTask, CarryErrorAnswersAndNoisyDemonstrations) {
+  EXPECT_EQ(arith_carry_error_answer({27, 35, '+'}), "52");  // 7+5 -> 2, 2+3 -> 5
+  EXPECT_EQ(arith_carry_error_answer({95, 7, '+'}), "92");   // 5+7 -> 2, 9+0 -> 9
+  EXPECT_EQ(arith_carry_error_answer({5, 5, '+'}), "0");
+  EXPECT_EQ(arith_carry_error_answer({40, 17, '-'}), "33");  // 0-7 -> 3, 4-1 -> 3
+  EXPECT_EQ(arith_carry_error_answer({12, 34, '+'}), "46");  // no carry: the right answer
+  EXPECT_EQ(arith_carry_error_answer({12, 34, '*'}), "408");
+  ArithTaskConfig cfg;
+  cfg.train_sft = 400;
+  cfg.train_prompts = 20;
+  cfg.test_prompts = 20;
+  const fs::path clean = test_dir() / "clean", all = test_dir() / "all", zero = test_dir() / "zero";
+  write_arith_task(cfg, clean.string());
+  cfg.sft_carry_error = 0.0;
+  write_arith_task(cfg, zero.string());
+  EXPECT_EQ(read_text(clean / "sft.jsonl"), read_text(zero / "sft.jsonl"));
+  cfg.sft_carry_error = 1.0;
+  write_arith_task(cfg, all.string());
+  // Every carry sample is wrong, every other one right; prompts and pre-training text are unchanged.
+  const ArithTask t = make_arith_task(cfg);
+  std::istringstream in(read_text(all / "sft.jsonl"));
+  std::string line;
+  size_t i = 0;
+  int wrong = 0;
+  while (std::getline(in, line)) {
+    const ArithProblem& p = t.sft.at(i++);
+    const auto j = nlohmann::json::parse(line);
+    const std::string ans = j["messages"][1]["content"];
+    const bool carry = arith_has_carry(p.a, p.b, p.op);
+    EXPECT_EQ(ans, carry ? arith_carry_error_answer(p) : p.answer()) << line;
+    wrong += ans != p.answer();
+  }
+  EXPECT_EQ(i, t.sft.size());
+  EXPECT_GT(wrong, 100);
+  for (const char* f : {"train_prompts.jsonl", "test_prompts.jsonl", "pretrain.jsonl"})
+    EXPECT_EQ(read_text(clean / f), read_text(all / f)) << f;
+  cfg.sft_carry_error = 1.5;
+  EXPECT_THROW(write_arith_task(cfg, (test_dir() / "bad").string()), Error);
+}

@@ -57,6 +57,8 @@ void validate(const ArithTaskConfig& cfg) {
       {"train_sft", cfg.train_sft}, {"train_prompts", cfg.train_prompts}, {"test_prompts", cfg.test_prompts}};
   for (const auto& [name, v] : counts)
     if (v < 0) throw Error(std::string("arith task: ") + name + " must be >= 0, got " + std::to_string(v));
+  if (!(cfg.sft_carry_error >= 0 && cfg.sft_carry_error <= 1))
+    throw Error("arith task: sft_carry_error must be in [0, 1], got " + std::to_string(cfg.sft_carry_error));
 }
 
 // Draws one problem; with `want` >= 0 only one whose carry flag equals want, and never one
@@ -118,6 +120,20 @@ int64_t ArithProblem::result() const { return op == '+' ? a + b : op == '-' ? a 
 std::string ArithProblem::text() const { return std::to_string(a) + op + std::to_string(b) + "="; }
 std::string ArithProblem::answer() const { return std::to_string(result()); }
 
+std::string arith_carry_error_answer(const ArithProblem& p) {
+  if (p.op == '*') return p.answer();
+  int64_t a = p.a, b = p.b, out = 0, place = 1;
+  while (a > 0 || b > 0) {
+    const int64_t da = a % 10, db = b % 10;
+    const int64_t d = p.op == '+' ? (da + db) % 10 : (da - db + 10) % 10;
+    out += d * place;
+    place *= 10;
+    a /= 10;
+    b /= 10;
+  }
+  return std::to_string(out);
+}
+
 bool arith_has_carry(int64_t a, int64_t b, char op) {
   if (a < 0 || b < 0) throw Error("arith_has_carry: negative operand");
   const std::vector<int> x = digits_of(a), y = digits_of(b);
@@ -172,9 +188,14 @@ ArithTaskStats write_arith_task(const ArithTaskConfig& cfg, const std::string& o
   if (ec) throw Error(out_dir + ": cannot create the directory: " + ec.message());
   using ojson = nlohmann::ordered_json;
   std::string sft, train, test;
+  SplitMix64 noise = stream(cfg.seed, 3);
   for (const ArithProblem& p : t.sft) {
+    // One draw per sample whatever the rate, so that the problems do not depend on it.
+    const bool wrong = double(noise.next() >> 11) * 0x1.0p-53 < cfg.sft_carry_error && p.op != '*' &&
+                       arith_has_carry(p.a, p.b, p.op);
     ojson j = {{"messages", ojson::array({ojson{{"role", "user"}, {"content", p.text()}},
-                                          ojson{{"role", "assistant"}, {"content", p.answer()}}})}};
+                                          ojson{{"role", "assistant"},
+                                                {"content", wrong ? arith_carry_error_answer(p) : p.answer()}}})}};
     sft += j.dump() + "\n";
   }
   auto prompts = [](const std::vector<ArithProblem>& ps, std::string& out) {

@@ -15,6 +15,11 @@ struct ArithTaskConfig {
   bool balance_carries = true;   // even-indexed problems of each file carry, odd ones do not
   int64_t train_sft = 20000, train_prompts = 2000, test_prompts = 500;  // counts, >= 0
   uint64_t seed = 1;
+  // Noisy demonstrations: with this probability an SFT sample of a problem with a carry
+  // (or borrow) answers as if the carry were forgotten (digit by digit, mod 10), a
+  // systematic mistake that the math reward catches. '*' answers stay right; the
+  // pre-training text and the prompt files are always right. In [0, 1].
+  double sft_carry_error = 0.0;
 };
 
 // One problem. For '-' the operands are ordered so that a >= b: results are never negative.
@@ -31,6 +36,10 @@ struct ArithProblem {
 // the single-digit partial products a_i * b_j (i + j = column) is >= 10.
 // Throws moetune::Error for another op, negative operands, or '-' with a < b.
 bool arith_has_carry(int64_t a, int64_t b, char op);
+
+// The result with every carry (or borrow) forgotten: each column's digit sum (or
+// difference) mod 10, leading zeros dropped. For '*' the right result.
+std::string arith_carry_error_answer(const ArithProblem& p);
 
 // The three problem lists. test_prompts and train_prompts hold distinct problems
 // (by text); sft may repeat a problem; no problem of test_prompts appears in train_prompts
@@ -52,6 +61,7 @@ struct ArithTaskStats {
 // Writes make_arith_task(cfg) to out_dir (created if missing), each file atomically
 // (io/fsutil.hpp write_file_atomic: "<name>.tmp", fsync, rename):
 //   sft.jsonl            {"messages":[{"role":"user","content":"12+34="},{"role":"assistant","content":"46"}]}
+//                        (with sft_carry_error p: that share of carry problems answered wrongly)
 //   train_prompts.jsonl  {"prompt":"12+34=","answer":"46"}
 //   test_prompts.jsonl   the same format
 //   pretrain.jsonl       {"text":"12+34=46\n..."}: the SFT problems as plain text, 16 per document
