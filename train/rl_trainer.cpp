@@ -316,6 +316,14 @@ RlSummary rl_impl(const RunConfig& rc, const RlOptions& opt) {
 
   RlSummary sum;
   sum.final_checkpoint = resume_dir;
+  // The starting point of the held-out curve (step 0 = the --init-from checkpoint).
+  if (start_step == 1)
+    if (const auto e0 = run_eval(0); e0 && root) {
+      json m = {{"step", 0}, {"valid/pass@1", e0->pass1_greedy}, {"valid/mean_reward", e0->mean_reward_greedy}};
+      if (e0->samples > 0) m["valid/pass@" + std::to_string(e0->samples)] = e0->pass_k;
+      metrics << m.dump() << "\n";
+      metrics.flush();
+    }
   std::vector<int64_t> order = epoch_order(int64_t(prompts.ids.size()), rc.train.seed, epoch, true);
   const int64_t P = int64_t(prompts.ids.size());
   for (int64_t step = start_step; step <= rc.train.steps; ++step) {
@@ -410,7 +418,7 @@ RlSummary rl_impl(const RunConfig& rc, const RlOptions& opt) {
       L.adv.assign(N, 0.0);
       L.weight.assign(N, 0.0);
       L.seq.assign(N, -1);
-      L.replay = L.old_routing;
+      if (rl.router_replay == "rollout") L.replay = L.old_routing;  // overwritten below where recorded
       for (int r = 0; r < mb.rows; ++r) {
         const int i = row_comp[size_t(m) * mbs + r];
         if (i < 0) continue;
@@ -555,7 +563,7 @@ RlSummary rl_impl(const RunConfig& rc, const RlOptions& opt) {
     if (talk && (step % rc.train.log_every == 0 || step == start_step || step == rc.train.steps)) {
       std::printf("step %4lld/%lld | reward %.3f ± %.3f | acc %5.1f%% | zero-std %3.0f%% | loss %+.4f | kl %.4f | "
                   "clip %.3f | ent %.3f | len %.1f (trunc %.0f%%) | route-mm %.3f lp-mm %.1e | gen %.0f tok/s | "
-                  "upd %.0f tok/s | %.1f s (gen %.1f, rew %.2f, ref %.1f, upd %.1f)%s\n",
+                  "upd %.0f tok/s | %.1f s (gen %.1f, rew %.2f, old+ref %.1f, upd %.1f)%s\n",
                   (long long)step, (long long)rc.train.steps, r_mean, r_std, 100 * acc / C, 100.0 * zero_std / B,
                   updates > 0 ? loss_sum / updates : 0.0, sums[0] / tok, (sums[4] + sums[5]) / tok, sums[1] / tok,
                   len_sum / C, 100 * trunc / C, sums[6] > 0 ? sums[7] / sums[6] : 0.0, maxs[0],
