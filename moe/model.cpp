@@ -166,6 +166,44 @@ inline RouteControl route_control(const ForwardOptions& opt, int j, const uint8_
   return rc;
 }
 
+// Shared by forward() and extend(): the attention inputs of one layer, a = RMSNorm(h)
+// and q, k, v with RoPE at pos (N tokens), into the buffers L with the weights W.
+template <class T, class Buf, class Wts>
+void attention_inputs(Buf& L, const Wts& W, const T* P, const T* h, const int32_t* pos, int64_t N,
+                      const ModelConfig& c) {
+  const int64_t d = c.d(), hd = c.hd(), qd = int64_t(c.H()) * hd, kvd = int64_t(c.Hkv()) * hd;
+  L.a_in.resize(N * d);
+  L.rstd1.resize(N);
+  ops::rmsnorm_forward(L.a_in.data(), L.rstd1.data(), h, P + W.ln1, N, d, c.rms_norm_eps);
+  L.q_act.resize(N * qd);
+  L.k_act.resize(N * kvd);
+  L.v_act.resize(N * kvd);
+  ops::linear_forward(L.q_act.data(), L.a_in.data(), P + W.q, N, d, qd);
+  ops::linear_forward(L.k_act.data(), L.a_in.data(), P + W.k, N, d, kvd);
+  ops::linear_forward(L.v_act.data(), L.a_in.data(), P + W.v, N, d, kvd);
+  ops::rope_apply(L.q_act.data(), pos, N, c.H(), hd, c.rope_theta, +1);
+  ops::rope_apply(L.k_act.data(), pos, N, c.Hkv(), hd, c.rope_theta, +1);
+}
+
+// The FFN sub-block of layer l: f_in = RMSNorm(h), out (N,d) = the dense MLP of a dense
+// layer, or moe(L) (the caller's MoE call: its rows, balance scales and routing control).
+template <class T, class Buf, class Wts, class MoeCall>
+void ffn_forward(T* out, Buf& L, const Wts& W, const T* P, const T* h, int64_t N, const ModelConfig& c, int l,
+                 MoeCall&& moe) {
+  const int64_t d = c.d();
+  L.f_in.resize(N * d);
+  L.rstd2.resize(N);
+  ops::rmsnorm_forward(L.f_in.data(), L.rstd2.data(), h, P + W.ln2, N, d, c.rms_norm_eps);
+  if (c.is_moe_layer(l)) {
+    moe(L);
+    return;
+  }
+  const int64_t Fi = c.intermediate_size;
+  L.dense.resize(N, Fi);
+  mlp_forward(out, L.dense.g.data(), L.dense.u.data(), L.dense.a.data(), L.f_in.data(), P + W.dg, P + W.du, P + W.dd,
+              N, d, Fi);
+}
+
 }  // namespace
 
 template <class T>
@@ -174,7 +212,7 @@ MicroStats Model<T>::forward(const MicroBatch& mb, const LossNorm& norm, const F
   const ModelConfig& c = cfg_;
   const int B = mb.rows, S = mb.seq_len;
   const int64_t N = mb.tokens(), d = c.d(), V = c.vocab_size, H = c.H(), Hkv = c.Hkv(), hd = c.hd();
-  const int64_t qd = H * hd, kvd = Hkv * hd;
+  const int64_t qd = H * hd;
   if (int64_t(mb.input_ids.size()) != N || int64_t(mb.labels.size()) != N || int64_t(mb.doc_ids.size()) != N ||
       (!mb.padding.empty() && int64_t(mb.padding.size()) != N))
     throw Error("micro-batch: input_ids/labels/doc_ids (and padding, if given) must have rows*seq_len elements");
@@ -224,17 +262,7 @@ MicroStats Model<T>::forward(const MicroBatch& mb, const LossNorm& norm, const F
     auto& L = opt.train ? I.layers[l] : I.work;
     const auto& W = I.layers[l];
     if (opt.train) L.h_in = h;
-    L.a_in.resize(N * d);
-    L.rstd1.resize(N);
-    ops::rmsnorm_forward(L.a_in.data(), L.rstd1.data(), h.data(), P + W.ln1, N, d, c.rms_norm_eps);
-    L.q_act.resize(N * qd);
-    L.k_act.resize(N * kvd);
-    L.v_act.resize(N * kvd);
-    ops::linear_forward(L.q_act.data(), L.a_in.data(), P + W.q, N, d, qd);
-    ops::linear_forward(L.k_act.data(), L.a_in.data(), P + W.k, N, d, kvd);
-    ops::linear_forward(L.v_act.data(), L.a_in.data(), P + W.v, N, d, kvd);
-    ops::rope_apply(L.q_act.data(), I.pos.data(), N, H, hd, c.rope_theta, +1);
-    ops::rope_apply(L.k_act.data(), I.pos.data(), N, Hkv, hd, c.rope_theta, +1);
+    attention_inputs(L, W, P, h.data(), I.pos.data(), N, c);
     L.probs.resize(int64_t(B) * H * S * S);
     L.ctx.resize(N * qd);
     ops::attention_forward(L.ctx.data(), L.probs.data(), L.q_act.data(), L.k_act.data(), L.v_act.data(),
@@ -242,25 +270,17 @@ MicroStats Model<T>::forward(const MicroBatch& mb, const LossNorm& norm, const F
     ops::linear_forward(tmp.data(), L.ctx.data(), P + W.o, N, qd, d);
     for (int64_t i = 0; i < N * d; ++i) h[i] += tmp[i];
     if (opt.train) L.h_mid = h;
-    L.f_in.resize(N * d);
-    L.rstd2.resize(N);
-    ops::rmsnorm_forward(L.f_in.data(), L.rstd2.data(), h.data(), P + W.ln2, N, d, c.rms_norm_eps);
-    if (!c.is_moe_layer(l)) {
-      const int64_t Fi = c.intermediate_size;
-      L.dense.resize(N, Fi);
-      mlp_forward(tmp.data(), L.dense.g.data(), L.dense.u.data(), L.dense.a.data(), L.f_in.data(), P + W.dg,
-                  P + W.du, P + W.dd, N, d, Fi);
-    } else {
-      moe_views(L.moe, P, layout_, c, l);
-      moe_forward(tmp.data(), L.moe_cache, L.f_in.data(), L.moe, *stage_, l, bias_[moe_j].data(), c, B, S, I.sc,
+    ffn_forward(tmp.data(), L, W, P, h.data(), N, c, l, [&](auto& Lm) {
+      moe_views(Lm.moe, P, layout_, c, l);
+      moe_forward(tmp.data(), Lm.moe_cache, Lm.f_in.data(), Lm.moe, *stage_, l, bias_[moe_j].data(), c, B, S, I.sc,
                   route_control(opt, moe_j, mb.padding.empty() ? nullptr : mb.padding.data()));
-      st.aux_loss += L.moe_cache.losses.aux;
-      st.seq_aux_loss += L.moe_cache.losses.seq;
-      st.z_loss += L.moe_cache.losses.z;
-      st.expert_counts.push_back(L.moe_cache.routing.counts);
-      st.dropped_pairs += L.moe_cache.routing.dropped;
+      st.aux_loss += Lm.moe_cache.losses.aux;
+      st.seq_aux_loss += Lm.moe_cache.losses.seq;
+      st.z_loss += Lm.moe_cache.losses.z;
+      st.expert_counts.push_back(Lm.moe_cache.routing.counts);
+      st.dropped_pairs += Lm.moe_cache.routing.dropped;
       ++moe_j;
-    }
+    });
     for (int64_t i = 0; i < N * d; ++i) h[i] += tmp[i];
   }
   if (opt.train) I.h_final = h;
@@ -401,17 +421,7 @@ void Model<T>::extend(KvCache<T>& kv, const int32_t* row, const int32_t* tokens,
   int moe_j = 0;
   for (int l = 0; l < c.num_hidden_layers; ++l) {
     const auto& W = I.layers[l];
-    L.a_in.resize(n * d);
-    L.rstd1.resize(n);
-    ops::rmsnorm_forward(L.a_in.data(), L.rstd1.data(), h.data(), P + W.ln1, n, d, c.rms_norm_eps);
-    L.q_act.resize(n * qd);
-    L.k_act.resize(n * kvd);
-    L.v_act.resize(n * kvd);
-    ops::linear_forward(L.q_act.data(), L.a_in.data(), P + W.q, n, d, qd);
-    ops::linear_forward(L.k_act.data(), L.a_in.data(), P + W.k, n, d, kvd);
-    ops::linear_forward(L.v_act.data(), L.a_in.data(), P + W.v, n, d, kvd);
-    ops::rope_apply(L.q_act.data(), I.pos.data(), n, H, hd, c.rope_theta, +1);
-    ops::rope_apply(L.k_act.data(), I.pos.data(), n, Hkv, hd, c.rope_theta, +1);
+    attention_inputs(L, W, P, h.data(), I.pos.data(), n, c);
     for (int64_t i = 0; i < n; ++i) {
       const int64_t at = (int64_t(row[i]) * kv.capacity + I.pos[i]) * kvd;
       std::copy_n(L.k_act.data() + i * kvd, kvd, kv.k[l].data() + at);
@@ -422,21 +432,13 @@ void Model<T>::extend(KvCache<T>& kv, const int32_t* row, const int32_t* tokens,
                           kv.capacity, H, Hkv, hd);
     ops::linear_forward(tmp.data(), L.ctx.data(), P + W.o, n, qd, d);
     for (int64_t i = 0; i < n * d; ++i) h[i] += tmp[i];
-    L.f_in.resize(n * d);
-    L.rstd2.resize(n);
-    ops::rmsnorm_forward(L.f_in.data(), L.rstd2.data(), h.data(), P + W.ln2, n, d, c.rms_norm_eps);
-    if (!c.is_moe_layer(l)) {
-      const int64_t Fi = c.intermediate_size;
-      L.dense.resize(n, Fi);
-      mlp_forward(tmp.data(), L.dense.g.data(), L.dense.u.data(), L.dense.a.data(), L.f_in.data(), P + W.dg,
-                  P + W.du, P + W.dd, n, d, Fi);
-    } else {
+    ffn_forward(tmp.data(), L, W, P, h.data(), n, c, l, [&](auto& Lm) {
       // Each new token is its own "row" of one position; no balance loss is computed.
-      moe_views(L.moe, P, layout_, c, l);
-      moe_forward(tmp.data(), L.moe_cache, L.f_in.data(), L.moe, *stage_, l, bias_[moe_j].data(), c, int(n), 1,
+      moe_views(Lm.moe, P, layout_, c, l);
+      moe_forward(tmp.data(), Lm.moe_cache, Lm.f_in.data(), Lm.moe, *stage_, l, bias_[moe_j].data(), c, int(n), 1,
                   BalanceScales{}, route_control(fo, moe_j));
       ++moe_j;
-    }
+    });
     for (int64_t i = 0; i < n * d; ++i) h[i] += tmp[i];
   }
   for (int64_t i = 0; i < n; ++i) kv.len[row[i]] = std::max(kv.len[row[i]], I.pos[i] + 1);

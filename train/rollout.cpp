@@ -257,9 +257,12 @@ struct Loaded {
   std::unique_ptr<Model<float>> model;
   std::unique_ptr<dist::AllToAllExpertStage<float>> stage;
   std::optional<Tokenizer> tok;
+  GenerationConfig gen;  // opt.gen with the tokenizer's stop ids
+  PromptSet prompts;
 };
 
-void load_for_inference(Loaded& L, const InferenceOptions& opt, const dist::Comm& world) {
+// The checkpoint, its tokenizer and the prompts (answers required when need_answer).
+void load_for_inference(Loaded& L, const InferenceOptions& opt, const dist::Comm& world, bool need_answer) {
   if (opt.threads > 0) omp_set_num_threads(opt.threads);
   ModelConfig cfg;
   dist::run_collectively(world, [&] { cfg = load_checkpoint_config(opt.ckpt); });
@@ -272,6 +275,10 @@ void load_for_inference(Loaded& L, const InferenceOptions& opt, const dist::Comm
     L.tok = std::filesystem::exists(tj) ? Tokenizer::load(tj) : Tokenizer::byte_level();
     if (L.tok->vocab_size() > cfg.vocab_size)
       throw Error(tj + ": the tokenizer has more tokens than the model's vocab_size");
+    L.gen = opt.gen;
+    L.gen.stop_ids = stop_ids(*L.tok);
+    validate(L.gen.sampling);
+    L.prompts = load_prompts(opt.prompts, *L.tok, need_answer, L.gen.max_new_tokens, cfg.max_position_embeddings);
   });
 }
 
@@ -279,16 +286,11 @@ void load_for_inference(Loaded& L, const InferenceOptions& opt, const dist::Comm
 
 void run_generate(const InferenceOptions& opt, const std::string& out) {
   const dist::Comm world = dist::Comm::world();
+  if (opt.samples < 1) throw Error("generate: --samples must be at least 1");
   Loaded L;
-  load_for_inference(L, opt, world);
-  GenerationConfig gc = opt.gen;
-  gc.stop_ids = stop_ids(*L.tok);
-  PromptSet ps;
-  dist::run_collectively(world, [&] {
-    validate(gc.sampling);
-    if (opt.samples < 1) throw Error("generate: --samples must be at least 1");
-    ps = load_prompts(opt.prompts, *L.tok, false, gc.max_new_tokens, L.model->config().max_position_embeddings);
-  });
+  load_for_inference(L, opt, world, false);
+  const GenerationConfig& gc = L.gen;
+  const PromptSet& ps = L.prompts;
   std::vector<GenRequest> reqs;
   for (size_t p = 0; p < ps.ids.size(); ++p)
     for (int s = 0; s < opt.samples; ++s) reqs.push_back({ps.ids[p], int64_t(p), s});
@@ -320,18 +322,15 @@ void run_generate(const InferenceOptions& opt, const std::string& out) {
 
 EvalResult run_eval(const InferenceOptions& opt, const RewardSpec& spec, const std::string& out_json) {
   const dist::Comm world = dist::Comm::world();
+  bool need = false;
+  for (const auto& n : spec.names) need = need || reward_needs_answer(n);
   Loaded L;
-  load_for_inference(L, opt, world);
-  GenerationConfig gc = opt.gen;
-  gc.stop_ids = stop_ids(*L.tok);
-  PromptSet ps;
+  load_for_inference(L, opt, world, need);
+  const GenerationConfig& gc = L.gen;
+  const PromptSet& ps = L.prompts;
   std::unique_ptr<RewardModel> rewards;
   dist::run_collectively(world, [&] {
-    validate(gc.sampling);
-    bool need = false;
-    for (const auto& n : spec.names) need = need || reward_needs_answer(n);
     if (world.rank() == 0) rewards = std::make_unique<RewardModel>(spec);
-    ps = load_prompts(opt.prompts, *L.tok, need, gc.max_new_tokens, L.model->config().max_position_embeddings);
   });
   const EvalResult r = evaluate_prompts(*L.model, *L.grid, ps, *L.tok, rewards.get(), gc, opt.samples);
   if (world.rank() == 0) {
