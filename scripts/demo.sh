@@ -8,7 +8,7 @@
 #   5. eval of base, SFT and RL on the held-out test prompts: a Markdown table
 #   6. PNG plots of the RL curves (scripts/plot_rl.py, needs python3-matplotlib)
 # Output in runs/demo (or --out DIR); --seed S (or DEMO_SEED) sets the data and training seed;
-# DEMO_THREADS (default: all cores) and DEMO_RL_STEPS (default 150) override those numbers.
+# DEMO_THREADS (default: all cores) and DEMO_RL_STEPS (default 250) override those numbers.
 #
 # usage: scripts/demo.sh [--seed S] [--out DIR] [--no-setup]
 #        scripts/demo.sh tiny|small [extra `moetune train` arguments]   (the old examples)
@@ -56,7 +56,7 @@ task=(--task arith --digits 2 --ops + --sft 20000 --train-prompts 2000 --test-pr
 pretrain_steps=900      # base model: equations as plain text (8 rows x 128 tokens a step)
 sft_steps=160           # SFT on the noisy demonstrations
 sft_lr=1e-3
-rl_steps=${DEMO_RL_STEPS:-150}   # GRPO
+rl_steps=${DEMO_RL_STEPS:-250}   # GRPO
 rl_lr=5e-5
 rl_mu=2                 # two passes over each step's completions (the second one off-policy, clipped)
 rl_temperature=0.7
