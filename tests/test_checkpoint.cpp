@@ -19,8 +19,10 @@
 #include "io/checkpoint.hpp"
 #include "io/safetensors.hpp"
 #include "moe/error.hpp"
+#include "test_util.hpp"
 
 using namespace moetune;
+using namespace moetune::testing;
 using nlohmann::json;
 namespace fs = std::filesystem;
 
@@ -52,17 +54,6 @@ std::vector<std::vector<float>> fill_bias(const ModelConfig& cfg, float seed) {
   return b;
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
-
-#define EXPECT_CONTAINS(haystack, needle) \
-  EXPECT_NE(std::string(haystack).find(needle), std::string::npos) << "message: " << (haystack)
 
 class CheckpointTest : public ::testing::Test {
  protected:

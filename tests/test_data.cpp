@@ -12,35 +12,13 @@
 #include "moe/error.hpp"
 #include "train/data.hpp"
 #include "train/synthetic.hpp"
+#include "test_util.hpp"
 
 using namespace moetune;
+using namespace moetune::testing;
 namespace fs = std::filesystem;
 
 namespace {
-
-// This process's scratch directory, removed when the tests exit.
-struct ScratchDir {
-  fs::path path = fs::temp_directory_path() / ("moetune_test_data_" + std::to_string(::getpid()));
-  ~ScratchDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
-ScratchDir scratch;
-
-// A fresh path in the scratch directory, unique to this test.
-std::string temp_path(const std::string& name) {
-  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-  fs::path dir = scratch.path / (std::string(info->test_suite_name()) + "_" + info->name());
-  fs::create_directories(dir);
-  return (dir / name).string();
-}
-
-std::string write_file(const std::string& name, const std::string& content) {
-  const std::string p = temp_path(name);
-  std::ofstream(p) << content;
-  return p;
-}
 
 std::string read_error(const std::string& path, int vocab) {
   try {
@@ -163,7 +141,7 @@ TEST(DataJsonl, EmptyOrMissingFileIsAnError) {
   EXPECT_EQ(read_error(empty, 64), empty + ": no documents");
   const auto blank = write_file("blank.jsonl", "\n  \n\n");
   EXPECT_EQ(read_error(blank, 64), blank + ": no documents");
-  const auto missing = temp_path("missing.jsonl");
+  const auto missing = test_path("missing.jsonl");
   EXPECT_NE(read_error(missing, 64).find(missing + ": cannot open"), std::string::npos);
 }
 
@@ -428,7 +406,7 @@ TEST(DataLoader, StateResumesTheExactStreamAcrossEpochs) {
 // ---------------------------------------------------------------- synthetic data
 
 TEST(Synthetic, DeterministicInSeedAndWithinVocab) {
-  const auto p1 = temp_path("a.jsonl"), p2 = temp_path("b.jsonl"), p3 = temp_path("c.jsonl");
+  const auto p1 = test_path("a.jsonl"), p2 = test_path("b.jsonl"), p3 = test_path("c.jsonl");
   write_synthetic_jsonl(p1, 200, 64, 6, 30, 9);
   write_synthetic_jsonl(p2, 200, 64, 6, 30, 9);
   write_synthetic_jsonl(p3, 200, 64, 6, 30, 10);
@@ -460,7 +438,7 @@ TEST(Synthetic, DeterministicInSeedAndWithinVocab) {
   }
   EXPECT_GT(lengths.size(), 10u) << "document lengths should vary";
   // Small vocabularies still work (one symbol step left).
-  const auto p4 = temp_path("d.jsonl");
+  const auto p4 = test_path("d.jsonl");
   write_synthetic_jsonl(p4, 20, 4, 3, 5, 1);
   EXPECT_EQ(read_jsonl_documents(p4, 4).size(), 20u);
 }
@@ -470,7 +448,7 @@ TEST(Synthetic, TargetsAreLearnable) {
   // and the first trained target takes at most kSyntheticMaxStep values given its
   // predecessor: a model can push the loss far below log(V).
   const int V = 64;
-  const auto p = temp_path("s.jsonl");
+  const auto p = test_path("s.jsonl");
   write_synthetic_jsonl(p, 500, V, 5, 40, 3);
   std::map<std::pair<int, int>, int> next_of;
   std::map<int, std::set<int>> first_targets;
@@ -490,10 +468,10 @@ TEST(Synthetic, TargetsAreLearnable) {
 }
 
 TEST(Synthetic, RejectsBadArguments) {
-  const auto p = temp_path("x.jsonl");
+  const auto p = test_path("x.jsonl");
   EXPECT_THROW(write_synthetic_jsonl(p, 0, 64, 4, 8, 1), Error);
   EXPECT_THROW(write_synthetic_jsonl(p, 10, 3, 4, 8, 1), Error);
   EXPECT_THROW(write_synthetic_jsonl(p, 10, 64, 2, 8, 1), Error);
   EXPECT_THROW(write_synthetic_jsonl(p, 10, 64, 9, 8, 1), Error);
-  EXPECT_THROW(write_synthetic_jsonl(temp_path("no/such/dir/x.jsonl"), 10, 64, 4, 8, 1), Error);
+  EXPECT_THROW(write_synthetic_jsonl(test_path("no/such/dir/x.jsonl"), 10, 64, 4, 8, 1), Error);
 }

@@ -142,17 +142,46 @@ TEST(ModelForward, FloatMatchesDouble) {
   EXPECT_LT(diff / gmax, 1e-4);
 }
 
+// A micro-batch without a single target: the cross-entropy and its gradient are zero.
+// With the balance losses on, only the parameters upstream of a router get a gradient
+// (the LM head and the final norm get exactly zero); with them off, every gradient is 0.
 TEST(ModelForward, EmptyTargetsGiveZeroLoss) {
-  auto cfg = ModelConfig::from_json(tiny({}));
-  Model<double> m(cfg);
-  m.init(1);
-  auto mb = make_batch(1, 6, cfg.vocab_size, 2);
-  std::fill(mb.labels.begin(), mb.labels.end(), kIgnoreIndex);
-  m.zero_grad();
-  auto st = m.forward_backward(mb, LossNorm{0, 1, 1}, true);
-  EXPECT_EQ(st.ce, 0.0);
-  EXPECT_EQ(st.n_targets, 0);
-  EXPECT_TRUE(std::isfinite(st.total()));
+  for (const bool balance : {true, false}) {
+    auto cfg = ModelConfig::from_json(
+        tiny(balance ? nlohmann::json{{"aux_loss_coeff", 0.1}, {"z_loss_coeff", 0.01}}
+                     : nlohmann::json{{"aux_loss_coeff", 0.0}, {"seq_aux_loss_coeff", 0.0}, {"z_loss_coeff", 0.0}}));
+    Model<double> m(cfg);
+    m.init(1);
+    auto mb = make_batch(1, 6, cfg.vocab_size, 2);
+    std::fill(mb.labels.begin(), mb.labels.end(), kIgnoreIndex);
+    m.zero_grad();
+    std::fill(m.grads().begin(), m.grads().end(), 1.0);  // zero_grad must really clear them
+    m.zero_grad();
+    auto st = m.forward_backward(mb, LossNorm{0, 1, 1}, true);
+    EXPECT_EQ(st.ce, 0.0);
+    EXPECT_EQ(st.n_targets, 0);
+    EXPECT_TRUE(std::isfinite(st.total()));
+    double nonzero_router_side = 0;
+    for (const auto& t : m.layout().tensors()) {
+      const double* g = m.grads().data() + t.offset;
+      double sum_abs = 0;
+      for (size_t i = 0; i < t.numel; ++i) {
+        ASSERT_TRUE(std::isfinite(g[i])) << t.name;
+        sum_abs += std::fabs(g[i]);
+      }
+      const bool head = t.name == "lm_head.weight" || t.name == "model.norm.weight";
+      if (head || !balance)
+        EXPECT_EQ(sum_abs, 0.0) << t.name << (balance ? " (no target reaches the head)" : " (no loss at all)");
+      else
+        nonzero_router_side += sum_abs;
+    }
+    if (balance) {
+      EXPECT_GT(st.aux_loss + st.z_loss, 0.0);
+      EXPECT_GT(nonzero_router_side, 0.0) << "the balance losses must still reach the routers";
+    } else {
+      EXPECT_EQ(st.total(), 0.0);
+    }
+  }
 }
 
 TEST(ModelForward, RejectsTokenOutsideVocabulary) {

@@ -276,8 +276,9 @@ TEST_P(MoeLayerGrad, AllInputsAndWeights) {
     EXPECT_LT(check_grad(f, wd[e], dwd[e], 24), 1e-5) << "expert " << e;
   }
   if (Sh > 0) {
-    EXPECT_LT(check_grad(f, sg, dsg, 24), 1e-5);
-    EXPECT_LT(check_grad(f, sd, dsd, 24), 1e-5);
+    EXPECT_LT(check_grad(f, sg, dsg, 24), 1e-5) << "shared gate projection";
+    EXPECT_LT(check_grad(f, su, dsu, 24), 1e-5) << "shared up projection";
+    EXPECT_LT(check_grad(f, sd, dsd, 24), 1e-5) << "shared down projection";
   }
 }
 

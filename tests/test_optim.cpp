@@ -19,8 +19,10 @@
 #include "moe/params.hpp"
 #include "optim/adamw.hpp"
 #include "optim/schedule.hpp"
+#include "test_util.hpp"
 
 using namespace moetune;
+using namespace moetune::testing;
 using nlohmann::json;
 
 namespace {
@@ -124,16 +126,6 @@ ScheduleConfig sched(const std::string& kind, double lr, int64_t warmup, int64_t
   return s;
 }
 
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
-
 }  // namespace
 
 TEST(Optim, FixtureLayoutMatchesParamLayout) {
@@ -223,7 +215,7 @@ TEST(Optim, ConfigValidationNamesKey) {
   c = AdamWConfig{};
   c.weight_decay = std::numeric_limits<double>::quiet_NaN();
   EXPECT_NE(error_of([&] { validate(c); }).find("'optim.weight_decay'"), std::string::npos);
-  EXPECT_EQ(error_of([&] { validate(AdamWConfig{}); }), "");
+  EXPECT_EQ(error_of([&] { validate(AdamWConfig{}); }), kNoError);
 }
 
 TEST(Optim, GradNormIndependentOfThreadCount) {
@@ -320,7 +312,7 @@ TEST(Schedule, NoWarmup) {
 }
 
 TEST(Schedule, ValidateNamesKey) {
-  EXPECT_EQ(error_of([] { validate(sched("cosine", 1e-3, 10, 100, 0.1)); }), "");
+  EXPECT_EQ(error_of([] { validate(sched("cosine", 1e-3, 10, 100, 0.1)); }), kNoError);
   EXPECT_NE(error_of([] { validate(sched("exp", 1e-3, 0, 100, 0.0)); }).find("'optim.schedule'"), std::string::npos);
   EXPECT_NE(error_of([] { validate(sched("cosine", -1.0, 0, 100, 0.0)); }).find("'optim.lr'"), std::string::npos);
   EXPECT_NE(error_of([] { validate(sched("cosine", 1e-3, -1, 100, 0.0)); }).find("'optim.warmup_steps'"),

@@ -14,21 +14,14 @@
 
 #include "moe/error.hpp"
 #include "train/reward.hpp"
+#include "test_util.hpp"
 
 using namespace moetune;
+using namespace moetune::testing;
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 namespace {
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
 
 RewardInput input(const std::string& completion, const json& row = json::object(), bool truncated = false) {
   RewardInput in;

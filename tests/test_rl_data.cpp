@@ -16,66 +16,16 @@
 #include "train/reward.hpp"
 #include "train/rl_data.hpp"
 #include "train/sft_data.hpp"
+#include "test_util.hpp"
 
 using namespace moetune;
+using namespace moetune::testing;
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 namespace {
 
-// One token per byte, specials 256..262 (pad, bos, eos, system, user, assistant, end).
-struct ByteEncoder : TextEncoder {
-  std::vector<int32_t> encode(const std::string& text) const override {
-    std::vector<int32_t> ids;
-    for (unsigned char c : text) ids.push_back(int32_t(c));
-    return ids;
-  }
-  int32_t special_id(const std::string& name) const override {
-    const char* names[] = {"<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"};
-    for (int i = 0; i < 7; ++i)
-      if (name == names[i]) return 256 + i;
-    throw Error("ByteEncoder: unknown special token " + name);
-  }
-};
 constexpr int32_t BOS = 257, USR = 260, AST = 261, END = 262;
-
-struct ScratchDir {
-  fs::path path = fs::temp_directory_path() / ("moetune_test_rl_" + std::to_string(::getpid()));
-  ~ScratchDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
-ScratchDir scratch;
-
-fs::path test_dir() {
-  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-  fs::path dir = scratch.path / (std::string(info->test_suite_name()) + "_" + info->name());
-  fs::create_directories(dir);
-  return dir;
-}
-
-std::string write_file(const std::string& name, const std::string& content) {
-  const std::string p = (test_dir() / name).string();
-  std::ofstream(p, std::ios::binary) << content;
-  return p;
-}
-
-std::string read_text(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
 
 // Error of a file whose line 3 is `bad` (line 1 valid, line 2 blank): must name <path>:3.
 std::string line3_error(const std::string& bad, bool need_answer = false) {

@@ -7,31 +7,18 @@
 
 #include "moe/error.hpp"
 #include "train/rollout.hpp"
+#include "test_util.hpp"
 
 using namespace moetune;
+using namespace moetune::testing;
 namespace fs = std::filesystem;
 
 namespace {
 
-std::string write_tmp(const std::string& name, const std::string& bytes) {
-  const fs::path p = fs::temp_directory_path() / ("moetune_rollout_" + std::to_string(::getpid()) + "_" + name);
-  std::ofstream(p, std::ios::binary) << bytes;
-  return p.string();
-}
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
-
 }  // namespace
 
 TEST(Rollout, PlainTextPromptsOnePerLine) {
-  const std::string p = write_tmp("a.txt", "12+34=\r\n\n   \nwhat is 2+2?\n");
+  const std::string p = write_file("a.txt", "12+34=\r\n\n   \nwhat is 2+2?\n");
   const auto rows = read_prompt_text(p);
   ASSERT_EQ(rows.size(), 2u);
   EXPECT_EQ(rows[0].messages.at(0).content, "12+34=");
@@ -49,13 +36,13 @@ TEST(Rollout, PlainTextPromptsOnePerLine) {
 
 TEST(Rollout, PromptErrorsNameFileAndLine) {
   const Tokenizer tok = Tokenizer::byte_level();
-  const std::string empty = write_tmp("e.txt", "\n\n");
+  const std::string empty = write_file("e.txt", "\n\n");
   EXPECT_NE(error_of([&] { read_prompt_text(empty); }).find("e.txt: no prompts"), std::string::npos);
-  const std::string bad = write_tmp("b.txt", "ok\nbad \xff byte\n");
+  const std::string bad = write_file("b.txt", "ok\nbad \xff byte\n");
   EXPECT_NE(error_of([&] { read_prompt_text(bad); }).find("b.txt:2: not valid UTF-8"), std::string::npos);
   EXPECT_NE(error_of([&] { load_prompts(bad, tok, true, 4, 64); }).find("has no answers"), std::string::npos);
   // A prompt that does not fit the context with max_new_tokens.
-  const std::string longp = write_tmp("l.jsonl", "{\"prompt\": \"1+1=\", \"answer\": \"2\"}\n{\"prompt\": \"" +
+  const std::string longp = write_file("l.jsonl", "{\"prompt\": \"1+1=\", \"answer\": \"2\"}\n{\"prompt\": \"" +
                                                      std::string(50, 'x') + "\", \"answer\": \"1\"}\n");
   const std::string msg = error_of([&] { load_prompts(longp, tok, true, 8, 40); });
   EXPECT_NE(msg.find("l.jsonl:2:"), std::string::npos) << msg;

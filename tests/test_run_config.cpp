@@ -8,8 +8,10 @@
 
 #include "moe/error.hpp"
 #include "train/run_config.hpp"
+#include "test_util.hpp"
 
 using namespace moetune;
+using namespace moetune::testing;
 using nlohmann::json;
 namespace fs = std::filesystem;
 
@@ -31,23 +33,6 @@ std::string set_error(RunConfig& c, const std::string& assignment) {
     return e.what();
   }
   return "(no error)";
-}
-
-// This process's scratch directory, removed when the tests exit.
-struct ScratchDir {
-  fs::path path = fs::temp_directory_path() / ("moetune_test_runcfg_" + std::to_string(::getpid()));
-  ~ScratchDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
-ScratchDir scratch;
-
-fs::path temp_dir() {
-  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-  fs::path dir = scratch.path / info->name();
-  fs::create_directories(dir);
-  return dir;
 }
 
 }  // namespace
@@ -90,7 +75,7 @@ TEST(RunConfig, DefaultsAndRoundTrip) {
 }
 
 TEST(RunConfig, ResolvesTrainPathAgainstTheConfigDirectory) {
-  const fs::path dir = temp_dir();
+  const fs::path dir = test_dir();
   fs::create_directories(dir / "cfg");
   std::ofstream(dir / "cfg" / "run.json") << R"({"data": {"train": "../data/t.jsonl"}})";
   const auto c = RunConfig::from_file((dir / "cfg" / "run.json").string());

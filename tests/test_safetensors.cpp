@@ -14,8 +14,10 @@
 
 #include "io/safetensors.hpp"
 #include "moe/error.hpp"
+#include "test_util.hpp"
 
 using namespace moetune;
+using namespace moetune::testing;
 using nlohmann::json;
 namespace fs = std::filesystem;
 
@@ -60,18 +62,6 @@ std::string bytes_of(const std::vector<V>& v) {
   return std::string(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(V));
 }
 
-// The message of the Error thrown by f ("" if none was thrown).
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
-
-#define EXPECT_CONTAINS(haystack, needle) \
-  EXPECT_NE(std::string(haystack).find(needle), std::string::npos) << "message: " << (haystack)
 
 }  // namespace
 

@@ -11,27 +11,14 @@
 #include "moe/batch.hpp"
 #include "moe/error.hpp"
 #include "train/sft_data.hpp"
+#include "test_util.hpp"
 
 using namespace moetune;
+using namespace moetune::testing;
 namespace fs = std::filesystem;
 
 namespace {
 
-// Tiny tokenizer for the tests: one token per byte (0..255), specials 256..262 in the
-// order pad, bos, eos, system, user, assistant, end.
-struct ByteEncoder : TextEncoder {
-  std::vector<int32_t> encode(const std::string& text) const override {
-    std::vector<int32_t> ids;
-    for (unsigned char c : text) ids.push_back(int32_t(c));
-    return ids;
-  }
-  int32_t special_id(const std::string& name) const override {
-    const char* names[] = {"<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"};
-    for (int i = 0; i < 7; ++i)
-      if (name == names[i]) return 256 + i;
-    throw Error("ByteEncoder: unknown special token " + name);
-  }
-};
 constexpr int32_t PAD = 256, BOS = 257, EOS = 258, SYS = 259, USR = 260, AST = 261, END = 262;
 constexpr int kVocab = 263;
 constexpr int32_t X = kIgnoreIndex;
@@ -45,24 +32,6 @@ struct LeakyEncoder : ByteEncoder {
     return ids;
   }
 };
-
-struct ScratchDir {
-  fs::path path = fs::temp_directory_path() / ("moetune_test_sft_" + std::to_string(::getpid()));
-  ~ScratchDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
-ScratchDir scratch;
-
-std::string write_file(const std::string& name, const std::string& content) {
-  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-  fs::path dir = scratch.path / (std::string(info->test_suite_name()) + "_" + info->name());
-  fs::create_directories(dir);
-  const std::string p = (dir / name).string();
-  std::ofstream(p, std::ios::binary) << content;
-  return p;
-}
 
 std::string read_error(const std::string& path, int vocab = kVocab, const TextEncoder& enc = ByteEncoder()) {
   try {

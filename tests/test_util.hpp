@@ -1,16 +1,103 @@
 // Helpers shared by the tests: deterministic random fills, central finite
-// differences in double precision, and a relative-error measure.
+// differences in double precision, a relative-error measure, error messages, a
+// per-test scratch directory, and a one-token-per-byte text encoder.
 #pragma once
+#include <gtest/gtest.h>
+#include <unistd.h>
+
 #include <cmath>
 #include <cstdint>
+#include <filesystem>
+#include <fstream>
 #include <functional>
 #include <random>
+#include <sstream>
 #include <string>
 #include <vector>
 
 #include "moe/batch.hpp"
+#include "moe/error.hpp"
+#include "tokenizer/text_encoder.hpp"
+
+// EXPECT that `haystack` contains `needle`, printing the whole message if not.
+#define EXPECT_CONTAINS(haystack, needle) \
+  EXPECT_NE(std::string(haystack).find(needle), std::string::npos) << "message: " << (haystack)
 
 namespace moetune::testing {
+
+// What error_of returns when nothing was thrown.
+inline const std::string kNoError = "(no error)";
+
+// The message of the moetune::Error thrown by f(), or kNoError.
+template <class F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return kNoError;
+}
+
+// This test process's scratch directory (under the system temp directory, named after
+// the pid), removed when the process exits.
+inline const std::filesystem::path& scratch_root() {
+  struct Root {
+    std::filesystem::path path =
+        std::filesystem::temp_directory_path() / ("moetune_test_" + std::to_string(::getpid()));
+    ~Root() {
+      std::error_code ec;
+      std::filesystem::remove_all(path, ec);
+    }
+  };
+  static const Root root;
+  return root.path;
+}
+
+// A directory of the running test's own (suite_test), created if needed.
+inline std::filesystem::path test_dir() {
+  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+  std::string name = std::string(info->test_suite_name()) + "_" + info->name();
+  for (char& c : name)
+    if (c == '/') c = '_';  // parameterised tests: "Variants/Suite"
+  const auto dir = scratch_root() / name;
+  std::filesystem::create_directories(dir);
+  return dir;
+}
+
+// A path `name` in test_dir(); nothing is created.
+inline std::string test_path(const std::string& name) { return (test_dir() / name).string(); }
+
+// Writes `content` (bytes as they are) to test_path(name) and returns that path.
+inline std::string write_file(const std::string& name, const std::string& content) {
+  const std::string p = test_path(name);
+  std::ofstream(p, std::ios::binary) << content;
+  return p;
+}
+
+// The bytes of a file ("" if it cannot be read).
+inline std::string read_text(const std::filesystem::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// One token per byte (0..255); specials 256..262 in the order pad, bos, eos, system,
+// user, assistant, end.
+struct ByteEncoder : TextEncoder {
+  std::vector<int32_t> encode(const std::string& text) const override {
+    std::vector<int32_t> ids;
+    for (unsigned char c : text) ids.push_back(int32_t(c));
+    return ids;
+  }
+  int32_t special_id(const std::string& name) const override {
+    const char* names[] = {"<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"};
+    for (int i = 0; i < 7; ++i)
+      if (name == names[i]) return 256 + i;
+    throw Error("ByteEncoder: unknown special token " + name);
+  }
+};
 
 inline std::vector<double> randn(size_t n, uint64_t seed, double scale = 1.0) {
   std::mt19937_64 g(seed);

@@ -29,7 +29,11 @@ export MOETUNE_FAULT=""
 
 train 2 --out "$dir/ref" --set parallel.ep=2
 
+# The fault step is random but printed, and reproducible: FAULT_SEED=<n> replays a run.
+seed=${FAULT_SEED:-$(( $(od -An -N2 -tu2 /dev/urandom) ))}
+RANDOM=$seed
 step=$((RANDOM % 25 + 3))
+echo "fault_resume.sh: FAULT_SEED=$seed -> rank 1 is killed after step $step"
 MOETUNE_FAULT="rank=1,step=$step,when=after-step,once=$dir/fired1" \
   bash "$scripts/supervise.sh" --max-restarts 2 -- \
   mpirun -np 2 --oversubscribe -x MOETUNE_FAULT "$moetune" train --config "$dir/run.json" --peak-gflops 10 --quiet \
