@@ -17,6 +17,7 @@
 #include "dist/checkpoint_parallel.hpp"
 #include "dist/collective.hpp"
 #include "dist/fault.hpp"
+#include "io/fsutil.hpp"
 #include "io/manifest.hpp"
 #include "dist/parallel_trainer.hpp"
 #include "io/checkpoint.hpp"
@@ -208,8 +209,9 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
   }
 
   std::ofstream metrics;
+  int64_t skipped_before = 0;  // steps skipped before the checkpoint we resume from
   if (root) {
-    metrics = open_metrics(opt.out_dir, start_step);
+    metrics = open_metrics(opt.out_dir, start_step, &skipped_before);
     if (talk && start_step > 1)
       std::printf("resuming from %s at step %lld (loaded in %.3f s, manifest verified)\n", resume_dir.c_str(),
                   static_cast<long long>(start_step), resume_load_s);
@@ -300,7 +302,7 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
                 {"mfu", mfu},
                 {"dropped_pairs", r.dropped_pairs},
                 {"skipped", r.skipped},
-              {"skipped_total", sum.skipped_steps},
+                {"skipped_total", skipped_before + sum.skipped_steps},
                 {"dispatch_s", comm[0]},
                 {"combine_s", comm[1]},
                 {"grad_reduce_s", comm[2]},
@@ -436,20 +438,27 @@ void remove_incomplete_checkpoints(const std::string& out) {
   }
 }
 
-std::ofstream open_metrics(const std::string& out, int64_t start_step) {
+std::ofstream open_metrics(const std::string& out, int64_t start_step, int64_t* skipped_before) {
   const fs::path mpath = fs::path(out) / "metrics.jsonl";
-  std::vector<std::string> kept;  // when resuming: the lines of the steps before the checkpoint
+  std::string kept;  // when resuming: the lines of the steps before the checkpoint
+  int64_t skipped = 0;
   if (start_step > 1) {
     std::ifstream old(mpath);
     std::string line;
     while (std::getline(old, line)) {
       const json j = json::parse(line, nullptr, false);
-      if (!j.is_discarded() && j.contains("step") && j["step"].get<int64_t>() < start_step) kept.push_back(line);
+      if (j.is_discarded() || !j.is_object() || !j.contains("step") || !j["step"].is_number_integer() ||
+          j["step"].get<int64_t>() >= start_step)
+        continue;  // a torn or foreign line, or a step the resumed run writes again
+      kept += line + "\n";
+      if (j.contains("skipped") && j["skipped"].is_boolean() && j["skipped"].get<bool>()) ++skipped;
     }
+    // Through a temporary file and a rename: a full disk here leaves the old file whole.
+    fsutil::write_file_atomic(mpath.string(), kept);
   }
-  std::ofstream metrics(mpath, std::ios::trunc);
+  if (skipped_before) *skipped_before = skipped;
+  std::ofstream metrics(mpath, start_step > 1 ? std::ios::app : std::ios::trunc);
   if (!metrics) throw Error(mpath.string() + ": cannot open for writing");
-  for (const auto& l : kept) metrics << l << "\n";
   return metrics;
 }
 

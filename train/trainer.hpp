@@ -51,8 +51,10 @@ void prune_checkpoints(const std::string& out, int keep);
 // Removes step-*.tmp-* directories (checkpoints whose writing was interrupted).
 void remove_incomplete_checkpoints(const std::string& out);
 // out/metrics.jsonl opened for writing; when resuming at start_step > 1 the lines of the
-// earlier steps are kept. Throws moetune::Error if it cannot be opened.
-std::ofstream open_metrics(const std::string& out, int64_t start_step);
+// earlier steps are kept (rewritten through a temporary file, so a failure leaves the old
+// file whole; torn lines are dropped) and *skipped_before, if given, is the number of
+// them marked "skipped". Throws moetune::Error if it cannot be opened.
+std::ofstream open_metrics(const std::string& out, int64_t start_step, int64_t* skipped_before = nullptr);
 // The run's tokenizer (docs/tokenizer.md): data.tokenizer when set (it must equal the
 // tokenizer of the checkpoint `start`, if that has one), else the checkpoint's, else the
 // byte tokenizer for data.format sft/bin; none otherwise. Checked against model.vocab_size.
