@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <type_traits>
 
+#include "dist/collective.hpp"
 #include "dist/fault.hpp"
 #include "io/fsutil.hpp"
 #include "io/manifest.hpp"
@@ -61,12 +62,12 @@ void save_checkpoint_parallel(const std::string& dir_in, const ProcessGrid& g, c
     }
   }
   auto verdict = [&](const char* what) {
-    const bool ok = g.world.all_true(error.empty());
-    if (!ok) {
-      if (g.world_rank == 0) fs::remove_all(tmp, ec);
-      throw Error(dir + ": saving the checkpoint failed (" + what + ")" +
-                  (error.empty() ? std::string(" on another rank") : ": " + error));
-    }
+    if (g.world.all_true(error.empty())) return;
+    if (g.world_rank == 0) fs::remove_all(tmp, ec);
+    // One message (the lowest failing rank's) on every rank: the CLI prints it once and
+    // every rank exits 1, nobody is left waiting in a collective.
+    throw_first_error(g.world,
+                      error.empty() ? "" : dir + ": saving the checkpoint failed (" + what + "): " + error);
   };
   verdict("creating the temporary directory");
 

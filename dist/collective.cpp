@@ -14,8 +14,14 @@ void run_collectively(const Comm& comm, const std::function<void()>& phase) {
     failed = true;
   }
   if (comm.all_true(!failed)) return;
+  throw_first_error(comm, failed && message.empty() ? std::string("(an exception without a message)") : message);
+}
+
+void throw_first_error(const Comm& comm, const std::string& message) {
+  const bool failed = !message.empty();
   int32_t first = failed ? comm.rank() : comm.size();
   comm.allreduce_min(std::span<int32_t>(&first, 1));
+  if (first == comm.size()) throw CollectiveError("a rank failed without a message", 0);
   int64_t len = int64_t(message.size());
   comm.broadcast(std::span<int64_t>(&len, 1), first);
   std::vector<int32_t> chars(static_cast<size_t>(len));

@@ -21,4 +21,10 @@ struct CollectiveError : Error {
 // rank throws CollectiveError with the message of the lowest failing rank.
 void run_collectively(const Comm& comm, const std::function<void()>& phase);
 
+// The second half of run_collectively, for code that has already agreed (e.g. with
+// all_true) that some rank failed: every rank calls it, each with its own message ("" if
+// it did not fail), and every rank throws CollectiveError with the message of the lowest
+// rank whose message is not empty.
+[[noreturn]] void throw_first_error(const Comm& comm, const std::string& message);
+
 }  // namespace moetune::dist

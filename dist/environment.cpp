@@ -70,8 +70,10 @@ void abort_job(const std::string& message, int code) {
   int rank = 0;
   if (running && MPI_Comm_rank(MPI_COMM_WORLD, &rank) != MPI_SUCCESS) rank = -1;
   std::cout.flush();
-  std::cerr << "error: [rank " << rank << "] " << message << std::endl;
   std::fflush(stdout);
+  // One write, so that the lines of ranks failing at the same moment do not interleave.
+  const std::string line = "error: [rank " + std::to_string(rank) + "] " + message + "\n";
+  std::fwrite(line.data(), 1, line.size(), stderr);
   std::fflush(stderr);
   if (running) MPI_Abort(MPI_COMM_WORLD, code);
   std::exit(code);  // MPI_Abort does not return; this is for the no-MPI case
