@@ -3,16 +3,21 @@
 # up to a limit; the command should carry --auto-resume so that each relaunch
 # continues from the newest valid checkpoint.
 #
-# usage: scripts/supervise.sh [--max-restarts N] [--delay S] -- mpirun -np 4 ./build/moetune train ... --auto-resume
+# usage: scripts/supervise.sh [--max-restarts N] [--delay S] [--before-restart CMD] -- \
+#          mpirun -np 4 ./build/moetune train ... --auto-resume
+#   --before-restart CMD  run `bash -c CMD` before each relaunch (e.g. free disk space,
+#                         page someone); the job's exit code is in $SUPERVISE_RC.
 set -uo pipefail
 max=5
 delay=1
+before=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --max-restarts) max=${2:?}; shift 2 ;;
     --delay) delay=${2:?}; shift 2 ;;
+    --before-restart) before=${2:?}; shift 2 ;;
     --) shift; break ;;
-    -h|--help) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "supervise.sh: unknown option '$1' (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -31,5 +36,8 @@ while true; do
   fi
   restarts=$((restarts + 1))
   echo "supervise.sh: job exited with $rc; restart $restarts of $max in ${delay}s" >&2
+  if [[ -n $before ]]; then
+    SUPERVISE_RC=$rc bash -c "$before" || echo "supervise.sh: --before-restart command failed (exit $?)" >&2
+  fi
   sleep "$delay"
 done
