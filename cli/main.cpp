@@ -20,6 +20,7 @@
 #include "dist/environment.hpp"
 #include "io/checkpoint.hpp"
 #include "io/fsutil.hpp"
+#include "io/json_parse.hpp"
 #include "io/token_file.hpp"
 #include "moe/config.hpp"
 #include "moe/error.hpp"
@@ -44,8 +45,8 @@ ModelConfig model_config_from_any(const std::string& path, const std::vector<std
   if (!in) throw Error(path + ": cannot open file");
   nlohmann::json j;
   try {
-    j = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::parse_error& e) {
+    j = parse_json(fsutil::read_file(path));
+  } catch (const JsonError& e) {
     throw Error(path + ": invalid JSON: " + e.what());
   }
   if (j.is_object() && (j.contains("model") || j.contains("train") || j.contains("data") || j.contains("optim"))) {

@@ -15,6 +15,7 @@
 #include <unordered_set>
 
 #include "io/fsutil.hpp"
+#include "io/json_parse.hpp"
 #include "io/safetensors.hpp"
 #include "moe/error.hpp"
 
@@ -126,8 +127,8 @@ std::optional<TensorSource> open_tensor_set(const std::string& dir, const std::s
   src.label = index;
   json j;
   try {
-    j = json::parse(fsutil::read_file(index));
-  } catch (const json::exception& e) {
+    j = parse_json(fsutil::read_file(index));
+  } catch (const JsonError& e) {
     throw Error(index + ": invalid JSON: " + e.what());
   }
   if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
@@ -157,8 +158,8 @@ std::optional<TensorSource> open_tensor_set(const std::string& dir, const std::s
 
 json read_json_file(const std::string& path) {
   try {
-    return json::parse(fsutil::read_file(path));
-  } catch (const json::exception& e) {
+    return parse_json(fsutil::read_file(path));
+  } catch (const JsonError& e) {
     throw Error(path + ": invalid JSON: " + e.what());
   }
 }

@@ -4,6 +4,7 @@
 #include <nlohmann/json.hpp>
 
 #include "io/fsutil.hpp"
+#include "io/json_parse.hpp"
 #include "io/sha256.hpp"
 #include "moe/error.hpp"
 
@@ -27,8 +28,8 @@ void verify_manifest(const std::string& dir) {
   if (!fs::exists(path)) throw Error(path.string() + ": missing (an incomplete or foreign checkpoint)");
   json m;
   try {
-    m = json::parse(fsutil::read_file(path.string()));
-  } catch (const json::exception& e) {
+    m = parse_json(fsutil::read_file(path.string()));
+  } catch (const JsonError& e) {
     throw Error(path.string() + ": invalid JSON: " + e.what());
   }
   if (!m.is_object() || !m.contains("files") || !m["files"].is_object())

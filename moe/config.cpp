@@ -6,6 +6,7 @@
 #include <sstream>
 #include <vector>
 
+#include "io/json_parse.hpp"
 #include "moe/error.hpp"
 
 namespace moetune {
@@ -163,12 +164,14 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& where) {
 }
 
 ModelConfig ModelConfig::from_file(const std::string& path) {
-  std::ifstream in(path);
+  std::ifstream in(path, std::ios::binary);
   if (!in) throw Error(path + ": cannot open file");
+  std::ostringstream text;
+  text << in.rdbuf();
   json j;
   try {
-    j = json::parse(in);
-  } catch (const json::parse_error& e) {
+    j = parse_json(text.str());
+  } catch (const JsonError& e) {
     throw Error(path + ": invalid JSON: " + e.what());
   }
   return from_json(j, path);
@@ -186,8 +189,8 @@ void ModelConfig::set(const std::string& key, const std::string& value, const st
     if (key != k.name) continue;
     json v;
     try {
-      v = json::parse(value);
-    } catch (const json::parse_error&) {
+      v = parse_json(value);
+    } catch (const JsonError&) {
       v = value;  // a bare word is a string
     }
     ModelConfig next = *this;

@@ -12,6 +12,7 @@
 #include <set>
 
 #include "io/fsutil.hpp"
+#include "io/json_parse.hpp"
 #include "io/sha256.hpp"
 #include "moe/error.hpp"
 #include "tokenizer/byte_level.hpp"
@@ -110,8 +111,8 @@ Tokenizer Tokenizer::from_json(const std::string& text, const std::string& sourc
   };
   njson j;
   try {
-    j = njson::parse(text);
-  } catch (const njson::parse_error& e) {
+    j = parse_json(text);
+  } catch (const JsonError& e) {
     throw Error(source + ": not a valid tokenizer.json: invalid JSON: " + e.what());
   }
   if (!j.is_object()) throw Error(source + ": not a valid tokenizer.json: expected a JSON object");
