@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <charconv>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <optional>
@@ -164,6 +165,22 @@ json read_json_file(const std::string& path) {
   }
 }
 
+// A checkpoint whose weights or moments hold NaN/Inf (a diverged run saved without a
+// check, bit rot, a foreign writer) would train or decode garbage without a word; second
+// moments must also be >= 0 (AdamW takes their square root). Names file, tensor, element.
+template <class T>
+void check_values(const SafetensorsReader& file, const std::string& name, const T* p, size_t n,
+                  bool non_negative = false) {
+  for (size_t i = 0; i < n; ++i) {
+    if (std::isfinite(p[i]) && !(non_negative && p[i] < 0)) continue;
+    char v[64];
+    std::snprintf(v, sizeof v, "%g", double(p[i]));
+    throw Error(file.path() + ": tensor '" + name + "' holds a " + (std::isfinite(p[i]) ? "negative" : "non-finite") +
+                " value (" + v + ") at element " + std::to_string(i) +
+                (std::isfinite(p[i]) ? " (a second moment is never negative)" : "") + "; refusing to load it");
+  }
+}
+
 void check_bias(const ModelConfig& cfg, const std::vector<std::vector<float>>& bias) {
   if (bias.size() != static_cast<size_t>(cfg.num_moe_layers()))
     throw Error("save_checkpoint: bias has " + std::to_string(bias.size()) + " MoE layers, the config has " +
@@ -314,12 +331,16 @@ void load_model_weights(const std::string& dir_in, const ModelConfig& cfg, const
   src->reject_unexpected(expected);
 
   params.assign(layout.total(), T(0));
-  for (const auto& t : layout.tensors()) src->file_of(t.name).read(t.name, params.data() + t.offset, t.numel);
+  for (const auto& t : layout.tensors()) {
+    src->file_of(t.name).read(t.name, params.data() + t.offset, t.numel);
+    check_values(src->file_of(t.name), t.name, params.data() + t.offset, t.numel);
+  }
   bias.assign(nm, std::vector<float>(cfg.E(), 0.0f));
   for (int j = 0; j < nm; ++j) {
     if (!has_bias[j]) continue;
     const std::string name = ParamLayout::bias_name(cfg.first_k_dense_replace + j);
     src->file_of(name).read(name, bias[j].data(), bias[j].size());
+    check_values(src->file_of(name), name, bias[j].data(), bias[j].size());
   }
 }
 
@@ -358,7 +379,10 @@ bool load_optimizer_state(const std::string& dir_in, const ParamLayout& layout, 
   exp_avg_sq.assign(layout.total(), T(0));
   for (const auto& t : layout.tensors()) {
     src->file_of(t.name + ".exp_avg").read(t.name + ".exp_avg", exp_avg.data() + t.offset, t.numel);
+    check_values(src->file_of(t.name + ".exp_avg"), t.name + ".exp_avg", exp_avg.data() + t.offset, t.numel);
     src->file_of(t.name + ".exp_avg_sq").read(t.name + ".exp_avg_sq", exp_avg_sq.data() + t.offset, t.numel);
+    check_values(src->file_of(t.name + ".exp_avg_sq"), t.name + ".exp_avg_sq", exp_avg_sq.data() + t.offset, t.numel,
+                 true);
   }
   return true;
 }
