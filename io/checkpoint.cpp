@@ -395,6 +395,43 @@ nlohmann::json load_trainer_state(const std::string& dir) {
   return j;
 }
 
+namespace {
+const json& trainer_state_field(const json& state, const std::string& dir, const std::string& key) {
+  const std::string path = join(clean_dir(dir), "trainer_state.json");
+  const json* v = &state;
+  std::string at;
+  for (size_t b = 0; b <= key.size();) {
+    const size_t e = std::min(key.find('.', b), key.size());
+    const std::string part = key.substr(b, e - b);
+    if (!v->is_object())
+      throw Error(path + ": key '" + at + "': expected a JSON object, got " + std::string(v->type_name()) + " " +
+                  v->dump().substr(0, 80));
+    at += (at.empty() ? "" : ".") + part;
+    if (!v->contains(part)) throw Error(path + ": key '" + at + "': missing");
+    v = &(*v)[part];
+    b = e + 1;
+  }
+  return *v;
+}
+}  // namespace
+
+int64_t trainer_state_count(const json& state, const std::string& dir, const std::string& key) {
+  const json& v = trainer_state_field(state, dir, key);
+  if (!v.is_number_integer() || (!v.is_number_unsigned() && v.get<int64_t>() < 0) ||
+      (v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(INT64_MAX)))
+    throw Error(join(clean_dir(dir), "trainer_state.json") + ": key '" + key +
+                "': expected a non-negative integer, got " + v.dump().substr(0, 80));
+  return v.get<int64_t>();
+}
+
+std::string trainer_state_string(const json& state, const std::string& dir, const std::string& key) {
+  const json& v = trainer_state_field(state, dir, key);
+  if (!v.is_string())
+    throw Error(join(clean_dir(dir), "trainer_state.json") + ": key '" + key + "': expected a string, got " +
+                v.dump().substr(0, 80));
+  return v.get<std::string>();
+}
+
 #define MOETUNE_INSTANTIATE(T)                                                                                    \
   template void save_checkpoint<T>(const std::string&, const ModelConfig&, const ParamLayout&,                  \
                                    const std::vector<T>&, const std::vector<std::vector<float>>&,               \
