@@ -452,8 +452,9 @@ int main(int argc, char** argv) {
       if (!insp_tok.empty()) {
         const Tokenizer t = Tokenizer::from_spec(insp_tok);
         if (t.sha256_hex() != sha256_to_hex(f.tokenizer_sha256()))
-          throw Error("data inspect: --tokenizer " + insp_tok + " (sha256 " + t.sha256_hex() +
-                      ") is not the tokenizer this file was prepared with");
+          throw Error(insp_path + ": --tokenizer " + insp_tok + " (sha256 " + t.sha256_hex() +
+                      ") is not the tokenizer this file was prepared with (sha256 " +
+                      sha256_to_hex(f.tokenizer_sha256()) + ")");
         std::printf("tokenizer matches: %s\n", t.describe().c_str());
         for (uint64_t d = 0; d < std::min<uint64_t>(uint64_t(insp_show), f.num_docs()); ++d) {
           std::vector<int32_t> ids(f.doc_length(d));

@@ -470,6 +470,8 @@ std::string find_latest_valid_checkpoint(const std::string& out_dir,
 
 TrainSummary run_training(const RunConfig& rc, const TrainOptions& opt) {
   if (opt.out_dir.empty()) throw Error("train: --out is required");
+  if (rc.data.train_path.empty())
+    throw Error("key 'data.train': no training data (set it in the run config or with --set data.train=FILE)");
   if (rc.train.precision == "double") return train_impl<double>(rc, opt);
   return train_impl<float>(rc, opt);
 }
