@@ -20,6 +20,7 @@
 #include "dist/environment.hpp"
 #include "io/checkpoint.hpp"
 #include "io/fsutil.hpp"
+#include "io/json_parse.hpp"
 #include "io/token_file.hpp"
 #include "moe/config.hpp"
 #include "moe/error.hpp"
@@ -44,8 +45,8 @@ ModelConfig model_config_from_any(const std::string& path, const std::vector<std
   if (!in) throw Error(path + ": cannot open file");
   nlohmann::json j;
   try {
-    j = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::parse_error& e) {
+    j = parse_json(fsutil::read_file(path));
+  } catch (const JsonError& e) {
     throw Error(path + ": invalid JSON: " + e.what());
   }
   if (j.is_object() && (j.contains("model") || j.contains("train") || j.contains("data") || j.contains("optim"))) {
@@ -451,8 +452,9 @@ int main(int argc, char** argv) {
       if (!insp_tok.empty()) {
         const Tokenizer t = Tokenizer::from_spec(insp_tok);
         if (t.sha256_hex() != sha256_to_hex(f.tokenizer_sha256()))
-          throw Error("data inspect: --tokenizer " + insp_tok + " (sha256 " + t.sha256_hex() +
-                      ") is not the tokenizer this file was prepared with");
+          throw Error(insp_path + ": --tokenizer " + insp_tok + " (sha256 " + t.sha256_hex() +
+                      ") is not the tokenizer this file was prepared with (sha256 " +
+                      sha256_to_hex(f.tokenizer_sha256()) + ")");
         std::printf("tokenizer matches: %s\n", t.describe().c_str());
         for (uint64_t d = 0; d < std::min<uint64_t>(uint64_t(insp_show), f.num_docs()); ++d) {
           std::vector<int32_t> ids(f.doc_length(d));

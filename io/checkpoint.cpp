@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <charconv>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <optional>
@@ -15,6 +16,7 @@
 #include <unordered_set>
 
 #include "io/fsutil.hpp"
+#include "io/json_parse.hpp"
 #include "io/safetensors.hpp"
 #include "moe/error.hpp"
 
@@ -126,8 +128,8 @@ std::optional<TensorSource> open_tensor_set(const std::string& dir, const std::s
   src.label = index;
   json j;
   try {
-    j = json::parse(fsutil::read_file(index));
-  } catch (const json::exception& e) {
+    j = parse_json(fsutil::read_file(index));
+  } catch (const JsonError& e) {
     throw Error(index + ": invalid JSON: " + e.what());
   }
   if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
@@ -157,9 +159,25 @@ std::optional<TensorSource> open_tensor_set(const std::string& dir, const std::s
 
 json read_json_file(const std::string& path) {
   try {
-    return json::parse(fsutil::read_file(path));
-  } catch (const json::exception& e) {
+    return parse_json(fsutil::read_file(path));
+  } catch (const JsonError& e) {
     throw Error(path + ": invalid JSON: " + e.what());
+  }
+}
+
+// A checkpoint whose weights or moments hold NaN/Inf (a diverged run saved without a
+// check, bit rot, a foreign writer) would train or decode garbage without a word; second
+// moments must also be >= 0 (AdamW takes their square root). Names file, tensor, element.
+template <class T>
+void check_values(const SafetensorsReader& file, const std::string& name, const T* p, size_t n,
+                  bool non_negative = false) {
+  for (size_t i = 0; i < n; ++i) {
+    if (std::isfinite(p[i]) && !(non_negative && p[i] < 0)) continue;
+    char v[64];
+    std::snprintf(v, sizeof v, "%g", double(p[i]));
+    throw Error(file.path() + ": tensor '" + name + "' holds a " + (std::isfinite(p[i]) ? "negative" : "non-finite") +
+                " value (" + v + ") at element " + std::to_string(i) +
+                (std::isfinite(p[i]) ? " (a second moment is never negative)" : "") + "; refusing to load it");
   }
 }
 
@@ -313,12 +331,16 @@ void load_model_weights(const std::string& dir_in, const ModelConfig& cfg, const
   src->reject_unexpected(expected);
 
   params.assign(layout.total(), T(0));
-  for (const auto& t : layout.tensors()) src->file_of(t.name).read(t.name, params.data() + t.offset, t.numel);
+  for (const auto& t : layout.tensors()) {
+    src->file_of(t.name).read(t.name, params.data() + t.offset, t.numel);
+    check_values(src->file_of(t.name), t.name, params.data() + t.offset, t.numel);
+  }
   bias.assign(nm, std::vector<float>(cfg.E(), 0.0f));
   for (int j = 0; j < nm; ++j) {
     if (!has_bias[j]) continue;
     const std::string name = ParamLayout::bias_name(cfg.first_k_dense_replace + j);
     src->file_of(name).read(name, bias[j].data(), bias[j].size());
+    check_values(src->file_of(name), name, bias[j].data(), bias[j].size());
   }
 }
 
@@ -357,7 +379,10 @@ bool load_optimizer_state(const std::string& dir_in, const ParamLayout& layout, 
   exp_avg_sq.assign(layout.total(), T(0));
   for (const auto& t : layout.tensors()) {
     src->file_of(t.name + ".exp_avg").read(t.name + ".exp_avg", exp_avg.data() + t.offset, t.numel);
+    check_values(src->file_of(t.name + ".exp_avg"), t.name + ".exp_avg", exp_avg.data() + t.offset, t.numel);
     src->file_of(t.name + ".exp_avg_sq").read(t.name + ".exp_avg_sq", exp_avg_sq.data() + t.offset, t.numel);
+    check_values(src->file_of(t.name + ".exp_avg_sq"), t.name + ".exp_avg_sq", exp_avg_sq.data() + t.offset, t.numel,
+                 true);
   }
   return true;
 }
@@ -368,6 +393,43 @@ nlohmann::json load_trainer_state(const std::string& dir) {
   json j = read_json_file(path);
   if (!j.is_object()) throw Error(path + ": expected a JSON object");
   return j;
+}
+
+namespace {
+const json& trainer_state_field(const json& state, const std::string& dir, const std::string& key) {
+  const std::string path = join(clean_dir(dir), "trainer_state.json");
+  const json* v = &state;
+  std::string at;
+  for (size_t b = 0; b <= key.size();) {
+    const size_t e = std::min(key.find('.', b), key.size());
+    const std::string part = key.substr(b, e - b);
+    if (!v->is_object())
+      throw Error(path + ": key '" + at + "': expected a JSON object, got " + std::string(v->type_name()) + " " +
+                  v->dump().substr(0, 80));
+    at += (at.empty() ? "" : ".") + part;
+    if (!v->contains(part)) throw Error(path + ": key '" + at + "': missing");
+    v = &(*v)[part];
+    b = e + 1;
+  }
+  return *v;
+}
+}  // namespace
+
+int64_t trainer_state_count(const json& state, const std::string& dir, const std::string& key) {
+  const json& v = trainer_state_field(state, dir, key);
+  if (!v.is_number_integer() || (!v.is_number_unsigned() && v.get<int64_t>() < 0) ||
+      (v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(INT64_MAX)))
+    throw Error(join(clean_dir(dir), "trainer_state.json") + ": key '" + key +
+                "': expected a non-negative integer, got " + v.dump().substr(0, 80));
+  return v.get<int64_t>();
+}
+
+std::string trainer_state_string(const json& state, const std::string& dir, const std::string& key) {
+  const json& v = trainer_state_field(state, dir, key);
+  if (!v.is_string())
+    throw Error(join(clean_dir(dir), "trainer_state.json") + ": key '" + key + "': expected a string, got " +
+                v.dump().substr(0, 80));
+  return v.get<std::string>();
 }
 
 #define MOETUNE_INSTANTIATE(T)                                                                                    \

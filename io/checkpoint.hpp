@@ -62,4 +62,9 @@ bool load_optimizer_state(const std::string& dir, const ParamLayout& layout, std
 // <dir>/trainer_state.json, or {} if the file is absent. Error if it is not a JSON object.
 nlohmann::json load_trainer_state(const std::string& dir);
 
+// Fields of a loaded trainer_state.json, by dotted key ("step", "data.epoch"): a
+// non-negative integer / a string, else Error "<dir>/trainer_state.json: key '<key>': ...".
+int64_t trainer_state_count(const nlohmann::json& state, const std::string& dir, const std::string& key);
+std::string trainer_state_string(const nlohmann::json& state, const std::string& dir, const std::string& key);
+
 }  // namespace moetune

@@ -4,6 +4,7 @@
 #include <nlohmann/json.hpp>
 
 #include "io/fsutil.hpp"
+#include "io/json_parse.hpp"
 #include "io/sha256.hpp"
 #include "moe/error.hpp"
 
@@ -27,18 +28,29 @@ void verify_manifest(const std::string& dir) {
   if (!fs::exists(path)) throw Error(path.string() + ": missing (an incomplete or foreign checkpoint)");
   json m;
   try {
-    m = json::parse(fsutil::read_file(path.string()));
-  } catch (const json::exception& e) {
+    m = parse_json(fsutil::read_file(path.string()));
+  } catch (const JsonError& e) {
     throw Error(path.string() + ": invalid JSON: " + e.what());
   }
   if (!m.is_object() || !m.contains("files") || !m["files"].is_object())
     throw Error(path.string() + ": expected an object with \"files\"");
   for (auto it = m["files"].begin(); it != m["files"].end(); ++it) {
-    const fs::path f = fs::path(dir) / it.key();
-    if (!fs::exists(f)) throw Error(f.string() + ": listed in the manifest but missing");
+    // A checkpoint is one flat directory: an entry such as "../run.json" or "/etc/x"
+    // would have the check read (and vouch for) a file outside it.
+    const std::string& name = it.key();
+    if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos)
+      throw Error(path.string() + ": entry '" + name + "' is not a file of the checkpoint directory");
+    const fs::path f = fs::path(dir) / name;
     const auto& want = it.value();
-    if (!want.contains("bytes") || !want.contains("sha256"))
-      throw Error(path.string() + ": entry '" + it.key() + "' needs bytes and sha256");
+    if (!want.is_object() || !want.contains("bytes") || !want.contains("sha256"))
+      throw Error(path.string() + ": entry '" + name + "' needs bytes and sha256");
+    if (!want["bytes"].is_number_unsigned())
+      throw Error(path.string() + ": entry '" + name + "': 'bytes' must be a non-negative integer, got " +
+                  want["bytes"].dump().substr(0, 80));
+    if (!want["sha256"].is_string())
+      throw Error(path.string() + ": entry '" + name + "': 'sha256' must be a string, got " +
+                  want["sha256"].dump().substr(0, 80));
+    if (!fs::is_regular_file(f)) throw Error(f.string() + ": listed in the manifest but missing");
     if (fs::file_size(f) != want["bytes"].get<uint64_t>())
       throw Error(f.string() + ": size " + std::to_string(fs::file_size(f)) + " differs from the manifest's " +
                   std::to_string(want["bytes"].get<uint64_t>()) + " (truncated or rewritten)");

@@ -16,6 +16,7 @@
 #include <unordered_set>
 
 #include "io/fsutil.hpp"
+#include "io/json_parse.hpp"
 #include "moe/error.hpp"
 
 namespace moetune {
@@ -111,8 +112,8 @@ SafetensorsReader::SafetensorsReader(const std::string& path) : path_(path) {
 
     json j;
     try {
-      j = json::parse(header);
-    } catch (const json::exception& e) {
+      j = parse_json(header);
+    } catch (const JsonError& e) {
       fail(std::string("header is not valid JSON: ") + e.what());
     }
     if (!j.is_object()) fail("header is not a JSON object");

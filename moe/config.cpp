@@ -1,11 +1,18 @@
 // Parsing, validation and serialisation of ModelConfig (MODEL.md section 1).
 #include "moe/config.hpp"
 
+#include <unistd.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <cstdio>
 #include <fstream>
 #include <functional>
 #include <sstream>
 #include <vector>
 
+#include "io/json_parse.hpp"
 #include "moe/error.hpp"
 
 namespace moetune {
@@ -29,6 +36,10 @@ KeyDef int_key(const char* name, M member) {
   return {name,
           [=](ModelConfig& c, const json& v, const std::string& where) {
             if (!v.is_number_integer()) fail(where, name, "expected an integer, got " + v.dump());
+            // get<int>() would silently wrap 4294967304 to 8.
+            if (v.is_number_unsigned() ? v.get<uint64_t>() > uint64_t(INT_MAX)
+                                       : v.get<int64_t>() < INT_MIN || v.get<int64_t>() > INT_MAX)
+              fail(where, name, "integer " + v.dump() + " is out of range (at most " + std::to_string(INT_MAX) + ")");
             c.*member = v.get<int>();
           },
           [=](const ModelConfig& c) { return json(c.*member); }};
@@ -117,7 +128,7 @@ void resolve(ModelConfig& c) {
     c.derived_mask |= kDerivedHeadDim;
   }
   if (c.intermediate_size == -1) {
-    c.intermediate_size = 4 * c.hidden_size;
+    c.intermediate_size = int(std::min<int64_t>(4 * int64_t(c.hidden_size), INT_MAX));  // too large: validate() says so
     c.derived_mask |= kDerivedInter;
   }
   if (c.moe_intermediate_size == -1) {
@@ -163,12 +174,14 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& where) {
 }
 
 ModelConfig ModelConfig::from_file(const std::string& path) {
-  std::ifstream in(path);
+  std::ifstream in(path, std::ios::binary);
   if (!in) throw Error(path + ": cannot open file");
+  std::ostringstream text;
+  text << in.rdbuf();
   json j;
   try {
-    j = json::parse(in);
-  } catch (const json::parse_error& e) {
+    j = parse_json(text.str());
+  } catch (const JsonError& e) {
     throw Error(path + ": invalid JSON: " + e.what());
   }
   return from_json(j, path);
@@ -186,8 +199,8 @@ void ModelConfig::set(const std::string& key, const std::string& value, const st
     if (key != k.name) continue;
     json v;
     try {
-      v = json::parse(value);
-    } catch (const json::parse_error&) {
+      v = parse_json(value);
+    } catch (const JsonError&) {
       v = value;  // a bare word is a string
     }
     ModelConfig next = *this;
@@ -260,6 +273,29 @@ void ModelConfig::validate(const std::string& w) const {
   if (z_loss_coeff < 0) fail(w, "z_loss_coeff", "must be >= 0");
   if (capacity_factor < 0) fail(w, "capacity_factor", "must be >= 0 (0 = dropless)");
   if (!(initializer_range > 0)) fail(w, "initializer_range", "must be positive");
+
+  // Sizes that are each valid can still multiply to more weights than any machine
+  // holds (hidden_size 10^9): say so here, naming the file, rather than fail inside an
+  // allocation (std::bad_alloc, "vector larger than max_size()") or the OOM killer.
+  const long double d = hidden_size, V = vocab_size, q = (long double)num_attention_heads * head_dim,
+                    kv = (long double)num_key_value_heads * head_dim, E = n_routed_experts, F = moe_intermediate_size;
+  const int moe_layers = num_moe_layers();
+  const long double params =
+      V * d * (tie_word_embeddings ? 1 : 2) + d +
+      (long double)num_hidden_layers * (2 * d + 2 * q * d + 2 * kv * d) +
+      (long double)(num_hidden_layers - moe_layers) * 3 * (long double)intermediate_size * d +
+      (long double)moe_layers * (E * d + E + 3 * E * F * d + 3 * (long double)n_shared_experts * F * d);
+  const long pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGE_SIZE);
+  const long double memory = pages > 0 && page > 0 ? (long double)pages * page : 1e15L;
+  if (params * 4 > memory) {
+    char msg[320];
+    std::snprintf(msg, sizeof msg,
+                  ": the model has %.3Lg parameters (%.3Lg GiB as float), more than this machine's %.3Lg GiB of "
+                  "memory: check the sizes (vocab_size, hidden_size, num_hidden_layers, intermediate_size, "
+                  "n_routed_experts, moe_intermediate_size, n_shared_experts)",
+                  params, params * 4 / (1024.0L * 1024 * 1024), memory / (1024.0L * 1024 * 1024));
+    throw Error(w + msg);
+  }
 }
 
 }  // namespace moetune

@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <map>
 #include <random>
 #include <regex>
 #include <set>
@@ -128,7 +129,9 @@ TEST_F(CheckpointTest, RoundTripFloat) {
 TEST_F(CheckpointTest, RoundTripDoubleIsFloatRounded) {
   const std::string dir = path("ckpt_d/");  // a trailing slash is fine
   const auto params = fill<double>(layout_, 1.25, 7.0);  // 7 in the padding must not survive
-  const auto m = fill<double>(layout_, 2.0, 0.0), v = fill<double>(layout_, 3.0, 0.0);
+  const auto m = fill<double>(layout_, 2.0, 0.0);
+  auto v = fill<double>(layout_, 3.0, 0.0);
+  for (auto& x : v) x = x * x;  // a second moment is never negative (loading refuses it)
   const auto bias = fill_bias(cfg_, -0.5f);
   save_checkpoint<double>(dir, cfg_, layout_, params, bias, &m, &v, 5, json::object());
   std::vector<double> p, m2, v2;
@@ -381,6 +384,54 @@ TEST_F(CheckpointTest, CorruptFilesNameTheFile) {
   const std::string msg = error_of([&] { load_optimizer_state<float>(dir, layout_, m, v, step); });
   EXPECT_CONTAINS(msg, (d / "optimizer.safetensors").string());
   EXPECT_CONTAINS(msg, "step");
+}
+
+TEST_F(CheckpointTest, NonFiniteWeightsAndNegativeSecondMomentsAreRefused) {
+  const std::string dir = path("nan");
+  const fs::path d(dir);
+  std::vector<float> p, m, v;
+  std::vector<double> pd;
+  std::vector<std::vector<float>> b;
+  int64_t step;
+  const auto rewrite = [&](const char* file, const std::string& tensor, size_t at, float value) {
+    const std::string f = (d / file).string();
+    std::vector<std::vector<float>> data;
+    std::vector<TensorToWrite> all;
+    std::map<std::string, std::string> meta;
+    {
+      SafetensorsReader r(f);
+      meta = r.metadata();
+      data.reserve(r.tensors().size());
+      for (const auto& t : r.tensors()) {
+        data.emplace_back(t.numel());
+        r.read(t.name, data.back().data(), t.numel());
+        if (t.name == tensor) data.back()[at] = value;
+        all.push_back({t.name, t.shape, data.back().data()});
+      }
+    }
+    write_safetensors(f, all, meta);
+  };
+  const std::string model = (d / "model.safetensors").string(), opt = (d / "optimizer.safetensors").string();
+  save_float(dir, cfg_, layout_, 0.5);
+  rewrite("model.safetensors", "lm_head.weight", 3, std::nanf(""));
+  std::string msg = error_of([&] { load_model_weights<float>(dir, cfg_, layout_, p, b); });
+  EXPECT_CONTAINS(msg, model + ": tensor 'lm_head.weight' holds a non-finite value (nan) at element 3");
+  save_float(dir, cfg_, layout_, 0.5);
+  rewrite("model.safetensors", ParamLayout::bias_name(1), 2, -INFINITY);
+  EXPECT_CONTAINS(error_of([&] { load_model_weights<double>(dir, cfg_, layout_, pd, b); }),
+                  "tensor '" + ParamLayout::bias_name(1) + "' holds a non-finite value (-inf) at element 2");
+  save_float(dir, cfg_, layout_, 0.5);
+  rewrite("optimizer.safetensors", "model.norm.weight.exp_avg", 0, INFINITY);
+  EXPECT_CONTAINS(error_of([&] { load_optimizer_state<float>(dir, layout_, m, v, step); }),
+                  opt + ": tensor 'model.norm.weight.exp_avg' holds a non-finite value (inf) at element 0");
+  save_float(dir, cfg_, layout_, 0.5);
+  rewrite("optimizer.safetensors", "model.norm.weight.exp_avg_sq", 1, -0.5f);
+  EXPECT_CONTAINS(error_of([&] { load_optimizer_state<float>(dir, layout_, m, v, step); }),
+                  "tensor 'model.norm.weight.exp_avg_sq' holds a negative value (-0.5) at element 1");
+  // A negative first moment is normal.
+  save_float(dir, cfg_, layout_, 0.5);
+  rewrite("optimizer.safetensors", "model.norm.weight.exp_avg", 1, -0.5f);
+  EXPECT_TRUE(load_optimizer_state<float>(dir, layout_, m, v, step));
 }
 
 TEST_F(CheckpointTest, GreedyRoutingToleratesAbsentBias) {

@@ -39,6 +39,26 @@ TEST(Config, InvalidCombinationsNameTheKey) {
   EXPECT_NE(error_of({{"hidden_size", "big"}}).find("cfg.json: key 'hidden_size'"), std::string::npos);
 }
 
+TEST(Config, IntegersOutsideIntAreRefusedNotWrapped) {
+  // get<int>() would turn 2^32 + 16 into 16 and 2^64 - 1 into -1.
+  EXPECT_NE(error_of({{"hidden_size", 4294967312ull}}).find("key 'hidden_size': integer 4294967312 is out of range"),
+            std::string::npos);
+  EXPECT_NE(error_of({{"vocab_size", 18446744073709551615ull}}).find("key 'vocab_size': integer"), std::string::npos);
+  EXPECT_NE(error_of({{"num_hidden_layers", -4294967295ll}}).find("out of range"), std::string::npos);
+  ModelConfig c = ModelConfig::from_json(json::object());
+  EXPECT_THROW(c.set("hidden_size", "4294967312"), Error);
+  EXPECT_EQ(c.hidden_size, 256);
+}
+
+TEST(Config, ModelsLargerThanMemoryNameTheFile) {
+  // Every size valid on its own, together 10^9 x 512 x 2 parameters.
+  const std::string msg = error_of({{"hidden_size", 1000000000}, {"intermediate_size", 16}, {"moe_intermediate_size", 16}});
+  EXPECT_NE(msg.find("cfg.json: the model has"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("more than this machine's"), std::string::npos) << msg;
+  // Derived sizes do not overflow int on the way (intermediate_size = 4 * hidden_size).
+  EXPECT_NE(error_of({{"hidden_size", 1000000000}}).find("cfg.json: the model has"), std::string::npos);
+}
+
 TEST(Config, LayoutHasHuggingFaceNames) {
   auto c = ModelConfig::from_json({{"num_hidden_layers", 2}, {"tie_word_embeddings", true}});
   auto p = ParamLayout::build(c);

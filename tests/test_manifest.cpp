@@ -51,5 +51,19 @@ TEST(Manifest, DetectsEveryKindOfDamage) {
   fs::remove(dir / "extra.txt");
   fs::remove(dir / "b.json");
   expect_error("missing");
+  // Entries of the wrong type, or naming files outside the directory.
+  const auto manifest = [&](const std::string& files) {
+    std::ofstream(dir / "manifest.json") << "{\"format\": \"moetune-checkpoint-manifest-1\", \"files\": " << files << "}";
+  };
+  manifest(R"({"a.bin": {"bytes": "11", "sha256": ""}})");
+  expect_error("entry 'a.bin': 'bytes' must be a non-negative integer");
+  manifest(R"({"a.bin": {"bytes": 11, "sha256": 5}})");
+  expect_error("entry 'a.bin': 'sha256' must be a string");
+  manifest(R"({"a.bin": [11]})");
+  expect_error("entry 'a.bin' needs bytes and sha256");
+  manifest(R"({"../a.bin": {"bytes": 11, "sha256": ""}})");
+  expect_error("entry '../a.bin' is not a file of the checkpoint directory");
+  manifest(R"({"a.bin": {"bytes": 11, "sha256": ""}, "a.bin": {"bytes": 11, "sha256": ""}})");
+  expect_error("duplicate key 'files.a.bin'");
   fs::remove_all(dir);
 }

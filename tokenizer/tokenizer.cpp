@@ -12,6 +12,7 @@
 #include <set>
 
 #include "io/fsutil.hpp"
+#include "io/json_parse.hpp"
 #include "io/sha256.hpp"
 #include "moe/error.hpp"
 #include "tokenizer/byte_level.hpp"
@@ -110,8 +111,8 @@ Tokenizer Tokenizer::from_json(const std::string& text, const std::string& sourc
   };
   njson j;
   try {
-    j = njson::parse(text);
-  } catch (const njson::parse_error& e) {
+    j = parse_json(text);
+  } catch (const JsonError& e) {
     throw Error(source + ": not a valid tokenizer.json: invalid JSON: " + e.what());
   }
   if (!j.is_object()) throw Error(source + ": not a valid tokenizer.json: expected a JSON object");
@@ -122,8 +123,9 @@ Tokenizer Tokenizer::from_json(const std::string& text, const std::string& sourc
     throw fail("normalizer", "normalizers are not supported (moetune reads byte-level BPE tokenizers), got " +
                                  j["normalizer"].dump().substr(0, 80));
   Tokenizer t;
-  if (!j.contains("pre_tokenizer") || !j["pre_tokenizer"].is_object() ||
-      j["pre_tokenizer"].value("type", std::string()) != "ByteLevel")
+  // (value("type", ...) would throw nlohmann's type_error, naming nothing, on a non-string type.)
+  if (!j.contains("pre_tokenizer") || !j["pre_tokenizer"].is_object() || !j["pre_tokenizer"].contains("type") ||
+      j["pre_tokenizer"]["type"] != "ByteLevel")
     throw fail("pre_tokenizer", "must be {\"type\": \"ByteLevel\", ...} (moetune reads byte-level BPE tokenizers), got " +
                                     (j.contains("pre_tokenizer") ? j["pre_tokenizer"].dump().substr(0, 80) : "nothing"));
   const njson& pre = j["pre_tokenizer"];
@@ -138,8 +140,8 @@ Tokenizer Tokenizer::from_json(const std::string& text, const std::string& sourc
   // Model: BPE without dropout, byte fallback or subword affixes.
   if (!j.contains("model") || !j["model"].is_object()) throw fail("model", "missing (expected an object)");
   const njson& m = j["model"];
-  if (m.value("type", std::string("BPE")) != "BPE")
-    throw fail("model.type", "must be \"BPE\", got " + m["type"].dump());
+  if (m.contains("type") && m["type"] != "BPE")
+    throw fail("model.type", "must be \"BPE\", got " + m["type"].dump().substr(0, 80));
   if (m.contains("dropout") && !m["dropout"].is_null())
     throw fail("model.dropout", "must be null (BPE dropout is not supported), got " + m["dropout"].dump());
   if (flag(m, "byte_fallback", false, "model")) throw fail("model.byte_fallback", "must be false");
@@ -182,6 +184,16 @@ Tokenizer Tokenizer::from_json(const std::string& text, const std::string& sourc
     }
   }
   const int64_t size = std::max(by_id.empty() ? 0 : by_id.rbegin()->first + 1, added.empty() ? 0 : added.rbegin()->first + 1);
+  // Ids index a table of `size` entries: a lone id of 2e9 in a 300-token vocabulary would
+  // allocate 2e9 of them. Holes are allowed (unused ids), but not mostly holes.
+  const int64_t entries = int64_t(by_id.size() + added.size());
+  if (size > 2 * entries + 65536) {
+    const bool in_vocab = !by_id.empty() && by_id.rbegin()->first + 1 == size;
+    const std::string& tok = in_vocab ? by_id.rbegin()->second : added.rbegin()->second;
+    throw fail(in_vocab ? "model.vocab" : "added_tokens",
+               "the id of " + jstr(tok) + " is " + std::to_string(size - 1) + ", far beyond the " +
+                   std::to_string(entries) + " tokens (ids must be dense: at most 2 x tokens + 65536)");
+  }
   t.tokens_.assign(size_t(size), std::string());
   t.kind_.assign(size_t(size), Kind::Unused);
   for (const auto& [id, content] : added) {

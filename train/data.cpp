@@ -9,6 +9,7 @@
 #include <utility>
 
 #include "io/token_file.hpp"
+#include "io/json_parse.hpp"
 #include "moe/error.hpp"
 
 namespace moetune {
@@ -68,8 +69,8 @@ std::vector<Document> read_jsonl_documents(const std::string& path, int vocab_si
     const std::string at = path + ":" + std::to_string(lineno);
     json j;
     try {
-      j = json::parse(line);
-    } catch (const json::parse_error& e) {
+      j = parse_json(line);
+    } catch (const JsonError& e) {
       throw Error(at + ": invalid JSON: " + e.what());
     }
     if (!j.is_object()) throw Error(at + ": expected a JSON object {\"input_ids\": [...]}, got " + j.dump());

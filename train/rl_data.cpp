@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <fstream>
 
+#include "io/json_parse.hpp"
 #include "moe/error.hpp"
 #include "train/reward.hpp"
 
@@ -103,8 +104,8 @@ std::vector<PromptRow> read_prompt_jsonl(const std::string& path, bool need_answ
                   " at column " + std::to_string(bad + 1) + ")");
     json j;
     try {
-      j = json::parse(line);
-    } catch (const json::parse_error& e) {
+      j = parse_json(line);
+    } catch (const JsonError& e) {
       throw Error(at + ": invalid JSON: " + e.what());
     }
     try {

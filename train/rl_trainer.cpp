@@ -222,10 +222,10 @@ RlSummary rl_impl(const RunConfig& rc, const RlOptions& opt) {
       resume_state = load_trainer_state(resume_dir);
       if (!resume_state.contains("step") || !resume_state.contains("rl"))
         throw Error(resume_dir + "/trainer_state.json: not an RL checkpoint (needs \"step\" and \"rl\")");
-      start_step = resume_state["step"].get<int64_t>() + 1;
-      epoch = resume_state["rl"].at("epoch").get<int64_t>();
-      pos = resume_state["rl"].at("pos").get<int64_t>();
-      if (reference_dir.empty()) reference_dir = resume_state["rl"].at("reference").get<std::string>();
+      start_step = trainer_state_count(resume_state, resume_dir, "step") + 1;
+      epoch = trainer_state_count(resume_state, resume_dir, "rl.epoch");
+      pos = trainer_state_count(resume_state, resume_dir, "rl.pos");
+      if (reference_dir.empty()) reference_dir = trainer_state_string(resume_state, resume_dir, "rl.reference");
     } else {
       if (opt.init_from.empty()) throw Error("rl: --auto-resume found no checkpoint in " + opt.out_dir +
                                              "; give --init-from to start");

@@ -11,6 +11,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "io/json_parse.hpp"
 #include "moe/error.hpp"
 
 namespace moetune {
@@ -352,12 +353,14 @@ int TrainConfig::micro_batches(int ranks) const {
 }
 
 RunConfig RunConfig::from_file(const std::string& path) {
-  std::ifstream in(path);
+  std::ifstream in(path, std::ios::binary);
   if (!in) throw Error(path + ": cannot open file");
+  std::ostringstream text;
+  text << in.rdbuf();
   json j;
   try {
-    j = json::parse(in);
-  } catch (const json::parse_error& e) {
+    j = parse_json(text.str());
+  } catch (const JsonError& e) {
     throw Error(path + ": invalid JSON: " + e.what());
   }
   return from_json(j, path, std::filesystem::path(path).parent_path().string());
@@ -425,8 +428,8 @@ void RunConfig::set(const std::string& assignment) {
     v = value;  // a path or a word, taken literally
   } else {
     try {
-      v = json::parse(value);
-    } catch (const json::parse_error&) {
+      v = parse_json(value);
+    } catch (const JsonError&) {
       v = value;  // not JSON: a bare word, rejected below unless the key is a string
     }
   }

@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "moe/batch.hpp"
+#include "io/json_parse.hpp"
 #include "moe/error.hpp"
 
 namespace moetune {
@@ -277,8 +278,8 @@ std::vector<SftSample> read_sft_jsonl(const std::string& path, const TextEncoder
                   " at column " + std::to_string(bad + 1) + ")");
     json j;
     try {
-      j = json::parse(line);
-    } catch (const json::parse_error& e) {
+      j = parse_json(line);
+    } catch (const JsonError& e) {
       throw Error(at + ": invalid JSON: " + e.what());
     }
     try {

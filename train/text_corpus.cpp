@@ -4,6 +4,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "io/json_parse.hpp"
 #include "moe/error.hpp"
 #include "tokenizer/byte_level.hpp"
 
@@ -51,8 +52,8 @@ TextCorpusStats for_each_text_document(const std::string& path, const TextCorpus
       if (blank(line)) continue;
       nlohmann::json j;
       try {
-        j = nlohmann::json::parse(line);
-      } catch (const nlohmann::json::parse_error& e) {
+        j = parse_json(line);
+      } catch (const JsonError& e) {
         throw Error(at(lineno) + ": invalid JSON: " + e.what());
       }
       if (!j.is_object()) throw Error(at(lineno) + ": expected a JSON object {\"" + opt.jsonl_key + "\": \"...\"}");

@@ -129,7 +129,9 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
       resume_state = load_trainer_state(resume_dir);
       if (!resume_state.contains("step") || !resume_state.contains("data"))
         throw Error(resume_dir + "/trainer_state.json: needs \"step\" and \"data\" to resume");
-      start_step = resume_state["step"].get<int64_t>() + 1;
+      start_step = trainer_state_count(resume_state, resume_dir, "step") + 1;
+      trainer_state_count(resume_state, resume_dir, "data.epoch");  // checked here, used below
+      trainer_state_count(resume_state, resume_dir, "data.row");
       resume_load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - tl).count();
     } else if (!opt.init_from.empty()) {
       load_model_weights(opt.init_from, cfg, m.layout(), m.params(), m.expert_bias());
@@ -173,8 +175,8 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
                       kIgnoreIndex);
     }
     if (!resume_dir.empty())
-      loader_holder->set_state({resume_state["data"].at("epoch").get<int64_t>(),
-                                resume_state["data"].at("row").get<int64_t>()});
+      loader_holder->set_state({trainer_state_count(resume_state, resume_dir, "data.epoch"),
+                                trainer_state_count(resume_state, resume_dir, "data.row")});
   });
   dist::ParallelTrainer<T>& trainer = *trainer_holder;
   Model<T>& model = trainer.model();
@@ -477,6 +479,8 @@ std::string find_latest_valid_checkpoint(const std::string& out_dir,
 
 TrainSummary run_training(const RunConfig& rc, const TrainOptions& opt) {
   if (opt.out_dir.empty()) throw Error("train: --out is required");
+  if (rc.data.train_path.empty())
+    throw Error("key 'data.train': no training data (set it in the run config or with --set data.train=FILE)");
   if (rc.train.precision == "double") return train_impl<double>(rc, opt);
   return train_impl<float>(rc, opt);
 }
