@@ -21,10 +21,14 @@ struct Frame {
 std::string path_of(const std::vector<Frame>& stack) {
   std::string p;
   for (const Frame& f : stack) {
-    if (f.object)
-      p += (p.empty() ? "" : ".") + f.key;
-    else
-      p += "[" + std::to_string(f.index) + "]";
+    if (f.object) {
+      if (!p.empty()) p += '.';
+      p += f.key;
+    } else {
+      p += '[';
+      p += std::to_string(f.index);
+      p += ']';
+    }
   }
   return p;
 }
@@ -40,8 +44,7 @@ json parse_json(const std::string& text) {
     switch (ev) {
       case json::parse_event_t::object_start:
       case json::parse_event_t::array_start:
-        if (stack.size() >= size_t(kMaxJsonDepth))
-        {
+        if (stack.size() >= size_t(kMaxJsonDepth)) {
           std::string at = path_of(stack);
           if (at.size() > 60) at = at.substr(0, 60) + "...";
           throw JsonError("nested deeper than " + std::to_string(kMaxJsonDepth) + " levels (at '" + at + "')");
