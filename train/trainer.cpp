@@ -83,7 +83,7 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
   size_t n_docs = 0;
   int M = 0;
   std::string resume_dir;
-  json resume_state;
+  TrainResumeState resume_state;
   std::vector<MicroBatch> valid;
   std::optional<Tokenizer> tokenizer;
   int64_t start_step = 1;
@@ -125,10 +125,8 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
       if (!load_optimizer_state(resume_dir, m.layout(), mo, vo, ostep))
         throw Error(resume_dir + ": no optimizer state; cannot resume exactly (use --init-from to start afresh)");
       trainer_holder->set_optimizer_state(mo, vo, ostep);
-      resume_state = load_trainer_state(resume_dir);
-      if (!resume_state.contains("step") || !resume_state.contains("data"))
-        throw Error(resume_dir + "/trainer_state.json: needs \"step\" and \"data\" to resume");
-      start_step = resume_state["step"].get<int64_t>() + 1;
+      resume_state = read_train_resume_state(resume_dir);
+      start_step = resume_state.step + 1;
       resume_load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - tl).count();
     } else if (!opt.init_from.empty()) {
       load_model_weights(opt.init_from, cfg, m.layout(), m.params(), m.expert_bias());
@@ -172,8 +170,7 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
                       kIgnoreIndex);
     }
     if (!resume_dir.empty())
-      loader_holder->set_state({resume_state["data"].at("epoch").get<int64_t>(),
-                                resume_state["data"].at("row").get<int64_t>()});
+      loader_holder->set_state({resume_state.epoch, resume_state.row});
   });
   dist::ParallelTrainer<T>& trainer = *trainer_holder;
   Model<T>& model = trainer.model();
@@ -464,6 +461,57 @@ std::string find_latest_valid_checkpoint(const std::string& out_dir,
     }
   }
   return "";
+}
+
+namespace {
+
+// state[a][b] (b empty: state[a]) as an integer in [0, max]; errors name the file and "a.b".
+int64_t state_int(const json& state, const std::string& path, const char* a, const char* b, int64_t max) {
+  const std::string key = b ? std::string(a) + "." + b : std::string(a);
+  const json* v = &state;
+  for (const char* k : {a, b}) {
+    if (!k) break;
+    if (!v->is_object()) throw Error(path + ": key '" + key + "': expected an object at '" + a + "', got " + v->dump());
+    auto it = v->find(k);
+    if (it == v->end()) throw Error(path + ": key '" + key + "': missing (needed to resume)");
+    v = &*it;
+  }
+  if (!v->is_number_integer() || (v->is_number_unsigned() ? v->get<uint64_t>() > uint64_t(max)
+                                                           : v->get<int64_t>() < 0 || v->get<int64_t>() > max))
+    throw Error(path + ": key '" + key + "': expected an integer in [0, " + std::to_string(max) + "], got " +
+                v->dump());
+  return v->get<int64_t>();
+}
+
+}  // namespace
+
+TrainResumeState read_train_resume_state(const std::string& dir) {
+  const json state = load_trainer_state(dir);
+  const std::string path = (fs::path(dir) / "trainer_state.json").string();
+  constexpr int64_t kMax = std::numeric_limits<int64_t>::max() - 1;  // step + 1 must not overflow
+  TrainResumeState r;
+  r.step = state_int(state, path, "step", nullptr, kMax);
+  r.epoch = state_int(state, path, "data", "epoch", kMax);
+  r.row = state_int(state, path, "data", "row", kMax);
+  return r;
+}
+
+RlResumeState read_rl_resume_state(const std::string& dir) {
+  const json state = load_trainer_state(dir);
+  const std::string path = (fs::path(dir) / "trainer_state.json").string();
+  constexpr int64_t kMax = std::numeric_limits<int64_t>::max() - 1;
+  if (!state.contains("rl"))
+    throw Error(path + ": not an RL checkpoint (needs \"step\" and \"rl\"); key 'rl': missing");
+  RlResumeState r;
+  r.step = state_int(state, path, "step", nullptr, kMax);
+  r.epoch = state_int(state, path, "rl", "epoch", kMax);
+  r.pos = state_int(state, path, "rl", "pos", kMax);
+  const json& rl = state["rl"];
+  if (!rl.contains("reference") || !rl["reference"].is_string())
+    throw Error(path + ": key 'rl.reference': expected a string (the reference checkpoint), got " +
+                (rl.contains("reference") ? rl["reference"].dump() : std::string("nothing")));
+  r.reference = rl["reference"].get<std::string>();
+  return r;
 }
 
 TrainSummary run_training(const RunConfig& rc, const TrainOptions& opt) {
