@@ -24,11 +24,15 @@ struct KeyDef {
   throw Error(where + ": key '" + key + "': " + msg);
 }
 
+// A value for a message. A --set value that is not JSON becomes a string as given,
+// possibly not UTF-8, which plain dump() refuses (it throws): show U+FFFD instead.
+std::string shown(const json& v) { return v.dump(-1, ' ', false, json::error_handler_t::replace); }
+
 template <class M>
 KeyDef int_key(const char* name, M member) {
   return {name,
           [=](ModelConfig& c, const json& v, const std::string& where) {
-            if (!v.is_number_integer()) fail(where, name, "expected an integer, got " + v.dump());
+            if (!v.is_number_integer()) fail(where, name, "expected an integer, got " + shown(v));
             c.*member = v.get<int>();
           },
           [=](const ModelConfig& c) { return json(c.*member); }};
@@ -37,7 +41,7 @@ template <class M>
 KeyDef num_key(const char* name, M member) {
   return {name,
           [=](ModelConfig& c, const json& v, const std::string& where) {
-            if (!v.is_number()) fail(where, name, "expected a number, got " + v.dump());
+            if (!v.is_number()) fail(where, name, "expected a number, got " + shown(v));
             c.*member = v.get<double>();
           },
           [=](const ModelConfig& c) { return json(c.*member); }};
@@ -46,7 +50,7 @@ template <class M>
 KeyDef bool_key(const char* name, M member) {
   return {name,
           [=](ModelConfig& c, const json& v, const std::string& where) {
-            if (!v.is_boolean()) fail(where, name, "expected true or false, got " + v.dump());
+            if (!v.is_boolean()) fail(where, name, "expected true or false, got " + shown(v));
             c.*member = v.get<bool>();
           },
           [=](const ModelConfig& c) { return json(c.*member); }};
@@ -55,7 +59,7 @@ template <class M>
 KeyDef str_key(const char* name, M member) {
   return {name,
           [=](ModelConfig& c, const json& v, const std::string& where) {
-            if (!v.is_string()) fail(where, name, "expected a string, got " + v.dump());
+            if (!v.is_string()) fail(where, name, "expected a string, got " + shown(v));
             c.*member = v.get<std::string>();
           },
           [=](const ModelConfig& c) { return json(c.*member); }};

@@ -76,6 +76,10 @@ for n in "${NAMES[@]}"; do
   if [[ -d $ROOT/tests/corpus/fuzz/$n ]]; then cp -n "$ROOT"/tests/corpus/fuzz/"$n"/* "$corpus"/ 2>/dev/null; fi
   dict=$ROOT/fuzz/json.dict
   [[ $n == token_file ]] && dict=$ROOT/fuzz/token_file.dict
+  # Rebuild right before the run, so that a parser fixed while earlier harnesses ran is
+  # fuzzed in its fixed form (a failed rebuild keeps the previous binary).
+  cmake --build "$BUILD" -j"${JOBS:-2}" --target "fuzz_$n" >"$BUILD/logs/$n.build.log" 2>&1 ||
+    echo "   warning: rebuilding fuzz_$n failed (see $BUILD/logs/$n.build.log); running the previous binary"
   before=$(ls "$art" | grep -v '^slow-unit-' | sort)
   echo "== fuzz_$n: ${SECS} s (log $log)"
   t0=$(date +%s)
