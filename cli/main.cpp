@@ -45,7 +45,7 @@ ModelConfig model_config_from_any(const std::string& path, const std::vector<std
   nlohmann::json j;
   try {
     j = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::parse_error& e) {
+  } catch (const nlohmann::json::exception& e) {
     throw Error(path + ": invalid JSON: " + e.what());
   }
   if (j.is_object() && (j.contains("model") || j.contains("train") || j.contains("data") || j.contains("optim"))) {

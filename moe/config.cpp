@@ -172,7 +172,7 @@ ModelConfig ModelConfig::from_file(const std::string& path) {
   json j;
   try {
     j = json::parse(in);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {
     throw Error(path + ": invalid JSON: " + e.what());
   }
   return from_json(j, path);
@@ -191,7 +191,7 @@ void ModelConfig::set(const std::string& key, const std::string& value, const st
     json v;
     try {
       v = json::parse(value);
-    } catch (const json::parse_error&) {
+    } catch (const json::exception&) {
       v = value;  // a bare word is a string
     }
     ModelConfig next = *this;

@@ -111,7 +111,7 @@ Tokenizer Tokenizer::from_json(const std::string& text, const std::string& sourc
   njson j;
   try {
     j = njson::parse(text);
-  } catch (const njson::parse_error& e) {
+  } catch (const njson::exception& e) {
     throw Error(source + ": not a valid tokenizer.json: invalid JSON: " + e.what());
   }
   if (!j.is_object()) throw Error(source + ": not a valid tokenizer.json: expected a JSON object");

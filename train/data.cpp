@@ -69,7 +69,7 @@ std::vector<Document> read_jsonl_documents(const std::string& path, int vocab_si
     json j;
     try {
       j = json::parse(line);
-    } catch (const json::parse_error& e) {
+    } catch (const json::exception& e) {
       throw Error(at + ": invalid JSON: " + e.what());
     }
     if (!j.is_object()) throw Error(at + ": expected a JSON object {\"input_ids\": [...]}, got " + j.dump());

@@ -104,7 +104,7 @@ std::vector<PromptRow> read_prompt_jsonl(const std::string& path, bool need_answ
     json j;
     try {
       j = json::parse(line);
-    } catch (const json::parse_error& e) {
+    } catch (const json::exception& e) {
       throw Error(at + ": invalid JSON: " + e.what());
     }
     try {

@@ -362,7 +362,7 @@ RunConfig RunConfig::from_file(const std::string& path) {
   json j;
   try {
     j = json::parse(in);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {
     throw Error(path + ": invalid JSON: " + e.what());
   }
   return from_json(j, path, std::filesystem::path(path).parent_path().string());
@@ -434,7 +434,7 @@ void RunConfig::set(const std::string& assignment) {
   } else {
     try {
       v = json::parse(value);
-    } catch (const json::parse_error&) {
+    } catch (const json::exception&) {
       v = value;  // not JSON: a bare word, rejected below unless the key is a string
     }
   }

@@ -278,7 +278,7 @@ std::vector<SftSample> read_sft_jsonl(const std::string& path, const TextEncoder
     json j;
     try {
       j = json::parse(line);
-    } catch (const json::parse_error& e) {
+    } catch (const json::exception& e) {
       throw Error(at + ": invalid JSON: " + e.what());
     }
     try {

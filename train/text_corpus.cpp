@@ -52,7 +52,7 @@ TextCorpusStats for_each_text_document(const std::string& path, const TextCorpus
       nlohmann::json j;
       try {
         j = nlohmann::json::parse(line);
-      } catch (const nlohmann::json::parse_error& e) {
+      } catch (const nlohmann::json::exception& e) {
         throw Error(at(lineno) + ": invalid JSON: " + e.what());
       }
       if (!j.is_object()) throw Error(at(lineno) + ": expected a JSON object {\"" + opt.jsonl_key + "\": \"...\"}");
