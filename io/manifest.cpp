@@ -34,14 +34,31 @@ void verify_manifest(const std::string& dir) {
   if (!m.is_object() || !m.contains("files") || !m["files"].is_object())
     throw Error(path.string() + ": expected an object with \"files\"");
   for (auto it = m["files"].begin(); it != m["files"].end(); ++it) {
-    const fs::path f = fs::path(dir) / it.key();
-    if (!fs::exists(f)) throw Error(f.string() + ": listed in the manifest but missing");
+    // An entry names a file of this directory: never a path (it would check, and hash,
+    // a file elsewhere, or the directory itself).
+    const std::string& name = it.key();
+    if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos)
+      throw Error(path.string() + ": entry '" + name + "' is not the name of a file in the checkpoint directory");
     const auto& want = it.value();
-    if (!want.contains("bytes") || !want.contains("sha256"))
-      throw Error(path.string() + ": entry '" + it.key() + "' needs bytes and sha256");
-    if (fs::file_size(f) != want["bytes"].get<uint64_t>())
-      throw Error(f.string() + ": size " + std::to_string(fs::file_size(f)) + " differs from the manifest's " +
-                  std::to_string(want["bytes"].get<uint64_t>()) + " (truncated or rewritten)");
+    if (!want.is_object() || !want.contains("bytes") || !want.contains("sha256") ||
+        !want["bytes"].is_number_unsigned() || !want["sha256"].is_string())
+      throw Error(path.string() + ": entry '" + name +
+                  "' needs bytes (a non-negative integer) and sha256 (a string), got " + want.dump().substr(0, 80));
+    const fs::path f = fs::path(dir) / name;
+    std::error_code ec;
+    const fs::file_status st = fs::status(f, ec);
+    if (!fs::exists(st)) {
+      if (ec && ec != std::errc::no_such_file_or_directory)
+        throw Error(f.string() + ": listed in the manifest but cannot be read: " + ec.message());
+      throw Error(f.string() + ": listed in the manifest but missing");
+    }
+    if (!fs::is_regular_file(st)) throw Error(f.string() + ": listed in the manifest but not a regular file");
+    const uint64_t bytes = want["bytes"].get<uint64_t>();
+    const uint64_t size = fs::file_size(f, ec);
+    if (ec) throw Error(f.string() + ": cannot get the size: " + ec.message());
+    if (size != bytes)
+      throw Error(f.string() + ": size " + std::to_string(size) + " differs from the manifest's " +
+                  std::to_string(bytes) + " (truncated or rewritten)");
     if (sha256_file(f.string()) != want["sha256"].get<std::string>())
       throw Error(f.string() + ": SHA-256 differs from the manifest (corrupt)");
   }
