@@ -32,6 +32,7 @@ struct WordCache {
 thread_local WordCache t_cache;
 constexpr size_t kCacheMaxWords = 1 << 18;
 constexpr size_t kCacheMaxWordBytes = 64;
+constexpr int64_t kMaxUnusedIds = 1 << 16;  // holes tolerated in a tokenizer.json's id range
 
 std::string jstr(const std::string& s) { return njson(s).dump(); }
 
@@ -123,7 +124,7 @@ Tokenizer Tokenizer::from_json(const std::string& text, const std::string& sourc
                                  j["normalizer"].dump().substr(0, 80));
   Tokenizer t;
   if (!j.contains("pre_tokenizer") || !j["pre_tokenizer"].is_object() ||
-      j["pre_tokenizer"].value("type", std::string()) != "ByteLevel")
+      !j["pre_tokenizer"].contains("type") || j["pre_tokenizer"]["type"] != "ByteLevel")
     throw fail("pre_tokenizer", "must be {\"type\": \"ByteLevel\", ...} (moetune reads byte-level BPE tokenizers), got " +
                                     (j.contains("pre_tokenizer") ? j["pre_tokenizer"].dump().substr(0, 80) : "nothing"));
   const njson& pre = j["pre_tokenizer"];
@@ -138,7 +139,7 @@ Tokenizer Tokenizer::from_json(const std::string& text, const std::string& sourc
   // Model: BPE without dropout, byte fallback or subword affixes.
   if (!j.contains("model") || !j["model"].is_object()) throw fail("model", "missing (expected an object)");
   const njson& m = j["model"];
-  if (m.value("type", std::string("BPE")) != "BPE")
+  if (m.contains("type") && m["type"] != "BPE")
     throw fail("model.type", "must be \"BPE\", got " + m["type"].dump());
   if (m.contains("dropout") && !m["dropout"].is_null())
     throw fail("model.dropout", "must be null (BPE dropout is not supported), got " + m["dropout"].dump());
@@ -182,6 +183,15 @@ Tokenizer Tokenizer::from_json(const std::string& text, const std::string& sourc
     }
   }
   const int64_t size = std::max(by_id.empty() ? 0 : by_id.rbegin()->first + 1, added.empty() ? 0 : added.rbegin()->first + 1);
+  // Ids index a table (one entry per id up to the largest): refuse a file whose ids are
+  // mostly holes instead of allocating gigabytes for an id near 2^31.
+  int64_t used = int64_t(by_id.size());
+  for (const auto& a : added) used += by_id.count(a.first) ? 0 : 1;
+  if (size - used > kMaxUnusedIds)
+    throw fail(by_id.empty() || (!added.empty() && added.rbegin()->first > by_id.rbegin()->first) ? "added_tokens"
+                                                                                                 : "model.vocab",
+               "the largest id is " + std::to_string(size - 1) + " but only " + std::to_string(used) +
+                   " ids are used; more than " + std::to_string(kMaxUnusedIds) + " unused ids (corrupt?)");
   t.tokens_.assign(size_t(size), std::string());
   t.kind_.assign(size_t(size), Kind::Unused);
   for (const auto& [id, content] : added) {
