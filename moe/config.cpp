@@ -3,6 +3,7 @@
 
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <sstream>
 #include <vector>
 
@@ -33,6 +34,11 @@ KeyDef int_key(const char* name, M member) {
   return {name,
           [=](ModelConfig& c, const json& v, const std::string& where) {
             if (!v.is_number_integer()) fail(where, name, "expected an integer, got " + shown(v));
+            // get<int>() would wrap 4294967360 to 64: refuse what an int cannot hold.
+            if (v.is_number_unsigned() ? v.get<uint64_t>() > uint64_t(std::numeric_limits<int>::max())
+                                       : v.get<int64_t>() < std::numeric_limits<int>::min() ||
+                                             v.get<int64_t>() > std::numeric_limits<int>::max())
+              fail(where, name, "integer " + v.dump() + " is out of range");
             c.*member = v.get<int>();
           },
           [=](const ModelConfig& c) { return json(c.*member); }};
@@ -111,7 +117,7 @@ bool ignorable(const std::string& key) {
 enum : unsigned { kDerivedKv = 1, kDerivedHeadDim = 2, kDerivedInter = 4, kDerivedMoeInter = 8 };
 
 // Fills the -1 (derived) keys and remembers which ones were derived.
-void resolve(ModelConfig& c) {
+void resolve(ModelConfig& c, const std::string& where) {
   if (c.num_key_value_heads == -1) {
     c.num_key_value_heads = c.num_attention_heads;
     c.derived_mask |= kDerivedKv;
@@ -121,6 +127,9 @@ void resolve(ModelConfig& c) {
     c.derived_mask |= kDerivedHeadDim;
   }
   if (c.intermediate_size == -1) {
+    if (int64_t(c.hidden_size) * 4 > std::numeric_limits<int>::max())
+      fail(where, "intermediate_size", "the default 4 * hidden_size = " + std::to_string(int64_t(c.hidden_size) * 4) +
+                                           " is out of range; give intermediate_size");
     c.intermediate_size = 4 * c.hidden_size;
     c.derived_mask |= kDerivedInter;
   }
@@ -161,7 +170,7 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& where) {
     }
     def->read(c, it.value(), where);
   }
-  resolve(c);
+  resolve(c, where);
   c.validate(where);
   return c;
 }
@@ -199,7 +208,7 @@ void ModelConfig::set(const std::string& key, const std::string& value, const st
     k.read(next, v, where);
     next.derived_mask &= ~derived_bit(key);  // an explicit value is no longer derived
     if (v.is_number_integer() && v.get<long>() == -1) next.derived_mask |= derived_bit(key);
-    resolve(next);
+    resolve(next, where);
     next.validate(where);
     *this = next;
     return;
