@@ -37,6 +37,18 @@ TEST(Config, InvalidCombinationsNameTheKey) {
   EXPECT_NE(error_of({{"scoring_func", "relu"}}).find("'scoring_func'"), std::string::npos);
   EXPECT_NE(error_of({{"hidden_sise", 3}}).find("unknown"), std::string::npos);
   EXPECT_NE(error_of({{"hidden_size", "big"}}).find("cfg.json: key 'hidden_size'"), std::string::npos);
+  // Found by fuzz_model_config: an int that wraps, a derived default that overflows,
+  // a --set value that is not UTF-8.
+  EXPECT_NE(error_of({{"hidden_size", 4294967360LL}}).find("'hidden_size': integer 4294967360 is out of range"),
+            std::string::npos);
+  EXPECT_NE(error_of({{"hidden_size", 1 << 30}}).find("'intermediate_size'"), std::string::npos);
+  ModelConfig c = ModelConfig::from_json(json::object());
+  try {
+    c.set("hidden_size", "\xff");
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("'hidden_size': expected an integer"), std::string::npos) << e.what();
+  }
 }
 
 TEST(Config, LayoutHasHuggingFaceNames) {
