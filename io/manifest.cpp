@@ -50,10 +50,20 @@ void verify_manifest(const std::string& dir) {
     if (!want["sha256"].is_string())
       throw Error(path.string() + ": entry '" + name + "': 'sha256' must be a string, got " +
                   want["sha256"].dump().substr(0, 80));
-    if (!fs::is_regular_file(f)) throw Error(f.string() + ": listed in the manifest but missing");
-    if (fs::file_size(f) != want["bytes"].get<uint64_t>())
-      throw Error(f.string() + ": size " + std::to_string(fs::file_size(f)) + " differs from the manifest's " +
-                  std::to_string(want["bytes"].get<uint64_t>()) + " (truncated or rewritten)");
+    std::error_code ec;
+    const fs::file_status st = fs::status(f, ec);
+    if (!fs::exists(st)) {
+      if (ec && ec != std::errc::no_such_file_or_directory)
+        throw Error(f.string() + ": listed in the manifest but cannot be read: " + ec.message());
+      throw Error(f.string() + ": listed in the manifest but missing");
+    }
+    if (!fs::is_regular_file(st)) throw Error(f.string() + ": listed in the manifest but not a regular file");
+    const uint64_t bytes = want["bytes"].get<uint64_t>();
+    const uint64_t size = fs::file_size(f, ec);
+    if (ec) throw Error(f.string() + ": cannot get the size: " + ec.message());
+    if (size != bytes)
+      throw Error(f.string() + ": size " + std::to_string(size) + " differs from the manifest's " +
+                  std::to_string(bytes) + " (truncated or rewritten)");
     if (sha256_file(f.string()) != want["sha256"].get<std::string>())
       throw Error(f.string() + ": SHA-256 differs from the manifest (corrupt)");
   }

@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <sstream>
 #include <vector>
 
@@ -31,11 +32,15 @@ struct KeyDef {
   throw Error(where + ": key '" + key + "': " + msg);
 }
 
+// A value for a message. A --set value that is not JSON becomes a string as given,
+// possibly not UTF-8, which plain dump() refuses (it throws): show U+FFFD instead.
+std::string shown(const json& v) { return v.dump(-1, ' ', false, json::error_handler_t::replace); }
+
 template <class M>
 KeyDef int_key(const char* name, M member) {
   return {name,
           [=](ModelConfig& c, const json& v, const std::string& where) {
-            if (!v.is_number_integer()) fail(where, name, "expected an integer, got " + v.dump());
+            if (!v.is_number_integer()) fail(where, name, "expected an integer, got " + shown(v));
             // get<int>() would silently wrap 4294967304 to 8.
             if (v.is_number_unsigned() ? v.get<uint64_t>() > uint64_t(INT_MAX)
                                        : v.get<int64_t>() < INT_MIN || v.get<int64_t>() > INT_MAX)
@@ -48,7 +53,7 @@ template <class M>
 KeyDef num_key(const char* name, M member) {
   return {name,
           [=](ModelConfig& c, const json& v, const std::string& where) {
-            if (!v.is_number()) fail(where, name, "expected a number, got " + v.dump());
+            if (!v.is_number()) fail(where, name, "expected a number, got " + shown(v));
             c.*member = v.get<double>();
           },
           [=](const ModelConfig& c) { return json(c.*member); }};
@@ -57,7 +62,7 @@ template <class M>
 KeyDef bool_key(const char* name, M member) {
   return {name,
           [=](ModelConfig& c, const json& v, const std::string& where) {
-            if (!v.is_boolean()) fail(where, name, "expected true or false, got " + v.dump());
+            if (!v.is_boolean()) fail(where, name, "expected true or false, got " + shown(v));
             c.*member = v.get<bool>();
           },
           [=](const ModelConfig& c) { return json(c.*member); }};
@@ -66,7 +71,7 @@ template <class M>
 KeyDef str_key(const char* name, M member) {
   return {name,
           [=](ModelConfig& c, const json& v, const std::string& where) {
-            if (!v.is_string()) fail(where, name, "expected a string, got " + v.dump());
+            if (!v.is_string()) fail(where, name, "expected a string, got " + shown(v));
             c.*member = v.get<std::string>();
           },
           [=](const ModelConfig& c) { return json(c.*member); }};
@@ -118,7 +123,7 @@ bool ignorable(const std::string& key) {
 enum : unsigned { kDerivedKv = 1, kDerivedHeadDim = 2, kDerivedInter = 4, kDerivedMoeInter = 8 };
 
 // Fills the -1 (derived) keys and remembers which ones were derived.
-void resolve(ModelConfig& c) {
+void resolve(ModelConfig& c, const std::string& where) {
   if (c.num_key_value_heads == -1) {
     c.num_key_value_heads = c.num_attention_heads;
     c.derived_mask |= kDerivedKv;
@@ -128,7 +133,10 @@ void resolve(ModelConfig& c) {
     c.derived_mask |= kDerivedHeadDim;
   }
   if (c.intermediate_size == -1) {
-    c.intermediate_size = int(std::min<int64_t>(4 * int64_t(c.hidden_size), INT_MAX));  // too large: validate() says so
+    if (int64_t(c.hidden_size) * 4 > INT_MAX)
+      fail(where, "intermediate_size", "the default 4 * hidden_size = " + std::to_string(int64_t(c.hidden_size) * 4) +
+                                           " is out of range; give intermediate_size");
+    c.intermediate_size = 4 * c.hidden_size;
     c.derived_mask |= kDerivedInter;
   }
   if (c.moe_intermediate_size == -1) {
@@ -168,7 +176,7 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& where) {
     }
     def->read(c, it.value(), where);
   }
-  resolve(c);
+  resolve(c, where);
   c.validate(where);
   return c;
 }
@@ -208,7 +216,7 @@ void ModelConfig::set(const std::string& key, const std::string& value, const st
     k.read(next, v, where);
     next.derived_mask &= ~derived_bit(key);  // an explicit value is no longer derived
     if (v.is_number_integer() && v.get<long>() == -1) next.derived_mask |= derived_bit(key);
-    resolve(next);
+    resolve(next, where);
     next.validate(where);
     *this = next;
     return;

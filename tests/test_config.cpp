@@ -37,6 +37,18 @@ TEST(Config, InvalidCombinationsNameTheKey) {
   EXPECT_NE(error_of({{"scoring_func", "relu"}}).find("'scoring_func'"), std::string::npos);
   EXPECT_NE(error_of({{"hidden_sise", 3}}).find("unknown"), std::string::npos);
   EXPECT_NE(error_of({{"hidden_size", "big"}}).find("cfg.json: key 'hidden_size'"), std::string::npos);
+  // Found by fuzz_model_config: an int that wraps, a derived default that overflows,
+  // a --set value that is not UTF-8.
+  EXPECT_NE(error_of({{"hidden_size", 4294967360LL}}).find("'hidden_size': integer 4294967360 is out of range"),
+            std::string::npos);
+  EXPECT_NE(error_of({{"hidden_size", 1 << 30}}).find("'intermediate_size'"), std::string::npos);
+  ModelConfig c = ModelConfig::from_json(json::object());
+  try {
+    c.set("hidden_size", "\xff");
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("'hidden_size': expected an integer"), std::string::npos) << e.what();
+  }
 }
 
 TEST(Config, IntegersOutsideIntAreRefusedNotWrapped) {
@@ -55,8 +67,9 @@ TEST(Config, ModelsLargerThanMemoryNameTheFile) {
   const std::string msg = error_of({{"hidden_size", 1000000000}, {"intermediate_size", 16}, {"moe_intermediate_size", 16}});
   EXPECT_NE(msg.find("cfg.json: the model has"), std::string::npos) << msg;
   EXPECT_NE(msg.find("more than this machine's"), std::string::npos) << msg;
-  // Derived sizes do not overflow int on the way (intermediate_size = 4 * hidden_size).
-  EXPECT_NE(error_of({{"hidden_size", 1000000000}}).find("cfg.json: the model has"), std::string::npos);
+  // A derived size that would overflow int (intermediate_size = 4 * hidden_size) names the key.
+  EXPECT_NE(error_of({{"hidden_size", 1000000000}}).find("cfg.json: key 'intermediate_size': the default 4 * hidden_size"),
+            std::string::npos);
 }
 
 TEST(Config, LayoutHasHuggingFaceNames) {

@@ -67,3 +67,35 @@ TEST(Manifest, DetectsEveryKindOfDamage) {
   expect_error("duplicate key 'files.a.bin'");
   fs::remove_all(dir);
 }
+
+// Entries name files of the checkpoint with integer bytes and string sha256; anything
+// else is an Error naming manifest.json (found by fuzz_manifest).
+TEST(Manifest, MalformedEntriesAreErrors) {
+  const fs::path dir = fs::temp_directory_path() / ("moetune_manifest_bad_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  std::ofstream(dir / "a.bin") << "hello world";
+  const auto error_with = [&](const std::string& manifest) {
+    std::ofstream(dir / "manifest.json") << manifest;
+    try {
+      verify_manifest(dir.string());
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  const std::string sha = sha256_hex("hello world");
+  EXPECT_NE(error_with(R"({"files": {"a.bin": {"bytes": "11", "sha256": ")" + sha + R"("}}})").find("'bytes' must be a non-negative integer"),
+            std::string::npos);
+  EXPECT_NE(error_with(R"({"files": {"a.bin": {"bytes": 11, "sha256": 5}}})").find("'sha256' must be a string"), std::string::npos);
+  for (const char* name : {"", ".", "..", "../a.bin", "/etc/hostname"})
+    EXPECT_NE(error_with(std::string(R"({"files": {")") + name + R"(": {"bytes": 1, "sha256": "x"}}})")
+                  .find("is not a file of the checkpoint directory"),
+              std::string::npos)
+        << name;
+  EXPECT_NE(error_with(R"({"files": {")" + std::string(300, 'x') + R"(": {"bytes": 1, "sha256": "x"}}})")
+                .find("listed in the manifest but cannot be read"),
+            std::string::npos);
+  EXPECT_EQ(error_with(R"({"files": {"a.bin": {"bytes": 11, "sha256": ")" + sha + R"("}}})"), "no error");
+  fs::remove_all(dir);
+}

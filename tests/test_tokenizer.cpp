@@ -373,6 +373,12 @@ TEST(Tokenizer, BadFilesNameTheFileAndKey) {
       {mutated([](json& j) { j["model"]["merges"].push_back(7); }), "model.merges[1]"},
       {mutated([](json& j) { j["added_tokens"][0]["id"] = 256; }), "added_tokens[0]"},
       {mutated([](json& j) { j["added_tokens"][1]["content"] = ""; }), "added_tokens[1]"},
+      // Found by fuzz_tokenizer: type fields that are not strings, ids near 2^31, 1e400.
+      {mutated([](json& j) { j["model"]["type"] = 5; }), "model.type"},
+      {mutated([](json& j) { j["pre_tokenizer"]["type"] = {"ByteLevel"}; }), "pre_tokenizer"},
+      {mutated([](json& j) { j["model"]["vocab"]["xy"] = 2147483647; }), "far beyond the"},
+      {mutated([](json& j) { j["added_tokens"][0]["id"] = 2147483000; }), "added_tokens"},
+      {"{\"model\": {\"vocab\": {\"a\": 1e400}}}", "invalid JSON"},
   };
   for (const auto& [text, want] : cases) {
     const std::string e = error_of(text);

@@ -2,11 +2,13 @@
 // follows MODEL.md section 4, a non-finite step is skipped, and a tiny model learns
 // the synthetic task.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <filesystem>
 #include <fstream>
 
+#include "moe/error.hpp"
 #include "moe/model.hpp"
 #include "optim/adamw.hpp"
 #include "test_util.hpp"
@@ -161,5 +163,53 @@ TEST(TrainLoop, TinyModelLearns) {
   ASSERT_EQ(valid.size(), 3u);            // steps 25, 50 and the last
   EXPECT_LT(valid.back(), valid.front());  // the held-out loss falls too
   EXPECT_TRUE(fs::exists(fs::path(sum.final_checkpoint) / "model.safetensors.index.json"));
+  fs::remove_all(dir);
+}
+
+// What a resumed run reads from trainer_state.json is checked field by field; a bad
+// field is an Error naming the file and the dotted key (found by fuzz_trainer_state).
+TEST(TrainLoop, ResumeStateFieldsAreChecked) {
+  const fs::path dir = fs::temp_directory_path() / ("moetune_resume_state_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const auto error_with = [&](const std::string& state, bool rl) {
+    std::ofstream(dir / "trainer_state.json") << state;
+    try {
+      if (rl)
+        (void)read_rl_resume_state(dir.string());
+      else
+        (void)read_train_resume_state(dir.string());
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  std::ofstream(dir / "trainer_state.json") << R"({"step": 7, "data": {"epoch": 1, "row": 3}})";
+  const TrainResumeState t = read_train_resume_state(dir.string());
+  EXPECT_EQ(t.step, 7);
+  EXPECT_EQ(t.epoch, 1);
+  EXPECT_EQ(t.row, 3);
+  std::ofstream(dir / "trainer_state.json") << R"({"step": 2, "rl": {"epoch": 0, "pos": 8, "reference": "sft"}})";
+  const RlResumeState r = read_rl_resume_state(dir.string());
+  EXPECT_EQ(r.step, 2);
+  EXPECT_EQ(r.pos, 8);
+  EXPECT_EQ(r.reference, "sft");
+  const std::string file = (dir / "trainer_state.json").string();
+  for (const auto& [state, key] : std::vector<std::pair<std::string, std::string>>{
+           {R"({"step": "7", "data": {"epoch": 0, "row": 0}})", "key 'step'"},
+           {R"({"step": 9223372036854775807, "data": {"epoch": 0, "row": 0}})", "key 'step'"},
+           {R"({"step": 1, "data": {"epoch": -1, "row": 0}})", "key 'data.epoch'"},
+           {R"({"step": 1, "data": [0, 0]})", "key 'data'"},
+           {R"({"step": 1, "data": {"epoch": 0}})", "key 'data.row'"}}) {
+    const std::string e = error_with(state, false);
+    EXPECT_NE(e.find(file), std::string::npos) << e;
+    EXPECT_NE(e.find(key), std::string::npos) << e;
+  }
+  EXPECT_NE(error_with(R"({"step": 1, "rl": {"epoch": 0, "pos": -5, "reference": ""}})", true).find("key 'rl.pos'"),
+            std::string::npos);
+  EXPECT_NE(error_with(R"({"step": 1, "rl": {"epoch": 0, "pos": 0, "reference": 3}})", true).find("key 'rl.reference'"),
+            std::string::npos);
+  EXPECT_NE(error_with(R"({"step": 1, "data": {"epoch": 0, "row": 0}})", true).find("not an RL checkpoint"),
+            std::string::npos);
   fs::remove_all(dir);
 }

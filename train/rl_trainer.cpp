@@ -190,7 +190,6 @@ RlSummary rl_impl(const RunConfig& rc, const RlOptions& opt) {
   std::optional<Tokenizer> tokenizer;
   PromptSet prompts, valid;
   std::string resume_dir, reference_dir = opt.init_from;
-  json resume_state;
   int64_t start_step = 1, epoch = 0, pos = 0;
   const ScheduleConfig sched = rc.schedule_config();
   dist::run_collectively(world, [&] { grid_holder.emplace(dist::ProcessGrid::create(world, rc.parallel.ep, cfg)); });
@@ -219,13 +218,11 @@ RlSummary rl_impl(const RunConfig& rc, const RlOptions& opt) {
       if (!load_optimizer_state(resume_dir, m.layout(), mo, vo, ostep))
         throw Error(resume_dir + ": no optimizer state; cannot resume an RL run from it");
       trainer_holder->set_optimizer_state(mo, vo, ostep);
-      resume_state = load_trainer_state(resume_dir);
-      if (!resume_state.contains("step") || !resume_state.contains("rl"))
-        throw Error(resume_dir + "/trainer_state.json: not an RL checkpoint (needs \"step\" and \"rl\")");
-      start_step = trainer_state_count(resume_state, resume_dir, "step") + 1;
-      epoch = trainer_state_count(resume_state, resume_dir, "rl.epoch");
-      pos = trainer_state_count(resume_state, resume_dir, "rl.pos");
-      if (reference_dir.empty()) reference_dir = trainer_state_string(resume_state, resume_dir, "rl.reference");
+      const RlResumeState rs = read_rl_resume_state(resume_dir);
+      start_step = rs.step + 1;
+      epoch = rs.epoch;
+      pos = rs.pos;
+      if (reference_dir.empty()) reference_dir = rs.reference;
     } else {
       if (opt.init_from.empty()) throw Error("rl: --auto-resume found no checkpoint in " + opt.out_dir +
                                              "; give --init-from to start");
@@ -241,6 +238,10 @@ RlSummary rl_impl(const RunConfig& rc, const RlOptions& opt) {
     for (const auto& n : spec.names) need_answer = need_answer || reward_needs_answer(n);
     if (grid.world_rank == 0) rewards = std::make_unique<RewardModel>(spec);
     prompts = load_prompts(opt.prompts, *tokenizer, need_answer, rl.max_new_tokens, cfg.max_position_embeddings);
+    if (pos > int64_t(prompts.ids.size()))
+      throw Error(resume_dir + "/trainer_state.json: key 'rl.pos': " + std::to_string(pos) + " is past the " +
+                  std::to_string(prompts.ids.size()) + " prompts of " + opt.prompts +
+                  " (was the prompt file changed?)");
     if (!opt.valid_prompts.empty())
       valid = load_prompts(opt.valid_prompts, *tokenizer, need_answer, rl.max_new_tokens,
                            cfg.max_position_embeddings);

@@ -13,6 +13,7 @@
 
 #include "io/json_parse.hpp"
 #include "moe/error.hpp"
+#include "tokenizer/byte_level.hpp"
 
 namespace moetune {
 namespace {
@@ -22,6 +23,10 @@ using json = nlohmann::json;
 [[noreturn]] void fail(const std::string& where, const std::string& key, const std::string& msg) {
   throw Error(where + ": key '" + key + "': " + msg);
 }
+
+// A value for a message. A --set value that is not JSON becomes a string as given,
+// possibly not UTF-8, which plain dump() refuses (it throws): show U+FFFD instead.
+std::string shown(const json& v) { return v.dump(-1, ' ', false, json::error_handler_t::replace); }
 
 std::string num(double v) {
   std::ostringstream s;
@@ -45,26 +50,26 @@ struct KeyDef {
 template <class M>
 void read_value(M& out, const json& v, const std::string& where, const std::string& key) {
   if constexpr (std::is_same_v<M, bool>) {
-    if (!v.is_boolean()) fail(where, key, "expected true or false, got " + v.dump());
+    if (!v.is_boolean()) fail(where, key, "expected true or false, got " + shown(v));
     out = v.get<bool>();
   } else if constexpr (std::is_same_v<M, std::string>) {
-    if (!v.is_string()) fail(where, key, "expected a string, got " + v.dump());
+    if (!v.is_string()) fail(where, key, "expected a string, got " + shown(v));
     out = v.get<std::string>();
   } else if constexpr (std::is_floating_point_v<M>) {
-    if (!v.is_number()) fail(where, key, "expected a number, got " + v.dump());
+    if (!v.is_number()) fail(where, key, "expected a number, got " + shown(v));
     out = v.get<M>();
   } else if constexpr (std::is_unsigned_v<M>) {
     if (!v.is_number_unsigned() && !(v.is_number_integer() && v.get<int64_t>() >= 0))
-      fail(where, key, "expected a non-negative integer, got " + v.dump());
+      fail(where, key, "expected a non-negative integer, got " + shown(v));
     out = v.get<M>();
   } else {
     static_assert(std::is_integral_v<M> && std::is_signed_v<M>);
-    if (!v.is_number_integer()) fail(where, key, "expected an integer, got " + v.dump());
+    if (!v.is_number_integer()) fail(where, key, "expected an integer, got " + shown(v));
     if (v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(std::numeric_limits<M>::max()))
-      fail(where, key, "integer " + v.dump() + " is too large");
+      fail(where, key, "integer " + shown(v) + " is too large");
     const int64_t x = v.get<int64_t>();
     if (x < int64_t(std::numeric_limits<M>::min()) || x > int64_t(std::numeric_limits<M>::max()))
-      fail(where, key, "integer " + v.dump() + " is out of range");
+      fail(where, key, "integer " + shown(v) + " is out of range");
     out = M(x);
   }
 }
@@ -424,6 +429,9 @@ void RunConfig::set(const std::string& assignment) {
   const KeyDef* k = find_key(section, name);
   if (!k) fail(where, dotted, "unknown key in section '" + section + "'");
   json v;
+  // A string value goes into JSON (trainer_state.json of every checkpoint), which holds
+  // UTF-8 only.
+  if (k->is_string && !tok::valid_utf8(value)) fail(where, dotted, "the value is not valid UTF-8");
   if (k->is_string && (value.empty() || value.front() != '"')) {
     v = value;  // a path or a word, taken literally
   } else {

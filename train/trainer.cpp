@@ -84,7 +84,7 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
   size_t n_docs = 0;
   int M = 0;
   std::string resume_dir;
-  json resume_state;
+  TrainResumeState resume_state;
   std::vector<MicroBatch> valid;
   std::optional<Tokenizer> tokenizer;
   int64_t start_step = 1;
@@ -126,12 +126,8 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
       if (!load_optimizer_state(resume_dir, m.layout(), mo, vo, ostep))
         throw Error(resume_dir + ": no optimizer state; cannot resume exactly (use --init-from to start afresh)");
       trainer_holder->set_optimizer_state(mo, vo, ostep);
-      resume_state = load_trainer_state(resume_dir);
-      if (!resume_state.contains("step") || !resume_state.contains("data"))
-        throw Error(resume_dir + "/trainer_state.json: needs \"step\" and \"data\" to resume");
-      start_step = trainer_state_count(resume_state, resume_dir, "step") + 1;
-      trainer_state_count(resume_state, resume_dir, "data.epoch");  // checked here, used below
-      trainer_state_count(resume_state, resume_dir, "data.row");
+      resume_state = read_train_resume_state(resume_dir);
+      start_step = resume_state.step + 1;
       resume_load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - tl).count();
     } else if (!opt.init_from.empty()) {
       load_model_weights(opt.init_from, cfg, m.layout(), m.params(), m.expert_bias());
@@ -175,8 +171,7 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
                       kIgnoreIndex);
     }
     if (!resume_dir.empty())
-      loader_holder->set_state({trainer_state_count(resume_state, resume_dir, "data.epoch"),
-                                trainer_state_count(resume_state, resume_dir, "data.row")});
+      loader_holder->set_state({resume_state.epoch, resume_state.row});
   });
   dist::ParallelTrainer<T>& trainer = *trainer_holder;
   Model<T>& model = trainer.model();
@@ -475,6 +470,42 @@ std::string find_latest_valid_checkpoint(const std::string& out_dir,
     }
   }
   return "";
+}
+
+namespace {
+
+// trainer_state_count, and below INT64_MAX: the resumed run computes step + 1.
+int64_t resume_count(const json& state, const std::string& dir, const std::string& key) {
+  const int64_t v = trainer_state_count(state, dir, key);
+  if (v == std::numeric_limits<int64_t>::max())
+    throw Error((fs::path(dir) / "trainer_state.json").string() + ": key '" + key + "': " + std::to_string(v) +
+                " is too large");
+  return v;
+}
+
+}  // namespace
+
+TrainResumeState read_train_resume_state(const std::string& dir) {
+  const json state = load_trainer_state(dir);
+  if (!state.contains("step") || !state.contains("data"))
+    throw Error((fs::path(dir) / "trainer_state.json").string() + ": needs \"step\" and \"data\" to resume");
+  TrainResumeState r;
+  r.step = resume_count(state, dir, "step");
+  r.epoch = resume_count(state, dir, "data.epoch");
+  r.row = resume_count(state, dir, "data.row");
+  return r;
+}
+
+RlResumeState read_rl_resume_state(const std::string& dir) {
+  const json state = load_trainer_state(dir);
+  if (!state.contains("step") || !state.contains("rl"))
+    throw Error((fs::path(dir) / "trainer_state.json").string() + ": not an RL checkpoint (needs \"step\" and \"rl\")");
+  RlResumeState r;
+  r.step = resume_count(state, dir, "step");
+  r.epoch = resume_count(state, dir, "rl.epoch");
+  r.pos = resume_count(state, dir, "rl.pos");
+  r.reference = trainer_state_string(state, dir, "rl.reference");
+  return r;
 }
 
 TrainSummary run_training(const RunConfig& rc, const TrainOptions& opt) {

@@ -41,6 +41,22 @@ TrainSummary run_training(const RunConfig& rc, const TrainOptions& opt);
 std::string find_latest_valid_checkpoint(const std::string& out_dir,
                                          const std::function<void(const std::string&)>& warn);
 
+// Where a run stopped, from <dir>/trainer_state.json (io/checkpoint.hpp
+// load_trainer_state): "step" (the last completed step) and, for `train`/`sft`,
+// "data": {"epoch", "row"} (BatchLoader::State), or, for `rl`, "rl": {"epoch", "pos",
+// "reference"} (the prompt order and the reference checkpoint). Every field is checked:
+// a missing key, a wrong type or a negative or too large value is a moetune::Error
+// naming the file and the dotted key.
+struct TrainResumeState {
+  int64_t step = 0, epoch = 0, row = 0;
+};
+TrainResumeState read_train_resume_state(const std::string& dir);
+struct RlResumeState {
+  int64_t step = 0, epoch = 0, pos = 0;
+  std::string reference;
+};
+RlResumeState read_rl_resume_state(const std::string& dir);
+
 // Pieces of a run shared by `moetune train`, `sft` and `rl`.
 // out/step-NNNNNNNN
 std::string step_dir(const std::string& out, int64_t step);
