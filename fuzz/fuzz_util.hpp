@@ -14,6 +14,8 @@
 #include <string>
 #include <string_view>
 
+#include <nlohmann/json.hpp>
+
 #include "moe/error.hpp"
 
 namespace moetune::fuzz {
@@ -89,6 +91,32 @@ inline std::pair<std::string_view, std::string_view> split_at_nul(const uint8_t*
   const size_t nul = all.find('\0');
   if (nul == std::string_view::npos) return {all, {}};
   return {all.substr(0, nul), all.substr(nul + 1)};
+}
+
+// Calls f(line) for every line of `text` (the override lines after the NUL byte).
+template <class F>
+void for_each_line(std::string_view text, F&& f) {
+  size_t at = 0;
+  while (at < text.size()) {
+    size_t end = text.find('\n', at);
+    if (end == std::string_view::npos) end = text.size();
+    f(std::string(text.substr(at, end - at)));
+    at = end + 1;
+  }
+}
+
+// A config that loaded (ModelConfig or RunConfig) must reload unchanged from its own
+// to_json(): that is how checkpoints and trainer_state.json store it.
+template <class Config>
+void check_round_trip(const Config& c, const char* what) {
+  const nlohmann::json j = c.to_json();
+  Config back;
+  try {
+    back = Config::from_json(j, "round trip");
+  } catch (const Error& e) {
+    invariant_failed(std::string("a valid ") + what + " does not reload from its own to_json(): " + e.what());
+  }
+  if (back.to_json() != j) invariant_failed(std::string("to_json() -> from_json() changed the ") + what + ": " + j.dump());
 }
 
 }  // namespace moetune::fuzz
