@@ -1,0 +1,127 @@
+// Muon's Newton-Schulz orthogonalisation and its per-matrix update (MODEL.md section 12).
+//
+// The iteration works on X (r, c) with r <= c (the matrix transposed when it has more
+// rows than columns), so the Gram matrices XX^T are the small (r, r) ones:
+//   A = X X^T;  B = b A + c A A;  X = a X + B X.
+// A is symmetric, so (A A)_ij = sum_k A_ik A_jk: every product is a dot product of two
+// contiguous rows, or (for B X) a sum of scaled contiguous rows. Each output element is
+// one sum in a fixed order, and the OpenMP split is over output rows only, so the
+// result does not depend on the thread count (MODEL.md section 13): every rank that
+// holds a matrix computes the same bits.
+#include "optim/muon.hpp"
+
+#include <algorithm>
+#include <cmath>
+
+#include "moe/error.hpp"
+
+namespace moetune {
+
+void validate(const MuonConfig& c) {
+  auto fail = [](const char* key, const std::string& msg) { throw Error(std::string("key '") + key + "': " + msg); };
+  if (!(c.momentum >= 0.0 && c.momentum < 1.0)) fail("optim.muon_momentum", "must be in [0, 1)");
+  if (!(c.weight_decay >= 0.0 && std::isfinite(c.weight_decay)))
+    fail("optim.muon_weight_decay", "must be a finite number >= 0");
+  if (!(c.lr_ratio > 0.0 && std::isfinite(c.lr_ratio))) fail("optim.muon_lr", "must be a finite number > 0");
+}
+
+bool is_muon_tensor(const TensorInfo& t) {
+  return t.shape.size() == 2 && t.name != "model.embed_tokens.weight" && t.name != "lm_head.weight";
+}
+
+template <class T>
+void newton_schulz(T* x, int64_t rows, int64_t cols, std::vector<T>& work) {
+  const bool transposed = rows > cols;
+  const int64_t r = transposed ? cols : rows, c = transposed ? rows : cols;
+  const int64_t n = r * c;
+  work.resize(size_t(2 * n + 2 * r * r));
+  T* X = work.data();
+  T* Y = X + n;
+  T* A = Y + n;
+  T* B = A + r * r;
+  double ss = 0;
+  for (int64_t i = 0; i < n; ++i) ss += double(x[i]) * double(x[i]);
+  if (ss == 0) return;  // all zero (an expert no token reached, at step 1): NS(0) = 0
+  const T norm = static_cast<T>(std::sqrt(ss));
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) {
+      const T v = x[i * cols + j] / norm;
+      if (transposed)
+        X[j * c + i] = v;
+      else
+        X[i * c + j] = v;
+    }
+  const bool par = r * r * c > (int64_t(1) << 15);
+  for (int it = 0; it < kMuonNsSteps; ++it) {
+    const T a = static_cast<T>(it < 8 ? 3.4445 : 2.0);
+    const T b = static_cast<T>(it < 8 ? -4.7750 : -1.5);
+    const T cc = static_cast<T>(it < 8 ? 2.0315 : 0.5);
+    // A = X X^T (symmetric: the lower triangle, mirrored).
+#pragma omp parallel for schedule(static) if (par)
+    for (int64_t i = 0; i < r; ++i)
+      for (int64_t j = 0; j <= i; ++j) {
+        const T* xi = X + i * c;
+        const T* xj = X + j * c;
+        T s = 0;
+        for (int64_t k = 0; k < c; ++k) s += xi[k] * xj[k];
+        A[i * r + j] = s;
+        A[j * r + i] = s;
+      }
+    // B = b A + c A A.
+#pragma omp parallel for schedule(static) if (par)
+    for (int64_t i = 0; i < r; ++i)
+      for (int64_t j = 0; j <= i; ++j) {
+        const T* ai = A + i * r;
+        const T* aj = A + j * r;
+        T s = 0;
+        for (int64_t k = 0; k < r; ++k) s += ai[k] * aj[k];
+        const T v = b * A[i * r + j] + cc * s;
+        B[i * r + j] = v;
+        B[j * r + i] = v;
+      }
+    // Y = a X + B X: per row, the sum over k of B_ik X_k in k order, then + a X_i.
+#pragma omp parallel for schedule(static) if (par)
+    for (int64_t i = 0; i < r; ++i) {
+      T* yi = Y + i * c;
+      std::fill(yi, yi + c, T(0));
+      for (int64_t k = 0; k < r; ++k) {
+        const T bik = B[i * r + k];
+        const T* xk = X + k * c;
+        for (int64_t j = 0; j < c; ++j) yi[j] += bik * xk[j];
+      }
+      const T* xi = X + i * c;
+      for (int64_t j = 0; j < c; ++j) yi[j] = a * xi[j] + yi[j];
+    }
+    std::swap(X, Y);
+  }
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) x[i * cols + j] = transposed ? X[j * c + i] : X[i * c + j];
+}
+
+template <class T>
+void muon_update(T* p, const T* g, T* momentum, int64_t rows, int64_t cols, const MuonConfig& cfg, double lr_t,
+                 std::vector<T>& work) {
+  const int64_t n = rows * cols;
+  std::vector<T> o(static_cast<size_t>(n));
+  const T mu = static_cast<T>(cfg.momentum);
+  for (int64_t i = 0; i < n; ++i) {
+    const T m = mu * momentum[i] + g[i];
+    momentum[i] = m;
+    o[size_t(i)] = mu * m + g[i];  // Nesterov
+  }
+  newton_schulz(o.data(), rows, cols, work);
+  const T scale = static_cast<T>(0.18 * std::sqrt(double(std::max(rows, cols))));
+  const double lr = cfg.lr_ratio * lr_t;
+  const T mul = static_cast<T>(1.0 - lr * cfg.weight_decay);
+  const T tlr = static_cast<T>(lr);
+  for (int64_t i = 0; i < n; ++i) p[i] = p[i] * mul - tlr * (o[size_t(i)] * scale);
+}
+
+template void newton_schulz<float>(float*, int64_t, int64_t, std::vector<float>&);
+template void newton_schulz<double>(double*, int64_t, int64_t, std::vector<double>&);
+template void muon_update<float>(float*, const float*, float*, int64_t, int64_t, const MuonConfig&, double,
+                                 std::vector<float>&);
+template void muon_update<double>(double*, const double*, double*, int64_t, int64_t, const MuonConfig&, double,
+                                  std::vector<double>&);
+
+}  // namespace moetune
