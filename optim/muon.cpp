@@ -3,11 +3,10 @@
 // The iteration works on X (r, c) with r <= c (the matrix transposed when it has more
 // rows than columns), so the Gram matrices XX^T are the small (r, r) ones:
 //   A = X X^T;  B = b A + c A A;  X = a X + B X.
-// A is symmetric, so (A A)_ij = sum_k A_ik A_jk: every product is a dot product of two
-// contiguous rows, or (for B X) a sum of scaled contiguous rows. Each output element is
-// one sum in a fixed order, and the OpenMP split is over output rows only, so the
-// result does not depend on the thread count (MODEL.md section 13): every rank that
-// holds a matrix computes the same bits.
+// Every product is computed as sums of scaled contiguous rows (matmul_rows). Each
+// output element is one sum in a fixed order, and the OpenMP split is over output rows
+// only, so the result does not depend on the thread count (MODEL.md section 13): every
+// rank that holds a matrix computes the same bits.
 #include "optim/muon.hpp"
 
 #include <algorithm>
@@ -29,16 +28,39 @@ bool is_muon_tensor(const TensorInfo& t) {
   return t.shape.size() == 2 && t.name != "model.embed_tokens.weight" && t.name != "lm_head.weight";
 }
 
+namespace {
+
+// C (n, m) = L (n, q) R (q, m), row-major: row i of C is the sum over k of L_ik R_k (a
+// row of R), in k order. The loop over a row's m columns vectorises without changing any
+// element's order of additions; threads split the rows of C.
+template <class T>
+void matmul_rows(T* C, const T* L, const T* R, int64_t n, int64_t q, int64_t m, bool par) {
+#pragma omp parallel for schedule(static) if (par)
+  for (int64_t i = 0; i < n; ++i) {
+    T* ci = C + i * m;
+    std::fill(ci, ci + m, T(0));
+    for (int64_t k = 0; k < q; ++k) {
+      const T l = L[i * q + k];
+      const T* rk = R + k * m;
+      for (int64_t j = 0; j < m; ++j) ci[j] += l * rk[j];
+    }
+  }
+}
+
+}  // namespace
+
 template <class T>
 void newton_schulz(T* x, int64_t rows, int64_t cols, std::vector<T>& work) {
   const bool transposed = rows > cols;
   const int64_t r = transposed ? cols : rows, c = transposed ? rows : cols;
   const int64_t n = r * c;
-  work.resize(size_t(2 * n + 2 * r * r));
-  T* X = work.data();
-  T* Y = X + n;
-  T* A = Y + n;
-  T* B = A + r * r;
+  work.resize(size_t(3 * n + 3 * r * r));
+  T* X = work.data();  // (r, c)
+  T* Y = X + n;        // (r, c)
+  T* XT = Y + n;       // (c, r)
+  T* A = XT + n;       // (r, r)
+  T* AA = A + r * r;   // (r, r)
+  T* B = AA + r * r;   // (r, r)
   double ss = 0;
   for (int64_t i = 0; i < n; ++i) ss += double(x[i]) * double(x[i]);
   if (ss == 0) return;  // all zero (an expert no token reached, at step 1): NS(0) = 0
@@ -56,42 +78,13 @@ void newton_schulz(T* x, int64_t rows, int64_t cols, std::vector<T>& work) {
     const T a = static_cast<T>(it < 8 ? 3.4445 : 2.0);
     const T b = static_cast<T>(it < 8 ? -4.7750 : -1.5);
     const T cc = static_cast<T>(it < 8 ? 2.0315 : 0.5);
-    // A = X X^T (symmetric: the lower triangle, mirrored).
-#pragma omp parallel for schedule(static) if (par)
     for (int64_t i = 0; i < r; ++i)
-      for (int64_t j = 0; j <= i; ++j) {
-        const T* xi = X + i * c;
-        const T* xj = X + j * c;
-        T s = 0;
-        for (int64_t k = 0; k < c; ++k) s += xi[k] * xj[k];
-        A[i * r + j] = s;
-        A[j * r + i] = s;
-      }
-    // B = b A + c A A.
-#pragma omp parallel for schedule(static) if (par)
-    for (int64_t i = 0; i < r; ++i)
-      for (int64_t j = 0; j <= i; ++j) {
-        const T* ai = A + i * r;
-        const T* aj = A + j * r;
-        T s = 0;
-        for (int64_t k = 0; k < r; ++k) s += ai[k] * aj[k];
-        const T v = b * A[i * r + j] + cc * s;
-        B[i * r + j] = v;
-        B[j * r + i] = v;
-      }
-    // Y = a X + B X: per row, the sum over k of B_ik X_k in k order, then + a X_i.
-#pragma omp parallel for schedule(static) if (par)
-    for (int64_t i = 0; i < r; ++i) {
-      T* yi = Y + i * c;
-      std::fill(yi, yi + c, T(0));
-      for (int64_t k = 0; k < r; ++k) {
-        const T bik = B[i * r + k];
-        const T* xk = X + k * c;
-        for (int64_t j = 0; j < c; ++j) yi[j] += bik * xk[j];
-      }
-      const T* xi = X + i * c;
-      for (int64_t j = 0; j < c; ++j) yi[j] = a * xi[j] + yi[j];
-    }
+      for (int64_t j = 0; j < c; ++j) XT[j * r + i] = X[i * c + j];
+    matmul_rows(A, X, XT, r, c, r, par);   // A = X X^T (exactly symmetric: same products, same order)
+    matmul_rows(AA, A, A, r, r, r, par);   // A A
+    for (int64_t i = 0; i < r * r; ++i) B[i] = b * A[i] + cc * AA[i];
+    matmul_rows(Y, B, X, r, r, c, par);    // B X
+    for (int64_t i = 0; i < n; ++i) Y[i] = a * X[i] + Y[i];
     std::swap(X, Y);
   }
   for (int64_t i = 0; i < rows; ++i)
