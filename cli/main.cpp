@@ -134,7 +134,7 @@ int main(int argc, char** argv) {
   train->add_option("--init-from", topt.init_from,
                     "Start from this checkpoint's weights (its config.json replaces the run config's model section)");
   train->add_option("--resume-from", topt.resume_from,
-                    "Continue exactly from this checkpoint (weights, AdamW state, step, data position); it must be "
+                    "Continue exactly from this checkpoint (weights, optimizer state, step, data position); it must be "
                     "complete and intact (manifest.json checksums)");
   train->add_flag("--auto-resume", topt.auto_resume,
                   "Continue from the newest valid checkpoint in --out if there is one (invalid ones are skipped "
@@ -158,7 +158,7 @@ int main(int argc, char** argv) {
   sft->add_option("--config", sft_config, "Run config for the data/train/optim/parallel sections (default: defaults)");
   sft->add_option("--valid", sft_valid, "Held-out SFT JSONL for the validation loss");
   sft->add_flag("--continue-optimizer", sopt.continue_optimizer,
-                "Continue the base checkpoint's AdamW moments and step count (default: a fresh optimizer)");
+                "Continue the base checkpoint's optimizer state (AdamW moments or Muon momentum) and step count (default: a fresh optimizer)");
   sft->add_flag("--auto-resume", sopt.auto_resume, "Continue from the newest valid checkpoint in --out, if any");
   sft->add_option("--set", sft_sets, "Override a run-config key, e.g. --set train.steps=200");
   sft->add_option("--peak-gflops", sopt.peak_gflops, "Peak GFLOP/s for MFU (default: measured)");

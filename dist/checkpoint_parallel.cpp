@@ -12,6 +12,7 @@
 #include "io/manifest.hpp"
 #include "io/safetensors.hpp"
 #include "moe/error.hpp"
+#include "optim/optimizer.hpp"
 
 namespace moetune::dist {
 namespace {
@@ -41,7 +42,7 @@ void save_checkpoint_parallel(const std::string& dir_in, const ProcessGrid& g, c
                               const ParamLayout& layout, const std::vector<T>& params,
                               const std::vector<std::vector<float>>& bias, const std::vector<T>* exp_avg,
                               const std::vector<T>* exp_avg_sq, int64_t optimizer_step, const json& state,
-                              const std::string& tokenizer_json) {
+                              const std::string& tokenizer_json, const std::string& optimizer) {
   std::string dir = dir_in;
   while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
   // One temporary name for all ranks: rank 0's pid.
@@ -83,10 +84,10 @@ void save_checkpoint_parallel(const std::string& dir_in, const ProcessGrid& g, c
         for (const auto& t : layout.tensors()) {
           if (shard_of(t.name) != k) continue;
           model.push_back(to_write(t.name, t.shape, params.data() + t.offset));
-          if (exp_avg) {
-            moments.push_back(to_write(t.name + ".exp_avg", t.shape, exp_avg->data() + t.offset));
-            moments.push_back(to_write(t.name + ".exp_avg_sq", t.shape, exp_avg_sq->data() + t.offset));
-          }
+          if (exp_avg)
+            for (const auto& st : optimizer_state_names(optimizer, t))
+              moments.push_back(
+                  to_write(t.name + st.suffix, t.shape, (st.slot == 0 ? exp_avg : exp_avg_sq)->data() + t.offset));
           for (int j = 0; j < cfg.num_moe_layers() && k == 0; ++j) {
             const int l = cfg.first_k_dense_replace + j;
             if (t.name == ParamLayout::layer(l, "mlp.gate.weight"))
@@ -96,7 +97,7 @@ void save_checkpoint_parallel(const std::string& dir_in, const ProcessGrid& g, c
         write_safetensors((fs::path(tmp) / shard_name("model", k, n)).string(), model, {{"format", "pt"}});
         if (exp_avg)
           write_safetensors((fs::path(tmp) / shard_name("optimizer", k, n)).string(), moments,
-                            {{"format", "pt"}, {"step", std::to_string(optimizer_step)}});
+                            {{"format", "pt"}, {"step", std::to_string(optimizer_step)}, {"optimizer", optimizer}});
       }
     } catch (const std::exception& e) {
       error = e.what();
@@ -111,13 +112,12 @@ void save_checkpoint_parallel(const std::string& dir_in, const ProcessGrid& g, c
       {
         const ParamLayout full = ParamLayout::build(cfg);
         json mi = {{"metadata", {{"format", "pt"}}}, {"weight_map", json::object()}};
-        json oi = {{"metadata", {{"format", "pt"}, {"step", std::to_string(optimizer_step)}}},
+        json oi = {{"metadata", {{"format", "pt"}, {"step", std::to_string(optimizer_step)}, {"optimizer", optimizer}}},
                    {"weight_map", json::object()}};
         for (const auto& t : full.tensors()) {
           mi["weight_map"][t.name] = shard_name("model", shard_of(t.name), n);
           const std::string of = shard_name("optimizer", shard_of(t.name), n);
-          oi["weight_map"][t.name + ".exp_avg"] = of;
-          oi["weight_map"][t.name + ".exp_avg_sq"] = of;
+          for (const auto& st : optimizer_state_names(optimizer, t)) oi["weight_map"][t.name + st.suffix] = of;
         }
         for (int j = 0; j < cfg.num_moe_layers(); ++j)
           mi["weight_map"][ParamLayout::bias_name(cfg.first_k_dense_replace + j)] = shard_name("model", 0, n);
@@ -148,10 +148,12 @@ void save_checkpoint_parallel(const std::string& dir_in, const ProcessGrid& g, c
 template void save_checkpoint_parallel<float>(const std::string&, const ProcessGrid&, const ModelConfig&,
                                               const ParamLayout&, const std::vector<float>&,
                                               const std::vector<std::vector<float>>&, const std::vector<float>*,
-                                              const std::vector<float>*, int64_t, const json&, const std::string&);
+                                              const std::vector<float>*, int64_t, const json&, const std::string&,
+                                              const std::string&);
 template void save_checkpoint_parallel<double>(const std::string&, const ProcessGrid&, const ModelConfig&,
                                                const ParamLayout&, const std::vector<double>&,
                                                const std::vector<std::vector<float>>&, const std::vector<double>*,
-                                               const std::vector<double>*, int64_t, const json&, const std::string&);
+                                               const std::vector<double>*, int64_t, const json&, const std::string&,
+                                               const std::string&);
 
 }  // namespace moetune::dist

@@ -24,12 +24,14 @@
 namespace moetune::dist {
 
 // Collective over grid.world. `layout` is this rank's layout (its expert range).
-// tokenizer_json: written by rank 0 as tokenizer.json when not empty.
+// tokenizer_json: written by rank 0 as tokenizer.json when not empty. optimizer: the
+// optim.name of the state (tensor names and the "optimizer" metadata, as save_checkpoint).
 template <class T>
 void save_checkpoint_parallel(const std::string& dir, const ProcessGrid& grid, const ModelConfig& cfg,
                               const ParamLayout& layout, const std::vector<T>& params,
                               const std::vector<std::vector<float>>& bias, const std::vector<T>* exp_avg,
                               const std::vector<T>* exp_avg_sq, int64_t optimizer_step,
-                              const nlohmann::json& trainer_state, const std::string& tokenizer_json = {});
+                              const nlohmann::json& trainer_state, const std::string& tokenizer_json = {},
+                              const std::string& optimizer = "adamw");
 
 }  // namespace moetune::dist

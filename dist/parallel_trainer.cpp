@@ -43,6 +43,26 @@ std::vector<int64_t> shard_sizes(size_t n, int ranks) {
   return sizes;
 }
 
+// The ZeRO-1 split of the segment [begin, end) of `lay`: shard_sizes, with every
+// boundary that falls inside a Muon matrix moved to the nearer end of that matrix
+// (ties to its start), so that each Muon matrix lies in one shard. Moving each boundary
+// to the nearer end of the matrix holding it keeps the boundaries in order.
+std::vector<int64_t> zero_shard_sizes(const ParamLayout& lay, const OptimizerConfig& oc, size_t begin, size_t end,
+                                      int ranks) {
+  std::vector<int64_t> sizes = shard_sizes(end - begin, ranks);
+  if (!oc.muon_enabled()) return sizes;
+  std::vector<size_t> bound(size_t(ranks) + 1, begin);
+  for (int q = 0; q < ranks; ++q) bound[q + 1] = bound[q] + size_t(sizes[q]);
+  for (int q = 1; q < ranks; ++q)
+    for (const auto& t : lay.tensors())
+      if (uses_muon(oc, t) && t.offset < bound[q] && bound[q] < t.offset + t.numel) {
+        bound[q] = bound[q] - t.offset <= t.offset + t.numel - bound[q] ? t.offset : t.offset + t.numel;
+        break;
+      }
+  for (int q = 0; q < ranks; ++q) sizes[q] = int64_t(bound[q + 1] - bound[q]);
+  return sizes;
+}
+
 }  // namespace
 
 template <class T>
@@ -57,12 +77,17 @@ std::unique_ptr<AllToAllExpertStage<T>> install_expert_stage(ProcessGrid& grid, 
 
 template <class T>
 ParallelTrainer<T>::ParallelTrainer(const ModelConfig& cfg, ProcessGrid& grid, const AdamWConfig& ac, int zero_stage)
+    : ParallelTrainer(cfg, grid, OptimizerConfig{"adamw", ac, {}}, zero_stage) {}
+
+template <class T>
+ParallelTrainer<T>::ParallelTrainer(const ModelConfig& cfg, ProcessGrid& grid, const OptimizerConfig& oc,
+                                    int zero_stage)
     : grid_(grid), cfg_(cfg), zero_(zero_stage) {
   if (zero_stage != 0 && zero_stage != 1)
     throw Error("key 'parallel.zero_stage': must be 0 or 1, got " + std::to_string(zero_stage));
   model_ = std::make_unique<Model<T>>(cfg, grid.expert_begin, grid.expert_end);
   const ParamLayout& lay = model_->layout();
-  opt_ = std::make_unique<AdamW<T>>(lay, ac);
+  opt_ = std::make_unique<Optimizer<T>>(lay, oc);
   acc_.assign(lay.total(), int128(0));
   // Segments: maximal runs of dense or of expert tensors, in layout order.
   for (const auto& t : lay.tensors()) {
@@ -86,11 +111,12 @@ ParallelTrainer<T>::ParallelTrainer(const ModelConfig& cfg, ProcessGrid& grid, c
     size_t total = 0;
     for (const auto& s : segments_) {
       const Comm& c = s.expert ? grid_.edp_comm : grid_.world;
-      const auto sizes = shard_sizes(s.end - s.begin, c.size());
+      auto sizes = zero_shard_sizes(lay, oc, s.begin, s.end, c.size());
       size_t b = 0;
       for (int q = 0; q < c.rank(); ++q) b += size_t(sizes[q]);
-      shards_.push_back({s.begin + b, s.begin + b + size_t(sizes[c.rank()])});
-      total += size_t(sizes[c.rank()]);
+      const size_t len = size_t(sizes[c.rank()]);
+      shards_.push_back({s.begin + b, s.begin + b + len, std::move(sizes)});
+      total += len;
     }
     zm_.assign(total, T(0));
     zv_.assign(total, T(0));
@@ -232,7 +258,7 @@ double ParallelTrainer<T>::global_grad_norm_exact() {
 template <class T>
 void ParallelTrainer<T>::zero_step(double lr) {
   // ZeRO-1: update this rank's shard of every replicated segment with its sharded
-  // moments, then all-gather the parameters of the segment.
+  // state, then all-gather the parameters of the segment.
   auto& p = model_->params();
   const auto& g = model_->grads();
   const ParamLayout& lay = model_->layout();
@@ -241,19 +267,19 @@ void ParallelTrainer<T>::zero_step(double lr) {
   for (size_t si = 0; si < segments_.size(); ++si) {
     const auto& seg = segments_[si];
     const auto& sh = shards_[si];
-    // Elements of the shard, tensor by tensor (decay differs per tensor).
+    // Elements of the shard, tensor by tensor (decay and optimizer differ per tensor;
+    // a Muon matrix is always whole in one shard).
     for (const auto& t : lay.tensors()) {
       const size_t b = std::max(sh.begin, t.offset), e = std::min(sh.end, t.offset + t.numel);
       if (b >= e) continue;
-      adamw_update(p.data() + b, g.data() + b, zm_.data() + mo + (b - sh.begin), zv_.data() + mo + (b - sh.begin),
-                   int64_t(e - b), t.decay, opt_->config(), zstep_, lr);
+      optimizer_update(opt_->config(), t, b - t.offset, e - t.offset, p.data() + b, g.data() + b,
+                       zm_.data() + mo + (b - sh.begin), zv_.data() + mo + (b - sh.begin), zstep_, lr, work_);
     }
     mo += sh.end - sh.begin;
     const Comm& c = seg.expert ? grid_.edp_comm : grid_.world;
     const size_t n = seg.end - seg.begin;
-    const std::vector<int64_t> cnt = shard_sizes(n, c.size());
     std::vector<T> mine(p.begin() + sh.begin, p.begin() + sh.end);
-    c.allgatherv(std::span<const T>(mine), std::span<T>(p.data() + seg.begin, n), cnt);
+    c.allgatherv(std::span<const T>(mine), std::span<T>(p.data() + seg.begin, n), sh.counts);
   }
   opt_->set_step_count(zstep_);
 }
@@ -262,17 +288,12 @@ template <class T>
 StepResult ParallelTrainer<T>::step(const std::vector<MicroBatch>& batch, double lr, double max_grad_norm,
                                     const LossHead<T>* head) {
   StepResult r = accumulate(batch, head);
-  if (!std::isfinite(r.total_loss) || !std::isfinite(r.grad_norm)) {
-    r.skipped = true;
-    return r;
-  }
-  r.clip_coef = clip_coefficient(r.grad_norm, max_grad_norm);
-  if (r.clip_coef < 1.0) scale_grads(model_->grads(), r.clip_coef);
-  if (zero_ == 1)
-    zero_step(lr);
-  else
-    opt_->step(model_->params(), model_->grads(), lr);
-  if (cfg_.noaux_tc()) update_expert_bias(model_->expert_bias(), r.expert_counts, cfg_.bias_update_rate);
+  finish_step(r, model_->grads(), cfg_, model_->expert_bias(), max_grad_norm, [&] {
+    if (zero_ == 1)
+      zero_step(lr);
+    else
+      opt_->step(model_->params(), model_->grads(), lr);
+  });
   return r;
 }
 
@@ -319,10 +340,9 @@ void ParallelTrainer<T>::gather_optimizer_state(std::vector<T>& m, std::vector<T
     const auto& sh = shards_[si];
     const Comm& c = seg.expert ? grid_.edp_comm : grid_.world;
     const size_t n = seg.end - seg.begin;
-    const std::vector<int64_t> cnt = shard_sizes(n, c.size());
     const size_t len = sh.end - sh.begin;
-    c.allgatherv(std::span<const T>(zm_.data() + mo, len), std::span<T>(m.data() + seg.begin, n), cnt);
-    c.allgatherv(std::span<const T>(zv_.data() + mo, len), std::span<T>(v.data() + seg.begin, n), cnt);
+    c.allgatherv(std::span<const T>(zm_.data() + mo, len), std::span<T>(m.data() + seg.begin, n), sh.counts);
+    c.allgatherv(std::span<const T>(zv_.data() + mo, len), std::span<T>(v.data() + seg.begin, n), sh.counts);
     mo += len;
   }
 }

@@ -22,6 +22,7 @@
 #include "dist/int128.hpp"
 #include "moe/model.hpp"
 #include "optim/adamw.hpp"
+#include "optim/optimizer.hpp"
 #include "train/step.hpp"
 
 namespace moetune::dist {
@@ -52,12 +53,18 @@ std::unique_ptr<AllToAllExpertStage<T>> install_expert_stage(ProcessGrid& grid, 
 template <class T>
 class ParallelTrainer {
  public:
-  // zero_stage 1 shards the AdamW moments of each replicated tensor over the ranks
-  // that replicate it (all W for dense tensors, the EDP group for experts).
+  // zero_stage 1 shards the optimizer state of each replicated tensor over the ranks
+  // that replicate it (all W for dense tensors, the EDP group for experts). Under Muon
+  // a shard holds whole matrices (the orthogonalisation needs the whole matrix): shard
+  // boundaries that would cut a Muon matrix move to one of its ends, and the rank whose
+  // shard holds a matrix alone computes its update (for an expert: a rank of the EP
+  // group that owns the expert), then all-gathers it.
+  ParallelTrainer(const ModelConfig& cfg, ProcessGrid& grid, const OptimizerConfig& oc, int zero_stage = 0);
+  // AdamW (optim.name = "adamw").
   ParallelTrainer(const ModelConfig& cfg, ProcessGrid& grid, const AdamWConfig& ac, int zero_stage = 0);
 
   Model<T>& model() { return *model_; }
-  AdamW<T>& optimizer() { return *opt_; }
+  Optimizer<T>& optimizer() { return *opt_; }
   ProcessGrid& grid() { return grid_; }
   int zero_stage() const { return zero_; }
 
@@ -66,7 +73,7 @@ class ParallelTrainer {
   // rank's tensors (identical on every rank that holds a tensor).
   // `head` replaces the cross-entropy (StepResult::loss is then its loss).
   StepResult accumulate(const std::vector<MicroBatch>& global_batch, const LossHead<T>* head = nullptr);
-  // Collective. accumulate + clip + AdamW + expert-bias update.
+  // Collective. accumulate + clip + optimizer (AdamW or Muon) + expert-bias update.
   StepResult step(const std::vector<MicroBatch>& global_batch, double lr, double max_grad_norm,
                   const LossHead<T>* head = nullptr);
 
@@ -74,10 +81,10 @@ class ParallelTrainer {
   // forward only; their number must be a multiple of the number of ranks.
   double evaluate(const std::vector<MicroBatch>& batches);
 
-  // Bytes of AdamW state (exp_avg + exp_avg_sq) this rank holds.
+  // Bytes of optimizer state (exp_avg + exp_avg_sq buffers) this rank holds.
   int64_t optimizer_state_bytes() const;
-  // Full (unsharded) AdamW moments of this rank's tensors, gathered for checkpoints;
-  // collective when zero_stage == 1.
+  // Full (unsharded) optimizer state of this rank's tensors (Optimizer's exp_avg /
+  // exp_avg_sq buffers), gathered for checkpoints; collective when zero_stage == 1.
   void gather_optimizer_state(std::vector<T>& exp_avg, std::vector<T>& exp_avg_sq);
   // Install full moments (from a checkpoint) into this rank's (possibly sharded) state.
   void set_optimizer_state(const std::vector<T>& exp_avg, const std::vector<T>& exp_avg_sq, int64_t step);
@@ -96,17 +103,20 @@ class ParallelTrainer {
   ProcessGrid& grid_;
   ModelConfig cfg_;
   std::unique_ptr<Model<T>> model_;
-  std::unique_ptr<AdamW<T>> opt_;
+  std::unique_ptr<Optimizer<T>> opt_;
   std::unique_ptr<AllToAllExpertStage<T>> stage_;
   std::vector<int128> acc_;
   std::vector<Segment> segments_;
   int zero_ = 0;
   size_t nonfinite_ = 0;  // non-finite gradient values met in this step's leaves
-  // ZeRO-1: per segment, this rank's shard [begin, end) and the moments of it.
+  // ZeRO-1: per segment, this rank's shard [begin, end), the shard sizes of every rank
+  // of the segment's communicator, and the optimizer state of the shards.
   struct Shard {
     size_t begin, end;
+    std::vector<int64_t> counts;
   };
   std::vector<Shard> shards_;
+  std::vector<T> work_;  // Newton-Schulz scratch
   std::vector<T> zm_, zv_;  // moments of the shards, concatenated
   int64_t zstep_ = 0;
 };

@@ -19,6 +19,7 @@
 #include "io/json_parse.hpp"
 #include "io/safetensors.hpp"
 #include "moe/error.hpp"
+#include "optim/optimizer.hpp"
 
 namespace moetune {
 namespace {
@@ -258,11 +259,11 @@ void save_checkpoint(const std::string& dir_in, const ModelConfig& cfg, const Pa
 
     if (exp_avg) {
       std::vector<TensorToWrite> moments;
-      for (const auto& t : layout.tensors()) {
-        moments.push_back(to_write(t.name + ".exp_avg", t.shape, exp_avg->data() + t.offset));
-        moments.push_back(to_write(t.name + ".exp_avg_sq", t.shape, exp_avg_sq->data() + t.offset));
-      }
-      write_tensor_set(tmp, "optimizer", moments, {{"format", "pt"}, {"step", std::to_string(optimizer_step)}},
+      for (const auto& t : layout.tensors())
+        for (const auto& st : optimizer_state_names(opt.optimizer, t))
+          moments.push_back(to_write(t.name + st.suffix, t.shape, (st.slot == 0 ? exp_avg : exp_avg_sq)->data() + t.offset));
+      write_tensor_set(tmp, "optimizer", moments,
+                       {{"format", "pt"}, {"step", std::to_string(optimizer_step)}, {"optimizer", opt.optimizer}},
                        opt.max_shard_bytes);
     }
     fsutil::write_file_atomic(join(tmp, "trainer_state.json"), state_text);
@@ -346,20 +347,31 @@ void load_model_weights(const std::string& dir_in, const ModelConfig& cfg, const
 
 template <class T>
 bool load_optimizer_state(const std::string& dir_in, const ParamLayout& layout, std::vector<T>& exp_avg,
-                          std::vector<T>& exp_avg_sq, int64_t& step) {
+                          std::vector<T>& exp_avg_sq, int64_t& step, const std::string& optimizer) {
   const std::string dir = clean_dir(dir_in);
   auto src = open_tensor_set(dir, "optimizer");
   if (!src) return false;
+  // The optimizer first: another optimizer's state has other tensor names, and "tensor
+  // missing" would not say why.
+  for (const auto& f : src->files) {
+    auto it = f.metadata().find("optimizer");
+    const std::string written = it == f.metadata().end() ? "adamw" : it->second;
+    if (written != optimizer)
+      throw Error(f.path() + ": the optimizer state was written by optim.name = \"" + written +
+                  "\", but this run has key 'optim.name' = \"" + optimizer +
+                  "\"; the optimizer cannot change on resume (set optim.name = \"" + written +
+                  "\", or start from the weights alone with --init-from)");
+  }
   std::unordered_set<std::string> expected;
   for (const auto& t : layout.tensors())
-    for (const char* suffix : {".exp_avg", ".exp_avg_sq"}) {
-      src->expect(t.name + suffix, t.shape);
-      expected.insert(t.name + suffix);
+    for (const auto& st : optimizer_state_names(optimizer, t)) {
+      src->expect(t.name + st.suffix, t.shape);
+      expected.insert(t.name + st.suffix);
     }
-  // Moments of experts outside this layout's expert range belong to other ranks.
+  // State of experts outside this layout's expert range belongs to other ranks.
   std::unordered_set<std::string> others;
   for (const auto& n : src->names)
-    if (!expected.count(n) && ParamLayout::is_expert_tensor(n) && !layout.contains(n.substr(0, n.rfind(".exp_avg"))))
+    if (!expected.count(n) && ParamLayout::is_expert_tensor(n) && !layout.contains(n.substr(0, n.rfind('.'))))
       others.insert(n);
   expected.insert(others.begin(), others.end());
   src->reject_unexpected(expected);
@@ -377,13 +389,13 @@ bool load_optimizer_state(const std::string& dir_in, const ParamLayout& layout, 
   }
   exp_avg.assign(layout.total(), T(0));
   exp_avg_sq.assign(layout.total(), T(0));
-  for (const auto& t : layout.tensors()) {
-    src->file_of(t.name + ".exp_avg").read(t.name + ".exp_avg", exp_avg.data() + t.offset, t.numel);
-    check_values(src->file_of(t.name + ".exp_avg"), t.name + ".exp_avg", exp_avg.data() + t.offset, t.numel);
-    src->file_of(t.name + ".exp_avg_sq").read(t.name + ".exp_avg_sq", exp_avg_sq.data() + t.offset, t.numel);
-    check_values(src->file_of(t.name + ".exp_avg_sq"), t.name + ".exp_avg_sq", exp_avg_sq.data() + t.offset, t.numel,
-                 true);
-  }
+  for (const auto& t : layout.tensors())
+    for (const auto& st : optimizer_state_names(optimizer, t)) {
+      const std::string name = t.name + st.suffix;
+      T* out = (st.slot == 0 ? exp_avg : exp_avg_sq).data() + t.offset;
+      src->file_of(name).read(name, out, t.numel);
+      check_values(src->file_of(name), name, out, t.numel, st.slot == 1);  // a second moment is >= 0
+    }
   return true;
 }
 
@@ -440,7 +452,7 @@ std::string trainer_state_string(const json& state, const std::string& dir, cons
   template void load_model_weights<T>(const std::string&, const ModelConfig&, const ParamLayout&,               \
                                       std::vector<T>&, std::vector<std::vector<float>>&);                       \
   template bool load_optimizer_state<T>(const std::string&, const ParamLayout&, std::vector<T>&,                \
-                                        std::vector<T>&, int64_t&);
+                                        std::vector<T>&, int64_t&, const std::string&);
 MOETUNE_INSTANTIATE(float)
 MOETUNE_INSTANTIATE(double)
 #undef MOETUNE_INSTANTIATE

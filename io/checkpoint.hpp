@@ -2,7 +2,9 @@
 //   config.json                 ModelConfig::to_json()
 //   model.safetensors           every parameter plus the routing biases, F32, Hugging Face names
 //                               (or model-0000k-of-0000n.safetensors + model.safetensors.index.json)
-//   optimizer.safetensors       "<param>.exp_avg" / "<param>.exp_avg_sq", metadata "step"
+//   optimizer.safetensors       "<param>.exp_avg" / "<param>.exp_avg_sq" (AdamW), or
+//                               "<param>.momentum_buffer" (a Muon matrix under optim.name
+//                               "muon"), metadata "step" and "optimizer" ("adamw" | "muon")
 //                               (or optimizer-0000k-of-0000n.safetensors + optimizer.safetensors.index.json)
 //   trainer_state.json          whatever JSON object the trainer hands in
 //   tokenizer.json              the run's tokenizer (Hugging Face format), when given
@@ -27,6 +29,9 @@ struct CheckpointWriteOptions {
   uint64_t max_shard_bytes = 0;
   // Written verbatim as tokenizer.json when not empty (the tokenizer travels with the model).
   std::string tokenizer_json;
+  // optim.name of the state: names the optimizer tensors (optimizer_state_names) and is
+  // written as the "optimizer" metadata of optimizer.safetensors.
+  std::string optimizer = "adamw";
 };
 
 // Writes a checkpoint of `params` (layout.total() elements, viewed through `layout`)
@@ -54,10 +59,13 @@ void load_model_weights(const std::string& dir, const ModelConfig& cfg, const Pa
                         std::vector<T>& params, std::vector<std::vector<float>>& bias);
 
 // Returns false (and leaves the outputs untouched) if the checkpoint has no optimizer
-// state; otherwise fills both moments (layout.total(), zero padding) and the step.
+// state; otherwise fills both buffers (layout.total(), zero padding; a Muon matrix's
+// momentum_buffer goes to exp_avg, its exp_avg_sq stays 0) and the step. `optimizer` is
+// the run's optim.name: state written by another optimizer (metadata "optimizer",
+// "adamw" when absent) is an Error naming the key optim.name.
 template <class T>
 bool load_optimizer_state(const std::string& dir, const ParamLayout& layout, std::vector<T>& exp_avg,
-                          std::vector<T>& exp_avg_sq, int64_t& step);
+                          std::vector<T>& exp_avg_sq, int64_t& step, const std::string& optimizer = "adamw");
 
 // <dir>/trainer_state.json, or {} if the file is absent. Error if it is not a JSON object.
 nlohmann::json load_trainer_state(const std::string& dir);

@@ -201,7 +201,7 @@ RlSummary rl_impl(const RunConfig& rc, const RlOptions& opt) {
       fs::create_directories(opt.out_dir);
       remove_incomplete_checkpoints(opt.out_dir);
     }
-    trainer_holder = std::make_unique<dist::ParallelTrainer<T>>(cfg, grid, rc.adamw_config(), rc.parallel.zero_stage);
+    trainer_holder = std::make_unique<dist::ParallelTrainer<T>>(cfg, grid, rc.optimizer_config(), rc.parallel.zero_stage);
     Model<T>& m = trainer_holder->model();
     if (opt.auto_resume && opt.resume_from.empty())
       resume_dir = find_latest_valid_checkpoint(opt.out_dir, [&](const std::string& w) {
@@ -215,7 +215,7 @@ RlSummary rl_impl(const RunConfig& rc, const RlOptions& opt) {
       load_model_weights(resume_dir, cfg, m.layout(), m.params(), m.expert_bias());
       std::vector<T> mo, vo;
       int64_t ostep = 0;
-      if (!load_optimizer_state(resume_dir, m.layout(), mo, vo, ostep))
+      if (!load_optimizer_state(resume_dir, m.layout(), mo, vo, ostep, rc.optim.name))
         throw Error(resume_dir + ": no optimizer state; cannot resume an RL run from it");
       trainer_holder->set_optimizer_state(mo, vo, ostep);
       const RlResumeState rs = read_rl_resume_state(resume_dir);
@@ -586,7 +586,7 @@ RlSummary rl_impl(const RunConfig& rc, const RlOptions& opt) {
       std::vector<T> mo, vo;
       trainer.gather_optimizer_state(mo, vo);
       dist::save_checkpoint_parallel(dir, grid, cfg, model.layout(), model.params(), model.expert_bias(), &mo, &vo,
-                                     trainer.optimizer().step_count(), state, tokenizer->json());
+                                     trainer.optimizer().step_count(), state, tokenizer->json(), rc.optim.name);
       sum.final_checkpoint = dir;
       if (talk) std::printf("saved checkpoint %s\n", dir.c_str());
       if (root && rc.train.keep_checkpoints > 0) prune_checkpoints(opt.out_dir, rc.train.keep_checkpoints);

@@ -196,7 +196,8 @@ const std::vector<KeyDef>& keys() {
           "parallelism",
           positive<int>()),
       key("parallel", &RunConfig::parallel, "zero_stage", &P::zero_stage,
-          "1 = shard the AdamW moments of replicated tensors over the ranks that replicate them (ZeRO-1); 0 = off",
+          "1 = shard the optimizer state (AdamW moments, Muon momentum: whole matrices per rank) of replicated "
+          "tensors over the ranks that replicate them (ZeRO-1); 0 = off",
           [](const int& v, const std::string& w, const std::string& k) {
             if (v != 0 && v != 1) fail(w, k, "must be 0 or 1, got " + std::to_string(v));
           }),
@@ -288,6 +289,25 @@ const std::vector<KeyDef>& keys() {
           [](const double& v, const std::string& w, const std::string& k) {
             if (!(v >= 0 && v <= 1)) fail(w, k, "must be in [0, 1], got " + num(v));
           }),
+      key("optim", &RunConfig::optim, "name", &O::name,
+          "the optimizer: \"adamw\" (every tensor) or \"muon\" (Muon for every rank-2 matrix except the "
+          "embedding and the LM head, router and experts included; AdamW with the keys above for the rest; "
+          "MODEL.md section 12). A run resumes only with the optimizer its checkpoint was written with",
+          one_of({"adamw", "muon"})),
+      key("optim", &RunConfig::optim, "muon_lr", &O::muon_lr,
+          "peak learning rate of the Muon matrices, on the same schedule as optim.lr (scaled by muon_lr / lr); "
+          "0 = optim.lr. The update is scaled by 0.18 * sqrt(max(rows, cols)), so AdamW's learning rate is "
+          "the natural one",
+          [](const double& v, const std::string& w, const std::string& k) {
+            if (!(v >= 0 && v < std::numeric_limits<double>::infinity()))
+              fail(w, k, "must be a finite number >= 0, got " + num(v));
+          }),
+      key("optim", &RunConfig::optim, "muon_momentum", &O::muon_momentum,
+          "Muon momentum mu, in [0, 1): M = mu M + G, Nesterov update mu M + G", half_open_unit),
+      key("optim", &RunConfig::optim, "muon_weight_decay", &O::muon_weight_decay,
+          "decoupled weight decay of the Muon matrices: W *= 1 - muon_lr * muon_weight_decay (optim.weight_decay "
+          "applies to the AdamW tensors)",
+          non_negative<double>()),
   };
   return k;
 }
@@ -505,7 +525,7 @@ std::string describe_config_keys() {
       s << "\n[" << section << "]  "
         << (section == "data"    ? "training data and batch rows (docs/data.md)"
             : section == "train" ? "the training loop"
-            : section == "optim" ? "AdamW and the learning-rate schedule"
+            : section == "optim" ? "the optimizer (AdamW or Muon) and the learning-rate schedule"
             : section == "rl"    ? "moetune rl: rollouts, rewards and the GRPO-family objective (docs/rl.md)"
                                  : "the process grid under mpirun (README: Running on several processes)")
         << "\n";

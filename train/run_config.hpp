@@ -11,6 +11,7 @@
 
 #include "moe/config.hpp"
 #include "optim/adamw.hpp"
+#include "optim/optimizer.hpp"
 #include "optim/schedule.hpp"
 #include "train/data.hpp"
 
@@ -45,6 +46,10 @@ struct OptimConfig {
   std::string schedule = "cosine";  // "constant" | "linear" | "cosine"
   int64_t warmup_steps = 0;
   double min_lr_ratio = 0.1;
+  std::string name = "adamw";      // "adamw" | "muon" (MODEL.md section 12; docs/config.md)
+  double muon_lr = 0;              // peak learning rate of the Muon matrices; 0 = lr
+  double muon_momentum = 0.95;     // Muon's mu, in [0, 1)
+  double muon_weight_decay = 0.1;  // decoupled weight decay of the Muon matrices
 };
 
 // `moetune rl` (docs/rl.md; MODEL.md sections 10-11). Names follow TRL's GRPOConfig
@@ -120,6 +125,15 @@ struct RunConfig {
     a.eps = optim.eps;
     a.weight_decay = optim.weight_decay;
     return a;
+  }
+  OptimizerConfig optimizer_config() const {
+    OptimizerConfig o;
+    o.name = optim.name;
+    o.adamw = adamw_config();
+    o.muon.momentum = optim.muon_momentum;
+    o.muon.weight_decay = optim.muon_weight_decay;
+    o.muon.lr_ratio = optim.muon_lr > 0 ? optim.muon_lr / optim.lr : 1.0;
+    return o;
   }
 };
 

@@ -66,24 +66,54 @@ void update_expert_bias(std::vector<std::vector<float>>& bias, const std::vector
 }
 
 template <class T>
-StepResult train_step(Model<T>& model, AdamW<T>& opt, const std::vector<MicroBatch>& batch, double lr,
-                      double max_grad_norm) {
-  StepResult r = accumulate_gradients(model, batch);
+void finish_step(StepResult& r, std::vector<T>& grads, const ModelConfig& cfg, std::vector<std::vector<float>>& bias,
+                 double max_grad_norm, const std::function<void()>& update) {
   if (!std::isfinite(r.total_loss) || !std::isfinite(r.grad_norm)) {
     r.skipped = true;
-    return r;
+    return;
   }
   r.clip_coef = clip_coefficient(r.grad_norm, max_grad_norm);
-  if (r.clip_coef < 1.0) scale_grads(model.grads(), r.clip_coef);
-  opt.step(model.params(), model.grads(), lr);
-  if (model.config().noaux_tc()) update_expert_bias(model.expert_bias(), r.expert_counts, model.config().bias_update_rate);
-  return r;
+  if (r.clip_coef < 1.0) scale_grads(grads, r.clip_coef);
+  update();
+  if (cfg.noaux_tc()) update_expert_bias(bias, r.expert_counts, cfg.bias_update_rate);
 }
 
+namespace {
+// train_step of both optimizer types.
+template <class T, class Opt>
+StepResult train_step_with(Model<T>& model, Opt& opt, const std::vector<MicroBatch>& batch, double lr,
+                           double max_grad_norm) {
+  StepResult r = accumulate_gradients(model, batch);
+  finish_step(r, model.grads(), model.config(), model.expert_bias(), max_grad_norm,
+              [&] { opt.step(model.params(), model.grads(), lr); });
+  return r;
+}
+}  // namespace
+
+template <class T>
+StepResult train_step(Model<T>& model, AdamW<T>& opt, const std::vector<MicroBatch>& batch, double lr,
+                      double max_grad_norm) {
+  return train_step_with(model, opt, batch, lr, max_grad_norm);
+}
+
+template <class T>
+StepResult train_step(Model<T>& model, Optimizer<T>& opt, const std::vector<MicroBatch>& batch, double lr,
+                      double max_grad_norm) {
+  return train_step_with(model, opt, batch, lr, max_grad_norm);
+}
+
+template void finish_step<float>(StepResult&, std::vector<float>&, const ModelConfig&, std::vector<std::vector<float>>&,
+                                 double, const std::function<void()>&);
+template void finish_step<double>(StepResult&, std::vector<double>&, const ModelConfig&,
+                                  std::vector<std::vector<float>>&, double, const std::function<void()>&);
 template StepResult accumulate_gradients<float>(Model<float>&, const std::vector<MicroBatch>&);
 template StepResult accumulate_gradients<double>(Model<double>&, const std::vector<MicroBatch>&);
 template StepResult train_step<float>(Model<float>&, AdamW<float>&, const std::vector<MicroBatch>&, double, double);
 template StepResult train_step<double>(Model<double>&, AdamW<double>&, const std::vector<MicroBatch>&, double,
+                                       double);
+template StepResult train_step<float>(Model<float>&, Optimizer<float>&, const std::vector<MicroBatch>&, double,
+                                      double);
+template StepResult train_step<double>(Model<double>&, Optimizer<double>&, const std::vector<MicroBatch>&, double,
                                        double);
 
 }  // namespace moetune

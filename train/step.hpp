@@ -3,11 +3,13 @@
 // aux-loss-free bias update. Non-finite loss or gradient norm skips the update.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "moe/batch.hpp"
 #include "moe/model.hpp"
 #include "optim/adamw.hpp"
+#include "optim/optimizer.hpp"
 
 namespace moetune {
 
@@ -35,6 +37,18 @@ StepResult accumulate_gradients(Model<T>& model, const std::vector<MicroBatch>& 
 template <class T>
 StepResult train_step(Model<T>& model, AdamW<T>& opt, const std::vector<MicroBatch>& batch, double lr,
                       double max_grad_norm);
+// The same with the optimizer of optim.name (AdamW, or Muon for the matrices).
+template <class T>
+StepResult train_step(Model<T>& model, Optimizer<T>& opt, const std::vector<MicroBatch>& batch, double lr,
+                      double max_grad_norm);
+
+// What follows the gradient in every step (single process and dist::ParallelTrainer):
+// a non-finite loss or gradient norm marks r skipped and changes nothing; otherwise
+// clip grads to max_grad_norm (r.clip_coef), run `update` (the optimizer) and the
+// aux-loss-free bias update (noaux_tc).
+template <class T>
+void finish_step(StepResult& r, std::vector<T>& grads, const ModelConfig& cfg, std::vector<std::vector<float>>& bias,
+                 double max_grad_norm, const std::function<void()>& update);
 
 // b_i += rate * sign(mean(c) - c_i) per MoE layer (noaux_tc only), computed in double
 // and stored as fp32.

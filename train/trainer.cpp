@@ -105,7 +105,7 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
                   std::to_string(grid.world_size) + " ranks");
     validate(sched);
     if (grid.world_rank == 0) fs::create_directories(opt.out_dir);
-    trainer_holder = std::make_unique<dist::ParallelTrainer<T>>(cfg, grid, rc.adamw_config(), rc.parallel.zero_stage);
+    trainer_holder = std::make_unique<dist::ParallelTrainer<T>>(cfg, grid, rc.optimizer_config(), rc.parallel.zero_stage);
     Model<T>& m = trainer_holder->model();
     // Temporary directories of checkpoints whose writing was interrupted are incomplete
     // by construction (a checkpoint only gets its name once complete): remove them.
@@ -123,7 +123,7 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
       load_model_weights(resume_dir, cfg, m.layout(), m.params(), m.expert_bias());
       std::vector<T> mo, vo;
       int64_t ostep = 0;
-      if (!load_optimizer_state(resume_dir, m.layout(), mo, vo, ostep))
+      if (!load_optimizer_state(resume_dir, m.layout(), mo, vo, ostep, rc.optim.name))
         throw Error(resume_dir + ": no optimizer state; cannot resume exactly (use --init-from to start afresh)");
       trainer_holder->set_optimizer_state(mo, vo, ostep);
       resume_state = read_train_resume_state(resume_dir);
@@ -134,7 +134,7 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
       if (opt.continue_optimizer) {
         std::vector<T> mo, vo;
         int64_t ostep = 0;
-        if (!load_optimizer_state(opt.init_from, m.layout(), mo, vo, ostep))
+        if (!load_optimizer_state(opt.init_from, m.layout(), mo, vo, ostep, rc.optim.name))
           throw Error(opt.init_from + ": --continue-optimizer: the checkpoint has no optimizer state");
         trainer_holder->set_optimizer_state(mo, vo, ostep);
       }
@@ -339,7 +339,7 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
       std::vector<T> m, v;
       trainer.gather_optimizer_state(m, v);
       dist::save_checkpoint_parallel(dir, grid, cfg, model.layout(), model.params(), model.expert_bias(), &m, &v,
-                                     trainer.optimizer().step_count(), state, tokenizer ? tokenizer->json() : "");
+                                     trainer.optimizer().step_count(), state, tokenizer ? tokenizer->json() : "", rc.optim.name);
       const double save_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - ts).count();
       sum.final_checkpoint = dir;
       if (talk) {
