@@ -62,18 +62,31 @@ struct RunResult {
   std::unique_ptr<ParamLayout> layout;
 };
 
-// `steps` training steps at (grid's W, ep) with ZeRO stage z.
+// The optimizer of the Muon runs: Muon for the matrices, AdamW for the rest.
+OptimizerConfig muon_config() {
+  OptimizerConfig oc;
+  oc.name = "muon";
+  oc.adamw.weight_decay = 0.1;
+  oc.muon.momentum = 0.9;
+  oc.muon.weight_decay = 0.05;
+  oc.muon.lr_ratio = 4.0;
+  return oc;
+}
+
+// `steps` training steps at (grid's W, ep) with ZeRO stage z; AdamW (weight decay 0.1)
+// unless `optimizer` is given.
 RunResult train(const ModelConfig& cfg, ProcessGrid& grid, int steps, int M, int zero, const std::string& resume = "",
-                int first = 1, const std::string& save = "") {
-  AdamWConfig ac;
-  ac.weight_decay = 0.1;
-  ParallelTrainer<float> t(cfg, grid, ac, zero);
+                int first = 1, const std::string& save = "", const OptimizerConfig* optimizer = nullptr) {
+  OptimizerConfig oc;
+  oc.adamw.weight_decay = 0.1;
+  if (optimizer) oc = *optimizer;
+  ParallelTrainer<float> t(cfg, grid, oc, zero);
   t.model().init(7);
   if (!resume.empty()) {  // weights, routing bias and AdamW state of another layout's checkpoint
     load_model_weights(resume, cfg, t.model().layout(), t.model().params(), t.model().expert_bias());
     std::vector<float> m, v;
     int64_t step = 0;
-    EXPECT_TRUE(load_optimizer_state(resume, t.model().layout(), m, v, step));
+    EXPECT_TRUE(load_optimizer_state(resume, t.model().layout(), m, v, step, oc.name));
     t.set_optimizer_state(m, v, step);
   }
   RunResult r;
@@ -87,7 +100,7 @@ RunResult train(const ModelConfig& cfg, ProcessGrid& grid, int steps, int M, int
     std::vector<float> m, v;
     t.gather_optimizer_state(m, v);
     save_checkpoint_parallel(save, grid, cfg, t.model().layout(), t.model().params(), t.model().expert_bias(), &m, &v,
-                             t.optimizer().step_count(), {{"step", first + steps - 1}});
+                             t.optimizer().step_count(), {{"step", first + steps - 1}}, "", oc.name);
   }
   r.params = t.model().params();
   r.bias = t.model().expert_bias();
@@ -247,6 +260,74 @@ TEST(ExpertParallel, TrainingIsBitIdenticalToOneRank) {
       EXPECT_GT(compared, 0);
       EXPECT_EQ(got.bias, ref.bias);
     }
+}
+
+// The same for optim.name = "muon": each Muon matrix is orthogonalised on the ranks that
+// hold it (under ZeRO-1 on the one whose shard holds it whole), and every layout gives
+// the bits of one rank.
+TEST(ExpertParallel, MuonTrainingIsBitIdenticalToOneRank) {
+  Comm world = Comm::world();
+  if (world.size() == 1) GTEST_SKIP() << "at -np 1 both sides are the same single-rank path; run at -np 2+";
+  const auto cfg = tiny_config();
+  const OptimizerConfig oc = muon_config();
+  const int W = world.size(), M = 12, steps = 8;
+  Comm self = Comm::self();
+  ProcessGrid one = ProcessGrid::create(self, 1, cfg);
+  const RunResult ref = train(cfg, one, steps, M, 0, "", 1, "", &oc);
+  const RunResult adamw = train(cfg, one, 2, M, 0);
+  EXPECT_NE(adamw.params, train(cfg, one, 2, M, 0, "", 1, "", &oc).params) << "Muon must change the update";
+  for (int ep : valid_eps(W, cfg.E()))
+    for (int zero : {0, 1}) {
+      ProcessGrid grid = ProcessGrid::create(world, ep, cfg);
+      const RunResult got = train(cfg, grid, steps, M, zero, "", 1, "", &oc);
+      for (int s = 0; s < steps; ++s)
+        ASSERT_EQ(std::memcmp(&got.losses[s], &ref.losses[s], sizeof(double)), 0)
+            << "W=" << W << " ep=" << ep << " zero=" << zero << " step " << s + 1;
+      for (const auto& t : got.layout->tensors())
+        ASSERT_EQ(std::memcmp(got.params.data() + t.offset, ref.params.data() + ref.layout->at(t.name).offset,
+                              t.numel * sizeof(float)),
+                  0)
+            << t.name << " differs at W=" << W << " ep=" << ep << " zero=" << zero;
+      EXPECT_EQ(got.bias, ref.bias);
+    }
+}
+
+// Muon: save at one layout with ZeRO-1 (sharded momentum), resume at another without:
+// the continued run equals the uninterrupted one on a single rank, bit for bit; a
+// resume with AdamW is refused naming optim.name.
+TEST(ExpertParallel, MuonResumeAtAnotherLayoutEqualsUninterruptedRun) {
+  Comm world = Comm::world();
+  const auto cfg = tiny_config();
+  const OptimizerConfig oc = muon_config();
+  const int W = world.size(), M = 12;
+  Comm self = Comm::self();
+  ProcessGrid one = ProcessGrid::create(self, 1, cfg);
+  const RunResult ref = train(cfg, one, 6, M, 0, "", 1, "", &oc);
+  int64_t pid = ::getpid();
+  world.broadcast(std::span<int64_t>(&pid, 1), 0);
+  const fs::path root = fs::temp_directory_path() / ("moetune_muon_resume_" + std::to_string(pid));
+  const auto eps = valid_eps(W, cfg.E());
+  const std::string dir = (root / "ckpt").string();
+  {
+    ProcessGrid a = ProcessGrid::create(world, eps.back(), cfg);
+    train(cfg, a, 3, M, 1, "", 1, dir, &oc);
+  }
+  ProcessGrid b = ProcessGrid::create(world, eps.front(), cfg);
+  const RunResult got = train(cfg, b, 3, M, 0, dir, 4, "", &oc);
+  for (int s = 0; s < 3; ++s)
+    ASSERT_EQ(std::memcmp(&got.losses[s], &ref.losses[3 + s], sizeof(double)), 0) << "step " << 4 + s;
+  for (const auto& t : got.layout->tensors())
+    ASSERT_EQ(std::memcmp(got.params.data() + t.offset, ref.params.data() + ref.layout->at(t.name).offset,
+                          t.numel * sizeof(float)),
+              0)
+        << t.name << " after resuming ep " << eps.back() << " -> " << eps.front();
+  std::vector<float> m, v;
+  int64_t step = 0;
+  Model<float> back(cfg, b.expert_begin, b.expert_end);
+  const std::string msg = moetune::testing::error_of([&] { load_optimizer_state(dir, back.layout(), m, v, step); });
+  EXPECT_NE(msg.find("optim.name"), std::string::npos) << msg;
+  world.barrier();
+  if (world.rank() == 0) fs::remove_all(root);
 }
 
 // The loss and every gradient of one global batch at every valid (W, ep) equal one
