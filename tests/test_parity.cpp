@@ -42,11 +42,11 @@ struct Fixture {
 Fixture load_fixture(const std::string& name) {
   Fixture f;
   const fs::path dir = fs::path(fixture_root()) / name;
-  f.ckpt = (dir / "ckpt").string();
-  f.cfg = load_checkpoint_config(f.ckpt);
   std::ifstream in(dir / "batch.json");
   if (!in) throw std::runtime_error((dir / "batch.json").string() + ": missing");
   json b = json::parse(in);
+  f.ckpt = (dir / b.value("ckpt", std::string("ckpt"))).string();  // parity_muon shares parity_sigmoid's
+  f.cfg = load_checkpoint_config(f.ckpt);
   for (const auto& m : b.at("micro_batches")) {
     MicroBatch mb;
     mb.rows = m.at("rows");
@@ -97,7 +97,14 @@ void check_fixture(const std::string& name, double tol_loss, double tol_tensor, 
   ac.beta2 = f.optim.at("beta2");
   ac.eps = f.optim.at("eps");
   ac.weight_decay = f.optim.at("weight_decay");
-  dist::ParallelTrainer<T> trainer(f.cfg, grid, ac, 0);
+  OptimizerConfig oc;  // the run-config keys (docs/config.md); AdamW unless optim.name says "muon"
+  oc.name = f.optim.value("name", std::string("adamw"));
+  oc.adamw = ac;
+  const double muon_lr = f.optim.value("muon_lr", 0.0);
+  oc.muon.lr_ratio = muon_lr > 0 ? muon_lr / f.optim.at("lr").get<double>() : 1.0;
+  oc.muon.momentum = f.optim.value("muon_momentum", 0.95);
+  oc.muon.weight_decay = f.optim.value("muon_weight_decay", 0.1);
+  dist::ParallelTrainer<T> trainer(f.cfg, grid, oc, 0);
   Model<T> plain(f.cfg);
   Model<T>& model = parallel ? trainer.model() : plain;
   load_model_weights(f.ckpt, f.cfg, model.layout(), model.params(), model.expert_bias());
@@ -138,7 +145,7 @@ void check_fixture(const std::string& name, double tol_loss, double tol_tensor, 
   EXPECT_EQ(checked, int(model.layout().tensors().size()));
 
   // Training steps on the same global batch: loss, grad norm, then final weights and bias.
-  AdamW<T> opt(model.layout(), ac);
+  Optimizer<T> opt(model.layout(), oc);
   for (int k = 1; k <= f.steps; ++k) {
     const double lr = f.optim.at("lr").get<double>(), clip = f.optim.at("max_grad_norm").get<double>();
     StepResult s = parallel ? trainer.step(f.batch, lr, clip) : train_step(model, opt, f.batch, lr, clip);
@@ -165,6 +172,16 @@ TEST(Parity, SigmoidNoauxGroupsSharedDouble) { check_fixture<double>("parity_sig
 TEST(Parity, SigmoidNoauxGroupsSharedFloat) { check_fixture<float>("parity_sigmoid", 2e-5, 2e-5); }
 TEST(Parity, SoftmaxCapacityTiedDouble) { check_fixture<double>("parity_softmax", 1e-10, 1e-9); }
 TEST(Parity, SoftmaxCapacityTiedFloat) { check_fixture<float>("parity_softmax", 2e-5, 2e-5); }
+// optim.name = "muon" on parity_sigmoid's model and batch: Muon for the matrices (router
+// and experts included), AdamW for the embedding, head and norms, 3 steps.
+TEST(Parity, MuonDouble) {
+  check_fixture<double>("parity_muon", 1e-10, 1e-9);
+  check_fixture<double>("parity_muon", 1e-10, 1e-9, true);
+}
+TEST(Parity, MuonFloat) {
+  check_fixture<float>("parity_muon", 2e-5, 2e-5);
+  check_fixture<float>("parity_muon", 2e-5, 2e-5, true);
+}
 TEST(Parity, TrainerPathDouble) {
   check_fixture<double>("parity_sigmoid", 1e-10, 1e-9, true);
   check_fixture<double>("parity_softmax", 1e-10, 1e-9, true);

@@ -16,4 +16,9 @@ for case in parity_sigmoid parity_softmax; do
   /usr/bin/python3 "$src/tests/reference/make_fixture.py" --ckpt "$dir/$case/ckpt" \
       --batch "$dir/$case/batch.json" --out "$dir/$case/expected.safetensors"
 done
+# parity_muon: optim.name = "muon" on parity_sigmoid's checkpoint (its batch.json names it).
+mkdir -p "$dir/parity_muon"
+cp "$src/tests/fixtures/parity_muon/batch.json" "$dir/parity_muon/"
+/usr/bin/python3 "$src/tests/reference/make_fixture.py" --ckpt "$dir/parity_sigmoid/ckpt" \
+    --batch "$dir/parity_muon/batch.json" --out "$dir/parity_muon/expected.safetensors"
 MOETUNE_FIXTURE_ROOT=$dir "$tests" --gtest_filter='Parity.*'

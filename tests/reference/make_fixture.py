@@ -62,10 +62,12 @@ def load_batch(path, cfg):
            for i, m in enumerate(spec["micro_batches"])]
     optim = {"beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.0, "max_grad_norm": 1.0}
     optim.update(spec.get("optim", {}))
-    unknown = set(optim) - {"lr", "beta1", "beta2", "eps", "weight_decay", "max_grad_norm"}
+    unknown = set(optim) - {"lr", "beta1", "beta2", "eps", "weight_decay", "max_grad_norm", "name", "muon_lr",
+                            "muon_momentum", "muon_weight_decay"}
     if unknown or "lr" not in optim:
         raise ValueError(f"{path}: 'optim' needs 'lr' and only knows lr, beta1, beta2, eps, weight_decay, "
-                         f"max_grad_norm (got unknown {sorted(unknown)})")
+                         f"max_grad_norm, name, muon_lr, muon_momentum, muon_weight_decay "
+                         f"(got unknown {sorted(unknown)})")
     return mbs, optim, int(spec.get("steps", 0)), spec.get("initial_bias", {})
 
 
@@ -101,8 +103,14 @@ def make_fixture(ckpt_dir, batch_path, out_path):
 
     # --- Training steps on the same global batch. Step k's forward also feeds min_margin:
     # a consumer comparing steps needs routing away from ties at every step.
-    opt = ref.make_optimizer(params, optim["lr"], optim["beta1"], optim["beta2"], optim["eps"],
-                             optim["weight_decay"])
+    if optim.get("name", "adamw") == "muon":  # the run-config keys of docs/config.md; muon_lr 0 = lr
+        ratio = optim["muon_lr"] / optim["lr"] if optim.get("muon_lr", 0) > 0 else 1.0
+        opt = ref.MuonWithAdamW(params, optim["lr"], optim["beta1"], optim["beta2"], optim["eps"],
+                                optim["weight_decay"], optim.get("muon_momentum", 0.95),
+                                optim.get("muon_weight_decay", 0.1), ratio)
+    else:
+        opt = ref.make_optimizer(params, optim["lr"], optim["beta1"], optim["beta2"], optim["eps"],
+                                 optim["weight_decay"])
     for k in range(1, steps + 1):
         res = ref.train_step(cfg, params, biases, opt, mbs, optim["lr"], optim["max_grad_norm"])
         out[f"step{k}.loss"] = scalar(res.loss.ce)

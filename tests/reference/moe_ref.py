@@ -597,6 +597,61 @@ def make_optimizer(params, lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0
     return torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), eps=eps, foreach=False)
 
 
+def newton_schulz(g):
+    """Muon's orthogonalisation (MODEL.md section 12): X = G/||G||_F (transposed when
+    rows > cols), ten times X = aX + b(XX^T)X + c(XX^T)^2 X, eight with (3.4445, -4.7750,
+    2.0315) then two with (2, -1.5, 0.5). An all-zero G gives 0."""
+    x = g.T if g.shape[0] > g.shape[1] else g
+    norm = x.norm()
+    if float(norm) == 0.0:
+        return torch.zeros_like(g)
+    x = x / norm
+    for i in range(10):
+        a, b, c = (3.4445, -4.7750, 2.0315) if i < 8 else (2.0, -1.5, 0.5)
+        A = x @ x.T
+        x = a * x + (b * A + c * (A @ A)) @ x
+    return x.T if g.shape[0] > g.shape[1] else x
+
+
+class Muon(torch.optim.Optimizer):
+    """MODEL.md section 12, per matrix: M = mu M + G; O = NS(mu M + G) * 0.18 sqrt(max(r, c));
+    W = W (1 - lr wd) - lr O, lr = lr_ratio * the group's (scheduled) lr."""
+
+    def __init__(self, params, lr, momentum=0.95, weight_decay=0.0, lr_ratio=1.0):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, lr_ratio=lr_ratio))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr = group["lr_ratio"] * group["lr"]
+            for p in group["params"]:
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.mul_(group["momentum"]).add_(p.grad)
+                o = newton_schulz(group["momentum"] * buf + p.grad) * (0.18 * math.sqrt(max(p.shape)))
+                p.mul_(1.0 - lr * group["weight_decay"]).sub_(lr * o)
+
+
+def is_muon_param(name, p):
+    """Muon's tensors: rank 2, not the embedding, not the LM head (router and experts included)."""
+    return p.dim() == 2 and name not in ("model.embed_tokens.weight", "lm_head.weight")
+
+
+class MuonWithAdamW:
+    """optim.name = "muon": Muon for is_muon_param, torch AdamW (make_optimizer) for the rest.
+    param_groups lists both, so train_step's per-step lr reaches both."""
+
+    def __init__(self, params, lr, beta1, beta2, eps, weight_decay, momentum, muon_weight_decay, lr_ratio):
+        self.adamw = make_optimizer({n: p for n, p in params.items() if not is_muon_param(n, p)}, lr, beta1, beta2,
+                                    eps, weight_decay)
+        self.muon = Muon([p for n, p in params.items() if is_muon_param(n, p)], lr, momentum, muon_weight_decay,
+                         lr_ratio)
+        self.param_groups = self.adamw.param_groups + self.muon.param_groups
+
+    def step(self):
+        self.adamw.step()
+        self.muon.step()
+
+
 def clip_coefficient(norm, max_norm):
     """clip_grad_norm_: min(1, max_norm / (norm + 1e-6)); max_norm <= 0 turns clipping off."""
     return min(1.0, max_norm / (norm + 1e-6)) if max_norm > 0 else 1.0

@@ -489,6 +489,39 @@ class TrainingTest(unittest.TestCase):
         for n in want:
             self.assertTrue(torch.allclose(params[n], want[n], rtol=1e-13, atol=1e-15), n)
 
+    def test_muon_matches_its_formula(self):
+        # The torch Muon of moe_ref against the plain numpy one of muon_fixture.py (the C++
+        # fixture's), on a wide, a tall and a zero-gradient matrix; norms/embedding stay AdamW.
+        import numpy as np
+        from muon_fixture import newton_schulz as np_ns
+        g = torch.Generator().manual_seed(14)
+        params = {"model.layers.0.self_attn.q_proj.weight": torch.randn(3, 5, generator=g, dtype=D),
+                  "model.layers.0.mlp.gate_proj.weight": torch.randn(6, 4, generator=g, dtype=D),
+                  "model.layers.1.mlp.experts.0.up_proj.weight": torch.randn(2, 4, generator=g, dtype=D),
+                  "model.embed_tokens.weight": torch.randn(7, 4, generator=g, dtype=D),
+                  "model.norm.weight": torch.randn(4, generator=g, dtype=D)}
+        lr, mu, wd, ratio = 0.02, 0.9, 0.05, 0.5
+        opt = ref.MuonWithAdamW(params, lr, 0.9, 0.95, 1e-8, 0.1, mu, wd, ratio)
+        muon = [n for n, p in params.items() if ref.is_muon_param(n, p)]
+        self.assertEqual(len(muon), 3)
+        want = {n: params[n].numpy().copy() for n in muon}
+        mom = {n: np.zeros_like(want[n]) for n in muon}
+        for t in range(3):
+            for n, p in params.items():
+                p.grad = torch.zeros_like(p) if (t == 0 and "experts" in n) else torch.randn(p.shape, generator=g,
+                                                                                              dtype=D)
+            grads = {n: params[n].grad.numpy().copy() for n in muon}
+            opt.step()
+            for n in muon:
+                mom[n] = mu * mom[n] + grads[n]
+                o = np_ns(mu * mom[n] + grads[n], np.float64) * 0.18 * np.sqrt(max(want[n].shape))
+                want[n] = want[n] * (1 - ratio * lr * wd) - ratio * lr * o
+        for n in muon:
+            self.assertTrue(np.allclose(params[n].numpy(), want[n], rtol=1e-12, atol=1e-14), n)
+        x = ref.newton_schulz(torch.randn(5, 9, generator=g, dtype=D))
+        sv = torch.linalg.svdvals(x)
+        self.assertTrue(bool(((sv > 0.6) & (sv < 1.25)).all()), sv)
+
     def test_clip_matches_torch(self):
         g = torch.Generator().manual_seed(13)
         params = {"a": torch.randn(3, 3, generator=g, dtype=D), "b": torch.randn(5, generator=g, dtype=D)}
