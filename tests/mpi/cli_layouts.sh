@@ -2,7 +2,8 @@
 # End-to-end layout invariance of `moetune train` under mpirun: 20 training steps of
 # the same config and global batch at (W, ep) in {(1,1), (2,1), (2,2), (4,1), (4,2),
 # (4,4)} (and ZeRO-1 at (4,2)) must give identical loss curves and byte-identical
-# final checkpoints; impossible layouts must fail fast with one message and exit 1.
+# final checkpoints, and so must Muon at six layouts (with a resume at another layout);
+# impossible layouts must fail fast with one message and exit 1.
 # usage: cli_layouts.sh <moetune binary> <scratch dir>
 set -euo pipefail
 moetune=$1
@@ -37,6 +38,36 @@ for layout in "1 1 0" "2 1 0" "2 2 0" "4 1 0" "4 2 0" "4 4 0" "4 2 1"; do
     [[ $hash == "$ref" ]] || { echo "FAIL: checkpoint differs at W=$1 ep=$2 zero=$3"; exit 1; }
   fi
 done
+
+# optim.name = "muon" (Muon for the matrices, each expert's on the rank that owns it; under
+# ZeRO-1 whole matrices per shard): the same invariance, and a resume at another layout
+# from the ZeRO-1 run's step-10 checkpoint ends in the same bytes.
+ref=""
+for layout in "1 1 0" "2 2 0" "4 2 0" "4 2 1" "4 4 1" "2 1 1"; do
+  set -- $layout
+  out="$dir/muon_$1_$2_$3"
+  run "$1" train --config "$dir/run.json" --out "$out" --set parallel.ep="$2" --set parallel.zero_stage="$3" \
+      --set optim.name=muon --peak-gflops 10 --quiet
+  curve=$(grep -o '"loss":[^,]*' "$out/metrics.jsonl" | tr '\n' ' ')
+  hash=$(cat "$out"/step-00000020/model-*.safetensors "$out"/step-00000020/optimizer-*.safetensors | sha256sum | cut -d' ' -f1)
+  echo "muon W=$1 ep=$2 zero=$3 final $(grep -o '"loss":[^,]*' "$out/metrics.jsonl" | tail -1) sha256 $hash"
+  if [[ -z $ref ]]; then
+    ref_curve=$curve ref=$hash
+  else
+    [[ $curve == "$ref_curve" ]] || { echo "FAIL: muon loss curve differs at W=$1 ep=$2 zero=$3"; exit 1; }
+    [[ $hash == "$ref" ]] || { echo "FAIL: muon checkpoint differs at W=$1 ep=$2 zero=$3"; exit 1; }
+  fi
+done
+run 2 train --config "$dir/run.json" --out "$dir/muon_resumed" --set parallel.ep=2 --set optim.name=muon \
+    --resume-from "$dir/muon_4_2_1/step-00000010" --peak-gflops 10 --quiet
+hash=$(cat "$dir"/muon_resumed/step-00000020/model-*.safetensors "$dir"/muon_resumed/step-00000020/optimizer-*.safetensors | sha256sum | cut -d' ' -f1)
+[[ $hash == "$ref" ]] || { echo "FAIL: muon run resumed at W=2 ep=2 from W=4 ep=2 ZeRO-1 differs"; exit 1; }
+echo "muon: resumed at another layout, same final checkpoint"
+if out=$("$moetune" train --config "$dir/run.json" --out "$dir/muon_switch" --resume-from "$dir/muon_1_1_0/step-00000010" \
+    --peak-gflops 10 --quiet 2>&1); then
+  echo "FAIL: resuming a Muon checkpoint with AdamW was accepted"; exit 1
+fi
+grep -q "optim.name" <<<"$out" || { echo "FAIL: the optimizer switch error does not name optim.name: $out"; exit 1; }
 
 # Bad layouts: non-zero exit, one message naming the key, within seconds.
 check_bad() {

@@ -362,6 +362,8 @@ def build():
          "no optimizer state; cannot resume exactly", "--resume-from a checkpoint without optimizer state")
     case("opt_missing_continue", "optimizer", ["!ckpt/optimizer.safetensors"], SFT_OPT,
          "--continue-optimizer: the checkpoint has no optimizer state", "--continue-optimizer without moments")
+    case("opt_switch_to_muon", "optimizer", [], RESUME + " --set optim.name=muon",
+         "but this run has key 'optim.name' = \"muon\"", "resuming an AdamW checkpoint with Muon")
 
     # ------------------------------------------------------------------ checkpoint config.json
     c = "ckpt_config/"
@@ -673,6 +675,10 @@ def build():
              "2^32 + 8")
     set_case("ep", ["parallel.ep=2"], "parallel.ep", "ep = 2 with one rank")
     set_case("lr_nan", ["optim.lr=NaN"], "key 'optim.lr': expected a number", "NaN is not JSON")
+    set_case("optim_name", ["optim.name=lion"], "key 'optim.name': must be one of \"adamw\", \"muon\", got \"lion\"",
+             "an optimizer moetune does not have")
+    set_case("muon_momentum", ["optim.name=muon", "optim.muon_momentum=1"],
+             "key 'optim.muon_momentum': must be in [0, 1), got 1", "Muon momentum 1 (M would never decay)")
     set_case("init_model", ["model.hidden_size=-8"], "key 'hidden_size': must be positive", "init --set",
              command="{moetune} init --config {work}/model_config.json --out {work}/newckpt")
 
