@@ -158,7 +158,8 @@ int main(int argc, char** argv) {
   sft->add_option("--config", sft_config, "Run config for the data/train/optim/parallel sections (default: defaults)");
   sft->add_option("--valid", sft_valid, "Held-out SFT JSONL for the validation loss");
   sft->add_flag("--continue-optimizer", sopt.continue_optimizer,
-                "Continue the base checkpoint's optimizer state (AdamW moments or Muon momentum) and step count (default: a fresh optimizer)");
+                "Continue the base checkpoint's optimizer state (AdamW moments or Muon momentum) and step count "
+                "(default: a fresh optimizer)");
   sft->add_flag("--auto-resume", sopt.auto_resume, "Continue from the newest valid checkpoint in --out, if any");
   sft->add_option("--set", sft_sets, "Override a run-config key, e.g. --set train.steps=200");
   sft->add_option("--peak-gflops", sopt.peak_gflops, "Peak GFLOP/s for MFU (default: measured)");

@@ -261,7 +261,8 @@ void save_checkpoint(const std::string& dir_in, const ModelConfig& cfg, const Pa
       std::vector<TensorToWrite> moments;
       for (const auto& t : layout.tensors())
         for (const auto& st : optimizer_state_names(opt.optimizer, t))
-          moments.push_back(to_write(t.name + st.suffix, t.shape, (st.slot == 0 ? exp_avg : exp_avg_sq)->data() + t.offset));
+          moments.push_back(
+              to_write(t.name + st.suffix, t.shape, (st.slot == 0 ? exp_avg : exp_avg_sq)->data() + t.offset));
       write_tensor_set(tmp, "optimizer", moments,
                        {{"format", "pt"}, {"step", std::to_string(optimizer_step)}, {"optimizer", opt.optimizer}},
                        opt.max_shard_bytes);

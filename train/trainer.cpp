@@ -105,7 +105,8 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
                   std::to_string(grid.world_size) + " ranks");
     validate(sched);
     if (grid.world_rank == 0) fs::create_directories(opt.out_dir);
-    trainer_holder = std::make_unique<dist::ParallelTrainer<T>>(cfg, grid, rc.optimizer_config(), rc.parallel.zero_stage);
+    trainer_holder =
+        std::make_unique<dist::ParallelTrainer<T>>(cfg, grid, rc.optimizer_config(), rc.parallel.zero_stage);
     Model<T>& m = trainer_holder->model();
     // Temporary directories of checkpoints whose writing was interrupted are incomplete
     // by construction (a checkpoint only gets its name once complete): remove them.
@@ -196,9 +197,9 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
                 cfg.num_hidden_layers, cfg.num_moe_layers(), cfg.d(), cfg.E(), cfg.K(),
                 ParamLayout::build(cfg).total(), rc.train.precision.c_str());
     std::printf("grid: %s, %d threads per rank; global batch %d micro-batches x %d rows; ZeRO stage %d, "
-                "optimizer state %.1f MiB on rank 0\n",
+                "optimizer %s, optimizer state %.1f MiB on rank 0\n",
                 grid.describe().c_str(), threads, M, rc.train.micro_batch_size, trainer.zero_stage(),
-                double(trainer.optimizer_state_bytes()) / (1 << 20));
+                rc.optim.name.c_str(), double(trainer.optimizer_state_bytes()) / (1 << 20));
     std::printf("MFU denominator: %.1f GFLOP/s = %d ranks x %.1f (%s, %s); %.3f MFLOP per token\n", peak / 1e9,
                 grid.world_size, peak_rank / 1e9, opt.peak_gflops > 0 ? "given by --peak-gflops" : "measured FMA probe",
                 cpu_model_name().c_str(), flops_tok / 1e6);
@@ -339,7 +340,8 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
       std::vector<T> m, v;
       trainer.gather_optimizer_state(m, v);
       dist::save_checkpoint_parallel(dir, grid, cfg, model.layout(), model.params(), model.expert_bias(), &m, &v,
-                                     trainer.optimizer().step_count(), state, tokenizer ? tokenizer->json() : "", rc.optim.name);
+                                     trainer.optimizer().step_count(), state, tokenizer ? tokenizer->json() : "",
+                                     rc.optim.name);
       const double save_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - ts).count();
       sum.final_checkpoint = dir;
       if (talk) {
