@@ -3,10 +3,10 @@
 // The iteration works on X (r, c) with r <= c (the matrix transposed when it has more
 // rows than columns), so the Gram matrices XX^T are the small (r, r) ones:
 //   A = X X^T;  B = b A + c A A;  X = a X + B X.
-// Every product is computed as sums of scaled contiguous rows (matmul_rows). Each
-// output element is one sum in a fixed order, and the OpenMP split is over output rows
-// only, so the result does not depend on the thread count (MODEL.md section 13): every
-// rank that holds a matrix computes the same bits.
+// Every product (matmul_rows) computes each output element as one sum in a fixed order,
+// and the OpenMP split is over output rows only, so the result does not depend on the
+// thread count (MODEL.md section 13): every rank that holds a matrix computes the same
+// bits.
 #include "optim/muon.hpp"
 
 #include <algorithm>
@@ -30,20 +30,38 @@ bool is_muon_tensor(const TensorInfo& t) {
 
 namespace {
 
-// C (n, m) = L (n, q) R (q, m), row-major: row i of C is the sum over k of L_ik R_k (a
-// row of R), in k order. The loop over a row's m columns vectorises without changing any
-// element's order of additions; threads split the rows of C.
+// C (n, m) = L (n, q) R (q, m), row-major: C_ij = sum over k of L_ik R_kj, added in k
+// order from 0. Tiles of kMr x kNr elements of C are kept in registers (one broadcast of
+// L and one row piece of R per k); the edge tiles use the same sum. Threads split the
+// rows of C, so no element's order of additions depends on the thread count.
+constexpr int kMr = 8, kNr = 32;
+
+// One tile: rows [i0, i0 + mr), columns [j0, j0 + nr) of C (mr <= kMr, nr <= kNr).
+template <class T>
+void matmul_tile(T* __restrict C, const T* __restrict L, const T* __restrict R, int64_t q, int64_t m, int64_t i0,
+                 int64_t j0, int mr, int nr) {
+  T acc[kMr][kNr] = {};
+  T r[kNr] = {};
+  for (int64_t k = 0; k < q; ++k) {
+    const T* rk = R + k * m + j0;
+    for (int b = 0; b < nr; ++b) r[b] = rk[b];
+    for (int a = 0; a < mr; ++a) {
+      const T l = L[(i0 + a) * q + k];
+#pragma omp simd
+      for (int b = 0; b < kNr; ++b) acc[a][b] += l * r[b];  // columns past nr are never stored
+    }
+  }
+  for (int a = 0; a < mr; ++a) std::copy(acc[a], acc[a] + nr, C + (i0 + a) * m + j0);
+}
+
 template <class T>
 void matmul_rows(T* C, const T* L, const T* R, int64_t n, int64_t q, int64_t m, bool par) {
+  const int64_t row_tiles = (n + kMr - 1) / kMr;
 #pragma omp parallel for schedule(static) if (par)
-  for (int64_t i = 0; i < n; ++i) {
-    T* ci = C + i * m;
-    std::fill(ci, ci + m, T(0));
-    for (int64_t k = 0; k < q; ++k) {
-      const T l = L[i * q + k];
-      const T* rk = R + k * m;
-      for (int64_t j = 0; j < m; ++j) ci[j] += l * rk[j];
-    }
+  for (int64_t it = 0; it < row_tiles; ++it) {
+    const int64_t i0 = it * kMr;
+    const int mr = int(std::min<int64_t>(kMr, n - i0));
+    for (int64_t j0 = 0; j0 < m; j0 += kNr) matmul_tile(C, L, R, q, m, i0, j0, mr, int(std::min<int64_t>(kNr, m - j0)));
   }
 }
 
