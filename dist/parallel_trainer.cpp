@@ -108,7 +108,7 @@ ParallelTrainer<T>::ParallelTrainer(const ModelConfig& cfg, ProcessGrid& grid, c
   if (stage_) stage_->after_source = flush_layer;
   if (zero_ == 1) {
     // Shard of every segment over the ranks that replicate it.
-    size_t total = 0;
+    size_t total = 0, total_v = 0;
     for (const auto& s : segments_) {
       const Comm& c = s.expert ? grid_.edp_comm : grid_.world;
       auto sizes = zero_shard_sizes(lay, oc, s.begin, s.end, c.size());
@@ -117,14 +117,11 @@ ParallelTrainer<T>::ParallelTrainer(const ModelConfig& cfg, ProcessGrid& grid, c
       const size_t len = size_t(sizes[c.rank()]);
       shards_.push_back({s.begin + b, s.begin + b + len, std::move(sizes)});
       total += len;
+      total_v += second_moment_count(oc, lay, s.begin + b, s.begin + b + len);
     }
     zm_.assign(total, T(0));
-    zv_.assign(total, T(0));
-    // The unsharded moments are not needed.
-    opt_->exp_avg().clear();
-    opt_->exp_avg().shrink_to_fit();
-    opt_->exp_avg_sq().clear();
-    opt_->exp_avg_sq().shrink_to_fit();
+    zv_.assign(total_v, T(0));  // packed: the AdamW tensors' elements of each shard
+    opt_->release_state();      // the unsharded state is not needed
   }
 }
 
@@ -263,7 +260,7 @@ void ParallelTrainer<T>::zero_step(double lr) {
   const auto& g = model_->grads();
   const ParamLayout& lay = model_->layout();
   ++zstep_;
-  size_t mo = 0;
+  size_t mo = 0, vo = 0;  // into zm_ (the shard's elements) and zv_ (packed second moments)
   for (size_t si = 0; si < segments_.size(); ++si) {
     const auto& seg = segments_[si];
     const auto& sh = shards_[si];
@@ -272,8 +269,10 @@ void ParallelTrainer<T>::zero_step(double lr) {
     for (const auto& t : lay.tensors()) {
       const size_t b = std::max(sh.begin, t.offset), e = std::min(sh.end, t.offset + t.numel);
       if (b >= e) continue;
+      const bool muon = uses_muon(opt_->config(), t);
       optimizer_update(opt_->config(), t, b - t.offset, e - t.offset, p.data() + b, g.data() + b,
-                       zm_.data() + mo + (b - sh.begin), zv_.data() + mo + (b - sh.begin), zstep_, lr, work_);
+                       zm_.data() + mo + (b - sh.begin), muon ? nullptr : zv_.data() + vo, zstep_, lr, work_);
+      if (!muon) vo += e - b;
     }
     mo += sh.end - sh.begin;
     const Comm& c = seg.expert ? grid_.edp_comm : grid_.world;
@@ -321,20 +320,23 @@ double ParallelTrainer<T>::evaluate(const std::vector<MicroBatch>& batches) {
 template <class T>
 int64_t ParallelTrainer<T>::optimizer_state_bytes() const {
   if (zero_ == 1) return int64_t(zm_.size() + zv_.size()) * int64_t(sizeof(T));
-  return int64_t(opt_->exp_avg().size() + opt_->exp_avg_sq().size()) * int64_t(sizeof(T));
+  return int64_t(opt_->state_elements()) * int64_t(sizeof(T));
 }
 
 template <class T>
 void ParallelTrainer<T>::gather_optimizer_state(std::vector<T>& m, std::vector<T>& v) {
   if (zero_ == 0) {
     m = opt_->exp_avg();
-    v = opt_->exp_avg_sq();
+    v = opt_->exp_avg_sq();  // unpacked over the layout
     return;
   }
   const size_t total = model_->layout().total();
   m.assign(total, T(0));
   v.assign(total, T(0));
-  size_t mo = 0;
+  const OptimizerConfig& oc = opt_->config();
+  const ParamLayout& lay = model_->layout();
+  size_t mo = 0, vo = 0;
+  std::vector<T> full;
   for (size_t si = 0; si < segments_.size(); ++si) {
     const auto& seg = segments_[si];
     const auto& sh = shards_[si];
@@ -342,8 +344,11 @@ void ParallelTrainer<T>::gather_optimizer_state(std::vector<T>& m, std::vector<T
     const size_t n = seg.end - seg.begin;
     const size_t len = sh.end - sh.begin;
     c.allgatherv(std::span<const T>(zm_.data() + mo, len), std::span<T>(m.data() + seg.begin, n), sh.counts);
-    c.allgatherv(std::span<const T>(zv_.data() + mo, len), std::span<T>(v.data() + seg.begin, n), sh.counts);
+    full.resize(len);
+    unpack_second_moments(oc, lay, sh.begin, sh.end, zv_.data() + vo, full.data());
+    c.allgatherv(std::span<const T>(full), std::span<T>(v.data() + seg.begin, n), sh.counts);
     mo += len;
+    vo += second_moment_count(oc, lay, sh.begin, sh.end);
   }
 }
 
@@ -351,15 +356,18 @@ template <class T>
 void ParallelTrainer<T>::set_optimizer_state(const std::vector<T>& m, const std::vector<T>& v, int64_t step) {
   if (zero_ == 0) {
     opt_->exp_avg() = m;
-    opt_->exp_avg_sq() = v;
+    opt_->set_exp_avg_sq(v);
     opt_->set_step_count(step);
     return;
   }
-  size_t mo = 0;
+  const OptimizerConfig& oc = opt_->config();
+  const ParamLayout& lay = model_->layout();
+  size_t mo = 0, vo = 0;
   for (const auto& sh : shards_) {
     std::copy(m.begin() + sh.begin, m.begin() + sh.end, zm_.begin() + mo);
-    std::copy(v.begin() + sh.begin, v.begin() + sh.end, zv_.begin() + mo);
+    pack_second_moments(oc, lay, sh.begin, sh.end, v.data() + sh.begin, zv_.data() + vo);
     mo += sh.end - sh.begin;
+    vo += second_moment_count(oc, lay, sh.begin, sh.end);
   }
   zstep_ = step;
   opt_->set_step_count(step);

@@ -81,7 +81,7 @@ class ParallelTrainer {
   // forward only; their number must be a multiple of the number of ranks.
   double evaluate(const std::vector<MicroBatch>& batches);
 
-  // Bytes of optimizer state (exp_avg + exp_avg_sq buffers) this rank holds.
+  // Bytes of optimizer state this rank holds (exp_avg, and exp_avg_sq of the AdamW tensors).
   int64_t optimizer_state_bytes() const;
   // Full (unsharded) optimizer state of this rank's tensors (Optimizer's exp_avg /
   // exp_avg_sq buffers), gathered for checkpoints; collective when zero_stage == 1.
@@ -117,7 +117,7 @@ class ParallelTrainer {
   };
   std::vector<Shard> shards_;
   std::vector<T> work_;  // Newton-Schulz scratch
-  std::vector<T> zm_, zv_;  // moments of the shards, concatenated
+  std::vector<T> zm_, zv_;  // state of the shards, concatenated (zv_ packed: AdamW tensors only)
   int64_t zstep_ = 0;
 };
 

@@ -1,6 +1,8 @@
 // optim.name dispatch: AdamW or Muon per tensor (optimizer.hpp).
 #include "optim/optimizer.hpp"
 
+#include <algorithm>
+
 #include "moe/error.hpp"
 
 namespace moetune {
@@ -30,29 +32,99 @@ std::vector<StateTensorName> optimizer_state_names(const std::string& optimizer,
   return {{".exp_avg", 0}, {".exp_avg_sq", 1}};
 }
 
+size_t second_moment_count(const OptimizerConfig& cfg, const ParamLayout& layout, size_t b, size_t e) {
+  size_t n = 0;
+  for (const TensorInfo& t : layout.tensors()) {
+    const size_t lo = std::max(b, t.offset), hi = std::min(e, t.offset + t.numel);
+    if (lo < hi && !uses_muon(cfg, t)) n += hi - lo;
+  }
+  return n;
+}
+
+template <class T>
+void unpack_second_moments(const OptimizerConfig& cfg, const ParamLayout& layout, size_t b, size_t e, const T* packed,
+                           T* full) {
+  std::fill(full, full + (e - b), T(0));
+  for (const TensorInfo& t : layout.tensors()) {
+    const size_t lo = std::max(b, t.offset), hi = std::min(e, t.offset + t.numel);
+    if (lo >= hi || uses_muon(cfg, t)) continue;
+    std::copy(packed, packed + (hi - lo), full + (lo - b));
+    packed += hi - lo;
+  }
+}
+
+template <class T>
+void pack_second_moments(const OptimizerConfig& cfg, const ParamLayout& layout, size_t b, size_t e, const T* full,
+                         T* packed) {
+  for (const TensorInfo& t : layout.tensors()) {
+    const size_t lo = std::max(b, t.offset), hi = std::min(e, t.offset + t.numel);
+    if (lo >= hi || uses_muon(cfg, t)) continue;
+    packed = std::copy(full + (lo - b), full + (hi - b), packed);
+  }
+}
+
 template <class T>
 Optimizer<T>::Optimizer(const ParamLayout& layout, OptimizerConfig cfg)
-    : layout_(&layout), cfg_(std::move(cfg)), m_(layout.total(), T(0)), v_(layout.total(), T(0)) {
+    : layout_(&layout),
+      cfg_(std::move(cfg)),
+      m_(layout.total(), T(0)),
+      v_(second_moment_count(cfg_, layout, 0, layout.total()), T(0)) {
   validate(cfg_);
+}
+
+template <class T>
+std::vector<T> Optimizer<T>::exp_avg_sq() const {
+  std::vector<T> full(layout_->total(), T(0));
+  if (v_.size() == second_moment_count(cfg_, *layout_, 0, layout_->total()))  // not released
+    unpack_second_moments(cfg_, *layout_, 0, layout_->total(), v_.data(), full.data());
+  return full;
+}
+
+template <class T>
+void Optimizer<T>::set_exp_avg_sq(const std::vector<T>& full) {
+  if (full.size() != layout_->total())
+    throw Error("Optimizer::set_exp_avg_sq: " + std::to_string(full.size()) + " elements, the layout has " +
+                std::to_string(layout_->total()));
+  v_.assign(second_moment_count(cfg_, *layout_, 0, layout_->total()), T(0));
+  pack_second_moments(cfg_, *layout_, 0, layout_->total(), full.data(), v_.data());
+}
+
+template <class T>
+void Optimizer<T>::release_state() {
+  std::vector<T>().swap(m_);
+  std::vector<T>().swap(v_);
 }
 
 template <class T>
 void Optimizer<T>::step(std::vector<T>& params, const std::vector<T>& grads, double lr) {
   const size_t n = layout_->total();
-  if (params.size() != n || grads.size() != n || m_.size() != n || v_.size() != n)
+  if (params.size() != n || grads.size() != n || m_.size() != n ||
+      v_.size() != second_moment_count(cfg_, *layout_, 0, n))
     throw Error("Optimizer::step: buffer sizes (params " + std::to_string(params.size()) + ", grads " +
                 std::to_string(grads.size()) + ", state " + std::to_string(m_.size()) + "/" +
                 std::to_string(v_.size()) + ") do not match the layout (" + std::to_string(n) + ")");
   ++t_;
-  for (const TensorInfo& ti : layout_->tensors())
+  size_t vo = 0;  // into the packed second moments
+  for (const TensorInfo& ti : layout_->tensors()) {
+    const bool muon = uses_muon(cfg_, ti);
     optimizer_update(cfg_, ti, 0, ti.numel, params.data() + ti.offset, grads.data() + ti.offset, m_.data() + ti.offset,
-                     v_.data() + ti.offset, t_, lr, work_);
+                     muon ? nullptr : v_.data() + vo, t_, lr, work_);
+    if (!muon) vo += ti.numel;
+  }
 }
 
 template void optimizer_update<float>(const OptimizerConfig&, const TensorInfo&, size_t, size_t, float*, const float*,
                                       float*, float*, int64_t, double, std::vector<float>&);
 template void optimizer_update<double>(const OptimizerConfig&, const TensorInfo&, size_t, size_t, double*,
                                        const double*, double*, double*, int64_t, double, std::vector<double>&);
+template void unpack_second_moments<float>(const OptimizerConfig&, const ParamLayout&, size_t, size_t, const float*,
+                                           float*);
+template void unpack_second_moments<double>(const OptimizerConfig&, const ParamLayout&, size_t, size_t,
+                                            const double*, double*);
+template void pack_second_moments<float>(const OptimizerConfig&, const ParamLayout&, size_t, size_t, const float*,
+                                         float*);
+template void pack_second_moments<double>(const OptimizerConfig&, const ParamLayout&, size_t, size_t, const double*,
+                                          double*);
 template class Optimizer<float>;
 template class Optimizer<double>;
 

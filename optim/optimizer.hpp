@@ -4,9 +4,11 @@
 // optimizer_update, serves the single-process step (Optimizer::step) and the sharded
 // ZeRO-1 step of dist/parallel_trainer.cpp.
 //
-// State: two flat buffers over the ParamLayout. exp_avg holds AdamW's m of an AdamW
-// tensor and Muon's momentum buffer of a Muon tensor; exp_avg_sq holds AdamW's v (it is
-// zero and unused over the Muon tensors). Checkpoints name them by optimizer_state_names.
+// State: exp_avg, one flat buffer over the ParamLayout, holds AdamW's m of an AdamW
+// tensor and Muon's momentum buffer of a Muon tensor; AdamW's v is kept only for the
+// AdamW tensors, packed in layout order ("compact"; under Muon the matrices have none).
+// exp_avg_sq() unpacks it over the layout (zero elsewhere) for checkpoints, which name
+// the tensors by optimizer_state_names.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -33,8 +35,9 @@ inline bool uses_muon(const OptimizerConfig& cfg, const TensorInfo& t) {
 }
 
 // The update of elements [t.offset + b, t.offset + e) of tensor t at step `step` (>= 1)
-// and scheduled learning rate lr; p, g, m, v point at element b. A Muon tensor must be
-// given whole (b = 0, e = t.numel): its orthogonalisation needs the whole matrix.
+// and scheduled learning rate lr; p, g, m, v point at element b (v is not used, and may
+// be null, for a Muon tensor). A Muon tensor must be given whole (b = 0, e = t.numel):
+// its orthogonalisation needs the whole matrix.
 template <class T>
 void optimizer_update(const OptimizerConfig& cfg, const TensorInfo& t, size_t b, size_t e, T* p, const T* g, T* m,
                       T* v, int64_t step, double lr, std::vector<T>& work);
@@ -49,6 +52,18 @@ struct StateTensorName {
 };
 std::vector<StateTensorName> optimizer_state_names(const std::string& optimizer, const TensorInfo& t);
 
+// The second moments of the flat range [b, e) of `layout`, packed: the elements of the
+// AdamW tensors (not Muon matrices, not padding) in layout order. second_moment_count
+// is their number; unpack writes them into full[0, e - b) (zero elsewhere), pack reads
+// them back.
+size_t second_moment_count(const OptimizerConfig& cfg, const ParamLayout& layout, size_t b, size_t e);
+template <class T>
+void unpack_second_moments(const OptimizerConfig& cfg, const ParamLayout& layout, size_t b, size_t e, const T* packed,
+                           T* full);
+template <class T>
+void pack_second_moments(const OptimizerConfig& cfg, const ParamLayout& layout, size_t b, size_t e, const T* full,
+                         T* packed);
+
 template <class T>
 class Optimizer {
  public:
@@ -58,9 +73,14 @@ class Optimizer {
   void step(std::vector<T>& params, const std::vector<T>& grads, double lr);
 
   std::vector<T>& exp_avg() { return m_; }
-  std::vector<T>& exp_avg_sq() { return v_; }
   const std::vector<T>& exp_avg() const { return m_; }
-  const std::vector<T>& exp_avg_sq() const { return v_; }
+  // AdamW's v over the whole layout (layout.total(); zero over Muon matrices and padding).
+  std::vector<T> exp_avg_sq() const;
+  void set_exp_avg_sq(const std::vector<T>& full);
+  // Elements of state held (exp_avg + the packed second moments).
+  size_t state_elements() const { return m_.size() + v_.size(); }
+  // Frees the state (ZeRO-1 keeps its own shards).
+  void release_state();
   int64_t step_count() const { return t_; }
   void set_step_count(int64_t t) { t_ = t; }
   const OptimizerConfig& config() const { return cfg_; }
@@ -68,7 +88,7 @@ class Optimizer {
  private:
   const ParamLayout* layout_;
   OptimizerConfig cfg_;
-  std::vector<T> m_, v_, work_;
+  std::vector<T> m_, v_, work_;  // v_: packed second moments
   int64_t t_ = 0;
 };
 
