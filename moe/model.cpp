@@ -23,7 +23,7 @@ struct Model<T>::Impl {
     size_t dg = 0, du = 0, dd = 0;       // dense FFN
     MoeWeights<T> moe;                    // pointers resolved per call (params may move)
     // activations of the last forward
-    std::vector<T> h_in, a_in, rstd1, q_act, k_act, v_act, probs, ctx, h_mid, f_in, rstd2;
+    std::vector<T> h_in, a_in, rstd1, q_act, k_act, v_act, attn_stats, ctx, h_mid, f_in, rstd2;
     MlpCache<T> dense;
     MoeCache<T> moe_cache;
   };
@@ -31,7 +31,7 @@ struct Model<T>::Impl {
   Layer work;  // the buffers of every layer in inference (forward without backward, extend)
   size_t embed = 0, norm = 0, lm_head = 0;
   std::vector<T> h_final, x_final, rstd_final, logits, dlogits;
-  std::vector<int32_t> pos, targets, ids;
+  std::vector<int32_t> pos, targets, ids, doc;
   BalanceScales sc;      // balance-loss weights of the last forward
   bool trained = false;  // the last forward kept what backward() needs
   MoeScratch<T> scratch;
@@ -238,6 +238,7 @@ MicroStats Model<T>::forward(const MicroBatch& mb, const LossNorm& norm, const F
   I.seq_len = S;
   I.trained = opt.train;
   I.ids = mb.input_ids;
+  I.doc = mb.doc_ids;
   // RoPE positions restart at each document; targets shift labels by one.
   I.pos.resize(N);
   I.targets.resize(N);
@@ -263,9 +264,9 @@ MicroStats Model<T>::forward(const MicroBatch& mb, const LossNorm& norm, const F
     const auto& W = I.layers[l];
     if (opt.train) L.h_in = h;
     attention_inputs(L, W, P, h.data(), I.pos.data(), N, c);
-    L.probs.resize(int64_t(B) * H * S * S);
+    L.attn_stats.resize(int64_t(B) * H * S * 2);
     L.ctx.resize(N * qd);
-    ops::attention_forward(L.ctx.data(), L.probs.data(), L.q_act.data(), L.k_act.data(), L.v_act.data(),
+    ops::attention_forward(L.ctx.data(), L.attn_stats.data(), L.q_act.data(), L.k_act.data(), L.v_act.data(),
                            mb.doc_ids.data(), B, S, H, Hkv, hd);
     ops::linear_forward(tmp.data(), L.ctx.data(), P + W.o, N, qd, d);
     for (int64_t i = 0; i < N * d; ++i) h[i] += tmp[i];
@@ -334,8 +335,8 @@ void Model<T>::backward(const T* dlogits) {
     std::fill(dq.begin(), dq.end(), T(0));
     std::fill(dk.begin(), dk.end(), T(0));
     std::fill(dv.begin(), dv.end(), T(0));
-    ops::attention_backward(dq.data(), dk.data(), dv.data(), dctx.data(), L.probs.data(), L.q_act.data(),
-                            L.k_act.data(), L.v_act.data(), B, S, H, Hkv, hd);
+    ops::attention_backward(dq.data(), dk.data(), dv.data(), dctx.data(), L.attn_stats.data(), L.q_act.data(),
+                            L.k_act.data(), L.v_act.data(), I.doc.data(), B, S, H, Hkv, hd);
     ops::rope_apply(dq.data(), I.pos.data(), N, H, hd, c.rope_theta, -1);
     ops::rope_apply(dk.data(), I.pos.data(), N, Hkv, hd, c.rope_theta, -1);
     std::fill(dx.begin(), dx.end(), T(0));

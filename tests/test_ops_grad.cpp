@@ -101,20 +101,67 @@ TEST(OpsGrad, AttentionGQAWithDocuments) {
   auto q = randn(N * H * hd, 14), k = randn(N * Hkv * hd, 15), v = randn(N * Hkv * hd, 16);
   auto R = randn(N * H * hd, 17);
   std::vector<int32_t> doc = {0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0};
-  std::vector<double> out(N * H * hd), probs(B * H * S * S);
+  std::vector<double> out(N * H * hd), stats(B * H * S * 2);
   auto f = [&] {
-    ops::attention_forward(out.data(), probs.data(), q.data(), k.data(), v.data(), doc.data(), B, S, H, Hkv, hd);
+    ops::attention_forward(out.data(), stats.data(), q.data(), k.data(), v.data(), doc.data(), B, S, H, Hkv, hd);
     return dot(out, R);
   };
   f();
   std::vector<double> dq(q.size(), 0.0), dk(k.size(), 0.0), dv(v.size(), 0.0);
-  ops::attention_backward(dq.data(), dk.data(), dv.data(), R.data(), probs.data(), q.data(), k.data(), v.data(), B,
-                          S, H, Hkv, hd);
+  ops::attention_backward(dq.data(), dk.data(), dv.data(), R.data(), stats.data(), q.data(), k.data(), v.data(),
+                          doc.data(), B, S, H, Hkv, hd);
   EXPECT_LT(check_grad(f, q, dq, 200), 1e-6);
   EXPECT_LT(check_grad(f, k, dk, 200), 1e-6);
   EXPECT_LT(check_grad(f, v, dv, 200), 1e-6);
-  // Document masking: token 3 (first of doc 1) attends only to itself.
-  for (int64_t h = 0; h < H; ++h) EXPECT_DOUBLE_EQ(probs[(0 * H + h) * S * S + 3 * S + 3], 1.0);
+  // Document masking: token 3 (first of doc 1) attends only to itself: its output is
+  // its own value vector and its softmax sum is 1.
+  for (int64_t h = 0; h < H; ++h) {
+    EXPECT_DOUBLE_EQ(stats[((0 * H + h) * S + 3) * 2 + 1], 1.0);
+    for (int64_t x = 0; x < hd; ++x) EXPECT_DOUBLE_EQ(out[3 * H * hd + h * hd + x], v[3 * Hkv * hd + (h / 2) * hd + x]);
+  }
+}
+
+// Several query tiles (kAttnTile = 64) and documents that do not start on a tile
+// boundary: gradients against finite differences, and the output against a naive
+// masked softmax computed here.
+TEST(OpsGrad, AttentionAcrossTilesAndDocuments) {
+  const int64_t B = 1, S = 150, H = 2, Hkv = 1, hd = 4, N = B * S;
+  auto q = randn(N * H * hd, 24), k = randn(N * Hkv * hd, 25), v = randn(N * Hkv * hd, 26);
+  auto R = randn(N * H * hd, 27);
+  std::vector<int32_t> doc(S, 0);
+  for (int64_t i = 70; i < S; ++i) doc[i] = 1;
+  std::vector<double> out(N * H * hd), stats(B * H * S * 2);
+  auto f = [&] {
+    ops::attention_forward(out.data(), stats.data(), q.data(), k.data(), v.data(), doc.data(), B, S, H, Hkv, hd);
+    return dot(out, R);
+  };
+  f();
+  for (int64_t i : {0, 63, 64, 69, 70, 133, 149})
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t ds = i < 70 ? 0 : 70;
+      std::vector<double> s;
+      double mx = -1e300, sum = 0;
+      for (int64_t j = ds; j <= i; ++j) {
+        double t = 0;
+        for (int64_t x = 0; x < hd; ++x) t += q[i * H * hd + h * hd + x] * k[j * hd + x];
+        s.push_back(t / 2.0);
+        mx = std::max(mx, s.back());
+      }
+      for (double& t : s) sum += (t = std::exp(t - mx));
+      for (int64_t x = 0; x < hd; ++x) {
+        double o = 0;
+        for (int64_t j = ds; j <= i; ++j) o += s[j - ds] / sum * v[j * hd + x];
+        EXPECT_NEAR(out[i * H * hd + h * hd + x], o, 1e-12) << "query " << i << " head " << h;
+      }
+    }
+  std::vector<double> dq(q.size(), 0.0), dk(k.size(), 0.0), dv(v.size(), 0.0);
+  ops::attention_backward(dq.data(), dk.data(), dv.data(), R.data(), stats.data(), q.data(), k.data(), v.data(),
+                          doc.data(), B, S, H, Hkv, hd);
+  EXPECT_LT(check_grad(f, q, dq, 150), 1e-6);
+  // f sums 1200 outputs, so round-off dominates central differences at h = 1e-5 here
+  // (the error grows as h shrinks: 2e-6 -> 1.2e-5, 1e-5 -> 2.4e-6, 1e-4 -> 3.3e-7).
+  EXPECT_LT(check_grad(f, k, dk, 150, 1e-4), 1e-6);
+  EXPECT_LT(check_grad(f, v, dv, 150), 1e-6);
 }
 
 TEST(OpsGrad, CrossEntropy) {

@@ -145,10 +145,18 @@ void check_fixture(const std::string& name, double tol_loss, double tol_tensor, 
     close(s.loss, expected_scalar(f, "step" + std::to_string(k) + ".loss"), "step loss");
     close(s.grad_norm, expected_scalar(f, "step" + std::to_string(k) + ".grad_norm"), "step grad_norm");
   }
+  // After AdamW steps, float rounding is amplified in elements whose gradient is near
+  // zero: Adam normalises each element by its own sqrt(v), so an element with a
+  // gradient of 1e-5 of its tensor's largest (float noise ~10% there) still moves by
+  // about lr per step, and that noise shows in the weights. Measured with moetune's
+  // GEMM: 8.1e-5 in parity_sigmoid, at an element whose initial gradient is 1.9e-7
+  // (tensor max 1.9e-2), lr 0.01; the gradients themselves agree within 3e-6 and the
+  // double run within 1e-13. Float final weights therefore get 5x the tensor tolerance.
+  const double tol_final = sizeof(T) == 4 ? 5 * tol_tensor : tol_tensor;
   for (const auto& t : model.layout().tensors()) {
     const double err = tensor_err(model.params().data() + t.offset, expected(f, "final." + t.name));
     worst_tensor = std::max(worst_tensor, err);
-    EXPECT_LT(err, tol_tensor) << name << " final." << t.name;
+    EXPECT_LT(err, tol_final) << name << " final." << t.name;
   }
   std::printf("[ parity ] %s (%s%s): worst relative error: losses %.2e, gradients/weights %.2e\n", name.c_str(),
               sizeof(T) == 8 ? "double" : "float", parallel ? ", trainer path" : "", worst_loss, worst_tensor);
