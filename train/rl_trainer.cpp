@@ -430,7 +430,9 @@ RlSummary rl_impl(const RunConfig& rc, const RlOptions& opt) {
           L.adv[t] = adv[i];
           L.weight[t] = weight_of[i];
           L.seq[t] = r;
-          const double d = std::fabs(double(comps[i].logprobs[j]) - L.lp_old[t]);
+          // At the rollout's stored precision (float): 0 when the decode reproduced the
+          // forward's logits, which batch-invariant kernels make exact.
+          const double d = std::fabs(double(comps[i].logprobs[j]) - double(float(L.lp_old[t])));
           st[StepStats::kLpDiff] += d;
           st[StepStats::kLpTokens] += 1;
           ss.lp_diff_max = std::max(ss.lp_diff_max, d);
