@@ -155,6 +155,14 @@ void check_tokens(const int32_t* ids, int64_t n, int64_t V) {
                   " is outside the vocabulary [0, " + std::to_string(V) + ")");
 }
 
+// The hash tables must have V*K entries each (route_hash reads row ids[t] of each).
+inline void check_tables(const std::vector<std::vector<int32_t>>& tid2eid, const ModelConfig& c) {
+  for (const auto& t : tid2eid)
+    if (int64_t(t.size()) != int64_t(c.vocab_size) * c.K())
+      throw Error("tid2eid: a hash-routing table has " + std::to_string(t.size()) + " entries, expected V*K = " +
+                  std::to_string(int64_t(c.vocab_size) * c.K()));
+}
+
 // Routing control of MoE layer j of a forward over the tokens `ids`; tid2eid: the
 // model's hash tables (MoE layer j < num_hash_layers routes by tid2eid[j]).
 inline RouteControl route_control(const ForwardOptions& opt, int j, const std::vector<std::vector<int32_t>>& tid2eid,
@@ -246,10 +254,7 @@ MicroStats Model<T>::forward(const MicroBatch& mb, const LossNorm& norm, const F
     opt.record->idx.assign(nm, {});
     opt.record->kept.assign(nm, {});
   }
-  for (const auto& t : tid2eid_)
-    if (int64_t(t.size()) != V * c.K())
-      throw Error("tid2eid: a hash-routing table has " + std::to_string(t.size()) + " entries, expected V*K = " +
-                  std::to_string(V * c.K()));
+  check_tables(tid2eid_, c);
   I.rows = B;
   I.seq_len = S;
   I.trained = opt.train;
@@ -403,6 +408,7 @@ void Model<T>::extend(KvCache<T>& kv, const int32_t* row, const int32_t* tokens,
   const int64_t d = c.d(), V = c.vocab_size, H = c.H(), Hkv = c.Hkv(), hd = c.hd();
   const int64_t qd = H * hd, kvd = Hkv * hd;
   check_tokens<T>(tokens, n, V);
+  check_tables(tid2eid_, c);
   I.trained = false;  // shares work buffers with forward(): a pending backward is void
   // Positions: each row's tokens continue its cached sequence.
   I.pos.resize(n);
