@@ -41,9 +41,18 @@ void save_checkpoint_parallel(const std::string& dir_in, const ProcessGrid& g, c
                               const ParamLayout& layout, const std::vector<T>& params,
                               const std::vector<std::vector<float>>& bias, const std::vector<T>* exp_avg,
                               const std::vector<T>* exp_avg_sq, int64_t optimizer_step, const json& state,
-                              const std::string& tokenizer_json) {
+                              const std::string& tokenizer_json, const HashTables* tid2eid) {
   std::string dir = dir_in;
   while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
+  // Every rank holds the same tables (same seed or the same checkpoint); rank 0 writes them.
+  if (cfg.num_hash_layers > 0) {
+    if (!tid2eid || tid2eid->size() != size_t(cfg.num_hash_layers))
+      throw Error(dir + ": save_checkpoint_parallel: the configuration has num_hash_layers = " +
+                  std::to_string(cfg.num_hash_layers) + " but the tid2eid tables were not given");
+    for (int j = 0; j < cfg.num_hash_layers; ++j)
+      check_tid2eid(dir + ": save_checkpoint_parallel", ParamLayout::tid2eid_name(cfg.first_k_dense_replace + j),
+                    (*tid2eid)[j], cfg);
+  }
   // One temporary name for all ranks: rank 0's pid.
   int64_t pid = ::getpid();
   g.world.broadcast(std::span<int64_t>(&pid, 1), 0);
@@ -89,7 +98,11 @@ void save_checkpoint_parallel(const std::string& dir_in, const ProcessGrid& g, c
           }
           for (int j = 0; j < cfg.num_moe_layers() && k == 0; ++j) {
             const int l = cfg.first_k_dense_replace + j;
-            if (t.name == ParamLayout::layer(l, "mlp.gate.weight"))
+            if (t.name != ParamLayout::layer(l, "mlp.gate.weight")) continue;
+            if (cfg.is_hash_moe_layer(j))
+              model.push_back(to_write<int32_t>(ParamLayout::tid2eid_name(l), {cfg.vocab_size, cfg.K()},
+                                                (*tid2eid)[j].data()));
+            else
               model.push_back(to_write<float>(ParamLayout::bias_name(l), {cfg.E()}, bias[j].data()));
           }
         }
@@ -119,8 +132,11 @@ void save_checkpoint_parallel(const std::string& dir_in, const ProcessGrid& g, c
           oi["weight_map"][t.name + ".exp_avg"] = of;
           oi["weight_map"][t.name + ".exp_avg_sq"] = of;
         }
-        for (int j = 0; j < cfg.num_moe_layers(); ++j)
-          mi["weight_map"][ParamLayout::bias_name(cfg.first_k_dense_replace + j)] = shard_name("model", 0, n);
+        for (int j = 0; j < cfg.num_moe_layers(); ++j) {
+          const int l = cfg.first_k_dense_replace + j;
+          mi["weight_map"][cfg.is_hash_moe_layer(j) ? ParamLayout::tid2eid_name(l) : ParamLayout::bias_name(l)] =
+              shard_name("model", 0, n);
+        }
         fsutil::write_file_atomic((fs::path(tmp) / "model.safetensors.index.json").string(), mi.dump(2) + "\n");
         if (exp_avg)
           fsutil::write_file_atomic((fs::path(tmp) / "optimizer.safetensors.index.json").string(), oi.dump(2) + "\n");
@@ -148,10 +164,12 @@ void save_checkpoint_parallel(const std::string& dir_in, const ProcessGrid& g, c
 template void save_checkpoint_parallel<float>(const std::string&, const ProcessGrid&, const ModelConfig&,
                                               const ParamLayout&, const std::vector<float>&,
                                               const std::vector<std::vector<float>>&, const std::vector<float>*,
-                                              const std::vector<float>*, int64_t, const json&, const std::string&);
+                                              const std::vector<float>*, int64_t, const json&, const std::string&,
+                                              const HashTables*);
 template void save_checkpoint_parallel<double>(const std::string&, const ProcessGrid&, const ModelConfig&,
                                                const ParamLayout&, const std::vector<double>&,
                                                const std::vector<std::vector<float>>&, const std::vector<double>*,
-                                               const std::vector<double>*, int64_t, const json&, const std::string&);
+                                               const std::vector<double>*, int64_t, const json&, const std::string&,
+                                               const HashTables*);
 
 }  // namespace moetune::dist

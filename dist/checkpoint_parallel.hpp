@@ -18,18 +18,21 @@
 #include <vector>
 
 #include "dist/grid.hpp"
+#include "io/checkpoint.hpp"
 #include "moe/config.hpp"
 #include "moe/params.hpp"
 
 namespace moetune::dist {
 
 // Collective over grid.world. `layout` is this rank's layout (its expert range).
-// tokenizer_json: written by rank 0 as tokenizer.json when not empty.
+// tokenizer_json: written by rank 0 as tokenizer.json when not empty. tid2eid: the
+// hash-routing tables (required when cfg.num_hash_layers > 0), written in shard 1.
 template <class T>
 void save_checkpoint_parallel(const std::string& dir, const ProcessGrid& grid, const ModelConfig& cfg,
                               const ParamLayout& layout, const std::vector<T>& params,
                               const std::vector<std::vector<float>>& bias, const std::vector<T>* exp_avg,
                               const std::vector<T>* exp_avg_sq, int64_t optimizer_step,
-                              const nlohmann::json& trainer_state, const std::string& tokenizer_json = {});
+                              const nlohmann::json& trainer_state, const std::string& tokenizer_json = {},
+                              const HashTables* tid2eid = nullptr);
 
 }  // namespace moetune::dist

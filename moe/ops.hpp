@@ -94,24 +94,34 @@ void linear_backward(T* dinp, T* dw, const T* dout, const T* inp, const T* w, in
 }
 
 // ---------------------------------------------------------------- SwiGLU
-// out (N,F) = silu(g) * u; g, u (N,F)
+// out (N,F) = silu(g) * u; g, u (N,F). limit c > 0 (swiglu_limit, MODEL.md section 12)
+// first clamps g = min(g, c) and u = clamp(u, -c, c); 0 = off.
 template <class T>
-void swiglu_forward(T* out, const T* g, const T* u, int64_t n) {
+void swiglu_forward(T* out, const T* g, const T* u, int64_t n, double limit = 0) {
+  const T c = T(limit);
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; ++i) {
-    const T sg = T(1) / (T(1) + std::exp(-g[i]));
-    out[i] = g[i] * sg * u[i];
+    const T gi = c > 0 ? std::min(g[i], c) : g[i];
+    const T ui = c > 0 ? std::clamp(u[i], -c, c) : u[i];
+    const T sg = T(1) / (T(1) + std::exp(-gi));
+    out[i] = gi * sg * ui;
   }
 }
-// dg, du (N,F) = (overwritten, not accumulated: they are scratch) from dout (N,F)
+// dg, du (N,F) = (overwritten, not accumulated: they are scratch) from dout (N,F); g, u
+// are the unclamped inputs. Under a limit the gradient is 0 where a value was clamped
+// (torch.clamp's convention: it passes at the bound itself).
 template <class T>
-void swiglu_backward(T* dg, T* du, const T* dout, const T* g, const T* u, int64_t n) {
+void swiglu_backward(T* dg, T* du, const T* dout, const T* g, const T* u, int64_t n, double limit = 0) {
+  const T c = T(limit);
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; ++i) {
-    const T sg = T(1) / (T(1) + std::exp(-g[i]));
-    const T silu = g[i] * sg;
-    du[i] = dout[i] * silu;
-    dg[i] = dout[i] * u[i] * sg * (T(1) + g[i] * (T(1) - sg));
+    const bool g_in = !(c > 0) || g[i] <= c, u_in = !(c > 0) || (u[i] >= -c && u[i] <= c);
+    const T gi = g_in ? g[i] : c;
+    const T ui = u_in ? u[i] : std::clamp(u[i], -c, c);
+    const T sg = T(1) / (T(1) + std::exp(-gi));
+    const T silu = gi * sg;
+    du[i] = u_in ? dout[i] * silu : T(0);
+    dg[i] = g_in ? dout[i] * ui * sg * (T(1) + gi * (T(1) - sg)) : T(0);
   }
 }
 

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include "moe/dispatch.hpp"
+#include "moe/init.hpp"
 #include "moe/mlp.hpp"
 #include "moe/moe_layer.hpp"
 #include "moe/ops.hpp"
@@ -74,6 +75,76 @@ TEST(OpsGrad, SwiGLU) {
   ops::swiglu_backward(dg.data(), du.data(), R.data(), g.data(), u.data(), n);
   EXPECT_LT(check_grad(f, g, dg), 1e-6);
   EXPECT_LT(check_grad(f, u, du), 1e-6);
+}
+
+// swiglu_limit c: values on both sides of the clamps (none within the FD step of a
+// bound), the clamped ones with exactly zero gradient; then values exactly at a bound,
+// where the gradient is the one from inside (torch.clamp passes it at the bound).
+TEST(OpsGrad, SwiGLUClampedAwayFromTheBound) {
+  const int64_t n = 40;
+  const double c = 0.7;
+  auto g = randn(n, 12, 2.0), u = randn(n, 13, 2.0), R = randn(n, 14);
+  for (auto* v : {&g, &u})
+    for (double& x : *v)
+      if (std::fabs(std::fabs(x) - c) < 1e-3) x += 0.01;  // keep every value away from a bound
+  int g_clamped = 0, u_clamped = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    g_clamped += g[i] > c;
+    u_clamped += std::fabs(u[i]) > c;
+  }
+  ASSERT_GT(g_clamped, 3);
+  ASSERT_GT(u_clamped, 3);
+  ASSERT_LT(g_clamped, n - 3);
+  ASSERT_LT(u_clamped, n - 3);
+  std::vector<double> out(n), dg(n), du(n);
+  auto f = [&] {
+    ops::swiglu_forward(out.data(), g.data(), u.data(), n, c);
+    return dot(out, R);
+  };
+  ops::swiglu_backward(dg.data(), du.data(), R.data(), g.data(), u.data(), n, c);
+  EXPECT_LT(check_grad(f, g, dg), 1e-6);
+  EXPECT_LT(check_grad(f, u, du), 1e-6);
+  f();  // out at the unperturbed inputs
+  for (int64_t i = 0; i < n; ++i) {
+    if (g[i] > c) {
+      EXPECT_EQ(dg[i], 0.0) << "clamped gate " << i;
+    }
+    if (std::fabs(u[i]) > c) {
+      EXPECT_EQ(du[i], 0.0) << "clamped up " << i;
+    }
+    // The forward really clamps: out = silu(min(g, c)) * clamp(u, -c, c).
+    const double gi = std::min(g[i], c), ui = std::clamp(u[i], -c, c);
+    EXPECT_NEAR(out[i], gi / (1 + std::exp(-gi)) * ui, 1e-15);
+  }
+}
+
+TEST(OpsGrad, SwiGLUClampedAtTheBound) {
+  const double c = 0.5;
+  std::vector<double> g = {c, 0.1, c, -2.0}, u = {0.3, c, -c, c}, R = {1.0, -0.5, 0.7, 2.0};
+  const int64_t n = 4;
+  std::vector<double> out(n), dg(n), du(n);
+  ops::swiglu_backward(dg.data(), du.data(), R.data(), g.data(), u.data(), n, c);
+  // One-sided differences from inside the clamp range.
+  const double h = 1e-6;
+  for (int64_t i = 0; i < n; ++i) {
+    auto val = [&](double gi, double ui) {
+      double o;
+      ops::swiglu_forward(&o, &gi, &ui, 1, c);
+      return o * R[i];
+    };
+    const double dg_in = (val(g[i], u[i]) - val(g[i] - h, u[i])) / h;
+    const double du_in = u[i] >= c ? (val(g[i], u[i]) - val(g[i], u[i] - h)) / h
+                                   : (val(g[i], u[i] + h) - val(g[i], u[i])) / h;
+    EXPECT_NEAR(dg[i], dg_in, 1e-5) << i;
+    EXPECT_NEAR(du[i], du_in, 1e-5) << i;
+    EXPECT_NE(dg[i], 0.0) << i;
+    EXPECT_NE(du[i], 0.0) << i;
+  }
+  // Just past the bound the gradient is 0.
+  std::vector<double> g2 = {c + 1e-9}, u2 = {c + 1e-9}, dg2(1), du2(1), r2 = {1.0};
+  ops::swiglu_backward(dg2.data(), du2.data(), r2.data(), g2.data(), u2.data(), 1, c);
+  EXPECT_EQ(dg2[0], 0.0);
+  EXPECT_EQ(du2[0], 0.0);
 }
 
 TEST(OpsGrad, RoPE) {
@@ -233,7 +304,9 @@ TEST_P(RouterGrad, LogitsGradient) {
   if (cfg.capacity_factor > 0) {
     EXPECT_GT(r.dropped, 0) << "the capacity case must drop pairs";
   }
-  EXPECT_LT(check_grad(f, logits, dl, 1000), 1e-5) << GetParam().name;
+  const double err = check_grad(f, logits, dl, 1000);
+  std::printf("[ fd ] router %s: worst relative error %.2e\n", GetParam().name, err);
+  EXPECT_LT(err, 1e-5) << GetParam().name;
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -247,7 +320,72 @@ INSTANTIATE_TEST_SUITE_P(
         RouterCase{"groups_softmax_greedy",
                    {{"n_group", 2}, {"topk_group", 1}, {"scoring_func", "softmax"}, {"topk_method", "greedy"}}},
         RouterCase{"no_norm_scaled", {{"norm_topk_prob", false}, {"routed_scaling_factor", 2.5}}},
-        RouterCase{"capacity", {{"capacity_factor", 0.5}, {"aux_loss_coeff", 0.1}}}),
+        RouterCase{"capacity", {{"capacity_factor", 0.5}, {"aux_loss_coeff", 0.1}}},
+        RouterCase{"sqrtsoftplus_noaux", {{"scoring_func", "sqrtsoftplus"}, {"topk_method", "noaux_tc"},
+                                          {"aux_loss_coeff", 0.1}, {"seq_aux_loss_coeff", 0.2}, {"z_loss_coeff", 0.05},
+                                          {"routed_scaling_factor", 1.5}}},
+        RouterCase{"sqrtsoftplus_groups_capacity", {{"scoring_func", "sqrtsoftplus"}, {"n_group", 4}, {"topk_group", 2},
+                                                    {"capacity_factor", 0.5}, {"aux_loss_coeff", 0.1}}},
+        RouterCase{"sqrtsoftplus_no_norm", {{"scoring_func", "sqrtsoftplus"}, {"norm_topk_prob", false},
+                                            {"seq_aux_loss_coeff", 0.2}}}),
+    [](const auto& info) { return std::string(info.param.name); });
+
+// Hash routing (MODEL.md section 12): the selection is the table's row of each token id,
+// so it never changes under a perturbation (no tie can flip it); the weights and the
+// balance losses are live. Every scoring function, with capacity drops in one case.
+class HashRouterGrad : public ::testing::TestWithParam<RouterCase> {};
+
+TEST_P(HashRouterGrad, LogitsGradient) {
+  nlohmann::json j = GetParam().cfg;
+  j["n_routed_experts"] = 8;
+  j["num_experts_per_tok"] = 3;
+  j["vocab_size"] = 6;
+  j["num_hash_layers"] = 1;
+  auto cfg = ModelConfig::from_json(j);
+  const int rows = 2, S = 5;
+  const int64_t N = rows * S, E = cfg.E(), K = cfg.K();
+  auto logits = randn(N * E, 26, 2.0), R = randn(N * K, 27);
+  const std::vector<int32_t> table = init_tid2eid(cfg, 5, 1);
+  std::vector<int32_t> ids(N);
+  for (int64_t t = 0; t < N; ++t) ids[t] = int32_t((t * 7 + 3) % cfg.vocab_size);
+  const BalanceScales sc{cfg.aux_loss_coeff / 2, cfg.seq_aux_loss_coeff / 3, cfg.z_loss_coeff / 2};
+  auto route = [&](Routing<double>& r) {
+    route_hash(r, logits.data(), ids.data(), table.data(), cfg, N);
+    route_capacity(r, cfg.capacity_factor);
+  };
+  auto f = [&] {
+    Routing<double> r;
+    route(r);
+    double L = 0;
+    for (int64_t i = 0; i < N * K; ++i) L += r.kept[i] ? r.weight[i] * R[i] : 0.0;
+    auto bl = balance_forward(r, logits.data(), cfg, rows, S, sc);
+    return L + bl.aux + bl.seq + bl.z;
+  };
+  Routing<double> r;
+  route(r);
+  for (int64_t t = 0; t < N; ++t)
+    for (int k = 0; k < K; ++k) ASSERT_EQ(r.idx[t * K + k], table[ids[t] * K + k]) << "token " << t;
+  std::vector<double> dw(N * K), dl(N * E);
+  for (int64_t i = 0; i < N * K; ++i) dw[i] = r.kept[i] ? R[i] : 0.0;
+  router_backward(dl.data(), dw.data(), logits.data(), r, cfg, rows, S, sc);
+  if (cfg.capacity_factor > 0) {
+    EXPECT_GT(r.dropped, 0) << "the capacity case must drop pairs";
+  }
+  const double err = check_grad(f, logits, dl, 1000);
+  std::printf("[ fd ] hash router %s: worst relative error %.2e\n", GetParam().name, err);
+  EXPECT_LT(err, 1e-5) << GetParam().name;
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Variants, HashRouterGrad,
+    ::testing::Values(RouterCase{"sqrtsoftplus_all_losses", {{"scoring_func", "sqrtsoftplus"},
+                                                             {"aux_loss_coeff", 0.1},
+                                                             {"seq_aux_loss_coeff", 0.2},
+                                                             {"z_loss_coeff", 0.05},
+                                                             {"routed_scaling_factor", 2.0}}},
+                      RouterCase{"sigmoid_capacity", {{"capacity_factor", 0.5}, {"aux_loss_coeff", 0.1}}},
+                      RouterCase{"softmax_no_norm", {{"scoring_func", "softmax"}, {"norm_topk_prob", false},
+                                                     {"seq_aux_loss_coeff", 0.2}}}),
     [](const auto& info) { return std::string(info.param.name); });
 
 // The whole MoE layer (router + dispatch + experts + combine + shared expert).
@@ -282,6 +420,7 @@ TEST_P(MoeLayerGrad, AllInputsAndWeights) {
   std::vector<std::vector<double>> dwg(E, std::vector<double>(F * d, 0.0)), dwu = dwg, dwd = dwg;
   LocalExpertStage<double> stage(d, F, [&](int) {
     ExpertViews<double> v;
+    v.swiglu_limit = cfg.swiglu_limit;
     for (int e = 0; e < E; ++e) {
       v.wg.push_back(wg[e].data());
       v.wu.push_back(wu[e].data());
@@ -293,11 +432,20 @@ TEST_P(MoeLayerGrad, AllInputsAndWeights) {
     return v;
   });
   const BalanceScales sc{cfg.aux_loss_coeff, cfg.seq_aux_loss_coeff / rows, cfg.z_loss_coeff};
+  // A hash-routed layer: its table and the tokens' ids.
+  RouteControl rc;
+  const std::vector<int32_t> table = init_tid2eid(cfg, 3, 1);
+  std::vector<int32_t> ids(N);
+  for (int64_t t = 0; t < N; ++t) ids[t] = int32_t((t * 5 + 1) % cfg.vocab_size);
+  if (cfg.num_hash_layers > 0) {
+    rc.tid2eid = table.data();
+    rc.token_ids = ids.data();
+  }
   std::vector<double> out(N * d);
   MoeCache<double> cache;
   std::vector<int32_t> idx0;
   auto f = [&] {
-    moe_forward(out.data(), cache, x.data(), w, stage, 0, bias.data(), cfg, rows, S, sc);
+    moe_forward(out.data(), cache, x.data(), w, stage, 0, bias.data(), cfg, rows, S, sc, rc);
     if (idx0.empty()) idx0 = cache.routing.idx;
     EXPECT_EQ(cache.routing.idx, idx0);
     return dot(out, R) + cache.losses.aux + cache.losses.seq + cache.losses.z;
@@ -314,6 +462,35 @@ TEST_P(MoeLayerGrad, AllInputsAndWeights) {
   moe_backward(dx.data(), g, R.data(), x.data(), w, stage, 0, cache, cfg, rows, S, sc, scratch);
   if (cfg.capacity_factor > 0) {
     EXPECT_GT(cache.routing.dropped, 0) << "the capacity case must drop pairs";
+  }
+  if (cfg.num_hash_layers > 0) {
+    for (int64_t t = 0; t < N; ++t)
+      for (int k = 0; k < cfg.K(); ++k) EXPECT_EQ(cache.routing.idx[t * cfg.K() + k], table[ids[t] * cfg.K() + k]);
+  }
+  if (cfg.swiglu_limit > 0) {  // the limit must bite in both the routed and the shared experts
+    const double c = cfg.swiglu_limit;
+    auto clamped = [&](const MlpCache<double>& m) {
+      int n = 0;
+      for (size_t i = 0; i < m.g.size(); ++i) n += (m.g[i] > c) + (std::fabs(m.u[i]) > c);
+      return n;
+    };
+    int routed = 0;  // gate/up values of the routed pairs beyond the limit
+    for (int64_t t = 0; t < N; ++t)
+      for (int k = 0; k < cfg.K(); ++k) {
+        const int e = cache.routing.idx[t * cfg.K() + k];
+        for (int64_t fi = 0; fi < F; ++fi) {
+          double gv = 0, uv = 0;
+          for (int64_t i = 0; i < d; ++i) {
+            gv += x[t * d + i] * wg[e][fi * d + i];
+            uv += x[t * d + i] * wu[e][fi * d + i];
+          }
+          routed += (gv > c) + (std::fabs(uv) > c);
+        }
+      }
+    EXPECT_GT(routed, 0);
+    if (Sh > 0) {
+      EXPECT_GT(clamped(cache.shared), 0);
+    }
   }
   EXPECT_LT(check_grad(f, x, dx, 100), 1e-5);
   EXPECT_LT(check_grad(f, gate, dgate, 100), 1e-5);
@@ -336,7 +513,14 @@ INSTANTIATE_TEST_SUITE_P(
                       RouterCase{"softmax_noshared_capacity", {{"n_routed_experts", 4}, {"scoring_func", "softmax"},
                                                                {"topk_method", "greedy"}, {"n_shared_experts", 0},
                                                                {"capacity_factor", 0.75}}},
-                      RouterCase{"groups", {{"n_routed_experts", 8}, {"n_group", 4}, {"topk_group", 2}}}),
+                      RouterCase{"groups", {{"n_routed_experts", 8}, {"n_group", 4}, {"topk_group", 2}}},
+                      RouterCase{"sqrtsoftplus_swiglu_limit", {{"n_routed_experts", 4}, {"scoring_func", "sqrtsoftplus"},
+                                                               {"swiglu_limit", 0.6}, {"aux_loss_coeff", 0.1},
+                                                               {"seq_aux_loss_coeff", 0.1}}},
+                      RouterCase{"hash_sqrtsoftplus_swiglu_limit_capacity",
+                                 {{"n_routed_experts", 4}, {"scoring_func", "sqrtsoftplus"}, {"num_hash_layers", 1},
+                                  {"vocab_size", 5}, {"swiglu_limit", 0.6}, {"capacity_factor", 0.75},
+                                  {"aux_loss_coeff", 0.1}, {"z_loss_coeff", 0.01}}}),
     [](const auto& info) { return std::string(info.param.name); });
 
 // Dispatch then combine with weight 1/K returns the input (dropless), and so does the

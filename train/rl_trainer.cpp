@@ -212,7 +212,7 @@ RlSummary rl_impl(const RunConfig& rc, const RlOptions& opt) {
       verify_manifest(resume_dir);
     }
     if (!resume_dir.empty()) {
-      load_model_weights(resume_dir, cfg, m.layout(), m.params(), m.expert_bias());
+      load_model_weights(resume_dir, cfg, m.layout(), m.params(), m.expert_bias(), &m.tid2eid());
       std::vector<T> mo, vo;
       int64_t ostep = 0;
       if (!load_optimizer_state(resume_dir, m.layout(), mo, vo, ostep))
@@ -226,7 +226,7 @@ RlSummary rl_impl(const RunConfig& rc, const RlOptions& opt) {
     } else {
       if (opt.init_from.empty()) throw Error("rl: --auto-resume found no checkpoint in " + opt.out_dir +
                                              "; give --init-from to start");
-      load_model_weights(opt.init_from, cfg, m.layout(), m.params(), m.expert_bias());
+      load_model_weights(opt.init_from, cfg, m.layout(), m.params(), m.expert_bias(), &m.tid2eid());
     }
     tokenizer = resolve_tokenizer(rc, !resume_dir.empty() ? resume_dir : opt.init_from);
     if (!tokenizer) tokenizer = Tokenizer::byte_level();
@@ -249,7 +249,8 @@ RlSummary rl_impl(const RunConfig& rc, const RlOptions& opt) {
       if (reference_dir.empty()) throw Error("key 'rl.beta': a KL penalty needs the reference checkpoint (--init-from)");
       ref_holder = std::make_unique<Model<T>>(cfg, grid.expert_begin, grid.expert_end);
       ref_stage = dist::install_expert_stage(grid, *ref_holder);
-      load_model_weights(reference_dir, cfg, ref_holder->layout(), ref_holder->params(), ref_holder->expert_bias());
+      load_model_weights(reference_dir, cfg, ref_holder->layout(), ref_holder->params(), ref_holder->expert_bias(),
+                         &ref_holder->tid2eid());
     }
   });
   dist::ParallelTrainer<T>& trainer = *trainer_holder;
@@ -588,7 +589,7 @@ RlSummary rl_impl(const RunConfig& rc, const RlOptions& opt) {
       std::vector<T> mo, vo;
       trainer.gather_optimizer_state(mo, vo);
       dist::save_checkpoint_parallel(dir, grid, cfg, model.layout(), model.params(), model.expert_bias(), &mo, &vo,
-                                     trainer.optimizer().step_count(), state, tokenizer->json());
+                                     trainer.optimizer().step_count(), state, tokenizer->json(), &model.tid2eid());
       sum.final_checkpoint = dir;
       if (talk) std::printf("saved checkpoint %s\n", dir.c_str());
       if (root && rc.train.keep_checkpoints > 0) prune_checkpoints(opt.out_dir, rc.train.keep_checkpoints);
