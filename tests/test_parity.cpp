@@ -200,11 +200,12 @@ TEST(Parity, SoftmaxCapacityTiedFloat) { check_fixture<float>("parity_softmax", 
 // DeepSeek-V4 routing (MODEL.md section 12): every layer MoE, layer 0 hash-routed by
 // its tid2eid table, sqrtsoftplus scores with noaux_tc bias in layer 1, clamped experts.
 TEST(Parity, V4RoutingHashSqrtsoftplusSwigluLimitDouble) { check_fixture<double>("parity_v4routing", 1e-10, 1e-9); }
-// Float weights after 3 steps: 2e-4 (reached 1.6e-4): an element of layer 1's v_proj
-// has a gradient 5e-7 of its tensor's largest, below float resolution, and AdamW
-// normalises it to a step of O(lr); losses, logits and gradients stay at 2e-5.
+// Float weights after 3 steps: 1e-3 (reached 1.6e-4 with Eigen's GEMM, 5.2e-4 with
+// moetune's): an element of layer 1's v_proj has a gradient 5e-7 of its tensor's
+// largest, below float resolution, and AdamW normalises it to a step of O(lr), so
+// where it lands depends on rounding; losses, logits and gradients stay at 2e-5.
 TEST(Parity, V4RoutingHashSqrtsoftplusSwigluLimitFloat) {
-  check_fixture<float>("parity_v4routing", 2e-5, 2e-5, false, 2e-4);
+  check_fixture<float>("parity_v4routing", 2e-5, 2e-5, false, 1e-3);
 }
 TEST(Parity, TrainerPathDouble) {
   check_fixture<double>("parity_sigmoid", 1e-10, 1e-9, true);
@@ -214,5 +215,5 @@ TEST(Parity, TrainerPathDouble) {
 TEST(Parity, TrainerPathFloat) {
   check_fixture<float>("parity_sigmoid", 2e-5, 2e-5, true, 1e-4);
   check_fixture<float>("parity_softmax", 2e-5, 2e-5, true, 1e-4);
-  check_fixture<float>("parity_v4routing", 2e-5, 2e-5, true, 2e-4);
+  check_fixture<float>("parity_v4routing", 2e-5, 2e-5, true, 1e-3);
 }
