@@ -42,9 +42,19 @@ void save_checkpoint_parallel(const std::string& dir_in, const ProcessGrid& g, c
                               const ParamLayout& layout, const std::vector<T>& params,
                               const std::vector<std::vector<float>>& bias, const std::vector<T>* exp_avg,
                               const std::vector<T>* exp_avg_sq, int64_t optimizer_step, const json& state,
-                              const std::string& tokenizer_json, const std::string& optimizer) {
+                              const std::string& tokenizer_json, const HashTables* tid2eid,
+                              const std::string& optimizer) {
   std::string dir = dir_in;
   while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
+  // Every rank holds the same tables (same seed or the same checkpoint); rank 0 writes them.
+  if (cfg.num_hash_layers > 0) {
+    if (!tid2eid || tid2eid->size() != size_t(cfg.num_hash_layers))
+      throw Error(dir + ": save_checkpoint_parallel: the configuration has num_hash_layers = " +
+                  std::to_string(cfg.num_hash_layers) + " but the tid2eid tables were not given");
+    for (int j = 0; j < cfg.num_hash_layers; ++j)
+      check_tid2eid(dir + ": save_checkpoint_parallel", ParamLayout::tid2eid_name(cfg.first_k_dense_replace + j),
+                    (*tid2eid)[j], cfg);
+  }
   // One temporary name for all ranks: rank 0's pid.
   int64_t pid = ::getpid();
   g.world.broadcast(std::span<int64_t>(&pid, 1), 0);
@@ -90,7 +100,11 @@ void save_checkpoint_parallel(const std::string& dir_in, const ProcessGrid& g, c
                   to_write(t.name + st.suffix, t.shape, (st.slot == 0 ? exp_avg : exp_avg_sq)->data() + t.offset));
           for (int j = 0; j < cfg.num_moe_layers() && k == 0; ++j) {
             const int l = cfg.first_k_dense_replace + j;
-            if (t.name == ParamLayout::layer(l, "mlp.gate.weight"))
+            if (t.name != ParamLayout::layer(l, "mlp.gate.weight")) continue;
+            if (cfg.is_hash_moe_layer(j))
+              model.push_back(to_write<int32_t>(ParamLayout::tid2eid_name(l), {cfg.vocab_size, cfg.K()},
+                                                (*tid2eid)[j].data()));
+            else
               model.push_back(to_write<float>(ParamLayout::bias_name(l), {cfg.E()}, bias[j].data()));
           }
         }
@@ -119,8 +133,11 @@ void save_checkpoint_parallel(const std::string& dir_in, const ProcessGrid& g, c
           const std::string of = shard_name("optimizer", shard_of(t.name), n);
           for (const auto& st : optimizer_state_names(optimizer, t)) oi["weight_map"][t.name + st.suffix] = of;
         }
-        for (int j = 0; j < cfg.num_moe_layers(); ++j)
-          mi["weight_map"][ParamLayout::bias_name(cfg.first_k_dense_replace + j)] = shard_name("model", 0, n);
+        for (int j = 0; j < cfg.num_moe_layers(); ++j) {
+          const int l = cfg.first_k_dense_replace + j;
+          mi["weight_map"][cfg.is_hash_moe_layer(j) ? ParamLayout::tid2eid_name(l) : ParamLayout::bias_name(l)] =
+              shard_name("model", 0, n);
+        }
         fsutil::write_file_atomic((fs::path(tmp) / "model.safetensors.index.json").string(), mi.dump(2) + "\n");
         if (exp_avg)
           fsutil::write_file_atomic((fs::path(tmp) / "optimizer.safetensors.index.json").string(), oi.dump(2) + "\n");
@@ -149,11 +166,11 @@ template void save_checkpoint_parallel<float>(const std::string&, const ProcessG
                                               const ParamLayout&, const std::vector<float>&,
                                               const std::vector<std::vector<float>>&, const std::vector<float>*,
                                               const std::vector<float>*, int64_t, const json&, const std::string&,
-                                              const std::string&);
+                                              const HashTables*, const std::string&);
 template void save_checkpoint_parallel<double>(const std::string&, const ProcessGrid&, const ModelConfig&,
                                                const ParamLayout&, const std::vector<double>&,
                                                const std::vector<std::vector<float>>&, const std::vector<double>*,
                                                const std::vector<double>*, int64_t, const json&, const std::string&,
-                                               const std::string&);
+                                               const HashTables*, const std::string&);
 
 }  // namespace moetune::dist

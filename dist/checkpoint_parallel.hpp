@@ -18,20 +18,23 @@
 #include <vector>
 
 #include "dist/grid.hpp"
+#include "io/checkpoint.hpp"
 #include "moe/config.hpp"
 #include "moe/params.hpp"
 
 namespace moetune::dist {
 
 // Collective over grid.world. `layout` is this rank's layout (its expert range).
-// tokenizer_json: written by rank 0 as tokenizer.json when not empty. optimizer: the
-// optim.name of the state (tensor names and the "optimizer" metadata, as save_checkpoint).
+// tokenizer_json: written by rank 0 as tokenizer.json when not empty. tid2eid: the
+// hash-routing tables (required when cfg.num_hash_layers > 0), written in shard 1.
+// optimizer: the optim.name of the state (tensor names and the "optimizer" metadata, as
+// save_checkpoint).
 template <class T>
 void save_checkpoint_parallel(const std::string& dir, const ProcessGrid& grid, const ModelConfig& cfg,
                               const ParamLayout& layout, const std::vector<T>& params,
                               const std::vector<std::vector<float>>& bias, const std::vector<T>* exp_avg,
                               const std::vector<T>* exp_avg_sq, int64_t optimizer_step,
                               const nlohmann::json& trainer_state, const std::string& tokenizer_json = {},
-                              const std::string& optimizer = "adamw");
+                              const HashTables* tid2eid = nullptr, const std::string& optimizer = "adamw");
 
 }  // namespace moetune::dist

@@ -186,10 +186,51 @@ void check_bias(const ModelConfig& cfg, const std::vector<std::vector<float>>& b
   if (bias.size() != static_cast<size_t>(cfg.num_moe_layers()))
     throw Error("save_checkpoint: bias has " + std::to_string(bias.size()) + " MoE layers, the config has " +
                 std::to_string(cfg.num_moe_layers()));
-  for (const auto& b : bias)
-    if (b.size() != static_cast<size_t>(cfg.E()))
-      throw Error("save_checkpoint: a bias row has " + std::to_string(b.size()) + " entries, expected E = " +
-                  std::to_string(cfg.E()));
+  for (size_t j = 0; j < bias.size(); ++j) {
+    const size_t want = cfg.is_hash_moe_layer(int(j)) ? 0 : static_cast<size_t>(cfg.E());
+    if (bias[j].size() != want)
+      throw Error("save_checkpoint: the bias row of MoE layer " + std::to_string(j) + " has " +
+                  std::to_string(bias[j].size()) + " entries, expected " + std::to_string(want) +
+                  (want ? " (E)" : " (a hash-routed layer has no bias)"));
+  }
+}
+
+}  // namespace
+
+void check_tid2eid(const std::string& where, const std::string& name, const std::vector<int32_t>& table,
+                   const ModelConfig& cfg) {
+  const int64_t V = cfg.vocab_size;
+  const int K = cfg.K(), E = cfg.E();
+  const auto bad = [&](const std::string& msg) { throw Error(where + ": tensor '" + name + "': " + msg); };
+  if (int64_t(table.size()) != V * K)
+    bad("has " + std::to_string(table.size()) + " entries, expected (vocab_size, num_experts_per_tok) = " +
+        format_shape({V, K}));
+  std::vector<int64_t> seen(E, -1);
+  for (int64_t v = 0; v < V; ++v)
+    for (int k = 0; k < K; ++k) {
+      const int32_t e = table[v * K + k];
+      if (e < 0 || e >= E)
+        bad("row " + std::to_string(v) + " (token " + std::to_string(v) + ") holds expert " + std::to_string(e) +
+            ", outside [0, n_routed_experts = " + std::to_string(E) + ")");
+      if (seen[e] == v)
+        bad("row " + std::to_string(v) + " (token " + std::to_string(v) + ") names expert " + std::to_string(e) +
+            " twice; a token's K experts must be distinct");
+      seen[e] = v;
+    }
+}
+
+namespace {
+
+// The hash tables handed to a save: one per hash-routed layer, each valid.
+void check_tables(const std::string& dir, const ModelConfig& cfg, const HashTables* tid2eid) {
+  if (cfg.num_hash_layers == 0) return;
+  if (!tid2eid || tid2eid->size() != size_t(cfg.num_hash_layers))
+    throw Error(dir + ": save_checkpoint: the configuration has num_hash_layers = " +
+                std::to_string(cfg.num_hash_layers) + " but " +
+                (tid2eid ? std::to_string(tid2eid->size()) : std::string("no")) + " tid2eid tables were given");
+  for (int j = 0; j < cfg.num_hash_layers; ++j)
+    check_tid2eid(dir + ": save_checkpoint", ParamLayout::tid2eid_name(cfg.first_k_dense_replace + j),
+                  (*tid2eid)[j], cfg);
 }
 
 }  // namespace
@@ -200,13 +241,15 @@ template <class T>
 void save_checkpoint(const std::string& dir_in, const ModelConfig& cfg, const ParamLayout& layout,
                      const std::vector<T>& params, const std::vector<std::vector<float>>& bias,
                      const std::vector<T>* exp_avg, const std::vector<T>* exp_avg_sq, int64_t optimizer_step,
-                     const nlohmann::json& trainer_state, const CheckpointWriteOptions& opt) {
+                     const nlohmann::json& trainer_state, const CheckpointWriteOptions& opt,
+                     const HashTables* tid2eid) {
   const std::string dir = clean_dir(dir_in);
   // Validate everything before touching the disk.
   if (params.size() != layout.total())
     throw Error(dir + ": save_checkpoint: params has " + std::to_string(params.size()) + " elements, layout needs " +
                 std::to_string(layout.total()));
   check_bias(cfg, bias);
+  check_tables(dir, cfg, tid2eid);
   if ((exp_avg == nullptr) != (exp_avg_sq == nullptr))
     throw Error(dir + ": save_checkpoint: give both exp_avg and exp_avg_sq, or neither");
   if (exp_avg && (exp_avg->size() != layout.total() || exp_avg_sq->size() != layout.total()))
@@ -245,13 +288,17 @@ void save_checkpoint(const std::string& dir_in, const ModelConfig& cfg, const Pa
   try {
     fsutil::write_file_atomic(join(tmp, "config.json"), config_text);
 
-    // Model: layout order, each MoE layer's bias right after its router weight.
+    // Model: layout order, each MoE layer's bias (or hash table) right after its router weight.
     std::vector<TensorToWrite> model;
     for (const auto& t : layout.tensors()) {
       model.push_back(to_write(t.name, t.shape, params.data() + t.offset));
       for (int j = 0; j < cfg.num_moe_layers(); ++j) {
         const int l = cfg.first_k_dense_replace + j;
-        if (t.name == ParamLayout::layer(l, "mlp.gate.weight"))
+        if (t.name != ParamLayout::layer(l, "mlp.gate.weight")) continue;
+        if (cfg.is_hash_moe_layer(j))
+          model.push_back(to_write<int32_t>(ParamLayout::tid2eid_name(l), {cfg.vocab_size, cfg.K()},
+                                            (*tid2eid)[j].data()));
+        else
           model.push_back(to_write<float>(ParamLayout::bias_name(l), {cfg.E()}, bias[j].data()));
       }
     }
@@ -308,8 +355,11 @@ ModelConfig load_checkpoint_config(const std::string& dir) {
 
 template <class T>
 void load_model_weights(const std::string& dir_in, const ModelConfig& cfg, const ParamLayout& layout,
-                        std::vector<T>& params, std::vector<std::vector<float>>& bias) {
+                        std::vector<T>& params, std::vector<std::vector<float>>& bias, HashTables* tid2eid) {
   const std::string dir = clean_dir(dir_in);
+  if (cfg.num_hash_layers > 0 && !tid2eid)
+    throw Error(dir + ": load_model_weights: the configuration has num_hash_layers = " +
+                std::to_string(cfg.num_hash_layers) + ": give the tid2eid tables to fill");
   auto src = open_tensor_set(dir, "model");
   if (!src) throw Error(join(dir, "model.safetensors") + ": missing (no model.safetensors or index)");
 
@@ -325,7 +375,17 @@ void load_model_weights(const std::string& dir_in, const ModelConfig& cfg, const
   const int nm = cfg.num_moe_layers();
   std::vector<bool> has_bias(nm, false);
   for (int j = 0; j < nm; ++j) {
-    const std::string name = ParamLayout::bias_name(cfg.first_k_dense_replace + j);
+    const int l = cfg.first_k_dense_replace + j;
+    if (cfg.is_hash_moe_layer(j)) {  // a table, no bias (a bias there is an unexpected tensor)
+      const std::string name = ParamLayout::tid2eid_name(l);
+      expected.insert(name);
+      const SafeTensorInfo& t = src->expect(name, {cfg.vocab_size, cfg.K()});
+      if (t.dtype != "I32")
+        throw Error(src->file_of(name).path() + ": tensor '" + name + "' has dtype " + t.dtype +
+                    "; the hash-routing table must be I32");
+      continue;
+    }
+    const std::string name = ParamLayout::bias_name(l);
     expected.insert(name);
     has_bias[j] = cfg.noaux_tc() || src->where.count(name);
     if (has_bias[j]) src->expect(name, {cfg.E()});
@@ -338,6 +398,15 @@ void load_model_weights(const std::string& dir_in, const ModelConfig& cfg, const
     check_values(src->file_of(t.name), t.name, params.data() + t.offset, t.numel);
   }
   bias.assign(nm, std::vector<float>(cfg.E(), 0.0f));
+  if (tid2eid) tid2eid->assign(cfg.num_hash_layers, {});
+  for (int j = 0; j < cfg.num_hash_layers; ++j) {
+    const std::string name = ParamLayout::tid2eid_name(cfg.first_k_dense_replace + j);
+    auto& table = (*tid2eid)[j];
+    table.resize(size_t(cfg.vocab_size) * cfg.K());
+    src->file_of(name).read(name, table.data(), table.size());
+    check_tid2eid(src->file_of(name).path(), name, table, cfg);
+    bias[j].clear();
+  }
   for (int j = 0; j < nm; ++j) {
     if (!has_bias[j]) continue;
     const std::string name = ParamLayout::bias_name(cfg.first_k_dense_replace + j);
@@ -449,9 +518,9 @@ std::string trainer_state_string(const json& state, const std::string& dir, cons
   template void save_checkpoint<T>(const std::string&, const ModelConfig&, const ParamLayout&,                  \
                                    const std::vector<T>&, const std::vector<std::vector<float>>&,               \
                                    const std::vector<T>*, const std::vector<T>*, int64_t, const nlohmann::json&, \
-                                   const CheckpointWriteOptions&);                                               \
+                                   const CheckpointWriteOptions&, const HashTables*);                            \
   template void load_model_weights<T>(const std::string&, const ModelConfig&, const ParamLayout&,               \
-                                      std::vector<T>&, std::vector<std::vector<float>>&);                       \
+                                      std::vector<T>&, std::vector<std::vector<float>>&, HashTables*);          \
   template bool load_optimizer_state<T>(const std::string&, const ParamLayout&, std::vector<T>&,                \
                                         std::vector<T>&, int64_t&, const std::string&);
 MOETUNE_INSTANTIATE(float)

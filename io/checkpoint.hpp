@@ -34,10 +34,15 @@ struct CheckpointWriteOptions {
   std::string optimizer = "adamw";
 };
 
+// Hash-routing tables, [hash layer j][V*K] int32 (Model::tid2eid(), MODEL.md section 12).
+using HashTables = std::vector<std::vector<int32_t>>;
+
 // Writes a checkpoint of `params` (layout.total() elements, viewed through `layout`)
 // and the routing biases `bias` ([moe layer j][E], MoE layer j = model layer
-// cfg.first_k_dense_replace + j). exp_avg / exp_avg_sq: both null (no optimizer file)
-// or both layout.total() elements. trainer_state: a JSON object (null = {}).
+// cfg.first_k_dense_replace + j; empty for a hash-routed layer, which has none).
+// exp_avg / exp_avg_sq: both null (no optimizer file) or both layout.total() elements.
+// trainer_state: a JSON object (null = {}). tid2eid: required (Error otherwise) when
+// cfg.num_hash_layers > 0, written as I32 (V, K) "mlp.gate.tid2eid" of those layers.
 // If <dir> exists it must be a directory that is empty or holds a config.json (a
 // checkpoint); it is replaced only once the new one is complete, so any failure
 // (unwritable parent, disk full) throws Error and leaves the old <dir> intact.
@@ -45,18 +50,26 @@ template <class T>
 void save_checkpoint(const std::string& dir, const ModelConfig& cfg, const ParamLayout& layout,
                      const std::vector<T>& params, const std::vector<std::vector<float>>& bias,
                      const std::vector<T>* exp_avg, const std::vector<T>* exp_avg_sq, int64_t optimizer_step,
-                     const nlohmann::json& trainer_state, const CheckpointWriteOptions& opt = {});
+                     const nlohmann::json& trainer_state, const CheckpointWriteOptions& opt = {},
+                     const HashTables* tid2eid = nullptr);
 
 // Parses and validates <dir>/config.json; Error naming that file if missing or invalid.
 ModelConfig load_checkpoint_config(const std::string& dir);
 
 // Fills params (resized to layout.total(), zero in the alignment padding) and bias
-// (resized to [cfg.num_moe_layers()][E]). Every tensor of the layout must be present
-// with exactly its shape, and no other tensor may be; the biases are required when
-// topk_method is noaux_tc and default to 0 under greedy routing when absent.
+// (resized to [cfg.num_moe_layers()][E], rows of hash-routed layers empty). Every tensor
+// of the layout must be present with exactly its shape, and no other tensor may be; the
+// biases are required when topk_method is noaux_tc and default to 0 under greedy routing
+// when absent; a hash-routed layer has no bias but an I32 (V, K) tid2eid whose rows hold
+// K distinct experts in [0, E), read into *tid2eid (required when cfg.num_hash_layers > 0).
 template <class T>
 void load_model_weights(const std::string& dir, const ModelConfig& cfg, const ParamLayout& layout,
-                        std::vector<T>& params, std::vector<std::vector<float>>& bias);
+                        std::vector<T>& params, std::vector<std::vector<float>>& bias, HashTables* tid2eid = nullptr);
+
+// Error "<where>: tensor '<name>': ..." unless `table` is a valid hash-routing table of
+// cfg: V*K entries, each row K distinct experts in [0, E).
+void check_tid2eid(const std::string& where, const std::string& name, const std::vector<int32_t>& table,
+                   const ModelConfig& cfg);
 
 // Returns false (and leaves the outputs untouched) if the checkpoint has no optimizer
 // state; otherwise fills both buffers (layout.total(), zero padding; a Muon matrix's

@@ -276,6 +276,18 @@ void SafetensorsReader::read(const std::string& name, T* out, size_t n) const {
   }
 }
 
+// Integer tables are read exactly as stored: no conversion from any other dtype.
+template <>
+void SafetensorsReader::read<int32_t>(const std::string& name, int32_t* out, size_t n) const {
+  const SafeTensorInfo& t = at(name);
+  if (t.numel() != n)
+    throw Error(path_ + ": tensor '" + name + "' has shape " + format_shape(t.shape) + " = " +
+                std::to_string(t.numel()) + " elements, expected " + std::to_string(n));
+  if (t.dtype != "I32")
+    throw Error(path_ + ": tensor '" + name + "' has dtype " + t.dtype + "; an integer table must be I32");
+  read_bytes(t, t.begin, out, n * sizeof(int32_t));
+}
+
 template void SafetensorsReader::read<float>(const std::string&, float*, size_t) const;
 template void SafetensorsReader::read<double>(const std::string&, double*, size_t) const;
 
@@ -303,10 +315,12 @@ void write_safetensors(const std::string& path, const std::vector<TensorToWrite>
       if (s < 0) bad("negative dimension in shape " + format_shape(t.shape));
       if (mul_overflows(numel, uint64_t(s), &numel)) bad("shape " + format_shape(t.shape) + " overflows");
     }
-    if ((t.data != nullptr) == (t.data_f64 != nullptr) && numel > 0)
-      bad("exactly one of data (float) and data_f64 (double) must be set");
+    if (int(t.data != nullptr) + int(t.data_f64 != nullptr) + int(t.data_i32 != nullptr) != 1 && numel > 0)
+      bad("exactly one of data (float), data_f64 (double) and data_i32 (int32) must be set");
     numels.push_back(numel);
-    header[t.name] = {{"dtype", "F32"}, {"shape", t.shape}, {"data_offsets", {offset, offset + 4 * numel}}};
+    header[t.name] = {{"dtype", t.data_i32 ? "I32" : "F32"},
+                      {"shape", t.shape},
+                      {"data_offsets", {offset, offset + 4 * numel}}};
     offset += 4 * numel;
   }
   std::string h = header.dump();
@@ -324,6 +338,10 @@ void write_safetensors(const std::string& path, const std::vector<TensorToWrite>
     if (n == 0) continue;
     if (t.data) {
       f.write(t.data, n * sizeof(float));
+      continue;
+    }
+    if (t.data_i32) {
+      f.write(t.data_i32, n * sizeof(int32_t));
       continue;
     }
     buf.resize(std::min(kChunk, n));

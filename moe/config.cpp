@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <fstream>
@@ -107,6 +108,8 @@ const std::vector<KeyDef>& keys() {
       num_key("capacity_factor", &ModelConfig::capacity_factor),
       bool_key("tie_word_embeddings", &ModelConfig::tie_word_embeddings),
       num_key("initializer_range", &ModelConfig::initializer_range),
+      int_key("num_hash_layers", &ModelConfig::num_hash_layers),
+      num_key("swiglu_limit", &ModelConfig::swiglu_limit),
   };
   return k;
 }
@@ -257,8 +260,9 @@ void ModelConfig::validate(const std::string& w) const {
   if (first_k_dense_replace < 0 || first_k_dense_replace > num_hidden_layers)
     fail(w, "first_k_dense_replace", "must be in [0, num_hidden_layers]");
   if (n_shared_experts < 0) fail(w, "n_shared_experts", "must be >= 0");
-  if (scoring_func != "softmax" && scoring_func != "sigmoid")
-    fail(w, "scoring_func", "must be \"softmax\" or \"sigmoid\", got \"" + scoring_func + "\"");
+  if (scoring_func != "softmax" && scoring_func != "sigmoid" && scoring_func != "sqrtsoftplus")
+    fail(w, "scoring_func",
+         "must be \"softmax\", \"sigmoid\" or \"sqrtsoftplus\", got \"" + scoring_func + "\"");
   if (topk_method != "greedy" && topk_method != "noaux_tc")
     fail(w, "topk_method", "must be \"greedy\" or \"noaux_tc\", got \"" + topk_method + "\"");
   if (num_experts_per_tok > n_routed_experts)
@@ -281,6 +285,13 @@ void ModelConfig::validate(const std::string& w) const {
   if (z_loss_coeff < 0) fail(w, "z_loss_coeff", "must be >= 0");
   if (capacity_factor < 0) fail(w, "capacity_factor", "must be >= 0 (0 = dropless)");
   if (!(initializer_range > 0)) fail(w, "initializer_range", "must be positive");
+  if (num_hash_layers < 0) fail(w, "num_hash_layers", "must be >= 0, got " + std::to_string(num_hash_layers));
+  if (num_hash_layers > num_moe_layers())
+    fail(w, "num_hash_layers", std::to_string(num_hash_layers) + " hash-routed layers exceed the " +
+                                   std::to_string(num_moe_layers()) +
+                                   " MoE layers (num_hidden_layers - first_k_dense_replace)");
+  if (!(swiglu_limit >= 0) || !std::isfinite(swiglu_limit))
+    fail(w, "swiglu_limit", "must be a finite number >= 0 (0 = off)");
 
   // Sizes that are each valid can still multiply to more weights than any machine
   // holds (hidden_size 10^9): say so here, naming the file, rather than fail inside an

@@ -22,7 +22,7 @@ struct ModelConfig {
   int num_experts_per_tok = 2;
   int moe_intermediate_size = -1;  // -1: = hidden_size
   int n_shared_experts = 1;
-  std::string scoring_func = "sigmoid";  // "softmax" | "sigmoid"
+  std::string scoring_func = "sigmoid";  // "softmax" | "sigmoid" | "sqrtsoftplus" (MODEL.md 12)
   bool norm_topk_prob = true;
   double routed_scaling_factor = 1.0;
   int n_group = 1;
@@ -35,6 +35,11 @@ struct ModelConfig {
   double capacity_factor = 0.0;
   bool tie_word_embeddings = false;
   double initializer_range = 0.02;
+  // DeepSeek-V4 (MODEL.md section 12): the first num_hash_layers MoE layers route by the
+  // fixed table mlp.gate.tid2eid (V,K); swiglu_limit c > 0 clamps the routed and shared
+  // experts' gate (<= c) and up (in [-c, c]) projections; 0 = off.
+  int num_hash_layers = 0;
+  double swiglu_limit = 0.0;
 
   // Parses a JSON object. Unknown keys, wrong types and invalid combinations throw
   // moetune::Error naming `where` (a file name) and the key. Derived values (-1) are
@@ -58,10 +63,13 @@ struct ModelConfig {
   int shared_width() const { return n_shared_experts * moe_intermediate_size; }
   bool is_moe_layer(int l) const { return l >= first_k_dense_replace; }
   int num_moe_layers() const;
+  // MoE layer j (model layer first_k_dense_replace + j) routes by its tid2eid table.
+  bool is_hash_moe_layer(int j) const { return j < num_hash_layers; }
   // Keys whose value was derived (not given): set() re-derives them, so
   // `--set model.hidden_size=64` also updates head_dim, intermediate_size, ...
   unsigned derived_mask = 0;
   bool sigmoid() const { return scoring_func == "sigmoid"; }
+  bool sqrtsoftplus() const { return scoring_func == "sqrtsoftplus"; }
   bool noaux_tc() const { return topk_method == "noaux_tc"; }
 };
 

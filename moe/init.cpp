@@ -1,6 +1,7 @@
 #include "moe/init.hpp"
 
 #include <cmath>
+#include <utility>
 
 namespace moetune {
 namespace {
@@ -37,6 +38,24 @@ double counter_normal_keyed(uint64_t key, uint64_t index) {
   const double u1 = 1.0 - uniform53(a);  // (0, 1]
   const double u2 = uniform53(b);
   return std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * M_PI * u2);
+}
+
+uint64_t counter_bits(uint64_t key, uint64_t index) { return splitmix64(key ^ splitmix64(index)); }
+
+std::vector<int32_t> init_tid2eid(const ModelConfig& cfg, uint64_t seed, int l) {
+  const int64_t V = cfg.vocab_size;
+  const int K = cfg.K(), E = cfg.E();
+  const uint64_t key = counter_key(seed, ParamLayout::tid2eid_name(l));
+  std::vector<int32_t> table(V * K), perm(E);
+  for (int64_t v = 0; v < V; ++v) {
+    for (int e = 0; e < E; ++e) perm[e] = e;
+    for (int k = 0; k < K; ++k) {
+      const uint64_t j = uint64_t(k) + counter_bits(key, uint64_t(v) * K + k) % uint64_t(E - k);
+      std::swap(perm[k], perm[j]);
+      table[v * K + k] = perm[k];
+    }
+  }
+  return table;
 }
 
 template <class T>

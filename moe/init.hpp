@@ -22,4 +22,12 @@ double counter_normal_keyed(uint64_t key, uint64_t index);
 template <class T>
 void init_params(const ParamLayout& layout, const ModelConfig& cfg, uint64_t seed, std::vector<T>& params);
 
+// The default hash-routing table of model layer l (MODEL.md section 12), (V,K) row-major:
+// row v holds K distinct experts, a partial Fisher-Yates shuffle of 0..E-1 whose k-th
+// swap partner is k + counter_bits(key, v*K + k) % (E - k), key = counter_key(seed,
+// tid2eid_name(l)). Depends only on (seed, l, V, K, E).
+std::vector<int32_t> init_tid2eid(const ModelConfig& cfg, uint64_t seed, int l);
+// 64 random bits for (key, index) (the generator under counter_normal_keyed).
+uint64_t counter_bits(uint64_t key, uint64_t index);
+
 }  // namespace moetune

@@ -23,7 +23,7 @@ struct Model<T>::Impl {
     size_t dg = 0, du = 0, dd = 0;       // dense FFN
     MoeWeights<T> moe;                    // pointers resolved per call (params may move)
     // activations of the last forward
-    std::vector<T> h_in, a_in, rstd1, q_act, k_act, v_act, probs, ctx, h_mid, f_in, rstd2;
+    std::vector<T> h_in, a_in, rstd1, q_act, k_act, v_act, attn_stats, ctx, h_mid, f_in, rstd2;
     MlpCache<T> dense;
     MoeCache<T> moe_cache;
   };
@@ -31,7 +31,7 @@ struct Model<T>::Impl {
   Layer work;  // the buffers of every layer in inference (forward without backward, extend)
   size_t embed = 0, norm = 0, lm_head = 0;
   std::vector<T> h_final, x_final, rstd_final, logits, dlogits;
-  std::vector<int32_t> pos, targets, ids;
+  std::vector<int32_t> pos, targets, ids, doc;
   BalanceScales sc;      // balance-loss weights of the last forward
   bool trained = false;  // the last forward kept what backward() needs
   MoeScratch<T> scratch;
@@ -48,6 +48,8 @@ Model<T>::Model(const ModelConfig& cfg, int expert_begin, int expert_end)
   params_.assign(layout_.total(), T(0));
   grads_.assign(layout_.total(), T(0));
   bias_.assign(cfg.num_moe_layers(), std::vector<float>(cfg.E(), 0.f));
+  for (int j = 0; j < cfg.num_hash_layers; ++j) bias_[j].clear();  // hash-routed: no bias
+  tid2eid_.assign(cfg.num_hash_layers, std::vector<int32_t>(int64_t(cfg.vocab_size) * cfg.K(), 0));
   auto& I = *impl_;
   I.embed = layout_.offset("model.embed_tokens.weight");
   I.norm = layout_.offset("model.norm.weight");
@@ -77,6 +79,7 @@ template <class T>
 void Model<T>::init(uint64_t seed) {
   init_params(layout_, cfg_, seed, params_);
   for (auto& b : bias_) std::fill(b.begin(), b.end(), 0.f);
+  for (int j = 0; j < cfg_.num_hash_layers; ++j) tid2eid_[j] = init_tid2eid(cfg_, seed, cfg_.first_k_dense_replace + j);
 }
 
 template <class T>
@@ -123,6 +126,7 @@ ExpertViews<T> Model<T>::expert_views(int l) {
     v.dwu.push_back(grads_.data() + u);
     v.dwd.push_back(grads_.data() + dn);
   }
+  v.swiglu_limit = cfg_.swiglu_limit;
   return v;
 }
 
@@ -151,10 +155,24 @@ void check_tokens(const int32_t* ids, int64_t n, int64_t V) {
                   " is outside the vocabulary [0, " + std::to_string(V) + ")");
 }
 
-// Routing control of MoE layer j of a forward.
-inline RouteControl route_control(const ForwardOptions& opt, int j, const uint8_t* padding = nullptr) {
+// The hash tables must have V*K entries each (route_hash reads row ids[t] of each).
+inline void check_tables(const std::vector<std::vector<int32_t>>& tid2eid, const ModelConfig& c) {
+  for (const auto& t : tid2eid)
+    if (int64_t(t.size()) != int64_t(c.vocab_size) * c.K())
+      throw Error("tid2eid: a hash-routing table has " + std::to_string(t.size()) + " entries, expected V*K = " +
+                  std::to_string(int64_t(c.vocab_size) * c.K()));
+}
+
+// Routing control of MoE layer j of a forward over the tokens `ids`; tid2eid: the
+// model's hash tables (MoE layer j < num_hash_layers routes by tid2eid[j]).
+inline RouteControl route_control(const ForwardOptions& opt, int j, const std::vector<std::vector<int32_t>>& tid2eid,
+                                  const int32_t* ids, const uint8_t* padding = nullptr) {
   RouteControl rc;
   rc.padding = padding;
+  if (j < int(tid2eid.size())) {
+    rc.tid2eid = tid2eid[j].data();
+    rc.token_ids = ids;
+  }
   if (opt.replay) {
     rc.replay_idx = opt.replay->idx.at(j).data();
     rc.replay_kept = opt.replay->kept.at(j).data();
@@ -198,6 +216,8 @@ void ffn_forward(T* out, Buf& L, const Wts& W, const T* P, const T* h, int64_t N
     moe(L);
     return;
   }
+  // swiglu_limit clamps the MoE experts only (MODEL.md section 12 names the routed and
+  // shared experts, as transformers' deepseek_v4 does); the dense FFN is never clamped.
   const int64_t Fi = c.intermediate_size;
   L.dense.resize(N, Fi);
   mlp_forward(out, L.dense.g.data(), L.dense.u.data(), L.dense.a.data(), L.f_in.data(), P + W.dg, P + W.du, P + W.dd,
@@ -234,10 +254,12 @@ MicroStats Model<T>::forward(const MicroBatch& mb, const LossNorm& norm, const F
     opt.record->idx.assign(nm, {});
     opt.record->kept.assign(nm, {});
   }
+  check_tables(tid2eid_, c);
   I.rows = B;
   I.seq_len = S;
   I.trained = opt.train;
   I.ids = mb.input_ids;
+  I.doc = mb.doc_ids;
   // RoPE positions restart at each document; targets shift labels by one.
   I.pos.resize(N);
   I.targets.resize(N);
@@ -263,9 +285,9 @@ MicroStats Model<T>::forward(const MicroBatch& mb, const LossNorm& norm, const F
     const auto& W = I.layers[l];
     if (opt.train) L.h_in = h;
     attention_inputs(L, W, P, h.data(), I.pos.data(), N, c);
-    L.probs.resize(int64_t(B) * H * S * S);
+    L.attn_stats.resize(int64_t(B) * H * S * 2);
     L.ctx.resize(N * qd);
-    ops::attention_forward(L.ctx.data(), L.probs.data(), L.q_act.data(), L.k_act.data(), L.v_act.data(),
+    ops::attention_forward(L.ctx.data(), L.attn_stats.data(), L.q_act.data(), L.k_act.data(), L.v_act.data(),
                            mb.doc_ids.data(), B, S, H, Hkv, hd);
     ops::linear_forward(tmp.data(), L.ctx.data(), P + W.o, N, qd, d);
     for (int64_t i = 0; i < N * d; ++i) h[i] += tmp[i];
@@ -273,7 +295,8 @@ MicroStats Model<T>::forward(const MicroBatch& mb, const LossNorm& norm, const F
     ffn_forward(tmp.data(), L, W, P, h.data(), N, c, l, [&](auto& Lm) {
       moe_views(Lm.moe, P, layout_, c, l);
       moe_forward(tmp.data(), Lm.moe_cache, Lm.f_in.data(), Lm.moe, *stage_, l, bias_[moe_j].data(), c, B, S, I.sc,
-                  route_control(opt, moe_j, mb.padding.empty() ? nullptr : mb.padding.data()));
+                  route_control(opt, moe_j, tid2eid_, mb.input_ids.data(),
+                                mb.padding.empty() ? nullptr : mb.padding.data()));
       st.aux_loss += Lm.moe_cache.losses.aux;
       st.seq_aux_loss += Lm.moe_cache.losses.seq;
       st.z_loss += Lm.moe_cache.losses.z;
@@ -334,8 +357,8 @@ void Model<T>::backward(const T* dlogits) {
     std::fill(dq.begin(), dq.end(), T(0));
     std::fill(dk.begin(), dk.end(), T(0));
     std::fill(dv.begin(), dv.end(), T(0));
-    ops::attention_backward(dq.data(), dk.data(), dv.data(), dctx.data(), L.probs.data(), L.q_act.data(),
-                            L.k_act.data(), L.v_act.data(), B, S, H, Hkv, hd);
+    ops::attention_backward(dq.data(), dk.data(), dv.data(), dctx.data(), L.attn_stats.data(), L.q_act.data(),
+                            L.k_act.data(), L.v_act.data(), I.doc.data(), B, S, H, Hkv, hd);
     ops::rope_apply(dq.data(), I.pos.data(), N, H, hd, c.rope_theta, -1);
     ops::rope_apply(dk.data(), I.pos.data(), N, Hkv, hd, c.rope_theta, -1);
     std::fill(dx.begin(), dx.end(), T(0));
@@ -386,6 +409,7 @@ void Model<T>::extend(KvCache<T>& kv, const int32_t* row, const int32_t* tokens,
   const int64_t d = c.d(), V = c.vocab_size, H = c.H(), Hkv = c.Hkv(), hd = c.hd();
   const int64_t qd = H * hd, kvd = Hkv * hd;
   check_tokens<T>(tokens, n, V);
+  check_tables(tid2eid_, c);
   I.trained = false;  // shares work buffers with forward(): a pending backward is void
   // Positions: each row's tokens continue its cached sequence.
   I.pos.resize(n);
@@ -436,7 +460,7 @@ void Model<T>::extend(KvCache<T>& kv, const int32_t* row, const int32_t* tokens,
       // Each new token is its own "row" of one position; no balance loss is computed.
       moe_views(Lm.moe, P, layout_, c, l);
       moe_forward(tmp.data(), Lm.moe_cache, Lm.f_in.data(), Lm.moe, *stage_, l, bias_[moe_j].data(), c, int(n), 1,
-                  BalanceScales{}, route_control(fo, moe_j));
+                  BalanceScales{}, route_control(fo, moe_j, tid2eid_, tokens));
       ++moe_j;
     });
     for (int64_t i = 0; i < n * d; ++i) h[i] += tmp[i];

@@ -81,11 +81,16 @@ class Model {
   std::vector<T>& grads() { return grads_; }
   const std::vector<T>& grads() const { return grads_; }
   // Aux-loss-free routing bias, [moe layer j][E], fp32, never trained by gradient.
-  // MoE layer j is model layer first_k_dense_replace + j.
+  // MoE layer j is model layer first_k_dense_replace + j. A hash-routed layer
+  // (j < num_hash_layers) has no bias: its row is empty.
   std::vector<std::vector<float>>& expert_bias() { return bias_; }
   const std::vector<std::vector<float>>& expert_bias() const { return bias_; }
+  // Hash-routing tables, [hash layer j][V*K] (MoE layer j; MODEL.md section 12): row v
+  // holds the K experts of input token v. Set by init() or a checkpoint; never trained.
+  std::vector<std::vector<int32_t>>& tid2eid() { return tid2eid_; }
+  const std::vector<std::vector<int32_t>>& tid2eid() const { return tid2eid_; }
 
-  void init(uint64_t seed);  // MODEL.md section 6
+  void init(uint64_t seed);  // MODEL.md section 6 (and the default tid2eid tables, section 12)
   void zero_grad();
 
   // Forward of one micro-batch: logits() (tokens, V), the balance losses and expert
@@ -129,6 +134,7 @@ class Model {
   ParamLayout layout_;
   std::vector<T> params_, grads_;
   std::vector<std::vector<float>> bias_;
+  std::vector<std::vector<int32_t>> tid2eid_;
   std::unique_ptr<Impl> impl_;
   std::unique_ptr<LocalExpertStage<T>> local_stage_;
   ExpertStage<T>* stage_ = nullptr;

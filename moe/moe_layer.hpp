@@ -31,6 +31,7 @@ template <class T>
 struct ExpertViews {
   std::vector<const T*> wg, wu, wd;  // (F,d), (F,d), (d,F)
   std::vector<T*> dwg, dwu, dwd;
+  double swiglu_limit = 0;  // the config's swiglu_limit (0 = off), applied by every expert
 };
 
 // Experts on their slices. offsets (n_experts+1) delimit the rows of each expert in
@@ -43,7 +44,7 @@ void experts_forward(T* yp, MlpCache<T>& cache, const T* xp, const ExpertViews<T
     const int64_t b = offsets[e], n = offsets[e + 1] - b;
     if (n == 0) continue;
     mlp_forward(yp + b * d, cache.g.data() + b * F, cache.u.data() + b * F, cache.a.data() + b * F, xp + b * d,
-                w.wg[e], w.wu[e], w.wd[e], n, d, F);
+                w.wg[e], w.wu[e], w.wd[e], n, d, F, w.swiglu_limit);
   }
 }
 // dxp (rows,d) (overwritten), expert weight grads +=; dyp (rows,d).
@@ -55,7 +56,8 @@ void experts_backward(T* dxp, const T* dyp, const T* xp, const MlpCache<T>& cach
     const int64_t b = offsets[e], n = offsets[e + 1] - b;
     if (n == 0) continue;
     mlp_backward(dxp + b * d, w.dwg[e], w.dwu[e], w.dwd[e], dyp + b * d, xp + b * d, cache.g.data() + b * F,
-                 cache.u.data() + b * F, cache.a.data() + b * F, w.wg[e], w.wu[e], w.wd[e], n, d, F, scratch);
+                 cache.u.data() + b * F, cache.a.data() + b * F, w.wg[e], w.wu[e], w.wd[e], n, d, F, scratch,
+                 w.swiglu_limit);
   }
 }
 
@@ -120,6 +122,10 @@ struct RouteControl {
   std::vector<int32_t>* record_idx = nullptr;
   std::vector<uint8_t>* record_kept = nullptr;
   const uint8_t* padding = nullptr;  // (N) 1 = padding: in no routing statistic
+  // Hash-routed layer (MODEL.md section 12): the table tid2eid (V,K) and the N input
+  // token ids select the experts (route_hash); bias unused. A replay still wins.
+  const int32_t* tid2eid = nullptr;
+  const int32_t* token_ids = nullptr;
 };
 
 // out (N,d) = MoE(x) (overwritten); x (N,d) = the normalised hidden states of
@@ -134,6 +140,9 @@ void moe_forward(T* out, MoeCache<T>& c, const T* x, const MoeWeights<T>& w, Exp
   ops::linear_forward(c.logits.data(), x, w.gate, N, d, E);
   if (rc.replay_idx) {
     route_replay(c.routing, c.logits.data(), rc.replay_idx, rc.replay_kept, cfg, N);
+  } else if (rc.tid2eid) {
+    route_hash(c.routing, c.logits.data(), rc.token_ids, rc.tid2eid, cfg, N);
+    route_capacity(c.routing, cfg.capacity_factor);
   } else {
     route_select(c.routing, c.logits.data(), bias, cfg, N);
     route_capacity(c.routing, cfg.capacity_factor);
@@ -152,7 +161,8 @@ void moe_forward(T* out, MoeCache<T>& c, const T* x, const MoeWeights<T>& w, Exp
   // 4. combine (+ shared expert)
   if (w.sg) {
     c.shared.resize(N, S);
-    mlp_forward(out, c.shared.g.data(), c.shared.u.data(), c.shared.a.data(), x, w.sg, w.su, w.sd, N, d, S);
+    mlp_forward(out, c.shared.g.data(), c.shared.u.data(), c.shared.a.data(), x, w.sg, w.su, w.sd, N, d, S,
+                cfg.swiglu_limit);
   } else {
     std::fill_n(out, N * d, T(0));
   }
@@ -173,7 +183,7 @@ void moe_backward(T* dx, const MoeGrads<T>& g, const T* dout, const T* x, const 
   const int64_t N = int64_t(rows) * seq_len, d = cfg.d(), E = cfg.E(), S = cfg.shared_width();
   if (w.sg)
     mlp_backward(dx, g.sg, g.su, g.sd, dout, x, c.shared.g.data(), c.shared.u.data(), c.shared.a.data(), w.sg, w.su,
-                 w.sd, N, d, S, s.mlp);
+                 w.sd, N, d, S, s.mlp, cfg.swiglu_limit);
   // combine^T = dispatch of the gradient
   s.dyp.resize(c.perm.pairs() * d);
   s.dxp.resize(c.perm.pairs() * d);

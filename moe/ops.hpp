@@ -2,28 +2,25 @@
 // (llm.c style): arguments are outputs, inputs, weights, then sizes; every pointer
 // carries its shape in a comment; backward functions ACCUMULATE (+=) into gradient
 // buffers. Templated on the scalar type so gradient checks run in double. Matrix
-// products are Eigen GEMMs over views of our flat buffers; other loops use OpenMP.
+// products are moetune's own GEMM (kernels/gemm.hpp); other loops use OpenMP.
+//
+// Batch invariance (MODEL.md section 13): every value a token gets is reduced in an
+// order fixed by that token's own row alone: GEMMs reduce in fixed blocks, per-row
+// loops (RMSNorm, softmax, cross-entropy) run sequentially within the row, attention
+// reduces over the keys of the token's own document from the document's start, and
+// reductions over tokens (weight gradients) run in token order. So a row's result is
+// the same whatever other rows share the batch, on any number of threads, and a
+// decode step against the KV cache equals the full forward.
 #pragma once
-#include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <vector>
 
-namespace moetune::ops {
+#include "kernels/gemm.hpp"
 
-template <class T>
-using Mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-template <class T>
-using MapM = Eigen::Map<Mat<T>>;
-template <class T>
-using CMapM = Eigen::Map<const Mat<T>>;
-using Stride = Eigen::OuterStride<>;
-template <class T>
-using SMapM = Eigen::Map<Mat<T>, 0, Stride>;
-template <class T>
-using CSMapM = Eigen::Map<const Mat<T>, 0, Stride>;
+namespace moetune::ops {
 
 // ---------------------------------------------------------------- embedding
 // out (N,d); ids (N); weight (V,d)
@@ -86,36 +83,45 @@ void rmsnorm_backward(T* dinp, T* dw, const T* dout, const T* inp, const T* w, c
 // out (N,O) = inp (N,I) w^T, w (O,I)
 template <class T>
 void linear_forward(T* out, const T* inp, const T* w, int64_t N, int64_t I, int64_t O) {
-  if (N == 0) return;
-  MapM<T>(out, N, O).noalias() = CMapM<T>(inp, N, I) * CMapM<T>(w, O, I).transpose();
+  kernels::gemm_nt(N, O, I, inp, I, w, I, out, O, false);
 }
 // dinp (N,I) += dout (N,O) w; dw (O,I) += dout^T inp. dinp may be null.
 template <class T>
 void linear_backward(T* dinp, T* dw, const T* dout, const T* inp, const T* w, int64_t N, int64_t I, int64_t O) {
   if (N == 0) return;
-  if (dinp) MapM<T>(dinp, N, I).noalias() += CMapM<T>(dout, N, O) * CMapM<T>(w, O, I);
-  MapM<T>(dw, O, I).noalias() += CMapM<T>(dout, N, O).transpose() * CMapM<T>(inp, N, I);
+  if (dinp) kernels::gemm_nn(N, I, O, dout, O, w, I, dinp, I, true);
+  kernels::gemm_tn(O, I, N, dout, O, inp, I, dw, I, true);
 }
 
 // ---------------------------------------------------------------- SwiGLU
-// out (N,F) = silu(g) * u; g, u (N,F)
+// out (N,F) = silu(g) * u; g, u (N,F). limit c > 0 (swiglu_limit, MODEL.md section 12)
+// first clamps g = min(g, c) and u = clamp(u, -c, c); 0 = off.
 template <class T>
-void swiglu_forward(T* out, const T* g, const T* u, int64_t n) {
+void swiglu_forward(T* out, const T* g, const T* u, int64_t n, double limit = 0) {
+  const T c = T(limit);
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; ++i) {
-    const T sg = T(1) / (T(1) + std::exp(-g[i]));
-    out[i] = g[i] * sg * u[i];
+    const T gi = c > 0 ? std::min(g[i], c) : g[i];
+    const T ui = c > 0 ? std::clamp(u[i], -c, c) : u[i];
+    const T sg = T(1) / (T(1) + std::exp(-gi));
+    out[i] = gi * sg * ui;
   }
 }
-// dg, du (N,F) = (overwritten, not accumulated: they are scratch) from dout (N,F)
+// dg, du (N,F) = (overwritten, not accumulated: they are scratch) from dout (N,F); g, u
+// are the unclamped inputs. Under a limit the gradient is 0 where a value was clamped
+// (torch.clamp's convention: it passes at the bound itself).
 template <class T>
-void swiglu_backward(T* dg, T* du, const T* dout, const T* g, const T* u, int64_t n) {
+void swiglu_backward(T* dg, T* du, const T* dout, const T* g, const T* u, int64_t n, double limit = 0) {
+  const T c = T(limit);
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; ++i) {
-    const T sg = T(1) / (T(1) + std::exp(-g[i]));
-    const T silu = g[i] * sg;
-    du[i] = dout[i] * silu;
-    dg[i] = dout[i] * u[i] * sg * (T(1) + g[i] * (T(1) - sg));
+    const bool g_in = !(c > 0) || g[i] <= c, u_in = !(c > 0) || (u[i] >= -c && u[i] <= c);
+    const T gi = g_in ? g[i] : c;
+    const T ui = u_in ? u[i] : std::clamp(u[i], -c, c);
+    const T sg = T(1) / (T(1) + std::exp(-gi));
+    const T silu = gi * sg;
+    du[i] = u_in ? dout[i] * silu : T(0);
+    dg[i] = g_in ? dout[i] * ui * sg * (T(1) + gi * (T(1) - sg)) : T(0);
   }
 }
 
@@ -143,114 +149,153 @@ void rope_apply(T* x, const int32_t* pos, int64_t N, int64_t nh, int64_t hd, dou
 }
 
 // ---------------------------------------------------------------- attention
-// Causal, document-masked, grouped-query attention over B rows of S tokens.
-// out (B*S, H*hd); probs (B,H,S,S) kept for backward;
+// Causal, document-masked, grouped-query attention, done tile by tile without an
+// S x S matrix: for each (row, head) and each document [ds, de) of the row, query
+// tiles of kAttnTile rows see only the keys [ds, i1) of their own document up to the
+// tile's last query (tiles above the diagonal and across documents are never
+// computed). The forward keeps, per (row, head, query), the softmax max and 1/sum
+// ("stats", 2 values) and the backward recomputes the probabilities from them,
+// bit for bit, as flash attention does.
+// The arithmetic of one query i of a document starting at ds is: scores
+// s_j = dot(q_i, k_j) * scale for j in [ds, i] (one GEMM element each), then
+// attention_softmax_row, then o = sum_j p_j v_j as one GEMM reduction over the keys
+// from ds. attention_cached runs exactly this for a cache row (ds = 0), so decoding
+// gives the full forward's bits (keys past i carry p = 0, which changes no sum).
+inline constexpr int64_t kAttnTile = 64;
+
+namespace detail {
+// The per-thread scratch of the attention loops (grows, never shrinks).
+template <class T>
+std::vector<T>& attn_scratch(int which) {
+  static thread_local std::vector<T> buf[2];
+  return buf[which];
+}
+// End of the document that starts at ds in a row of S doc ids.
+inline int64_t doc_end(const int32_t* dr, int64_t ds, int64_t S) {
+  int64_t de = ds + 1;
+  while (de < S && dr[de] == dr[ds]) ++de;
+  return de;
+}
+}  // namespace detail
+
+// One query's causal softmax, in place: p[0..n) holds raw dot products (n >= 1 valid
+// keys), p[n..total) is set to 0. stat = {max, 1/sum} of the scaled scores.
+template <class T>
+inline void attention_softmax_row(T* p, int64_t n, int64_t total, T scale, T* stat) {
+  T mx = -std::numeric_limits<T>::infinity();
+  for (int64_t j = 0; j < n; ++j) mx = std::max(mx, p[j] *= scale);
+  T sum = 0;
+  for (int64_t j = 0; j < n; ++j) sum += (p[j] = std::exp(p[j] - mx));
+  const T inv = T(1) / sum;
+  for (int64_t j = 0; j < n; ++j) p[j] *= inv;
+  std::fill(p + n, p + total, T(0));
+  stat[0] = mx;
+  stat[1] = inv;
+}
+// The same probabilities again from the raw dot products and the stats.
+template <class T>
+inline void attention_probs_row(T* p, int64_t n, int64_t total, T scale, const T* stat) {
+  for (int64_t j = 0; j < n; ++j) p[j] = std::exp(p[j] * scale - stat[0]) * stat[1];
+  std::fill(p + n, p + total, T(0));
+}
+
+// out (B*S, H*hd); stats (B,H,S,2) kept for backward;
 // q (B*S, H*hd), k, v (B*S, Hkv*hd) (q, k already rotated); doc (B*S).
 template <class T>
-void attention_forward(T* out, T* probs, const T* q, const T* k, const T* v, const int32_t* doc, int64_t B,
+void attention_forward(T* out, T* stats, const T* q, const T* k, const T* v, const int32_t* doc, int64_t B,
                        int64_t S, int64_t H, int64_t Hkv, int64_t hd) {
   const int64_t qs = H * hd, ks = Hkv * hd, rep = H / Hkv;
   const T scale = T(1) / std::sqrt(T(hd));
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(dynamic, 1)
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < H; ++h) {
+      std::vector<T>& sc = detail::attn_scratch<T>(0);
       const int64_t kh = h / rep;
-      CSMapM<T> Q(q + b * S * qs + h * hd, S, hd, Stride(qs));
-      CSMapM<T> K(k + b * S * ks + kh * hd, S, hd, Stride(ks));
-      CSMapM<T> V(v + b * S * ks + kh * hd, S, hd, Stride(ks));
-      MapM<T> P(probs + (b * H + h) * S * S, S, S);
-      P.noalias() = (Q * K.transpose()) * scale;
       const int32_t* dr = doc + b * S;
-      for (int64_t i = 0; i < S; ++i) {
-        T* row = P.data() + i * S;
-        T mx = -std::numeric_limits<T>::infinity();
-        for (int64_t j = 0; j <= i; ++j)
-          if (dr[j] == dr[i]) mx = std::max(mx, row[j]);
-        T sum = 0;
-        for (int64_t j = 0; j < S; ++j) {
-          const bool ok = j <= i && dr[j] == dr[i];
-          row[j] = ok ? std::exp(row[j] - mx) : T(0);
-          sum += row[j];
+      for (int64_t ds = 0, de; ds < S; ds = de) {
+        de = detail::doc_end(dr, ds, S);
+        const T* K = k + (b * S + ds) * ks + kh * hd;
+        const T* V = v + (b * S + ds) * ks + kh * hd;
+        for (int64_t i0 = ds; i0 < de; i0 += kAttnTile) {
+          const int64_t i1 = std::min(de, i0 + kAttnTile), m = i1 - i0, nk = i1 - ds;
+          if (int64_t(sc.size()) < m * nk) sc.resize(m * nk);
+          kernels::gemm_nt(m, nk, hd, q + (b * S + i0) * qs + h * hd, qs, K, ks, sc.data(), nk, false);
+          for (int64_t r = 0; r < m; ++r)
+            attention_softmax_row(sc.data() + r * nk, i0 + r - ds + 1, nk, scale,
+                                  stats + ((b * H + h) * S + i0 + r) * 2);
+          kernels::gemm_nn(m, hd, nk, sc.data(), nk, V, ks, out + (b * S + i0) * qs + h * hd, qs, false);
         }
-        const T inv = T(1) / sum;
-        for (int64_t j = 0; j <= i; ++j) row[j] *= inv;
       }
-      SMapM<T> O(out + b * S * qs + h * hd, S, hd, Stride(qs));
-      O.noalias() = P * V;
     }
 }
-// dq (B*S,H*hd) +=, dk, dv (B*S,Hkv*hd) +=; dout (B*S,H*hd); probs, q, k, v as forward.
-// Parallel over (row, kv head) so that each dk/dv slice has one writer.
+// dq (B*S,H*hd) +=, dk, dv (B*S,Hkv*hd) +=; dout (B*S,H*hd); stats, q, k, v, doc as
+// forward. Parallel over (row, kv head), so that each dk/dv slice has one writer; its
+// query heads, documents and tiles are added in that fixed order.
 template <class T>
-void attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* probs, const T* q, const T* k, const T* v,
-                        int64_t B, int64_t S, int64_t H, int64_t Hkv, int64_t hd) {
+void attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* stats, const T* q, const T* k, const T* v,
+                        const int32_t* doc, int64_t B, int64_t S, int64_t H, int64_t Hkv, int64_t hd) {
   const int64_t qs = H * hd, ks = Hkv * hd, rep = H / Hkv;
   const T scale = T(1) / std::sqrt(T(hd));
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(dynamic, 1)
   for (int64_t b = 0; b < B; ++b)
     for (int64_t kh = 0; kh < Hkv; ++kh) {
-      Mat<T> dP(S, S);
-      CSMapM<T> K(k + b * S * ks + kh * hd, S, hd, Stride(ks));
-      CSMapM<T> V(v + b * S * ks + kh * hd, S, hd, Stride(ks));
-      SMapM<T> dK(dk + b * S * ks + kh * hd, S, hd, Stride(ks));
-      SMapM<T> dV(dv + b * S * ks + kh * hd, S, hd, Stride(ks));
-      for (int64_t h = kh * rep; h < (kh + 1) * rep; ++h) {
-        CSMapM<T> Q(q + b * S * qs + h * hd, S, hd, Stride(qs));
-        SMapM<T> dQ(dq + b * S * qs + h * hd, S, hd, Stride(qs));
-        CSMapM<T> dO(dout + b * S * qs + h * hd, S, hd, Stride(qs));
-        CMapM<T> P(probs + (b * H + h) * S * S, S, S);
-        dV.noalias() += P.transpose() * dO;
-        dP.noalias() = dO * V.transpose();
-        for (int64_t i = 0; i < S; ++i) {
-          T dot = 0;
-          for (int64_t j = 0; j <= i; ++j) dot += P(i, j) * dP(i, j);
-          for (int64_t j = 0; j < S; ++j) dP(i, j) = j <= i ? P(i, j) * (dP(i, j) - dot) * scale : T(0);
+      std::vector<T>& p = detail::attn_scratch<T>(0);
+      std::vector<T>& dp = detail::attn_scratch<T>(1);
+      const int32_t* dr = doc + b * S;
+      for (int64_t h = kh * rep; h < (kh + 1) * rep; ++h)
+        for (int64_t ds = 0, de; ds < S; ds = de) {
+          de = detail::doc_end(dr, ds, S);
+          const int64_t kv0 = (b * S + ds) * ks + kh * hd;
+          for (int64_t i0 = ds; i0 < de; i0 += kAttnTile) {
+            const int64_t i1 = std::min(de, i0 + kAttnTile), m = i1 - i0, nk = i1 - ds;
+            const int64_t q0 = (b * S + i0) * qs + h * hd;
+            if (int64_t(p.size()) < m * nk) p.resize(m * nk);
+            if (int64_t(dp.size()) < m * nk) dp.resize(m * nk);
+            kernels::gemm_nt(m, nk, hd, q + q0, qs, k + kv0, ks, p.data(), nk, false);
+            for (int64_t r = 0; r < m; ++r)
+              attention_probs_row(p.data() + r * nk, i0 + r - ds + 1, nk, scale,
+                                  stats + ((b * H + h) * S + i0 + r) * 2);
+            kernels::gemm_tn(nk, hd, m, p.data(), nk, dout + q0, qs, dv + kv0, ks, true);
+            kernels::gemm_nt(m, nk, hd, dout + q0, qs, v + kv0, ks, dp.data(), nk, false);
+            for (int64_t r = 0; r < m; ++r) {
+              const int64_t n = i0 + r - ds + 1;
+              const T* pr = p.data() + r * nk;
+              T* g = dp.data() + r * nk;
+              T dot = 0;
+              for (int64_t j = 0; j < n; ++j) dot += pr[j] * g[j];
+              for (int64_t j = 0; j < n; ++j) g[j] = pr[j] * (g[j] - dot) * scale;
+              std::fill(g + n, g + nk, T(0));
+            }
+            kernels::gemm_nn(m, hd, nk, dp.data(), nk, k + kv0, ks, dq + q0, qs, true);
+            kernels::gemm_tn(nk, hd, m, dp.data(), nk, q + q0, qs, dk + kv0, ks, true);
+          }
         }
-        dQ.noalias() += dP * K;
-        dK.noalias() += dP.transpose() * Q;
-      }
     }
 }
 
 // Attention of n new queries against a KV cache (decoding, MODEL.md section 10).
 // out (n, H*hd); q (n, H*hd) rotated; kc, vc (rows*cap, Hkv*hd): cache row r's
 // position p at (r*cap + p). Query i sees positions [0, pos[i]] of cache row row[i]
-// (its own key included, already written). Same arithmetic order as
-// attention_forward: scores * scale, exp(score - max), times 1/sum, then P·V.
+// (its own key included, already written). A cache row is one document from
+// position 0, and the arithmetic is attention_forward's for that document, so the
+// result equals the full forward's bit for bit.
 template <class T>
 void attention_cached(T* out, const T* q, const T* kc, const T* vc, const int32_t* row, const int32_t* pos, int64_t n,
                       int64_t cap, int64_t H, int64_t Hkv, int64_t hd) {
   const int64_t qs = H * hd, ks = Hkv * hd, rep = H / Hkv;
   const T scale = T(1) / std::sqrt(T(hd));
-#pragma omp parallel
-  {
-    std::vector<T> p;
-#pragma omp for collapse(2) schedule(static)
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t h = 0; h < H; ++h) {
-        const int64_t kh = h / rep, len = int64_t(pos[i]) + 1;
-        const T* qi = q + i * qs + h * hd;
-        const T* kb = kc + int64_t(row[i]) * cap * ks + kh * hd;
-        const T* vb = vc + int64_t(row[i]) * cap * ks + kh * hd;
-        p.resize(len);
-        T mx = -std::numeric_limits<T>::infinity();
-        for (int64_t j = 0; j < len; ++j) {
-          T dot = 0;
-          for (int64_t x = 0; x < hd; ++x) dot += qi[x] * kb[j * ks + x];
-          p[j] = dot * scale;
-          mx = std::max(mx, p[j]);
-        }
-        T sum = 0;
-        for (int64_t j = 0; j < len; ++j) sum += (p[j] = std::exp(p[j] - mx));
-        const T inv = T(1) / sum;
-        T* o = out + i * qs + h * hd;
-        std::fill_n(o, hd, T(0));
-        for (int64_t j = 0; j < len; ++j) {
-          const T w = p[j] * inv;
-          for (int64_t x = 0; x < hd; ++x) o[x] += w * vb[j * ks + x];
-        }
-      }
-  }
+#pragma omp parallel for collapse(2) schedule(dynamic, 1)
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t h = 0; h < H; ++h) {
+      std::vector<T>& p = detail::attn_scratch<T>(0);
+      const int64_t kh = h / rep, len = int64_t(pos[i]) + 1;
+      const int64_t kv0 = int64_t(row[i]) * cap * ks + kh * hd;
+      if (int64_t(p.size()) < len) p.resize(len);
+      T stat[2];
+      kernels::gemm_nt(int64_t(1), len, hd, q + i * qs + h * hd, qs, kc + kv0, ks, p.data(), len, false);
+      attention_softmax_row(p.data(), len, len, scale, stat);
+      kernels::gemm_nn(int64_t(1), hd, len, p.data(), len, vc + kv0, ks, out + i * qs + h * hd, qs, false);
+    }
 }
 
 // ---------------------------------------------------------------- cross-entropy

@@ -12,6 +12,7 @@ std::string ParamLayout::expert(int l, int e, const std::string& proj) {
   return layer(l, "mlp.experts." + std::to_string(e) + "." + proj + ".weight");
 }
 std::string ParamLayout::bias_name(int l) { return layer(l, "mlp.gate.e_score_correction_bias"); }
+std::string ParamLayout::tid2eid_name(int l) { return layer(l, "mlp.gate.tid2eid"); }
 
 void ParamLayout::add(const std::string& name, std::vector<int64_t> shape, bool decay) {
   TensorInfo t;

@@ -46,6 +46,7 @@ class ParamLayout {
   static std::string layer(int l, const std::string& rest);
   static std::string expert(int l, int e, const std::string& proj);  // proj: gate_proj|up_proj|down_proj
   static std::string bias_name(int l);  // model.layers.{l}.mlp.gate.e_score_correction_bias
+  static std::string tid2eid_name(int l);  // model.layers.{l}.mlp.gate.tid2eid (hash-routed layers)
 
  private:
   void add(const std::string& name, std::vector<int64_t> shape, bool decay);

@@ -1,7 +1,8 @@
 // The DeepSeek-V3 gate (MODEL.md sections 2-3): scores, aux-loss-free biased
 // selection, group-limited routing, top-K, weight normalisation and scaling,
 // capacity drops, and the balance losses (switch aux, sequence-wise, z-loss) with
-// their backward. Pure functions over (N,E) buffers; no communication.
+// their backward; plus DeepSeek-V4's sqrtsoftplus scores and hash routing (a fixed
+// per-token selection, section 12). Pure functions over (N,E) buffers; no communication.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -20,7 +21,7 @@ template <class T>
 struct Routing {
   int64_t N = 0;
   int E = 0, K = 0;
-  std::vector<T> scores;         // (N,E) s = softmax/sigmoid(logits)
+  std::vector<T> scores;         // (N,E) s = softmax/sigmoid/sqrtsoftplus(logits)
   std::vector<int32_t> idx;      // (N,K) selected experts, in selection order
   std::vector<T> weight;         // (N,K) final combine weights (normalised, scaled)
   std::vector<uint8_t> kept;     // (N,K) 0 if dropped by capacity
@@ -37,12 +38,20 @@ struct Routing {
   }
 };
 
-// s (E) = softmax(x) or sigmoid(x) of one token's router logits x (E).
+// softplus(x) = log(1 + e^x), without overflow for large |x|.
+template <class T>
+T softplus(T x) {
+  return std::max(x, T(0)) + std::log1p(std::exp(-std::fabs(x)));
+}
+
+// s (E) = softmax(x), sigmoid(x) or sqrt(softplus(x)) of one token's router logits x (E).
 template <class T>
 void router_scores(T* s, const T* x, const ModelConfig& c) {
   const int E = c.E();
   if (c.sigmoid()) {
     for (int e = 0; e < E; ++e) s[e] = T(1) / (T(1) + std::exp(-x[e]));
+  } else if (c.sqrtsoftplus()) {
+    for (int e = 0; e < E; ++e) s[e] = std::sqrt(softplus(x[e]));
   } else {
     T mx = x[0];
     for (int e = 1; e < E; ++e) mx = std::max(mx, x[e]);
@@ -139,6 +148,23 @@ void route_replay(Routing<T>& r, const T* logits, const int32_t* idx, const uint
     r.counts[r.idx[i]]++;
     r.dropped += r.kept[i] == 0;
   }
+}
+
+// Hash routing (MODEL.md section 12): token t of input id ids[t] takes the K experts of
+// row ids[t] of tid2eid (V,K), in the table's order; no bias, no group limit. Scores and
+// weights are live (as route_replay); counts are those of the table's selection.
+// Capacity drops, if any, are applied afterwards by route_capacity as for a live layer.
+template <class T>
+void route_hash(Routing<T>& r, const T* logits, const int32_t* ids, const int32_t* tid2eid, const ModelConfig& c,
+                int64_t N) {
+  const int K = c.K();
+  std::vector<int32_t> idx(N * K);
+  for (int64_t t = 0; t < N; ++t) {
+    if (ids[t] < 0 || ids[t] >= c.vocab_size) throw std::out_of_range("route_hash: token id out of range");
+    std::copy_n(tid2eid + int64_t(ids[t]) * K, K, idx.data() + t * K);
+  }
+  const std::vector<uint8_t> kept(N * K, 1);
+  route_replay(r, logits, idx.data(), kept.data(), c, N);
 }
 
 // Marks the padding tokens (pad (N), 1 = padding) of a routing and recounts the
@@ -301,6 +327,11 @@ void router_backward(T* dlogits, const T* dweight, const T* logits, const Routin
     T* dl = dlogits + t * E;
     if (c.sigmoid()) {
       for (int e = 0; e < E; ++e) dl[e] = ds[e] * s[e] * (T(1) - s[e]);
+    } else if (c.sqrtsoftplus()) {
+      // d sqrt(softplus(x)) / dx = sigmoid(x) / (2 s); s = 0 only where softplus underflows.
+      const T* x = logits + t * E;
+      for (int e = 0; e < E; ++e)
+        dl[e] = s[e] > T(0) ? ds[e] / (T(1) + std::exp(-x[e])) / (T(2) * s[e]) : T(0);
     } else {
       T dot = 0;
       for (int e = 0; e < E; ++e) dot += ds[e] * s[e];

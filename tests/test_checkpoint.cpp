@@ -514,3 +514,202 @@ TEST_F(CheckpointTest, OverwriteReplacesAndFailedOverwriteKeepsTheOld) {
   load_model_weights<float>(dir, cfg_, layout_, p, b);
   EXPECT_EQ(p, v4.params);
 }
+
+// ---------------------------------------------------------------------------------
+// Hash-routing tables (MODEL.md section 12): mlp.gate.tid2eid, I32 (V, K), no bias.
+
+namespace {
+
+// small_config with MoE layer 1 hash-routed (model layer 1) and layer 2 live.
+ModelConfig hash_config() {
+  json j = small_config_json();
+  j["num_hash_layers"] = 1;
+  return ModelConfig::from_json(j, "test");
+}
+HashTables fill_tables(const ModelConfig& cfg) {
+  HashTables t(cfg.num_hash_layers, std::vector<int32_t>(size_t(cfg.vocab_size) * cfg.K()));
+  for (auto& table : t)
+    for (int v = 0; v < cfg.vocab_size; ++v)
+      for (int k = 0; k < cfg.K(); ++k) table[v * cfg.K() + k] = (v + 3 * k) % cfg.E();
+  return t;
+}
+std::vector<std::vector<float>> hash_bias(const ModelConfig& cfg) {
+  auto b = fill_bias(cfg, 0.25f);
+  for (int j = 0; j < cfg.num_hash_layers; ++j) b[j].clear();
+  return b;
+}
+
+// Rewrites `file` with tensor `name` replaced by `replace` (nullptr: removed) and
+// `extra` appended; every other tensor is kept as it is (F32 or I32).
+void rewrite(const std::string& file, const std::string& name, const TensorToWrite* replace,
+             const std::vector<TensorToWrite>& extra = {}) {
+  std::vector<std::vector<float>> f32;
+  std::vector<std::vector<int32_t>> i32;
+  std::vector<TensorToWrite> out;
+  SafetensorsReader r(file);
+  f32.reserve(r.tensors().size());
+  i32.reserve(r.tensors().size());
+  for (const auto& t : r.tensors()) {
+    if (t.name == name) {
+      if (replace) out.push_back(*replace);
+      continue;
+    }
+    if (t.dtype == "I32") {
+      i32.emplace_back(t.numel());
+      r.read(t.name, i32.back().data(), t.numel());
+      out.push_back(to_write<int32_t>(t.name, t.shape, i32.back().data()));
+    } else {
+      f32.emplace_back(t.numel());
+      r.read(t.name, f32.back().data(), t.numel());
+      out.push_back(to_write<float>(t.name, t.shape, f32.back().data()));
+    }
+  }
+  out.insert(out.end(), extra.begin(), extra.end());
+  write_safetensors(file + ".new", out);
+  fs::rename(file + ".new", file);
+}
+
+}  // namespace
+
+TEST_F(CheckpointTest, HashTablesRoundTripAsI32WithoutBias) {
+  const ModelConfig cfg = hash_config();
+  const ParamLayout layout = ParamLayout::build(cfg);
+  const auto params = fill<float>(layout, 0.7, 0.0f);
+  const auto bias = hash_bias(cfg);
+  const HashTables tables = fill_tables(cfg);
+  for (const uint64_t shard : {uint64_t(0), uint64_t(2048)}) {
+    const std::string dir = path("hash_" + std::to_string(shard));
+    CheckpointWriteOptions wo;
+    wo.max_shard_bytes = shard;
+    save_checkpoint<float>(dir, cfg, layout, params, bias, nullptr, nullptr, 0, json::object(), wo, &tables);
+    if (shard == 0) {
+      SafetensorsReader r((fs::path(dir) / "model.safetensors").string());
+      const auto& t = r.at(ParamLayout::tid2eid_name(1));
+      EXPECT_EQ(t.dtype, "I32");
+      EXPECT_EQ(t.shape, (std::vector<int64_t>{32, 2}));
+      EXPECT_FALSE(r.contains(ParamLayout::bias_name(1)));
+      EXPECT_TRUE(r.contains(ParamLayout::bias_name(2)));
+      EXPECT_FALSE(r.contains(ParamLayout::tid2eid_name(2)));
+      std::vector<float> as_float(t.numel());
+      EXPECT_CONTAINS(error_of([&] { r.read(t.name, as_float.data(), as_float.size()); }), "dtype I32");
+    } else {
+      EXPECT_TRUE(fs::exists(fs::path(dir) / "model.safetensors.index.json"));
+    }
+    std::vector<float> p;
+    std::vector<std::vector<float>> b;
+    HashTables back;
+    load_model_weights<float>(dir, cfg, layout, p, b, &back);
+    EXPECT_EQ(p, params);
+    EXPECT_EQ(b, bias);
+    EXPECT_EQ(back, tables);
+    // Without somewhere to put the tables the load refuses (they would be lost).
+    EXPECT_CONTAINS(error_of([&] { load_model_weights<float>(dir, cfg, layout, p, b); }), "num_hash_layers");
+  }
+  // The same files under a config without hash layers: the table is unexpected, the
+  // bias it needs is missing.
+  const std::string msg =
+      error_of([&] { std::vector<float> p; std::vector<std::vector<float>> b;
+                     load_model_weights<float>(path("hash_0"), cfg_, layout_, p, b); });
+  EXPECT_CONTAINS(msg, "missing tensor '" + ParamLayout::bias_name(1) + "'");
+}
+
+TEST_F(CheckpointTest, SaveRefusesMissingOrInvalidHashTables) {
+  const ModelConfig cfg = hash_config();
+  const ParamLayout layout = ParamLayout::build(cfg);
+  const auto params = fill<float>(layout, 0.7, 0.0f);
+  const auto bias = hash_bias(cfg);
+  auto save = [&](const HashTables* t) {
+    return error_of([&] {
+      save_checkpoint<float>(path("bad_save"), cfg, layout, params, bias, nullptr, nullptr, 0, json::object(), {}, t);
+    });
+  };
+  EXPECT_CONTAINS(save(nullptr), "num_hash_layers = 1");
+  HashTables t = fill_tables(cfg);
+  t[0][5 * 2 + 1] = t[0][5 * 2];
+  EXPECT_CONTAINS(save(&t), "row 5 (token 5) names expert");
+  t = fill_tables(cfg);
+  t[0][7] = 4;
+  EXPECT_CONTAINS(save(&t), "outside [0, n_routed_experts = 4)");
+  EXPECT_FALSE(fs::exists(path("bad_save")));
+  // A bias row for the hash layer is refused too.
+  t = fill_tables(cfg);
+  EXPECT_CONTAINS(error_of([&] {
+                    save_checkpoint<float>(path("bad_save"), cfg, layout, params, fill_bias(cfg, 0.1f), nullptr,
+                                           nullptr, 0, json::object(), {}, &t);
+                  }),
+                  "hash-routed layer has no bias");
+}
+
+TEST_F(CheckpointTest, BadHashTablesAreNamedWhenLoading) {
+  const ModelConfig cfg = hash_config();
+  const ParamLayout layout = ParamLayout::build(cfg);
+  const std::string name = ParamLayout::tid2eid_name(1);
+  auto fresh = [&](const std::string& d) {
+    const HashTables tables = fill_tables(cfg);
+    save_checkpoint<float>(path(d), cfg, layout, fill<float>(layout, 0.7, 0.0f), hash_bias(cfg), nullptr, nullptr, 0,
+                           json::object(), {}, &tables);
+    return (fs::path(path(d)) / "model.safetensors").string();
+  };
+  auto load = [&](const std::string& d) {
+    return error_of([&] {
+      std::vector<float> p;
+      std::vector<std::vector<float>> b;
+      HashTables t;
+      load_model_weights<float>(path(d), cfg, layout, p, b, &t);
+    });
+  };
+  std::vector<int32_t> table = fill_tables(cfg)[0];
+  {  // a token's row repeats an expert
+    const std::string file = fresh("repeat");
+    auto bad = table;
+    bad[9 * 2 + 1] = bad[9 * 2];
+    const auto t = to_write<int32_t>(name, {32, 2}, bad.data());
+    rewrite(file, name, &t);
+    const std::string msg = load("repeat");
+    EXPECT_CONTAINS(msg, file);
+    EXPECT_CONTAINS(msg, "tensor '" + name + "'");
+    EXPECT_CONTAINS(msg, "row 9 (token 9) names expert " + std::to_string(bad[18]) + " twice");
+  }
+  {  // out-of-range experts, negative and >= E
+    for (const int32_t v : {-1, 4}) {
+      const std::string d = "range" + std::to_string(v + 1);
+      const std::string file = fresh(d);
+      auto bad = table;
+      bad[3] = v;
+      const auto t = to_write<int32_t>(name, {32, 2}, bad.data());
+      rewrite(file, name, &t);
+      const std::string msg = load(d);
+      EXPECT_CONTAINS(msg, "tensor '" + name + "'");
+      EXPECT_CONTAINS(msg, "row 1 (token 1) holds expert " + std::to_string(v));
+    }
+  }
+  {  // wrong shape: (V, K+1) and (V*K)
+    const std::string file = fresh("shape");
+    std::vector<int32_t> wide(32 * 3, 0);
+    const auto t = to_write<int32_t>(name, {32, 3}, wide.data());
+    rewrite(file, name, &t);
+    const std::string msg = load("shape");
+    EXPECT_CONTAINS(msg, "tensor '" + name + "' has shape (32, 3)");
+    EXPECT_CONTAINS(msg, "needs (32, 2)");
+  }
+  {  // floating point instead of I32
+    const std::string file = fresh("dtype");
+    std::vector<float> f(table.begin(), table.end());
+    const auto t = to_write<float>(name, {32, 2}, f.data());
+    rewrite(file, name, &t);
+    const std::string msg = load("dtype");
+    EXPECT_CONTAINS(msg, "tensor '" + name + "' has dtype F32");
+    EXPECT_CONTAINS(msg, "must be I32");
+  }
+  {  // missing table
+    const std::string file = fresh("missing");
+    rewrite(file, name, nullptr);
+    EXPECT_CONTAINS(load("missing"), "missing tensor '" + name + "' (expected shape (32, 2))");
+  }
+  {  // a bias for the hash-routed layer
+    const std::string file = fresh("bias");
+    std::vector<float> b(4, 0.0f);
+    rewrite(file, "", nullptr, {to_write<float>(ParamLayout::bias_name(1), {4}, b.data())});
+    EXPECT_CONTAINS(load("bias"), "unexpected tensor '" + ParamLayout::bias_name(1) + "'");
+  }
+}

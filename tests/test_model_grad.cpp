@@ -54,6 +54,7 @@ TEST_P(ModelGrad, EveryParameterTensor) {
   const std::vector<double> grads = m.grads();
   auto f = [&] { return m.forward_backward(mb, norm, false).total(); };
   EXPECT_NEAR(f(), st.total(), 1e-12);
+  double worst_all = 0;
   for (const auto& t : m.layout().tensors()) {
     std::vector<double> x(m.params().begin() + t.offset, m.params().begin() + t.offset + t.numel);
     std::vector<double> g(grads.begin() + t.offset, grads.begin() + t.offset + t.numel);
@@ -68,7 +69,10 @@ TEST_P(ModelGrad, EveryParameterTensor) {
       worst = std::max(worst, rel_err(num, g[i], floor));
     }
     EXPECT_LT(worst, 1e-5) << GetParam().name << ": " << t.name;
+    worst_all = std::max(worst_all, worst);
   }
+  std::printf("[ fd ] %s: worst relative error %.2e over %zu tensors\n", GetParam().name, worst_all,
+              m.layout().tensors().size());
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -82,7 +86,16 @@ INSTANTIATE_TEST_SUITE_P(
               {"routed_scaling_factor", 2.0}}},
         Case{"groups_all_moe", {{"n_group", 2}, {"topk_group", 1}, {"first_k_dense_replace", 0},
                                 {"num_key_value_heads", 2}, {"aux_loss_coeff", 0.05}}},
-        Case{"softmax_shared_seq_aux", {{"scoring_func", "softmax"}, {"seq_aux_loss_coeff", 0.1}}}),
+        Case{"softmax_shared_seq_aux", {{"scoring_func", "softmax"}, {"seq_aux_loss_coeff", 0.1}}},
+        // DeepSeek-V4 routing (MODEL.md section 12): every layer MoE, layer 0 hash-routed,
+        // layer 1 sqrtsoftplus + noaux_tc bias, the experts' SwiGLU clamped.
+        Case{"v4_sqrtsoftplus_hash_swiglu_limit_all_moe",
+             {{"scoring_func", "sqrtsoftplus"}, {"num_hash_layers", 1}, {"swiglu_limit", 0.5},
+              {"first_k_dense_replace", 0}, {"routed_scaling_factor", 1.5}, {"aux_loss_coeff", 0.05},
+              {"seq_aux_loss_coeff", 0.05}, {"z_loss_coeff", 0.01}}},
+        Case{"v4_all_layers_hashed_capacity",
+             {{"scoring_func", "sqrtsoftplus"}, {"num_hash_layers", 2}, {"swiglu_limit", 0.5},
+              {"first_k_dense_replace", 0}, {"capacity_factor", 1.0}, {"aux_loss_coeff", 0.05}}}),
     [](const auto& info) { return std::string(info.param.name); });
 
 // 1 micro-batch of 8 rows and 4 micro-batches of 2 rows give the same gradient when
@@ -182,6 +195,58 @@ TEST(ModelForward, EmptyTargetsGiveZeroLoss) {
       EXPECT_EQ(st.total(), 0.0);
     }
   }
+}
+
+// swiglu_limit changes only the MoE experts: with a limit far above every activation the
+// model is bit-identical to no limit; a small one changes the loss; a dense layer alone
+// (no MoE layer reached) is never clamped.
+TEST(ModelForward, SwigluLimitClampsExpertsOnly) {
+  auto run = [](nlohmann::json extra) {
+    auto cfg = ModelConfig::from_json(tiny(extra));
+    Model<double> m(cfg);
+    m.init(5);
+    auto mb = make_batch(2, 6, cfg.vocab_size, 4);
+    m.forward_backward(mb, LossNorm{double(mb.count_targets()), 1, 2}, false);
+    return m.logits();
+  };
+  EXPECT_EQ(run({}), run({{"swiglu_limit", 1e6}}));
+  EXPECT_NE(run({}), run({{"swiglu_limit", 0.3}}));
+  EXPECT_EQ(run({{"n_routed_experts", 4}, {"first_k_dense_replace", 2}}),
+            run({{"n_routed_experts", 4}, {"first_k_dense_replace", 2}, {"swiglu_limit", 0.01}}));
+}
+
+// A hash-routed layer routes by its table: the routing follows tid2eid whatever the
+// router weights, its bias row is empty, and changing a table row changes the routing.
+TEST(ModelForward, HashLayerRoutesByTheTable) {
+  auto cfg = ModelConfig::from_json(tiny({{"num_hash_layers", 1}, {"first_k_dense_replace", 0}}));
+  Model<double> m(cfg);
+  m.init(9);
+  ASSERT_EQ(m.tid2eid().size(), 1u);
+  EXPECT_TRUE(m.expert_bias()[0].empty());
+  EXPECT_EQ(m.expert_bias()[1].size(), 4u);
+  auto mb = make_batch(2, 6, cfg.vocab_size, 4);
+  RoutingTrace rec;
+  ForwardOptions fo;
+  fo.train = false;
+  fo.record = &rec;
+  m.forward(mb, LossNorm{}, fo);
+  const int K = cfg.K();
+  for (int64_t t = 0; t < mb.tokens(); ++t)
+    for (int k = 0; k < K; ++k) EXPECT_EQ(rec.idx[0][t * K + k], m.tid2eid()[0][mb.input_ids[t] * K + k]);
+  const auto before = m.logits();
+  std::swap(m.tid2eid()[0][mb.input_ids[0] * K], m.tid2eid()[0][mb.input_ids[0] * K + 1]);  // reorders: same set
+  m.forward(mb, LossNorm{}, fo);
+  double diff = 0;
+  for (size_t i = 0; i < before.size(); ++i) diff = std::max(diff, std::fabs(before[i] - m.logits()[i]));
+  EXPECT_LT(diff, 1e-12) << "the order of a row's experts changes only the summation order";
+  m.tid2eid()[0][mb.input_ids[0] * K] = (m.tid2eid()[0][mb.input_ids[0] * K + 1] + 1) % cfg.E();
+  if (m.tid2eid()[0][mb.input_ids[0] * K] == m.tid2eid()[0][mb.input_ids[0] * K + 1]) FAIL();
+  m.forward(mb, LossNorm{}, fo);
+  diff = 0;
+  for (size_t i = 0; i < before.size(); ++i) diff = std::max(diff, std::fabs(before[i] - m.logits()[i]));
+  EXPECT_GT(diff, 1e-6);
+  m.tid2eid()[0].pop_back();
+  EXPECT_CONTAINS(error_of([&] { m.forward(mb, LossNorm{}, fo); }), "tid2eid");
 }
 
 TEST(ModelForward, RejectsTokenOutsideVocabulary) {

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include "moe/dispatch.hpp"
+#include "moe/init.hpp"
 #include "moe/mlp.hpp"
 #include "moe/moe_layer.hpp"
 #include "moe/ops.hpp"
@@ -76,6 +77,76 @@ TEST(OpsGrad, SwiGLU) {
   EXPECT_LT(check_grad(f, u, du), 1e-6);
 }
 
+// swiglu_limit c: values on both sides of the clamps (none within the FD step of a
+// bound), the clamped ones with exactly zero gradient; then values exactly at a bound,
+// where the gradient is the one from inside (torch.clamp passes it at the bound).
+TEST(OpsGrad, SwiGLUClampedAwayFromTheBound) {
+  const int64_t n = 40;
+  const double c = 0.7;
+  auto g = randn(n, 12, 2.0), u = randn(n, 13, 2.0), R = randn(n, 14);
+  for (auto* v : {&g, &u})
+    for (double& x : *v)
+      if (std::fabs(std::fabs(x) - c) < 1e-3) x += 0.01;  // keep every value away from a bound
+  int g_clamped = 0, u_clamped = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    g_clamped += g[i] > c;
+    u_clamped += std::fabs(u[i]) > c;
+  }
+  ASSERT_GT(g_clamped, 3);
+  ASSERT_GT(u_clamped, 3);
+  ASSERT_LT(g_clamped, n - 3);
+  ASSERT_LT(u_clamped, n - 3);
+  std::vector<double> out(n), dg(n), du(n);
+  auto f = [&] {
+    ops::swiglu_forward(out.data(), g.data(), u.data(), n, c);
+    return dot(out, R);
+  };
+  ops::swiglu_backward(dg.data(), du.data(), R.data(), g.data(), u.data(), n, c);
+  EXPECT_LT(check_grad(f, g, dg), 1e-6);
+  EXPECT_LT(check_grad(f, u, du), 1e-6);
+  f();  // out at the unperturbed inputs
+  for (int64_t i = 0; i < n; ++i) {
+    if (g[i] > c) {
+      EXPECT_EQ(dg[i], 0.0) << "clamped gate " << i;
+    }
+    if (std::fabs(u[i]) > c) {
+      EXPECT_EQ(du[i], 0.0) << "clamped up " << i;
+    }
+    // The forward really clamps: out = silu(min(g, c)) * clamp(u, -c, c).
+    const double gi = std::min(g[i], c), ui = std::clamp(u[i], -c, c);
+    EXPECT_NEAR(out[i], gi / (1 + std::exp(-gi)) * ui, 1e-15);
+  }
+}
+
+TEST(OpsGrad, SwiGLUClampedAtTheBound) {
+  const double c = 0.5;
+  std::vector<double> g = {c, 0.1, c, -2.0}, u = {0.3, c, -c, c}, R = {1.0, -0.5, 0.7, 2.0};
+  const int64_t n = 4;
+  std::vector<double> out(n), dg(n), du(n);
+  ops::swiglu_backward(dg.data(), du.data(), R.data(), g.data(), u.data(), n, c);
+  // One-sided differences from inside the clamp range.
+  const double h = 1e-6;
+  for (int64_t i = 0; i < n; ++i) {
+    auto val = [&](double gi, double ui) {
+      double o;
+      ops::swiglu_forward(&o, &gi, &ui, 1, c);
+      return o * R[i];
+    };
+    const double dg_in = (val(g[i], u[i]) - val(g[i] - h, u[i])) / h;
+    const double du_in = u[i] >= c ? (val(g[i], u[i]) - val(g[i], u[i] - h)) / h
+                                   : (val(g[i], u[i] + h) - val(g[i], u[i])) / h;
+    EXPECT_NEAR(dg[i], dg_in, 1e-5) << i;
+    EXPECT_NEAR(du[i], du_in, 1e-5) << i;
+    EXPECT_NE(dg[i], 0.0) << i;
+    EXPECT_NE(du[i], 0.0) << i;
+  }
+  // Just past the bound the gradient is 0.
+  std::vector<double> g2 = {c + 1e-9}, u2 = {c + 1e-9}, dg2(1), du2(1), r2 = {1.0};
+  ops::swiglu_backward(dg2.data(), du2.data(), r2.data(), g2.data(), u2.data(), 1, c);
+  EXPECT_EQ(dg2[0], 0.0);
+  EXPECT_EQ(du2[0], 0.0);
+}
+
 TEST(OpsGrad, RoPE) {
   const int64_t N = 6, nh = 2, hd = 8;
   auto x = randn(N * nh * hd, 12), R = randn(N * nh * hd, 13);
@@ -101,20 +172,67 @@ TEST(OpsGrad, AttentionGQAWithDocuments) {
   auto q = randn(N * H * hd, 14), k = randn(N * Hkv * hd, 15), v = randn(N * Hkv * hd, 16);
   auto R = randn(N * H * hd, 17);
   std::vector<int32_t> doc = {0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0};
-  std::vector<double> out(N * H * hd), probs(B * H * S * S);
+  std::vector<double> out(N * H * hd), stats(B * H * S * 2);
   auto f = [&] {
-    ops::attention_forward(out.data(), probs.data(), q.data(), k.data(), v.data(), doc.data(), B, S, H, Hkv, hd);
+    ops::attention_forward(out.data(), stats.data(), q.data(), k.data(), v.data(), doc.data(), B, S, H, Hkv, hd);
     return dot(out, R);
   };
   f();
   std::vector<double> dq(q.size(), 0.0), dk(k.size(), 0.0), dv(v.size(), 0.0);
-  ops::attention_backward(dq.data(), dk.data(), dv.data(), R.data(), probs.data(), q.data(), k.data(), v.data(), B,
-                          S, H, Hkv, hd);
+  ops::attention_backward(dq.data(), dk.data(), dv.data(), R.data(), stats.data(), q.data(), k.data(), v.data(),
+                          doc.data(), B, S, H, Hkv, hd);
   EXPECT_LT(check_grad(f, q, dq, 200), 1e-6);
   EXPECT_LT(check_grad(f, k, dk, 200), 1e-6);
   EXPECT_LT(check_grad(f, v, dv, 200), 1e-6);
-  // Document masking: token 3 (first of doc 1) attends only to itself.
-  for (int64_t h = 0; h < H; ++h) EXPECT_DOUBLE_EQ(probs[(0 * H + h) * S * S + 3 * S + 3], 1.0);
+  // Document masking: token 3 (first of doc 1) attends only to itself: its output is
+  // its own value vector and its softmax sum is 1.
+  for (int64_t h = 0; h < H; ++h) {
+    EXPECT_DOUBLE_EQ(stats[((0 * H + h) * S + 3) * 2 + 1], 1.0);
+    for (int64_t x = 0; x < hd; ++x) EXPECT_DOUBLE_EQ(out[3 * H * hd + h * hd + x], v[3 * Hkv * hd + (h / 2) * hd + x]);
+  }
+}
+
+// Several query tiles (kAttnTile = 64) and documents that do not start on a tile
+// boundary: gradients against finite differences, and the output against a naive
+// masked softmax computed here.
+TEST(OpsGrad, AttentionAcrossTilesAndDocuments) {
+  const int64_t B = 1, S = 150, H = 2, Hkv = 1, hd = 4, N = B * S;
+  auto q = randn(N * H * hd, 24), k = randn(N * Hkv * hd, 25), v = randn(N * Hkv * hd, 26);
+  auto R = randn(N * H * hd, 27);
+  std::vector<int32_t> doc(S, 0);
+  for (int64_t i = 70; i < S; ++i) doc[i] = 1;
+  std::vector<double> out(N * H * hd), stats(B * H * S * 2);
+  auto f = [&] {
+    ops::attention_forward(out.data(), stats.data(), q.data(), k.data(), v.data(), doc.data(), B, S, H, Hkv, hd);
+    return dot(out, R);
+  };
+  f();
+  for (int64_t i : {0, 63, 64, 69, 70, 133, 149})
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t ds = i < 70 ? 0 : 70;
+      std::vector<double> s;
+      double mx = -1e300, sum = 0;
+      for (int64_t j = ds; j <= i; ++j) {
+        double t = 0;
+        for (int64_t x = 0; x < hd; ++x) t += q[i * H * hd + h * hd + x] * k[j * hd + x];
+        s.push_back(t / 2.0);
+        mx = std::max(mx, s.back());
+      }
+      for (double& t : s) sum += (t = std::exp(t - mx));
+      for (int64_t x = 0; x < hd; ++x) {
+        double o = 0;
+        for (int64_t j = ds; j <= i; ++j) o += s[j - ds] / sum * v[j * hd + x];
+        EXPECT_NEAR(out[i * H * hd + h * hd + x], o, 1e-12) << "query " << i << " head " << h;
+      }
+    }
+  std::vector<double> dq(q.size(), 0.0), dk(k.size(), 0.0), dv(v.size(), 0.0);
+  ops::attention_backward(dq.data(), dk.data(), dv.data(), R.data(), stats.data(), q.data(), k.data(), v.data(),
+                          doc.data(), B, S, H, Hkv, hd);
+  EXPECT_LT(check_grad(f, q, dq, 150), 1e-6);
+  // f sums 1200 outputs, so round-off dominates central differences at h = 1e-5 here
+  // (the error grows as h shrinks: 2e-6 -> 1.2e-5, 1e-5 -> 2.4e-6, 1e-4 -> 3.3e-7).
+  EXPECT_LT(check_grad(f, k, dk, 150, 1e-4), 1e-6);
+  EXPECT_LT(check_grad(f, v, dv, 150), 1e-6);
 }
 
 TEST(OpsGrad, CrossEntropy) {
@@ -186,7 +304,9 @@ TEST_P(RouterGrad, LogitsGradient) {
   if (cfg.capacity_factor > 0) {
     EXPECT_GT(r.dropped, 0) << "the capacity case must drop pairs";
   }
-  EXPECT_LT(check_grad(f, logits, dl, 1000), 1e-5) << GetParam().name;
+  const double err = check_grad(f, logits, dl, 1000);
+  std::printf("[ fd ] router %s: worst relative error %.2e\n", GetParam().name, err);
+  EXPECT_LT(err, 1e-5) << GetParam().name;
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -200,7 +320,72 @@ INSTANTIATE_TEST_SUITE_P(
         RouterCase{"groups_softmax_greedy",
                    {{"n_group", 2}, {"topk_group", 1}, {"scoring_func", "softmax"}, {"topk_method", "greedy"}}},
         RouterCase{"no_norm_scaled", {{"norm_topk_prob", false}, {"routed_scaling_factor", 2.5}}},
-        RouterCase{"capacity", {{"capacity_factor", 0.5}, {"aux_loss_coeff", 0.1}}}),
+        RouterCase{"capacity", {{"capacity_factor", 0.5}, {"aux_loss_coeff", 0.1}}},
+        RouterCase{"sqrtsoftplus_noaux", {{"scoring_func", "sqrtsoftplus"}, {"topk_method", "noaux_tc"},
+                                          {"aux_loss_coeff", 0.1}, {"seq_aux_loss_coeff", 0.2}, {"z_loss_coeff", 0.05},
+                                          {"routed_scaling_factor", 1.5}}},
+        RouterCase{"sqrtsoftplus_groups_capacity", {{"scoring_func", "sqrtsoftplus"}, {"n_group", 4}, {"topk_group", 2},
+                                                    {"capacity_factor", 0.5}, {"aux_loss_coeff", 0.1}}},
+        RouterCase{"sqrtsoftplus_no_norm", {{"scoring_func", "sqrtsoftplus"}, {"norm_topk_prob", false},
+                                            {"seq_aux_loss_coeff", 0.2}}}),
+    [](const auto& info) { return std::string(info.param.name); });
+
+// Hash routing (MODEL.md section 12): the selection is the table's row of each token id,
+// so it never changes under a perturbation (no tie can flip it); the weights and the
+// balance losses are live. Every scoring function, with capacity drops in one case.
+class HashRouterGrad : public ::testing::TestWithParam<RouterCase> {};
+
+TEST_P(HashRouterGrad, LogitsGradient) {
+  nlohmann::json j = GetParam().cfg;
+  j["n_routed_experts"] = 8;
+  j["num_experts_per_tok"] = 3;
+  j["vocab_size"] = 6;
+  j["num_hash_layers"] = 1;
+  auto cfg = ModelConfig::from_json(j);
+  const int rows = 2, S = 5;
+  const int64_t N = rows * S, E = cfg.E(), K = cfg.K();
+  auto logits = randn(N * E, 26, 2.0), R = randn(N * K, 27);
+  const std::vector<int32_t> table = init_tid2eid(cfg, 5, 1);
+  std::vector<int32_t> ids(N);
+  for (int64_t t = 0; t < N; ++t) ids[t] = int32_t((t * 7 + 3) % cfg.vocab_size);
+  const BalanceScales sc{cfg.aux_loss_coeff / 2, cfg.seq_aux_loss_coeff / 3, cfg.z_loss_coeff / 2};
+  auto route = [&](Routing<double>& r) {
+    route_hash(r, logits.data(), ids.data(), table.data(), cfg, N);
+    route_capacity(r, cfg.capacity_factor);
+  };
+  auto f = [&] {
+    Routing<double> r;
+    route(r);
+    double L = 0;
+    for (int64_t i = 0; i < N * K; ++i) L += r.kept[i] ? r.weight[i] * R[i] : 0.0;
+    auto bl = balance_forward(r, logits.data(), cfg, rows, S, sc);
+    return L + bl.aux + bl.seq + bl.z;
+  };
+  Routing<double> r;
+  route(r);
+  for (int64_t t = 0; t < N; ++t)
+    for (int k = 0; k < K; ++k) ASSERT_EQ(r.idx[t * K + k], table[ids[t] * K + k]) << "token " << t;
+  std::vector<double> dw(N * K), dl(N * E);
+  for (int64_t i = 0; i < N * K; ++i) dw[i] = r.kept[i] ? R[i] : 0.0;
+  router_backward(dl.data(), dw.data(), logits.data(), r, cfg, rows, S, sc);
+  if (cfg.capacity_factor > 0) {
+    EXPECT_GT(r.dropped, 0) << "the capacity case must drop pairs";
+  }
+  const double err = check_grad(f, logits, dl, 1000);
+  std::printf("[ fd ] hash router %s: worst relative error %.2e\n", GetParam().name, err);
+  EXPECT_LT(err, 1e-5) << GetParam().name;
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Variants, HashRouterGrad,
+    ::testing::Values(RouterCase{"sqrtsoftplus_all_losses", {{"scoring_func", "sqrtsoftplus"},
+                                                             {"aux_loss_coeff", 0.1},
+                                                             {"seq_aux_loss_coeff", 0.2},
+                                                             {"z_loss_coeff", 0.05},
+                                                             {"routed_scaling_factor", 2.0}}},
+                      RouterCase{"sigmoid_capacity", {{"capacity_factor", 0.5}, {"aux_loss_coeff", 0.1}}},
+                      RouterCase{"softmax_no_norm", {{"scoring_func", "softmax"}, {"norm_topk_prob", false},
+                                                     {"seq_aux_loss_coeff", 0.2}}}),
     [](const auto& info) { return std::string(info.param.name); });
 
 // The whole MoE layer (router + dispatch + experts + combine + shared expert).
@@ -235,6 +420,7 @@ TEST_P(MoeLayerGrad, AllInputsAndWeights) {
   std::vector<std::vector<double>> dwg(E, std::vector<double>(F * d, 0.0)), dwu = dwg, dwd = dwg;
   LocalExpertStage<double> stage(d, F, [&](int) {
     ExpertViews<double> v;
+    v.swiglu_limit = cfg.swiglu_limit;
     for (int e = 0; e < E; ++e) {
       v.wg.push_back(wg[e].data());
       v.wu.push_back(wu[e].data());
@@ -246,11 +432,20 @@ TEST_P(MoeLayerGrad, AllInputsAndWeights) {
     return v;
   });
   const BalanceScales sc{cfg.aux_loss_coeff, cfg.seq_aux_loss_coeff / rows, cfg.z_loss_coeff};
+  // A hash-routed layer: its table and the tokens' ids.
+  RouteControl rc;
+  const std::vector<int32_t> table = init_tid2eid(cfg, 3, 1);
+  std::vector<int32_t> ids(N);
+  for (int64_t t = 0; t < N; ++t) ids[t] = int32_t((t * 5 + 1) % cfg.vocab_size);
+  if (cfg.num_hash_layers > 0) {
+    rc.tid2eid = table.data();
+    rc.token_ids = ids.data();
+  }
   std::vector<double> out(N * d);
   MoeCache<double> cache;
   std::vector<int32_t> idx0;
   auto f = [&] {
-    moe_forward(out.data(), cache, x.data(), w, stage, 0, bias.data(), cfg, rows, S, sc);
+    moe_forward(out.data(), cache, x.data(), w, stage, 0, bias.data(), cfg, rows, S, sc, rc);
     if (idx0.empty()) idx0 = cache.routing.idx;
     EXPECT_EQ(cache.routing.idx, idx0);
     return dot(out, R) + cache.losses.aux + cache.losses.seq + cache.losses.z;
@@ -267,6 +462,35 @@ TEST_P(MoeLayerGrad, AllInputsAndWeights) {
   moe_backward(dx.data(), g, R.data(), x.data(), w, stage, 0, cache, cfg, rows, S, sc, scratch);
   if (cfg.capacity_factor > 0) {
     EXPECT_GT(cache.routing.dropped, 0) << "the capacity case must drop pairs";
+  }
+  if (cfg.num_hash_layers > 0) {
+    for (int64_t t = 0; t < N; ++t)
+      for (int k = 0; k < cfg.K(); ++k) EXPECT_EQ(cache.routing.idx[t * cfg.K() + k], table[ids[t] * cfg.K() + k]);
+  }
+  if (cfg.swiglu_limit > 0) {  // the limit must bite in both the routed and the shared experts
+    const double c = cfg.swiglu_limit;
+    auto clamped = [&](const MlpCache<double>& m) {
+      int n = 0;
+      for (size_t i = 0; i < m.g.size(); ++i) n += (m.g[i] > c) + (std::fabs(m.u[i]) > c);
+      return n;
+    };
+    int routed = 0;  // gate/up values of the routed pairs beyond the limit
+    for (int64_t t = 0; t < N; ++t)
+      for (int k = 0; k < cfg.K(); ++k) {
+        const int e = cache.routing.idx[t * cfg.K() + k];
+        for (int64_t fi = 0; fi < F; ++fi) {
+          double gv = 0, uv = 0;
+          for (int64_t i = 0; i < d; ++i) {
+            gv += x[t * d + i] * wg[e][fi * d + i];
+            uv += x[t * d + i] * wu[e][fi * d + i];
+          }
+          routed += (gv > c) + (std::fabs(uv) > c);
+        }
+      }
+    EXPECT_GT(routed, 0);
+    if (Sh > 0) {
+      EXPECT_GT(clamped(cache.shared), 0);
+    }
   }
   EXPECT_LT(check_grad(f, x, dx, 100), 1e-5);
   EXPECT_LT(check_grad(f, gate, dgate, 100), 1e-5);
@@ -289,7 +513,14 @@ INSTANTIATE_TEST_SUITE_P(
                       RouterCase{"softmax_noshared_capacity", {{"n_routed_experts", 4}, {"scoring_func", "softmax"},
                                                                {"topk_method", "greedy"}, {"n_shared_experts", 0},
                                                                {"capacity_factor", 0.75}}},
-                      RouterCase{"groups", {{"n_routed_experts", 8}, {"n_group", 4}, {"topk_group", 2}}}),
+                      RouterCase{"groups", {{"n_routed_experts", 8}, {"n_group", 4}, {"topk_group", 2}}},
+                      RouterCase{"sqrtsoftplus_swiglu_limit", {{"n_routed_experts", 4}, {"scoring_func", "sqrtsoftplus"},
+                                                               {"swiglu_limit", 0.6}, {"aux_loss_coeff", 0.1},
+                                                               {"seq_aux_loss_coeff", 0.1}}},
+                      RouterCase{"hash_sqrtsoftplus_swiglu_limit_capacity",
+                                 {{"n_routed_experts", 4}, {"scoring_func", "sqrtsoftplus"}, {"num_hash_layers", 1},
+                                  {"vocab_size", 5}, {"swiglu_limit", 0.6}, {"capacity_factor", 0.75},
+                                  {"aux_loss_coeff", 0.1}, {"z_loss_coeff", 0.01}}}),
     [](const auto& info) { return std::string(info.param.name); });
 
 // Dispatch then combine with weight 1/K returns the input (dropless), and so does the

@@ -86,9 +86,13 @@ double tensor_err(const T* a, const std::vector<double>& b, double floor = 1e-30
 
 // parallel = true runs the training steps through the trainer's own path
 // (dist::ParallelTrainer on a one-rank grid: exact fixed-point gradient sums, ZeRO
-// off) instead of train_step.
+// off) instead of train_step. tol_final (default tol_tensor) bounds the weights after
+// the steps: AdamW's m / (sqrt(v) + eps) turns the float error of a gradient element far
+// below its tensor's scale into an O(lr) step difference (README.md, RL fixtures).
 template <class T>
-void check_fixture(const std::string& name, double tol_loss, double tol_tensor, bool parallel = false) {
+void check_fixture(const std::string& name, double tol_loss, double tol_tensor, bool parallel = false,
+                   double tol_final = 0) {
+  if (tol_final <= 0) tol_final = tol_tensor;
   Fixture f = load_fixture(name);
   dist::Comm self = dist::Comm::self();
   dist::ProcessGrid grid = dist::ProcessGrid::create(self, 1, f.cfg);
@@ -107,24 +111,40 @@ void check_fixture(const std::string& name, double tol_loss, double tol_tensor, 
   dist::ParallelTrainer<T> trainer(f.cfg, grid, oc, 0);
   Model<T> plain(f.cfg);
   Model<T>& model = parallel ? trainer.model() : plain;
-  load_model_weights(f.ckpt, f.cfg, model.layout(), model.params(), model.expert_bias());
+  load_model_weights(f.ckpt, f.cfg, model.layout(), model.params(), model.expert_bias(), &model.tid2eid());
   for (int j = 0; j < f.cfg.num_moe_layers(); ++j) {
     const std::string name = ParamLayout::bias_name(f.cfg.first_k_dense_replace + j);
+    if (f.cfg.is_hash_moe_layer(j)) {  // no bias: initial_bias must not name one
+      EXPECT_FALSE(f.initial_bias.is_object() && f.initial_bias.contains(name)) << name;
+      continue;
+    }
     if (f.initial_bias.is_object() && f.initial_bias.contains(name))
       model.expert_bias()[j] = f.initial_bias.at(name).get<std::vector<float>>();
   }
   ASSERT_GT(expected_scalar(f, "min_margin"), 1e-4) << "fixture routing is too close to a tie";
+  // Hash-routed layers: the checkpoint's table (written by `moetune init`) is the one the
+  // reference drew with its own copy of the generator and routed by.
+  for (int j = 0; j < f.cfg.num_hash_layers; ++j) {
+    const auto want = expected(f, "tid2eid." + std::to_string(f.cfg.first_k_dense_replace + j));
+    ASSERT_EQ(want.size(), model.tid2eid()[j].size());
+    for (size_t i = 0; i < want.size(); ++i) ASSERT_EQ(model.tid2eid()[j][i], int32_t(want[i])) << name << " " << i;
+  }
+  if (f.cfg.swiglu_limit > 0) {
+    ASSERT_GT(expected_scalar(f, "clamped_values"), 0) << "the fixture must exercise swiglu_limit";
+  }
 
   // Logits of each micro-batch.
   const LossNorm norm = global_loss_norm(f.batch);
+  double worst_logits = 0;
   for (size_t m = 0; m < f.batch.size(); ++m) {
     model.forward_backward(f.batch[m], norm, false);
-    EXPECT_LT(tensor_err(model.logits().data(), expected(f, "logits." + std::to_string(m))), tol_tensor)
-        << name << " logits of micro-batch " << m;
+    const double err = tensor_err(model.logits().data(), expected(f, "logits." + std::to_string(m)));
+    worst_logits = std::max(worst_logits, err);
+    EXPECT_LT(err, tol_tensor) << name << " logits of micro-batch " << m;
   }
   // Loss terms and every gradient at the initial weights.
   StepResult r = parallel ? trainer.accumulate(f.batch) : accumulate_gradients(model, f.batch);
-  double worst_loss = 0, worst_tensor = 0;
+  double worst_loss = 0, worst_tensor = worst_logits, worst_final = 0;
   auto close = [&](double a, double b, const char* what) {
     worst_loss = std::max(worst_loss, std::fabs(a - b) / std::max(1.0, std::fabs(b)));
     EXPECT_LE(std::fabs(a - b), tol_loss * std::max(1.0, std::fabs(b))) << name << " " << what << ": " << a
@@ -154,12 +174,19 @@ void check_fixture(const std::string& name, double tol_loss, double tol_tensor, 
   }
   for (const auto& t : model.layout().tensors()) {
     const double err = tensor_err(model.params().data() + t.offset, expected(f, "final." + t.name));
-    worst_tensor = std::max(worst_tensor, err);
-    EXPECT_LT(err, tol_tensor) << name << " final." << t.name;
+    worst_final = std::max(worst_final, err);
+    EXPECT_LT(err, tol_final) << name << " final." << t.name;
   }
-  std::printf("[ parity ] %s (%s%s): worst relative error: losses %.2e, gradients/weights %.2e\n", name.c_str(),
-              sizeof(T) == 8 ? "double" : "float", parallel ? ", trainer path" : "", worst_loss, worst_tensor);
+  std::printf("[ parity ] %s (%s%s): worst relative error: losses %.2e, logits/gradients %.2e, weights after %d "
+              "steps %.2e\n",
+              name.c_str(), sizeof(T) == 8 ? "double" : "float", parallel ? ", trainer path" : "", worst_loss,
+              worst_tensor, f.steps, worst_final);
   for (int j = 0; j < f.cfg.num_moe_layers(); ++j) {
+    if (f.cfg.is_hash_moe_layer(j)) {  // no bias, and the table is never trained
+      EXPECT_TRUE(model.expert_bias()[j].empty());
+      EXPECT_FALSE(f.expected->contains("final." + ParamLayout::bias_name(f.cfg.first_k_dense_replace + j)));
+      continue;
+    }
     const auto want = expected(f, "final." + ParamLayout::bias_name(f.cfg.first_k_dense_replace + j));
     for (int e = 0; e < f.cfg.E(); ++e)
       EXPECT_NEAR(model.expert_bias()[j][e], want[e], 1e-9) << name << " bias layer " << j << " expert " << e;
@@ -169,9 +196,24 @@ void check_fixture(const std::string& name, double tol_loss, double tol_tensor, 
 }  // namespace
 
 TEST(Parity, SigmoidNoauxGroupsSharedDouble) { check_fixture<double>("parity_sigmoid", 1e-10, 1e-9); }
-TEST(Parity, SigmoidNoauxGroupsSharedFloat) { check_fixture<float>("parity_sigmoid", 2e-5, 2e-5); }
+// Float weights after 3 steps: 1e-4 (reached 8.1e-5 with moetune's GEMM, in
+// layer 1's expert 5 gate_proj): that element's initial gradient is 1.9e-7 of a tensor
+// whose largest is 1.9e-2, so float noise is ~10% of it, and AdamW normalises it into
+// a step of O(lr) = 0.01. Losses, logits and gradients agree within 3e-6 (tol 2e-5),
+// and the double run within 1e-13.
+TEST(Parity, SigmoidNoauxGroupsSharedFloat) { check_fixture<float>("parity_sigmoid", 2e-5, 2e-5, false, 1e-4); }
 TEST(Parity, SoftmaxCapacityTiedDouble) { check_fixture<double>("parity_softmax", 1e-10, 1e-9); }
-TEST(Parity, SoftmaxCapacityTiedFloat) { check_fixture<float>("parity_softmax", 2e-5, 2e-5); }
+TEST(Parity, SoftmaxCapacityTiedFloat) { check_fixture<float>("parity_softmax", 2e-5, 2e-5, false, 1e-4); }
+// DeepSeek-V4 routing (MODEL.md section 12): every layer MoE, layer 0 hash-routed by
+// its tid2eid table, sqrtsoftplus scores with noaux_tc bias in layer 1, clamped experts.
+TEST(Parity, V4RoutingHashSqrtsoftplusSwigluLimitDouble) { check_fixture<double>("parity_v4routing", 1e-10, 1e-9); }
+// Float weights after 3 steps: 1e-3 (reached 1.6e-4 with Eigen's GEMM, 5.2e-4 with
+// moetune's): an element of layer 1's v_proj has a gradient 5e-7 of its tensor's
+// largest, below float resolution, and AdamW normalises it to a step of O(lr), so
+// where it lands depends on rounding; losses, logits and gradients stay at 2e-5.
+TEST(Parity, V4RoutingHashSqrtsoftplusSwigluLimitFloat) {
+  check_fixture<float>("parity_v4routing", 2e-5, 2e-5, false, 1e-3);
+}
 // optim.name = "muon" on parity_sigmoid's model and batch: Muon for the matrices (router
 // and experts included), AdamW for the embedding, head and norms, 3 steps.
 TEST(Parity, MuonDouble) {
@@ -185,8 +227,10 @@ TEST(Parity, MuonFloat) {
 TEST(Parity, TrainerPathDouble) {
   check_fixture<double>("parity_sigmoid", 1e-10, 1e-9, true);
   check_fixture<double>("parity_softmax", 1e-10, 1e-9, true);
+  check_fixture<double>("parity_v4routing", 1e-10, 1e-9, true);
 }
 TEST(Parity, TrainerPathFloat) {
-  check_fixture<float>("parity_sigmoid", 2e-5, 2e-5, true);
-  check_fixture<float>("parity_softmax", 2e-5, 2e-5, true);
+  check_fixture<float>("parity_sigmoid", 2e-5, 2e-5, true, 1e-4);
+  check_fixture<float>("parity_softmax", 2e-5, 2e-5, true, 1e-4);
+  check_fixture<float>("parity_v4routing", 2e-5, 2e-5, true, 1e-3);
 }

@@ -1,10 +1,14 @@
 // Router unit tests against hand-computed cases: selection, bias, groups, ties,
-// weight normalisation/scaling, capacity drops, expert counts.
+// weight normalisation/scaling, capacity drops, expert counts; DeepSeek-V4's
+// sqrtsoftplus scores, hash routing and its default table.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 
+#include "moe/init.hpp"
 #include "moe/router.hpp"
+#include "test_util.hpp"
 
 using namespace moetune;
 
@@ -120,4 +124,110 @@ TEST(Router, BalanceLossValuesByHand) {
   EXPECT_NEAR(L.seq, 1.0, 1e-14);
   // z: mean lse^2 = log(4)^2
   EXPECT_NEAR(L.z, std::log(4.0) * std::log(4.0), 1e-14);
+}
+
+// DeepSeek-V4 (MODEL.md section 12) ------------------------------------------------
+
+TEST(Router, SqrtSoftplusScoresBiasedSelectionNormalisedWeights) {
+  auto c = cfg({{"n_routed_experts", 4}, {"num_experts_per_tok", 2}, {"scoring_func", "sqrtsoftplus"},
+                {"topk_method", "noaux_tc"}, {"routed_scaling_factor", 2.0}});
+  std::vector<double> logits = {0.1, 2.0, -1.0, 1.0};
+  std::vector<float> bias = {0.f, 0.f, 1.0f, 0.f};  // s2 + 1 = 1.56 > s3 = 1.15 and > s1 = 1.46
+  auto ssp = [](double x) { return std::sqrt(std::log1p(std::exp(x))); };
+  Routing<double> r;
+  route_select(r, logits.data(), bias.data(), c, 1);
+  for (int e = 0; e < 4; ++e) EXPECT_NEAR(r.scores[e], ssp(logits[e]), 1e-15);
+  EXPECT_EQ(r.idx, (std::vector<int32_t>{2, 1}));
+  const double s2 = ssp(-1.0), s1 = ssp(2.0);  // weights from the unbiased scores
+  EXPECT_NEAR(r.weight[0], 2.0 * s2 / (s2 + s1), 1e-15);
+  EXPECT_NEAR(r.weight[1], 2.0 * s1 / (s2 + s1), 1e-15);
+  // Large logits do not overflow: sqrt(softplus(x)) = sqrt(x) + O(e^-x).
+  std::vector<double> big = {800.0, -800.0, 0.0, 30.0};
+  route_select(r, big.data(), bias.data(), c, 1);
+  EXPECT_NEAR(r.scores[0], std::sqrt(800.0), 1e-12);
+  EXPECT_EQ(r.scores[1], 0.0);  // softplus underflows to 0: a score of exactly 0, no NaN
+  EXPECT_NEAR(r.scores[2], std::sqrt(std::log(2.0)), 1e-15);
+  std::vector<double> dl(4), dw = {1.0, 1.0};
+  router_backward(dl.data(), dw.data(), big.data(), r, c, 1, 1, BalanceScales{});
+  for (double v : dl) EXPECT_TRUE(std::isfinite(v));
+}
+
+TEST(Router, HashRoutingTakesTheTableRowIgnoringBiasAndGroups) {
+  // 6 experts in 3 groups, topk_group 1: a live layer could only pick inside one group.
+  auto c = cfg({{"n_routed_experts", 6}, {"num_experts_per_tok", 2}, {"n_group", 3}, {"topk_group", 1},
+                {"vocab_size", 3}, {"num_hash_layers", 1}, {"scoring_func", "sqrtsoftplus"}});
+  const std::vector<int32_t> table = {5, 0, 2, 3, 1, 4};  // token 0 -> {5, 0} spans two groups
+  const std::vector<int32_t> ids = {0, 2, 0};
+  std::vector<double> logits(3 * 6);
+  for (size_t i = 0; i < logits.size(); ++i) logits[i] = 0.3 * double(i % 7) - 1.0;
+  Routing<double> r;
+  route_hash(r, logits.data(), ids.data(), table.data(), c, 3);
+  EXPECT_EQ(r.idx, (std::vector<int32_t>{5, 0, 1, 4, 5, 0}));
+  EXPECT_EQ(r.counts, (std::vector<int64_t>{2, 1, 0, 0, 1, 2}));
+  EXPECT_EQ(r.kept, (std::vector<uint8_t>(6, 1)));
+  for (int t = 0; t < 3; ++t) {
+    const double* s = r.scores.data() + t * 6;
+    const int32_t* id = r.idx.data() + t * 2;
+    EXPECT_NEAR(r.weight[t * 2], s[id[0]] / (s[id[0]] + s[id[1]]), 1e-15);
+    EXPECT_NEAR(r.weight[t * 2 + 1], s[id[1]] / (s[id[0]] + s[id[1]]), 1e-15);
+  }
+  std::vector<int32_t> bad_ids = {0, 3, 0};
+  EXPECT_THROW(route_hash(r, logits.data(), bad_ids.data(), table.data(), c, 3), std::out_of_range);
+}
+
+TEST(Router, DefaultHashTableIsDistinctDeterministicAndSeeded) {
+  auto c = cfg({{"n_routed_experts", 8}, {"num_experts_per_tok", 3}, {"vocab_size", 50}, {"num_hash_layers", 2}});
+  const auto a = init_tid2eid(c, 7, 1), b = init_tid2eid(c, 7, 1), other_seed = init_tid2eid(c, 8, 1),
+             other_layer = init_tid2eid(c, 7, 2);
+  ASSERT_EQ(a.size(), 150u);
+  EXPECT_EQ(a, b);
+  EXPECT_NE(a, other_seed);
+  EXPECT_NE(a, other_layer);
+  std::vector<int64_t> load(8, 0);
+  for (int v = 0; v < 50; ++v) {
+    std::vector<int32_t> row(a.begin() + v * 3, a.begin() + v * 3 + 3);
+    for (int32_t e : row) {
+      ASSERT_GE(e, 0);
+      ASSERT_LT(e, 8);
+      load[e]++;
+    }
+    std::sort(row.begin(), row.end());
+    EXPECT_EQ(std::unique(row.begin(), row.end()), row.end()) << "token " << v << " repeats an expert";
+  }
+  for (int e = 0; e < 8; ++e) EXPECT_GT(load[e], 5) << "expert " << e << " is (almost) never drawn";
+  // K = E: every row is a permutation.
+  auto full = cfg({{"n_routed_experts", 4}, {"num_experts_per_tok", 4}, {"vocab_size", 5}, {"num_hash_layers", 1}});
+  const auto p = init_tid2eid(full, 1, 1);
+  for (int v = 0; v < 5; ++v) {
+    std::vector<int32_t> row(p.begin() + v * 4, p.begin() + v * 4 + 4);
+    std::sort(row.begin(), row.end());
+    EXPECT_EQ(row, (std::vector<int32_t>{0, 1, 2, 3}));
+  }
+}
+
+TEST(Router, V4ConfigKeysAreValidatedByName) {
+  using moetune::testing::error_of;
+  auto msg = [](nlohmann::json j) {
+    j["hidden_size"] = 8;
+    j["num_attention_heads"] = 2;
+    return error_of([&] { ModelConfig::from_json(j, "cfg.json"); });
+  };
+  EXPECT_CONTAINS(msg({{"scoring_func", "sqrt_softplus"}}), "key 'scoring_func'");
+  EXPECT_CONTAINS(msg({{"num_hash_layers", -1}}), "key 'num_hash_layers'");
+  // 4 layers, first one dense: 3 MoE layers.
+  EXPECT_CONTAINS(msg({{"num_hash_layers", 4}}), "key 'num_hash_layers'");
+  EXPECT_EQ(msg({{"num_hash_layers", 3}}), moetune::testing::kNoError);
+  EXPECT_EQ(msg({{"num_hash_layers", 4}, {"first_k_dense_replace", 0}}), moetune::testing::kNoError);
+  EXPECT_CONTAINS(msg({{"swiglu_limit", -1.0}}), "key 'swiglu_limit'");
+  EXPECT_CONTAINS(msg({{"swiglu_limit", "7"}}), "key 'swiglu_limit'");
+  EXPECT_EQ(msg({{"scoring_func", "sqrtsoftplus"}, {"n_group", 2}, {"topk_group", 1}, {"swiglu_limit", 7.0}}),
+            moetune::testing::kNoError);
+  // The new keys round-trip through config.json.
+  auto c = cfg({{"num_hash_layers", 2}, {"swiglu_limit", 10.0}, {"scoring_func", "sqrtsoftplus"}});
+  auto back = ModelConfig::from_json(c.to_json());
+  EXPECT_EQ(back.num_hash_layers, 2);
+  EXPECT_EQ(back.swiglu_limit, 10.0);
+  EXPECT_TRUE(back.sqrtsoftplus());
+  // --set re-validates against the layer count.
+  EXPECT_CONTAINS(error_of([&] { c.set("first_k_dense_replace", "3"); }), "key 'num_hash_layers'");
 }

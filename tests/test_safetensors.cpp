@@ -124,6 +124,31 @@ TEST_F(SafetensorsTest, DoubleDataIsWrittenAsF32Rounded) {
   EXPECT_GT(differs, x.size() / 2);  // the values really went through float
 }
 
+// I32 (the hash-routing tables): written as stored, read back exactly, and only as
+// int32: an I32 tensor is no float, a float tensor no integer table.
+TEST_F(SafetensorsTest, Int32TablesRoundTripStrictly) {
+  const std::vector<int32_t> t = {0, -1, 2147483647, -2147483647 - 1, 7, 3};
+  const std::vector<float> f = {1.5f, 2.5f};
+  const std::string p = file("i.safetensors");
+  write_safetensors(p, {to_write<int32_t>("table", {3, 2}, t.data()), to_write<float>("w", {2}, f.data())});
+  SafetensorsReader r(p);
+  EXPECT_EQ(r.at("table").dtype, "I32");
+  EXPECT_EQ(r.at("table").shape, (std::vector<int64_t>{3, 2}));
+  EXPECT_EQ(r.at("table").end - r.at("table").begin, 24u);
+  std::vector<int32_t> back(6);
+  r.read("table", back.data(), back.size());
+  EXPECT_EQ(back, t);
+  std::vector<float> as_float(6);
+  EXPECT_CONTAINS(error_of([&] { r.read("table", as_float.data(), 6); }), "tensor 'table' has dtype I32");
+  std::vector<int32_t> as_int(2);
+  EXPECT_CONTAINS(error_of([&] { r.read("w", as_int.data(), 2); }), "tensor 'w' has dtype F32; an integer table must be I32");
+  EXPECT_CONTAINS(error_of([&] { r.read("table", back.data(), 5); }), "expected 5");
+  // Exactly one data pointer.
+  TensorToWrite both = to_write<int32_t>("x", {2}, t.data());
+  both.data = f.data();
+  EXPECT_CONTAINS(error_of([&] { write_safetensors(file("bad.safetensors"), {both}); }), "exactly one");
+}
+
 TEST_F(SafetensorsTest, BytesOnDiskFollowTheFormat) {
   const std::vector<float> a = {1, 2, 3, 4, 5, 6}, b = {-1, -2};
   const std::string p = file("fmt.safetensors");

@@ -213,7 +213,7 @@ RlSummary rl_impl(const RunConfig& rc, const RlOptions& opt) {
       verify_manifest(resume_dir);
     }
     if (!resume_dir.empty()) {
-      load_model_weights(resume_dir, cfg, m.layout(), m.params(), m.expert_bias());
+      load_model_weights(resume_dir, cfg, m.layout(), m.params(), m.expert_bias(), &m.tid2eid());
       std::vector<T> mo, vo;
       int64_t ostep = 0;
       if (!load_optimizer_state(resume_dir, m.layout(), mo, vo, ostep, rc.optim.name))
@@ -227,7 +227,7 @@ RlSummary rl_impl(const RunConfig& rc, const RlOptions& opt) {
     } else {
       if (opt.init_from.empty()) throw Error("rl: --auto-resume found no checkpoint in " + opt.out_dir +
                                              "; give --init-from to start");
-      load_model_weights(opt.init_from, cfg, m.layout(), m.params(), m.expert_bias());
+      load_model_weights(opt.init_from, cfg, m.layout(), m.params(), m.expert_bias(), &m.tid2eid());
     }
     tokenizer = resolve_tokenizer(rc, !resume_dir.empty() ? resume_dir : opt.init_from);
     if (!tokenizer) tokenizer = Tokenizer::byte_level();
@@ -250,7 +250,8 @@ RlSummary rl_impl(const RunConfig& rc, const RlOptions& opt) {
       if (reference_dir.empty()) throw Error("key 'rl.beta': a KL penalty needs the reference checkpoint (--init-from)");
       ref_holder = std::make_unique<Model<T>>(cfg, grid.expert_begin, grid.expert_end);
       ref_stage = dist::install_expert_stage(grid, *ref_holder);
-      load_model_weights(reference_dir, cfg, ref_holder->layout(), ref_holder->params(), ref_holder->expert_bias());
+      load_model_weights(reference_dir, cfg, ref_holder->layout(), ref_holder->params(), ref_holder->expert_bias(),
+                         &ref_holder->tid2eid());
     }
   });
   dist::ParallelTrainer<T>& trainer = *trainer_holder;
@@ -431,7 +432,9 @@ RlSummary rl_impl(const RunConfig& rc, const RlOptions& opt) {
           L.adv[t] = adv[i];
           L.weight[t] = weight_of[i];
           L.seq[t] = r;
-          const double d = std::fabs(double(comps[i].logprobs[j]) - L.lp_old[t]);
+          // At the rollout's stored precision (float): 0 when the decode reproduced the
+          // forward's logits, which batch-invariant kernels make exact.
+          const double d = std::fabs(double(comps[i].logprobs[j]) - double(float(L.lp_old[t])));
           st[StepStats::kLpDiff] += d;
           st[StepStats::kLpTokens] += 1;
           ss.lp_diff_max = std::max(ss.lp_diff_max, d);
@@ -587,7 +590,8 @@ RlSummary rl_impl(const RunConfig& rc, const RlOptions& opt) {
       std::vector<T> mo, vo;
       trainer.gather_optimizer_state(mo, vo);
       dist::save_checkpoint_parallel(dir, grid, cfg, model.layout(), model.params(), model.expert_bias(), &mo, &vo,
-                                     trainer.optimizer().step_count(), state, tokenizer->json(), rc.optim.name);
+                                     trainer.optimizer().step_count(), state, tokenizer->json(), &model.tid2eid(),
+                                     rc.optim.name);
       sum.final_checkpoint = dir;
       if (talk) std::printf("saved checkpoint %s\n", dir.c_str());
       if (root && rc.train.keep_checkpoints > 0) prune_checkpoints(opt.out_dir, rc.train.keep_checkpoints);

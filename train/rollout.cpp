@@ -270,7 +270,8 @@ void load_for_inference(Loaded& L, const InferenceOptions& opt, const dist::Comm
   dist::run_collectively(world, [&] {
     L.model = std::make_unique<Model<float>>(cfg, L.grid->expert_begin, L.grid->expert_end);
     L.stage = dist::install_expert_stage(*L.grid, *L.model);
-    load_model_weights(opt.ckpt, cfg, L.model->layout(), L.model->params(), L.model->expert_bias());
+    load_model_weights(opt.ckpt, cfg, L.model->layout(), L.model->params(), L.model->expert_bias(),
+                       &L.model->tid2eid());
     const std::string tj = opt.ckpt + "/tokenizer.json";
     L.tok = std::filesystem::exists(tj) ? Tokenizer::load(tj) : Tokenizer::byte_level();
     if (L.tok->vocab_size() > cfg.vocab_size)

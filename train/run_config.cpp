@@ -349,7 +349,7 @@ const std::vector<std::pair<std::string, std::string>>& model_help() {
       {"num_experts_per_tok", "K, experts selected per token"},
       {"moe_intermediate_size", "F, width of one routed expert; default d"},
       {"n_shared_experts", "S, the shared expert is one SwiGLU MLP of width S*F; 0 = none"},
-      {"scoring_func", "router scores: \"softmax\" or \"sigmoid\""},
+      {"scoring_func", "router scores: \"softmax\", \"sigmoid\" or \"sqrtsoftplus\" (sqrt(softplus), DeepSeek-V4)"},
       {"norm_topk_prob", "renormalise the K selected weights to sum 1"},
       {"routed_scaling_factor", "multiplies the selected weights"},
       {"n_group", "expert groups of group-limited routing (1 = off)"},
@@ -362,6 +362,8 @@ const std::vector<std::pair<std::string, std::string>>& model_help() {
       {"capacity_factor", "0 = dropless; > 0 = per-expert capacity ceil(c * T * K / E) with dropping"},
       {"tie_word_embeddings", "share the embedding and the LM head"},
       {"initializer_range", "standard deviation of the normal initialisation"},
+      {"num_hash_layers", "leading MoE layers that route by the fixed per-token table mlp.gate.tid2eid (V, K); 0 = none"},
+      {"swiglu_limit", "c > 0 clamps the experts' SwiGLU: gate = min(gate, c), up = clamp(up, -c, c); 0 = off"},
   };
   return h;
 }

@@ -53,6 +53,7 @@ StepResult accumulate_gradients(Model<T>& model, const std::vector<MicroBatch>& 
 void update_expert_bias(std::vector<std::vector<float>>& bias, const std::vector<std::vector<int64_t>>& counts,
                         double rate) {
   for (size_t j = 0; j < bias.size(); ++j) {
+    if (bias[j].empty()) continue;  // a hash-routed layer has no bias (MODEL.md section 12)
     const auto& c = counts[j];
     double mean = 0;
     for (auto v : c) mean += double(v);

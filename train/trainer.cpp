@@ -121,7 +121,7 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
     }
     if (!resume_dir.empty()) {
       const auto tl = std::chrono::steady_clock::now();
-      load_model_weights(resume_dir, cfg, m.layout(), m.params(), m.expert_bias());
+      load_model_weights(resume_dir, cfg, m.layout(), m.params(), m.expert_bias(), &m.tid2eid());
       std::vector<T> mo, vo;
       int64_t ostep = 0;
       if (!load_optimizer_state(resume_dir, m.layout(), mo, vo, ostep, rc.optim.name))
@@ -131,7 +131,7 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
       start_step = resume_state.step + 1;
       resume_load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - tl).count();
     } else if (!opt.init_from.empty()) {
-      load_model_weights(opt.init_from, cfg, m.layout(), m.params(), m.expert_bias());
+      load_model_weights(opt.init_from, cfg, m.layout(), m.params(), m.expert_bias(), &m.tid2eid());
       if (opt.continue_optimizer) {
         std::vector<T> mo, vo;
         int64_t ostep = 0;
@@ -341,7 +341,7 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
       trainer.gather_optimizer_state(m, v);
       dist::save_checkpoint_parallel(dir, grid, cfg, model.layout(), model.params(), model.expert_bias(), &m, &v,
                                      trainer.optimizer().step_count(), state, tokenizer ? tokenizer->json() : "",
-                                     rc.optim.name);
+                                     &model.tid2eid(), rc.optim.name);
       const double save_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - ts).count();
       sum.final_checkpoint = dir;
       if (talk) {
@@ -532,7 +532,7 @@ void write_initial_checkpoint(const ModelConfig& cfg, uint64_t seed, const std::
   model.init(seed);
   json state = {{"step", 0}, {"seed", seed}};
   save_checkpoint<float>(out_dir, cfg, model.layout(), model.params(), model.expert_bias(), nullptr, nullptr, 0,
-                         state, wo);
+                         state, wo, &model.tid2eid());
 }
 
 }  // namespace moetune

@@ -2,7 +2,8 @@
 # End-to-end layout invariance of `moetune train` under mpirun: 20 training steps of
 # the same config and global batch at (W, ep) in {(1,1), (2,1), (2,2), (4,1), (4,2),
 # (4,4)} (and ZeRO-1 at (4,2)) must give identical loss curves and byte-identical
-# final checkpoints, and so must Muon at six layouts (with a resume at another layout);
+# final checkpoints (also for a DeepSeek-V4 routing config at three layouts), and so must
+# Muon at six layouts (with a resume at another layout);
 # impossible layouts must fail fast with one message and exit 1.
 # usage: cli_layouts.sh <moetune binary> <scratch dir>
 set -euo pipefail
@@ -68,6 +69,29 @@ if out=$("$moetune" train --config "$dir/run.json" --out "$dir/muon_switch" --re
   echo "FAIL: resuming a Muon checkpoint with AdamW was accepted"; exit 1
 fi
 grep -q "optim.name" <<<"$out" || { echo "FAIL: the optimizer switch error does not name optim.name: $out"; exit 1; }
+
+# DeepSeek-V4 routing (MODEL.md section 12): no dense layer, layer 0 hash-routed (its
+# tid2eid table travels in the checkpoint), sqrtsoftplus, clamped experts.
+v4=(--set model.first_k_dense_replace=0 --set model.num_hash_layers=1 --set model.scoring_func=sqrtsoftplus
+    --set model.swiglu_limit=0.5 --set train.steps=10)
+ref=""
+for layout in "1 1 0" "2 2 0" "4 2 1"; do
+  set -- $layout
+  out="$dir/v4_$1_$2_$3"
+  run "$1" train --config "$dir/run.json" --out "$out" --set parallel.ep="$2" --set parallel.zero_stage="$3" \
+      "${v4[@]}" --peak-gflops 10 --quiet
+  curve=$(grep -o '"loss":[^,]*' "$out/metrics.jsonl" | tr '\n' ' ')
+  hash=$(cat "$out"/step-00000010/model-*.safetensors "$out"/step-00000010/optimizer-*.safetensors | sha256sum | cut -d' ' -f1)
+  grep -q '"model.layers.0.mlp.gate.tid2eid":{"dtype":"I32","shape":\[64,2\]' "$out"/step-00000010/model-00001-*.safetensors ||
+    { echo "FAIL: no I32 (64, 2) tid2eid in the V4 checkpoint"; exit 1; }
+  echo "V4 W=$1 ep=$2 zero=$3 final $(grep -o '"loss":[^,]*' "$out/metrics.jsonl" | tail -1) sha256 $hash"
+  if [[ -z $ref ]]; then
+    ref_curve=$curve ref=$hash
+  else
+    [[ $curve == "$ref_curve" ]] || { echo "FAIL: V4 loss curve differs at W=$1 ep=$2 zero=$3"; exit 1; }
+    [[ $hash == "$ref" ]] || { echo "FAIL: V4 checkpoint differs at W=$1 ep=$2 zero=$3"; exit 1; }
+  fi
+done
 
 # Bad layouts: non-zero exit, one message naming the key, within seconds.
 check_bad() {

@@ -82,6 +82,17 @@ done
 grep -q '"grad_norm":0.0,' "$dir/rl_live_1_1_0/metrics.jsonl" && { echo "FAIL: zero gradient"; exit 1; }
 echo "on-policy: ratio exactly 1, no clipping, at (1,1) and (4,4)"
 
+# Batch invariance (MODEL.md section 13): the rollout's decode steps computed pi_old's
+# logits bit for bit, so its routing and log-probabilities match the update's forward
+# exactly, at every layout and in every mode.
+for f in "$dir"/rl_*/metrics.jsonl; do
+  for key in routing_mismatch logprob_mismatch_mean logprob_mismatch_max; do
+    n=$(grep -c "\"$key\":0.0," "$f" || true); t=$(grep -c . "$f")
+    [[ $n == "$t" ]] || { echo "FAIL: $key not exactly 0 in $f"; grep -o "\"$key\":[^,]*" "$f"; exit 1; }
+  done
+done
+echo "rollout = pi_old: routing and log-probabilities identical in every run"
+
 # Greedy generation: identical completions at every layout.
 ref=""
 for layout in "1 1" "2 1" "2 2" "4 4"; do

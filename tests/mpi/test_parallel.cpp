@@ -13,6 +13,7 @@
 #include "dist/checkpoint_parallel.hpp"
 #include "dist/parallel_trainer.hpp"
 #include "io/checkpoint.hpp"
+#include "io/safetensors.hpp"
 #include "moe/error.hpp"
 #include "moe/model.hpp"
 #include "moe/moe_layer.hpp"
@@ -83,7 +84,8 @@ RunResult train(const ModelConfig& cfg, ProcessGrid& grid, int steps, int M, int
   ParallelTrainer<float> t(cfg, grid, oc, zero);
   t.model().init(7);
   if (!resume.empty()) {  // weights, routing bias and AdamW state of another layout's checkpoint
-    load_model_weights(resume, cfg, t.model().layout(), t.model().params(), t.model().expert_bias());
+    load_model_weights(resume, cfg, t.model().layout(), t.model().params(), t.model().expert_bias(),
+                       &t.model().tid2eid());
     std::vector<float> m, v;
     int64_t step = 0;
     EXPECT_TRUE(load_optimizer_state(resume, t.model().layout(), m, v, step, oc.name));
@@ -100,7 +102,8 @@ RunResult train(const ModelConfig& cfg, ProcessGrid& grid, int steps, int M, int
     std::vector<float> m, v;
     t.gather_optimizer_state(m, v);
     save_checkpoint_parallel(save, grid, cfg, t.model().layout(), t.model().params(), t.model().expert_bias(), &m, &v,
-                             t.optimizer().step_count(), {{"step", first + steps - 1}}, "", oc.name);
+                             t.optimizer().step_count(), {{"step", first + steps - 1}}, "", &t.model().tid2eid(),
+                             oc.name);
   }
   r.params = t.model().params();
   r.bias = t.model().expert_bias();
@@ -335,28 +338,32 @@ TEST(ExpertParallel, MuonResumeAtAnotherLayoutEqualsUninterruptedRun) {
 TEST(ExpertParallel, LossAndGradientsAreBitIdenticalToOneRank) {
   Comm world = Comm::world();
   if (world.size() == 1) GTEST_SKIP() << "at -np 1 both sides are the same single-rank path; run at -np 2+";
-  const auto cfg = tiny_config({{"seq_aux_loss_coeff", 0.01}});
-  const auto batch = global_batch(12, 3, cfg.vocab_size);
-  Comm self = Comm::self();
-  ProcessGrid one = ProcessGrid::create(self, 1, cfg);
-  AdamWConfig ac;
-  ParallelTrainer<double> ref(cfg, one, ac, 0);
-  ref.model().init(9);
-  const StepResult rr = ref.accumulate(batch);
-  for (int ep : valid_eps(world.size(), cfg.E())) {
-    ProcessGrid grid = ProcessGrid::create(world, ep, cfg);
-    ParallelTrainer<double> t(cfg, grid, ac, 0);
-    t.model().init(9);
-    const StepResult r = t.accumulate(batch);
-    EXPECT_EQ(std::memcmp(&r.total_loss, &rr.total_loss, sizeof(double)), 0) << "ep " << ep;
-    EXPECT_EQ(std::memcmp(&r.grad_norm, &rr.grad_norm, sizeof(double)), 0) << "ep " << ep;
-    EXPECT_EQ(r.expert_counts, rr.expert_counts);
-    for (const auto& tn : t.model().layout().tensors())
-      ASSERT_EQ(std::memcmp(t.model().grads().data() + tn.offset,
-                            ref.model().grads().data() + ref.model().layout().at(tn.name).offset,
-                            tn.numel * sizeof(double)),
-                0)
-          << "gradient of " << tn.name << " at W=" << world.size() << " ep=" << ep;
+  // The V4 routing config: every layer MoE, the first hash-routed, sqrtsoftplus, clamped experts.
+  for (const auto& cfg : {tiny_config({{"seq_aux_loss_coeff", 0.01}}),
+                          tiny_config({{"seq_aux_loss_coeff", 0.01}, {"scoring_func", "sqrtsoftplus"},
+                                       {"num_hash_layers", 1}, {"first_k_dense_replace", 0}, {"swiglu_limit", 0.3}})}) {
+    const auto batch = global_batch(12, 3, cfg.vocab_size);
+    Comm self = Comm::self();
+    ProcessGrid one = ProcessGrid::create(self, 1, cfg);
+    AdamWConfig ac;
+    ParallelTrainer<double> ref(cfg, one, ac, 0);
+    ref.model().init(9);
+    const StepResult rr = ref.accumulate(batch);
+    for (int ep : valid_eps(world.size(), cfg.E())) {
+      ProcessGrid grid = ProcessGrid::create(world, ep, cfg);
+      ParallelTrainer<double> t(cfg, grid, ac, 0);
+      t.model().init(9);
+      const StepResult r = t.accumulate(batch);
+      EXPECT_EQ(std::memcmp(&r.total_loss, &rr.total_loss, sizeof(double)), 0) << "ep " << ep;
+      EXPECT_EQ(std::memcmp(&r.grad_norm, &rr.grad_norm, sizeof(double)), 0) << "ep " << ep;
+      EXPECT_EQ(r.expert_counts, rr.expert_counts);
+      for (const auto& tn : t.model().layout().tensors())
+        ASSERT_EQ(std::memcmp(t.model().grads().data() + tn.offset,
+                              ref.model().grads().data() + ref.model().layout().at(tn.name).offset,
+                              tn.numel * sizeof(double)),
+                  0)
+            << "gradient of " << tn.name << " at W=" << world.size() << " ep=" << ep;
+    }
   }
 }
 
@@ -403,58 +410,69 @@ TEST(ExpertParallel, ResumeAtAnotherLayoutEqualsUninterruptedRun) {
 TEST(ExpertParallel, CheckpointBytesDoNotDependOnTheLayout) {
   Comm world = Comm::world();
   if (world.size() == 1) GTEST_SKIP() << "at -np 1 both sides are the same single-rank path; run at -np 2+";
-  const auto cfg = tiny_config();
   const int W = world.size();
   int64_t pid = ::getpid();
   world.broadcast(std::span<int64_t>(&pid, 1), 0);
-  const fs::path root = fs::temp_directory_path() / ("moetune_ckpt_layout_" + std::to_string(pid));
-  // Reference: one rank writes with W=1.
-  Comm self = Comm::self();
-  if (world.rank() == 0) {
-    ProcessGrid one = ProcessGrid::create(self, 1, cfg);
-    RunResult r;
-    AdamWConfig ac;
-    ParallelTrainer<float> t(cfg, one, ac, 0);
-    t.model().init(7);
-    t.step(global_batch(12, 1, cfg.vocab_size), 1e-3, 1.0);
-    std::vector<float> m, v;
-    t.gather_optimizer_state(m, v);
-    save_checkpoint_parallel((root / "w1").string(), one, cfg, t.model().layout(), t.model().params(),
-                             t.model().expert_bias(), &m, &v, t.optimizer().step_count(), {{"step", 1}});
-  }
-  world.barrier();
-  for (int ep : valid_eps(W, cfg.E())) {
-    ProcessGrid grid = ProcessGrid::create(world, ep, cfg);
-    AdamWConfig ac;
-    ParallelTrainer<float> t(cfg, grid, ac, 1);
-    t.model().init(7);
-    t.step(global_batch(12, 1, cfg.vocab_size), 1e-3, 1.0);
-    std::vector<float> m, v;
-    t.gather_optimizer_state(m, v);
-    const fs::path dir = root / ("ep" + std::to_string(ep));
-    save_checkpoint_parallel(dir.string(), grid, cfg, t.model().layout(), t.model().params(), t.model().expert_bias(),
-                             &m, &v, t.optimizer().step_count(), {{"step", 1}});
-    if (world.rank() == 0)
-      for (const auto& f : fs::directory_iterator(root / "w1")) {
-        const std::string name = f.path().filename().string();
-        if (name == "trainer_state.json") continue;
-        std::ifstream a(f.path(), std::ios::binary), b(dir / name, std::ios::binary);
-        ASSERT_TRUE(b.good()) << name << " missing at ep " << ep;
-        std::string sa((std::istreambuf_iterator<char>(a)), {}), sb((std::istreambuf_iterator<char>(b)), {});
-        EXPECT_TRUE(sa == sb) << name << " differs at W=" << W << " ep=" << ep;
+  // The second config has a hash-routed layer: its tid2eid table is in the checkpoint.
+  for (const auto& cfg : {tiny_config(), tiny_config({{"num_hash_layers", 1}, {"scoring_func", "sqrtsoftplus"}})}) {
+    const fs::path root = fs::temp_directory_path() /
+                          ("moetune_ckpt_layout_" + std::to_string(pid) + "_" + std::to_string(cfg.num_hash_layers));
+    // Reference: one rank writes with W=1.
+    Comm self = Comm::self();
+    if (world.rank() == 0) {
+      ProcessGrid one = ProcessGrid::create(self, 1, cfg);
+      RunResult r;
+      AdamWConfig ac;
+      ParallelTrainer<float> t(cfg, one, ac, 0);
+      t.model().init(7);
+      t.step(global_batch(12, 1, cfg.vocab_size), 1e-3, 1.0);
+      std::vector<float> m, v;
+      t.gather_optimizer_state(m, v);
+      save_checkpoint_parallel((root / "w1").string(), one, cfg, t.model().layout(), t.model().params(),
+                               t.model().expert_bias(), &m, &v, t.optimizer().step_count(), {{"step", 1}}, "",
+                               &t.model().tid2eid());
+    }
+    world.barrier();
+    for (int ep : valid_eps(W, cfg.E())) {
+      ProcessGrid grid = ProcessGrid::create(world, ep, cfg);
+      AdamWConfig ac;
+      ParallelTrainer<float> t(cfg, grid, ac, 1);
+      t.model().init(7);
+      t.step(global_batch(12, 1, cfg.vocab_size), 1e-3, 1.0);
+      std::vector<float> m, v;
+      t.gather_optimizer_state(m, v);
+      const fs::path dir = root / ("ep" + std::to_string(ep));
+      save_checkpoint_parallel(dir.string(), grid, cfg, t.model().layout(), t.model().params(), t.model().expert_bias(),
+                               &m, &v, t.optimizer().step_count(), {{"step", 1}}, "", &t.model().tid2eid());
+      if (world.rank() == 0)
+        for (const auto& f : fs::directory_iterator(root / "w1")) {
+          const std::string name = f.path().filename().string();
+          if (name == "trainer_state.json") continue;
+          std::ifstream a(f.path(), std::ios::binary), b(dir / name, std::ios::binary);
+          ASSERT_TRUE(b.good()) << name << " missing at ep " << ep;
+          std::string sa((std::istreambuf_iterator<char>(a)), {}), sb((std::istreambuf_iterator<char>(b)), {});
+          EXPECT_TRUE(sa == sb) << name << " differs at W=" << W << " ep=" << ep;
+        }
+      // Load it back at this layout: the same weights.
+      Model<float> back(cfg, grid.expert_begin, grid.expert_end);
+      load_model_weights(dir.string(), cfg, back.layout(), back.params(), back.expert_bias(), &back.tid2eid());
+      EXPECT_EQ(back.params(), t.model().params());
+      EXPECT_EQ(back.expert_bias(), t.model().expert_bias());
+      EXPECT_EQ(back.tid2eid(), t.model().tid2eid());
+      if (cfg.num_hash_layers > 0) {
+        EXPECT_EQ(back.tid2eid().size(), 1u);
+        EXPECT_TRUE(SafetensorsReader((dir / "model-00001-of-00005.safetensors").string())
+                        .contains(ParamLayout::tid2eid_name(cfg.first_k_dense_replace)));
       }
-    // Load it back at this layout: the same weights.
-    Model<float> back(cfg, grid.expert_begin, grid.expert_end);
-    load_model_weights(dir.string(), cfg, back.layout(), back.params(), back.expert_bias());
-    EXPECT_EQ(back.params(), t.model().params());
-    std::vector<float> lm, lv;
-    int64_t step = 0;
-    ASSERT_TRUE(load_optimizer_state(dir.string(), back.layout(), lm, lv, step));
-    EXPECT_EQ(lm, m);
-    EXPECT_EQ(step, 1);
+      std::vector<float> lm, lv;
+      int64_t step = 0;
+      ASSERT_TRUE(load_optimizer_state(dir.string(), back.layout(), lm, lv, step));
+      EXPECT_EQ(lm, m);
+      EXPECT_EQ(step, 1);
+    }
+    world.barrier();
+    if (world.rank() == 0) fs::remove_all(root);
   }
-  world.barrier();
-  if (world.rank() == 0) fs::remove_all(root);
 }
 
 // Impossible layouts fail with one message on every rank (no hang).

@@ -9,14 +9,16 @@
                      "initial_bias": {"<bias name>": [E floats], ...}}   (optional, overrides DIR)
         Writes, all F64: loss.{ce,aux,seq_aux,z,total} [1], logits.<m> (T_m, V), grad.<param>,
         min_margin [1] (+ min_margin.{topk,group,capacity}), expert_counts.<layer> (E),
-        dropped_pairs [1], step<k>.loss / step<k>.grad_norm [1] for k = 1..N,
-        final.<param> and final.<bias name>.
+        dropped_pairs [1], clamped_values [1] (swiglu_limit clamps at the initial weights), step<k>.loss / step<k>.grad_norm [1] for k = 1..N,
+        final.<param> and final.<bias name>; tid2eid.<layer> (V, K) of each hash-routed layer
+        (the table the reference routed by, never trained).
 
     make_fixture.py --make-ckpt DIR --config CFG.json --seed S [--random-bias [SCALE]]
         Writes a random checkpoint (config.json with every key explicit, model.safetensors in
         F32) with the counter-based initialisation of moe/init.cpp, so it should equal what
         `moetune init --seed S` writes. --random-bias sets the routing biases to
-        SCALE * counter_normal (rounded to float32) instead of 0.
+        SCALE * counter_normal (rounded to float32) instead of 0. Hash-routed layers get the
+        default tid2eid table of moe/init.cpp (I32), and no bias.
 
 Run with /usr/bin/python3 (Debian's python with torch).
 """
@@ -48,6 +50,9 @@ def make_ckpt(out_dir, config_path, seed, random_bias):
             tensors[name] = torch.tensor(vals, dtype=torch.float64).to(torch.float32)
         else:
             tensors[name] = torch.zeros(shape, dtype=torch.float32)
+    for l in cfg.moe_layers():
+        if cfg.is_hash_layer(l):
+            tensors[ref.tid2eid_name(l)] = ref.init_tid2eid(cfg, seed, l)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(cfg.to_dict(), f, indent=2)
         f.write("\n")
@@ -80,7 +85,7 @@ def make_fixture(ckpt_dir, batch_path, out_path):
     params, biases = ref.split_checkpoint(cfg, load_checkpoint_tensors(ckpt_dir), where=ckpt_dir)
     mbs, optim, steps, initial_bias = load_batch(batch_path, cfg)
     for name, values in initial_bias.items():
-        if name not in biases or len(values) != cfg.n_routed_experts:
+        if name not in biases or name.endswith(".tid2eid") or len(values) != cfg.n_routed_experts:
             raise ValueError(f"{batch_path}: initial_bias '{name}' is not a bias of E = {cfg.n_routed_experts}")
         biases[name] = torch.tensor(values, dtype=torch.float64).to(torch.float32).to(torch.float64)
 
@@ -100,6 +105,10 @@ def make_fixture(ckpt_dir, batch_path, out_path):
         out[f"expert_counts.{l}"] = c.to(torch.float64)
     dropped = sum(r.dropped for f in loss.forwards for r in f.routings)
     out["dropped_pairs"] = scalar(dropped)
+    out["clamped_values"] = scalar(sum(r.clamped for f in loss.forwards for r in f.routings))
+    for l in cfg.moe_layers():
+        if cfg.is_hash_layer(l):
+            out[f"tid2eid.{l}"] = biases[ref.tid2eid_name(l)].to(torch.float64)
 
     # --- Training steps on the same global batch. Step k's forward also feeds min_margin:
     # a consumer comparing steps needs routing away from ties at every step.
@@ -121,7 +130,8 @@ def make_fixture(ckpt_dir, batch_path, out_path):
         for name, p in params.items():
             out[f"final.{name}"] = p.detach().clone()
         for name, b in biases.items():
-            out[f"final.{name}"] = b.clone()
+            if not name.endswith(".tid2eid"):
+                out[f"final.{name}"] = b.clone()
     out["min_margin"] = scalar(min(margins.values(), default=math.inf))
 
     write_safetensors(out_path, out, metadata={"ckpt": ckpt_dir, "batch": batch_path})

@@ -1,4 +1,5 @@
-"""PyTorch (float64) reference of the moetune model: MODEL.md sections 1-5 and 8.
+"""PyTorch (float64) reference of the moetune model: MODEL.md sections 1-5 and 8, and the
+DeepSeek-V4 routing of section 12 (sqrtsoftplus scores, hash-routed layers, swiglu_limit).
 
 Written to be read, not to be fast: every formula of the spec appears once, in the
 order the spec gives it, and autograd provides the gradients. The C++ implementation
@@ -7,7 +8,8 @@ is tested against fixtures produced from this file (see make_fixture.py, README.
 Shapes in comments: R rows, S seq_len, T = R*S tokens of a micro-batch, d hidden,
 H / H_kv heads, hd head_dim, V vocab, E experts, K experts per token, G groups.
 Parameters are a dict {Hugging Face name: float64 tensor}; the aux-loss-free routing
-biases are a dict {bias name: float64 tensor holding float32 values} (no gradient).
+biases are a dict {bias name: float64 tensor holding float32 values} (no gradient) that
+also holds the hash-routing tables {tid2eid name: (V, K) int64 tensor} of hash layers.
 """
 import math
 from dataclasses import dataclass, field, fields
@@ -54,6 +56,8 @@ class Config:
     capacity_factor: float = 0.0
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
+    num_hash_layers: int = 0           # MODEL.md 12: leading MoE layers routed by mlp.gate.tid2eid
+    swiglu_limit: float = 0.0          # MODEL.md 12: clamp of the experts' SwiGLU (0 = off)
 
     # Keys Hugging Face config files carry that mean nothing to the model.
     IGNORED_KEYS = ("model_type", "architectures", "torch_dtype", "transformers_version",
@@ -108,8 +112,8 @@ class Config:
             bad("first_k_dense_replace", "must be in [0, num_hidden_layers]")
         if self.n_shared_experts < 0:
             bad("n_shared_experts", "must be >= 0")
-        if self.scoring_func not in ("softmax", "sigmoid"):
-            bad("scoring_func", "must be softmax or sigmoid")
+        if self.scoring_func not in ("softmax", "sigmoid", "sqrtsoftplus"):
+            bad("scoring_func", "must be softmax, sigmoid or sqrtsoftplus")
         if self.topk_method not in ("greedy", "noaux_tc"):
             bad("topk_method", "must be greedy or noaux_tc")
         if self.num_experts_per_tok > self.n_routed_experts:
@@ -123,15 +127,22 @@ class Config:
         for key in ("rope_theta", "rms_norm_eps", "routed_scaling_factor", "initializer_range"):
             if not getattr(self, key) > 0:
                 bad(key, "must be positive")
-        for key in ("bias_update_rate", "aux_loss_coeff", "seq_aux_loss_coeff", "z_loss_coeff", "capacity_factor"):
+        for key in ("bias_update_rate", "aux_loss_coeff", "seq_aux_loss_coeff", "z_loss_coeff", "capacity_factor",
+                    "num_hash_layers", "swiglu_limit"):
             if getattr(self, key) < 0:
                 bad(key, "must be >= 0")
+        if self.num_hash_layers > len(self.moe_layers()):
+            bad("num_hash_layers", "exceeds the number of MoE layers")
 
     def is_moe_layer(self, l):
         return l >= self.first_k_dense_replace
 
     def moe_layers(self):
         return [l for l in range(self.num_hidden_layers) if self.is_moe_layer(l)]
+
+    def is_hash_layer(self, l):
+        """Model layer l is one of the first num_hash_layers MoE layers (MODEL.md 12)."""
+        return self.is_moe_layer(l) and l - self.first_k_dense_replace < self.num_hash_layers
 
 
 # ----------------------------------------------------------------------------------
@@ -144,6 +155,10 @@ def layer_name(l, rest):
 
 def bias_name(l):
     return layer_name(l, "mlp.gate.e_score_correction_bias")
+
+
+def tid2eid_name(l):
+    return layer_name(l, "mlp.gate.tid2eid")
 
 
 def param_shapes(cfg):
@@ -182,7 +197,26 @@ def param_shapes(cfg):
 
 
 def bias_shapes(cfg):
-    return [(bias_name(l), (cfg.n_routed_experts,)) for l in cfg.moe_layers()]
+    """Routing biases of the MoE layers that are not hash-routed (those have none)."""
+    return [(bias_name(l), (cfg.n_routed_experts,)) for l in cfg.moe_layers() if not cfg.is_hash_layer(l)]
+
+
+def table_shapes(cfg):
+    """Hash-routing tables (V, K) of the hash-routed layers (I32 in a checkpoint)."""
+    return [(tid2eid_name(l), (cfg.vocab_size, cfg.num_experts_per_tok)) for l in cfg.moe_layers()
+            if cfg.is_hash_layer(l)]
+
+
+def check_table(cfg, table, where):
+    """Each row of a (V, K) table holds K distinct experts in [0, E)."""
+    E = cfg.n_routed_experts
+    if table.dtype != torch.int32:
+        raise ValueError(f"{where}: dtype {table.dtype}, the hash-routing table must be int32 (I32)")
+    for v, row in enumerate(table.tolist()):
+        if not all(0 <= e < E for e in row):
+            raise ValueError(f"{where}: row {v} holds an expert outside [0, {E})")
+        if len(set(row)) != len(row):
+            raise ValueError(f"{where}: row {v} repeats an expert")
 
 
 def lm_head_weight(cfg, params):
@@ -190,8 +224,9 @@ def lm_head_weight(cfg, params):
 
 
 def split_checkpoint(cfg, tensors, where="checkpoint"):
-    """{name: tensor} of a checkpoint -> (params, biases) as float64, checking names and shapes."""
-    expected = dict(param_shapes(cfg) + bias_shapes(cfg))
+    """{name: tensor} of a checkpoint -> (params, biases) as float64 (the tables as int64),
+    checking names and shapes (and the tables' dtype and rows)."""
+    expected = dict(param_shapes(cfg) + bias_shapes(cfg) + table_shapes(cfg))
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing:
@@ -204,6 +239,9 @@ def split_checkpoint(cfg, tensors, where="checkpoint"):
     params = {n: tensors[n].to(DTYPE).clone() for n, _ in param_shapes(cfg)}
     # Biases are fp32 by contract (MODEL.md section 4): keep float32 values in float64 tensors.
     biases = {n: tensors[n].to(torch.float32).to(DTYPE).clone() for n, _ in bias_shapes(cfg)}
+    for n, _ in table_shapes(cfg):
+        check_table(cfg, tensors[n], f"{where}: tensor '{n}'")
+        biases[n] = tensors[n].to(torch.long).clone()
     return params, biases
 
 
@@ -330,15 +368,32 @@ def attention(cfg, params, l, a, mb):
     return out @ W("o_proj").T
 
 
-def swiglu(u, gate, up, down):
-    """u (N, d), gate/up (I, d), down (d, I): down(silu(gate(u)) * up(u))."""
-    return (F.silu(u @ gate.T) * (u @ up.T)) @ down.T
+def swiglu(u, gate, up, down, limit=0.0):
+    """u (N, d), gate/up (I, d), down (d, I): down(silu(gate(u)) * up(u)). limit c > 0
+    (swiglu_limit, MODEL.md 12): gate(u) = min(gate(u), c), up(u) = clamp(up(u), -c, c) first."""
+    g, v = u @ gate.T, u @ up.T
+    if limit > 0:
+        g, v = torch.clamp(g, max=limit), torch.clamp(v, -limit, limit)
+    return (F.silu(g) * v) @ down.T
 
 
-def mlp(params, prefix, u):
-    """SwiGLU MLP whose weights are <prefix>.{gate,up,down}_proj.weight."""
+def clamp_stats(params, prefix, u, limit):
+    """(margin, clamped) of the MLP's gate / up pre-activations under swiglu_limit: the
+    smallest distance to a clamp bound (inf when off; an implementation whose numerics
+    differ by less clamps the same values) and how many values were clamped."""
+    if limit <= 0 or u.shape[0] == 0:
+        return math.inf, 0
+    g = (u @ params[f"{prefix}.gate_proj.weight"].T).detach()
+    v = (u @ params[f"{prefix}.up_proj.weight"].T).detach()
+    margin = min((g - limit).abs().min().item(), (v.abs() - limit).abs().min().item())
+    return margin, int((g > limit).sum()) + int((v.abs() > limit).sum())
+
+
+def mlp(params, prefix, u, limit=0.0):
+    """SwiGLU MLP whose weights are <prefix>.{gate,up,down}_proj.weight. The experts pass
+    cfg.swiglu_limit; the dense FFN is never clamped."""
     return swiglu(u, params[f"{prefix}.gate_proj.weight"], params[f"{prefix}.up_proj.weight"],
-                  params[f"{prefix}.down_proj.weight"])
+                  params[f"{prefix}.down_proj.weight"], limit)
 
 
 # ----------------------------------------------------------------------------------
@@ -361,23 +416,33 @@ def gap(sorted_desc, n):
 class Routing:
     """What the gate of one MoE layer decided for the T tokens of one micro-batch."""
     logits: torch.Tensor      # (T, E) router logits u Wg^T            (carries grad)
-    scores: torch.Tensor      # (T, E) s = softmax/sigmoid(logits)     (carries grad)
+    scores: torch.Tensor      # (T, E) s = scores(logits)              (carries grad)
     idx: torch.Tensor         # (T, K) selected experts, best first    (int64)
     weights: torch.Tensor     # (T, K) combine weights w               (carries grad)
     keep: torch.Tensor        # (T, K) bool, False = pair dropped by capacity
     counts: torch.Tensor      # (E,) int64 pairs routed to each expert, before drops
-    margins: dict = field(default_factory=dict)  # {"topk"|"group"|"capacity": smallest gap}
+    margins: dict = field(default_factory=dict)  # {"topk"|"group"|"capacity"|"clamp": smallest gap}
+    clamped: int = 0          # expert pre-activations clamped by swiglu_limit in this layer
 
     @property
     def dropped(self):
         return int((~self.keep).sum())
 
 
+def scores(cfg, logits):
+    """s (T, E) = softmax, sigmoid or sqrt(softplus) of the router logits (scoring_func)."""
+    if cfg.scoring_func == "softmax":
+        return torch.softmax(logits, dim=-1)
+    if cfg.scoring_func == "sqrtsoftplus":
+        return torch.sqrt(F.softplus(logits))
+    return torch.sigmoid(logits)
+
+
 def route(cfg, logits, bias):
     """logits (T, E), bias (E,) -> Routing without capacity (keep all)."""
     T, E = logits.shape
     K = cfg.num_experts_per_tok
-    s = torch.softmax(logits, dim=-1) if cfg.scoring_func == "softmax" else torch.sigmoid(logits)
+    s = scores(cfg, logits)
     # Selection is discrete: it uses the values of s, never its gradient.
     sel = (s + bias if cfg.topk_method == "noaux_tc" else s).detach()     # (T, E)
     margins = {}
@@ -421,13 +486,21 @@ def route_replay(cfg, logits, idx, keep):
     keep = torch.as_tensor(keep, dtype=torch.bool).view(T, K)
     if idx.min() < 0 or idx.max() >= E:
         raise ValueError("route_replay: expert index out of range")
-    s = torch.softmax(logits, dim=-1) if cfg.scoring_func == "softmax" else torch.sigmoid(logits)
+    s = scores(cfg, logits)
     w = s.gather(1, idx)
     if cfg.norm_topk_prob:
         w = w / (w.sum(-1, keepdim=True) + 1e-20)
     w = w * cfg.routed_scaling_factor
     counts = torch.bincount(idx.reshape(-1), minlength=E)
     return Routing(logits, s, idx.clone(), w, keep.clone(), counts, {})
+
+
+def route_hash(cfg, logits, input_ids, table):
+    """Hash routing (MODEL.md 12): token t takes the K experts of row input_ids[t] of the
+    (V, K) table, in the table's order; no bias, no group limit, no top-K (so no margin);
+    the weights are live as in route_replay. Capacity is applied afterwards as usual."""
+    T = logits.shape[0]
+    return route_replay(cfg, logits, table[input_ids], torch.ones(T, cfg.num_experts_per_tok, dtype=torch.bool))
 
 
 def expert_capacity(cfg, T):
@@ -455,25 +528,38 @@ def apply_capacity(cfg, r):
     r.margins["capacity"] = margin
 
 
-def moe_ffn(cfg, params, l, u, bias, replay=None):
+def moe_ffn(cfg, params, l, u, bias, replay=None, table=None, input_ids=None):
     """u (T, d) -> y (T, d), Routing. y = sum_k w_k Expert_idx_k(u) + Shared(u).
-    replay: None (route live) or (idx (T, K), keep (T, K)) to replay (route_replay)."""
+    replay: None (route live) or (idx (T, K), keep (T, K)) to replay (route_replay).
+    table: the (V, K) tid2eid of a hash-routed layer (then bias is None), with the tokens'
+    input_ids (T,); a replay still wins."""
     logits = u @ params[layer_name(l, "mlp.gate.weight")].T                # (T, E)
-    if replay is None:
-        r = route(cfg, logits, bias)
+    if replay is not None:
+        r = route_replay(cfg, logits, *replay)
+    elif table is not None:
+        r = route_hash(cfg, logits, input_ids, table)
         apply_capacity(cfg, r)
     else:
-        r = route_replay(cfg, logits, *replay)
+        r = route(cfg, logits, bias)
+        apply_capacity(cfg, r)
 
     y = torch.zeros_like(u)
+    clamp = math.inf
     for e in range(cfg.n_routed_experts):
         tok, slot = ((r.idx == e) & r.keep).nonzero(as_tuple=True)
         if len(tok) == 0:
             continue
-        out = mlp(params, layer_name(l, f"mlp.experts.{e}"), u[tok])        # (n_e, d)
+        prefix = layer_name(l, f"mlp.experts.{e}")
+        out = mlp(params, prefix, u[tok], cfg.swiglu_limit)                  # (n_e, d)
+        m, n = clamp_stats(params, prefix, u[tok], cfg.swiglu_limit)
+        clamp, r.clamped = min(clamp, m), r.clamped + n
         y = y.index_add(0, tok, r.weights[tok, slot, None] * out)
     if cfg.n_shared_experts > 0:
-        y = y + mlp(params, layer_name(l, "mlp.shared_experts"), u)
+        y = y + mlp(params, layer_name(l, "mlp.shared_experts"), u, cfg.swiglu_limit)
+        m, n = clamp_stats(params, layer_name(l, "mlp.shared_experts"), u, cfg.swiglu_limit)
+        clamp, r.clamped = min(clamp, m), r.clamped + n
+    if cfg.swiglu_limit > 0:
+        r.margins["clamp"] = clamp
     return y, r
 
 
@@ -501,7 +587,10 @@ def forward(cfg, params, biases, mb, replay=None):
         u = rms_norm(h, params[layer_name(l, "post_attention_layernorm.weight")], eps)
         if cfg.is_moe_layer(l):
             rp = None if replay is None else replay[len(routings)]
-            y, r = moe_ffn(cfg, params, l, u.reshape(R * S, d), biases[bias_name(l)], rp)
+            if cfg.is_hash_layer(l):
+                y, r = moe_ffn(cfg, params, l, u.reshape(R * S, d), None, rp, biases[tid2eid_name(l)], mb.input_ids)
+            else:
+                y, r = moe_ffn(cfg, params, l, u.reshape(R * S, d), biases[bias_name(l)], rp)
             h = h + y.view(R, S, d)
             routings.append(r)
         else:
@@ -679,6 +768,8 @@ def update_bias(cfg, biases, counts):
     if cfg.topk_method != "noaux_tc":
         return
     for l, c in zip(cfg.moe_layers(), counts):
+        if cfg.is_hash_layer(l):    # no bias (MODEL.md 12)
+            continue
         c = c.to(DTYPE)
         b = biases[bias_name(l)]
         b.copy_((b + cfg.bias_update_rate * torch.sign(c.mean() - c)).to(torch.float32).to(DTYPE))
@@ -740,6 +831,27 @@ def counter_normal(seed, name, n):
         u2 = (b >> 11) * (1.0 / 9007199254740992.0)
         out.append(math.sqrt(-2.0 * math.log(u1)) * math.cos(2.0 * math.pi * u2))
     return out
+
+
+def counter_bits(key, index):
+    """64 random bits for (key, index): splitmix64(key ^ splitmix64(index)) (moe/init.cpp)."""
+    return _splitmix64(key ^ _splitmix64(index))
+
+
+def init_tid2eid(cfg, seed, l):
+    """The default (V, K) int32 hash table of model layer l, as moe/init.cpp's init_tid2eid:
+    per token v a partial Fisher-Yates shuffle of 0..E-1, the k-th swap partner
+    k + counter_bits(key, v*K + k) % (E - k), key from (seed, tid2eid_name(l))."""
+    V, K, E = cfg.vocab_size, cfg.num_experts_per_tok, cfg.n_routed_experts
+    key = _splitmix64((seed ^ _splitmix64(_fnv1a64(tid2eid_name(l)))) & _MASK64)
+    rows = []
+    for v in range(V):
+        perm = list(range(E))
+        for k in range(K):
+            j = k + counter_bits(key, v * K + k) % (E - k)
+            perm[k], perm[j] = perm[j], perm[k]
+        rows.append(perm[:K])
+    return torch.tensor(rows, dtype=torch.int32)
 
 
 def init_params(cfg, seed):

@@ -1,4 +1,4 @@
-"""Minimal, strict safetensors reader/writer (F32 and F64 only), no safetensors library.
+"""Minimal, strict safetensors reader/writer (F32, F64 and I32 only), no safetensors library.
 
 File layout (https://github.com/huggingface/safetensors, format section):
 
@@ -24,8 +24,8 @@ import struct
 import numpy as np
 import torch
 
-DTYPES = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8")}
-TORCH_TO_CODE = {torch.float32: "F32", torch.float64: "F64"}
+DTYPES = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8"), "I32": np.dtype("<i4")}
+TORCH_TO_CODE = {torch.float32: "F32", torch.float64: "F64", torch.int32: "I32"}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
@@ -68,7 +68,7 @@ def read_safetensors(path, with_metadata=False):
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise SafetensorsError(f"{where}: entry must have exactly dtype, shape and data_offsets")
         if info["dtype"] not in DTYPES:
-            raise SafetensorsError(f"{where}: dtype {info['dtype']!r} unsupported (only F32 and F64)")
+            raise SafetensorsError(f"{where}: dtype {info['dtype']!r} unsupported (only F32, F64 and I32)")
         shape = info["shape"]
         if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
             raise SafetensorsError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
@@ -105,7 +105,7 @@ def read_safetensors(path, with_metadata=False):
 
 
 def write_safetensors(path, tensors, metadata=None):
-    """Writes {name: tensor} (float32 or float64 torch tensors or numpy arrays) to `path`.
+    """Writes {name: tensor} (float32, float64 or int32 torch tensors or numpy arrays) to `path`.
 
     Tensors are stored in name order; the header is padded with spaces to a multiple of 8
     bytes so that every tensor starts 8-byte aligned.
@@ -118,9 +118,10 @@ def write_safetensors(path, tensors, metadata=None):
         if isinstance(t, torch.Tensor):
             t = t.detach().cpu().contiguous().numpy()
         arr = np.ascontiguousarray(t)
-        code = {np.dtype("float32"): "F32", np.dtype("float64"): "F64"}.get(arr.dtype)
+        code = {np.dtype("float32"): "F32", np.dtype("float64"): "F64", np.dtype("int32"): "I32"}.get(arr.dtype)
         if code is None:
-            raise SafetensorsError(f"{path}: tensor '{name}' has dtype {arr.dtype}, only float32/float64 supported")
+            raise SafetensorsError(f"{path}: tensor '{name}' has dtype {arr.dtype}, only float32/float64/int32 "
+                                   "supported")
         raw = arr.astype(DTYPES[code], copy=False).tobytes()
         header[name] = {"dtype": code, "shape": list(arr.shape), "data_offsets": [pos, pos + len(raw)]}
         chunks.append(raw)

@@ -59,6 +59,9 @@ def random_model(cfg, seed, bias_scale=0.0):
             params[name] = cfg.initializer_range * torch.randn(shape, generator=g, dtype=D)
     biases = {n: (bias_scale * torch.randn(s, generator=g, dtype=D)).float().double()
               for n, s in ref.bias_shapes(cfg)}
+    for l in cfg.moe_layers():      # hash-routed layers: the default table of the seed
+        if cfg.is_hash_layer(l):
+            biases[ref.tid2eid_name(l)] = ref.init_tid2eid(cfg, seed, l).long()
     return params, biases
 
 
@@ -462,8 +465,100 @@ class GradientTest(unittest.TestCase):
     def test_sigmoid_fixture_config(self):
         self.check("parity_sigmoid", 10)
 
+    def test_v4routing_fixture_config(self):
+        # sqrtsoftplus, layer 0 hash-routed, clamped experts: check the clamp really bites.
+        cfg = fixture_config("parity_v4routing")
+        params, biases = random_model(cfg, 12)
+        u = torch.randn(64, cfg.hidden_size, dtype=D, generator=torch.Generator().manual_seed(1))
+        g = u @ params[ref.layer_name(0, "mlp.experts.0.gate_proj.weight")].T
+        self.assertGreater(int((g > cfg.swiglu_limit).sum()), 0)
+        self.check("parity_v4routing", 12)
+
     def test_softmax_fixture_config(self):
         self.check("parity_softmax", 11)
+
+
+class V4RoutingTest(unittest.TestCase):
+    """MODEL.md section 12: sqrtsoftplus scores, hash-routed layers, swiglu_limit."""
+
+    def test_sqrtsoftplus_scores_and_routing_match_naive(self):
+        cfg = fixture_config("parity_v4routing", n_group=2, topk_group=1)
+        g = torch.Generator().manual_seed(3)
+        logits = 3 * torch.randn(20, cfg.n_routed_experts, generator=g, dtype=D)
+        logits[0, 0] = 800.0   # no overflow
+        bias = (0.2 * torch.randn(cfg.n_routed_experts, generator=g, dtype=D)).float().double()
+        r = ref.route(cfg, logits, bias)
+        for t in range(20):
+            s = [math.sqrt(max(x, 0) + math.log1p(math.exp(-abs(x)))) for x in logits[t].tolist()]
+            for e in range(cfg.n_routed_experts):
+                self.assertAlmostEqual(float(r.scores[t, e]), s[e], delta=1e-12 * max(1, s[e]))
+            idx, w = naive_route_token(cfg, s, bias.tolist())
+            self.assertEqual(r.idx[t].tolist(), idx)
+            for k in range(cfg.num_experts_per_tok):
+                self.assertAlmostEqual(float(r.weights[t, k]), w[k], delta=1e-14)
+
+    def test_hash_routing_takes_the_table_row_whatever_the_bias(self):
+        cfg = fixture_config("parity_v4routing", capacity_factor=0.75)
+        table = ref.init_tid2eid(cfg, 5, 0).long()
+        g = torch.Generator().manual_seed(4)
+        ids = torch.randint(0, cfg.vocab_size, (30,), generator=g)
+        logits = torch.randn(30, cfg.n_routed_experts, generator=g, dtype=D)
+        r = ref.route_hash(cfg, logits, ids, table)
+        self.assertTrue(torch.equal(r.idx, table[ids]))
+        self.assertEqual(r.counts.tolist(), torch.bincount(table[ids].reshape(-1), minlength=8).tolist())
+        s = ref.scores(cfg, logits)
+        w = s.gather(1, table[ids])
+        self.assertTrue(torch.allclose(r.weights, w / w.sum(-1, keepdim=True) * cfg.routed_scaling_factor,
+                                       rtol=1e-15, atol=0))
+        ref.apply_capacity(cfg, r)       # capacity still applies to a hash layer
+        keep = naive_capacity_keep(cfg, s.tolist(), r.idx.tolist())
+        self.assertEqual(r.keep.tolist(), keep)
+        self.assertGreater(r.dropped, 0)
+        # A hash layer has no bias; a table row's order is the selection order.
+        self.assertNotIn(ref.bias_name(0), dict(ref.bias_shapes(cfg)))
+        self.assertIn(ref.bias_name(1), dict(ref.bias_shapes(cfg)))
+        self.assertEqual(ref.table_shapes(cfg), [(ref.tid2eid_name(0), (cfg.vocab_size, 2))])
+
+    def test_default_table_rows_are_distinct_and_seeded(self):
+        cfg = fixture_config("parity_v4routing", num_experts_per_tok=3)
+        t = ref.init_tid2eid(cfg, 39, 0)
+        self.assertEqual(t.dtype, torch.int32)
+        self.assertEqual(tuple(t.shape), (cfg.vocab_size, 3))
+        for row in t.tolist():
+            self.assertEqual(len(set(row)), 3)
+            self.assertTrue(all(0 <= e < 8 for e in row))
+        self.assertFalse(torch.equal(t, ref.init_tid2eid(cfg, 40, 0)))
+        self.assertTrue(torch.equal(t, ref.init_tid2eid(cfg, 39, 0)))
+        ref.check_table(cfg, t, "ok")
+        bad = t.clone()
+        bad[4, 1] = bad[4, 0]
+        with self.assertRaisesRegex(ValueError, "row 4 repeats"):
+            ref.check_table(cfg, bad, "x")
+
+    def test_swiglu_limit_clamps_with_zero_gradient_outside(self):
+        g = torch.Generator().manual_seed(6)
+        u = torch.randn(7, 5, generator=g, dtype=D)
+        gate, up, down = (torch.randn(6, 5, generator=g, dtype=D, requires_grad=True),
+                          torch.randn(6, 5, generator=g, dtype=D, requires_grad=True),
+                          torch.randn(5, 6, generator=g, dtype=D))
+        c = 0.8
+        y = ref.swiglu(u, gate, up, down, c)
+        gv, uv = (u @ gate.T).detach(), (u @ up.T).detach()
+        self.assertGreater(int((gv > c).sum()), 0)
+        self.assertGreater(int((uv.abs() > c).sum()), 0)
+        naive = torch.zeros(7, 5, dtype=D)
+        for n in range(7):
+            for f in range(6):
+                a, b = min(float(gv[n, f]), c), max(-c, min(c, float(uv[n, f])))
+                naive[n] += a / (1 + math.exp(-a)) * b * down[:, f]
+        self.assertTrue(torch.allclose(y, naive, rtol=1e-12, atol=1e-12))
+        self.assertFalse(torch.allclose(y, ref.swiglu(u, gate, up, down)))
+        # d y / d (pre-activation) is 0 where clamped: the gradient of a gate row whose
+        # pre-activations are all clamped is exactly 0.
+        y.sum().backward()
+        for f in range(6):
+            if bool((gv[:, f] > c).all()):
+                self.assertEqual(float(gate.grad[f].abs().sum()), 0.0)
 
 
 class TrainingTest(unittest.TestCase):
@@ -593,6 +688,23 @@ class FixtureTest(unittest.TestCase):
         b = t["final." + ref.bias_name(1)]
         self.assertTrue(torch.equal(b, b.float().double()))
         self.assertGreater(float(b.abs().sum()), 0)
+
+    def test_parity_v4routing(self):
+        cfg, t, size = self.run_fixture("parity_v4routing", FIXTURE_SEED)
+        self.check_common(cfg, t, size)
+        self.assertEqual(cfg.first_k_dense_replace, 0)
+        table = t["tid2eid.0"]
+        self.assertEqual(tuple(table.shape), (cfg.vocab_size, cfg.num_experts_per_tok))
+        self.assertTrue(torch.equal(table.to(torch.int32), ref.init_tid2eid(cfg, FIXTURE_SEED, 0)))
+        self.assertGreater(float(t["clamped_values"]), 10)   # swiglu_limit bites
+        self.assertNotIn("final." + ref.bias_name(0), t)     # the hash layer has no bias
+        self.assertNotIn("final." + ref.tid2eid_name(0), t)
+        b = t["final." + ref.bias_name(1)]
+        self.assertGreater(float(b.abs().sum()), 0)
+        # The hash layer's counts are the table's selection of the batch's tokens.
+        mbs, _ = fixture_batches("parity_v4routing", cfg)
+        want = sum(torch.bincount(table.long()[mb.input_ids].reshape(-1), minlength=8) for mb in mbs)
+        self.assertEqual(t["expert_counts.0"].long().tolist(), want.tolist())
 
     def test_parity_softmax(self):
         cfg, t, size = self.run_fixture("parity_softmax", FIXTURE_SEED)

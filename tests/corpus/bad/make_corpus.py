@@ -109,7 +109,7 @@ def optimizer_tensors(seed=8):
     return out
 
 
-PACK = {"F32": "f", "F64": "d", "I32": "i"}
+PACK = {"F32": "f", "F64": "d", "I32": "i", "I64": "q"}
 
 
 def safetensors(tensors, metadata=None, header_override=None):
@@ -412,8 +412,16 @@ def build():
              "odd head_dim")
     cfg_case("groups", lambda j: j.update(n_group=3), "key 'n_group': n_routed_experts (4) must be divisible by n_group (3)",
              "expert groups that do not divide the experts")
-    cfg_case("bad_scoring", lambda j: j.update(scoring_func="relu"), "key 'scoring_func': must be \"softmax\" or \"sigmoid\"",
-             "unknown scoring function")
+    cfg_case("bad_scoring", lambda j: j.update(scoring_func="relu"),
+             "key 'scoring_func': must be \"softmax\", \"sigmoid\" or \"sqrtsoftplus\"", "unknown scoring function")
+    cfg_case("hash_layers_gt_moe", lambda j: j.update(num_hash_layers=2),
+             "key 'num_hash_layers': 2 hash-routed layers exceed the 1 MoE layers", "more hash-routed than MoE layers")
+    cfg_case("hash_layers_negative", lambda j: j.update(num_hash_layers=-1), "key 'num_hash_layers': must be >= 0",
+             "negative hash layer count", command=INIT_FROM)
+    cfg_case("swiglu_limit_negative", lambda j: j.update(swiglu_limit=-0.5),
+             "key 'swiglu_limit': must be a finite number >= 0", "negative SwiGLU clamp")
+    cfg_case("swiglu_limit_string", lambda j: j.update(swiglu_limit="7"),
+             "key 'swiglu_limit': expected a number, got \"7\"", "a clamp given as a string", command=SFT)
     cfg_case("dense_gt_layers", lambda j: j.update(first_k_dense_replace=3),
              "key 'first_k_dense_replace': must be in [0, num_hidden_layers]", "more dense layers than layers")
     cfg_case("shape_mismatch", lambda j: j.update(hidden_size=16),
@@ -428,6 +436,69 @@ def build():
              raw=jdump(base_cfg)[:-2] + ',\n "rope_theta": 1e999\n}\n')
     case("ckc_missing", "ckpt_config", ["!ckpt/config.json"], GEN, "config.json: missing",
          "checkpoint without config.json")
+
+    # ------------------------------------------------------------------ hash-routing tables (tid2eid)
+    # The checkpoint with MoE layer 1 hash-routed (MODEL.md section 12): no bias, an I32
+    # (V, K) table whose rows hold K distinct experts in [0, E).
+    hash_cfg = dict(base_cfg, num_hash_layers=1)
+    put(c + "hash_config.json", jdump(hash_cfg))
+    table_name = "model.layers.1.mlp.gate.tid2eid"
+    bias1 = "model.layers.1.mlp.gate.e_score_correction_bias"
+    K = base_cfg["num_experts_per_tok"]
+
+    def table_rows():
+        return [[(v + k) % E for k in range(K)] for v in range(V)]
+
+    def hash_model(rows=None, dtype="I32", shape=None):
+        rows = table_rows() if rows is None else rows
+        flat = [x for r in rows for x in r]
+        out = []
+        for t in good:
+            if t[0] == bias1:
+                out.append([table_name, dtype, shape or [V, K], [float(x) for x in flat] if dtype == "F32" else flat])
+            else:
+                out.append(list(t))
+        return safetensors(out, {"format": "pt"})
+
+    HCFG = c + "hash_config.json>ckpt/config.json"
+
+    def hash_case(cid, model_bytes, expected, description, with_config=True, command=GEN):
+        f = put(d + "hash_" + cid + ".safetensors", model_bytes)
+        files = ([HCFG] if with_config else []) + [f + MST, "+manifest"]
+        case("tid2eid_" + cid, "safetensors", files, command, expected, description)
+
+    rows = table_rows()
+    rows[7] = [3, 3]
+    hash_case("repeat", hash_model(rows), "tensor '" + table_name + "': row 7 (token 7) names expert 3 twice",
+              "a token's row repeats an expert")
+    rows = table_rows()
+    rows[5] = [1, 4]
+    hash_case("out_of_range", hash_model(rows),
+              "tensor '" + table_name + "': row 5 (token 5) holds expert 4, outside [0, n_routed_experts = 4)",
+              "an expert id >= E", command=INIT_FROM)
+    rows = table_rows()
+    rows[0] = [-1, 0]
+    hash_case("negative", hash_model(rows), "row 0 (token 0) holds expert -1", "a negative expert id",
+              command=SFT)
+    wide = [[(v + k) % E for k in range(K + 1)] for v in range(V)]
+    hash_case("shape", hash_model(wide, shape=[V, K + 1]),
+              "tensor '" + table_name + "' has shape (264, 3) but the model configuration needs (264, 2)",
+              "a table of K + 1 columns")
+    hash_case("flat", hash_model(shape=[V * K]),
+              "tensor '" + table_name + "' has shape (528) but the model configuration needs (264, 2)",
+              "the table flattened to one dimension")
+    hash_case("f32", hash_model(dtype="F32"),
+              "tensor '" + table_name + "' has dtype F32; the hash-routing table must be I32", "a float table")
+    hash_case("i64", hash_model(dtype="I64"),
+              "tensor '" + table_name + "' has dtype I64; the hash-routing table must be I32",
+              "an int64 table (not converted)")
+    hash_case("missing", good_bytes, "missing tensor '" + table_name + "' (expected shape (264, 2))",
+              "a hash-routed config over weights that have the bias instead")
+    hash_case("without_config", hash_model(), "missing tensor '" + bias1 + "'",
+              "a table in the weights but no hash-routed layer in config.json", with_config=False)
+    both = [list(t) for t in good] + [[table_name, "I32", [V, K], [x for r in table_rows() for x in r]]]
+    hash_case("and_bias", safetensors(both, {"format": "pt"}), "unexpected tensor '" + bias1 + "'",
+              "a hash-routed layer that also has a bias")
 
     # ------------------------------------------------------------------ trainer_state.json (resume)
     s = "trainer_state/"

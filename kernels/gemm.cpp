@@ -1,0 +1,308 @@
+// Dispatch, packing and tiling of moetune's GEMM (see kernels/gemm.hpp for the
+// arithmetic order it guarantees). Goto/BLIS structure: both operands are packed once
+// per call into MR-row and NR-column panels, K block by K block, into buffers of the
+// calling thread that are reused from call to call (no allocation in the steady
+// state); the output is cut into MC x NC macro tiles, one OpenMP task each, which walk
+// the reduction dimension in the fixed kGemmKc blocks and run the micro-kernel over
+// MR x NR sub-tiles. MC and NC only decide who computes an element, never how, so they
+// adapt to the shape and the thread count.
+#include "kernels/gemm.hpp"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <mutex>
+
+#include "kernels/gemm_ukernel.hpp"
+#include "moe/error.hpp"
+
+namespace moetune::kernels {
+namespace detail {
+
+UkernelSet generic_kernels() {
+  UkernelSet s;
+  s.f32 = {4, 8, &ukernel_generic<float, 4, 8>};
+  s.f64 = {4, 8, &ukernel_generic<double, 4, 8>};
+  return s;
+}
+
+}  // namespace detail
+
+namespace {
+
+using detail::UkernelDesc;
+using detail::UkernelSet;
+
+UkernelSet kernels_of(Isa isa) {
+#if MOETUNE_GEMM_X86
+  switch (isa) {
+    case Isa::avx512: return detail::avx512_kernels();
+    case Isa::avx2: return detail::avx2_kernels();
+    case Isa::generic: break;
+  }
+#endif
+  return detail::generic_kernels();
+}
+
+Isa best_isa() {
+  if (isa_supported(Isa::avx512)) return Isa::avx512;
+  if (isa_supported(Isa::avx2)) return Isa::avx2;
+  return Isa::generic;
+}
+
+struct Active {
+  Isa isa;
+  UkernelSet set;
+};
+std::atomic<const Active*> g_active{nullptr};
+std::mutex g_mutex;
+
+const Active* make_active(Isa isa) {
+  // Leaked on purpose: a handful of tiny objects over the process lifetime, and a
+  // kernel call on another thread may still hold the previous pointer.
+  return new Active{isa, kernels_of(isa)};
+}
+
+const Active& active() {
+  const Active* a = g_active.load(std::memory_order_acquire);
+  if (a) return *a;
+  std::lock_guard<std::mutex> lock(g_mutex);
+  a = g_active.load(std::memory_order_relaxed);
+  if (!a) {
+    Isa isa = best_isa();
+    if (const char* env = std::getenv("MOETUNE_GEMM_ISA"); env && *env) {
+      isa = parse_isa(env, "MOETUNE_GEMM_ISA");
+      if (!isa_supported(isa))
+        throw Error(std::string("MOETUNE_GEMM_ISA=") + env + ": this CPU cannot run the " + env + " kernels");
+    }
+    a = make_active(isa);
+    g_active.store(a, std::memory_order_release);
+  }
+  return *a;
+}
+
+template <class T>
+const UkernelDesc<T>& desc_of(const UkernelSet& s);
+template <>
+const UkernelDesc<float>& desc_of<float>(const UkernelSet& s) {
+  return s.f32;
+}
+template <>
+const UkernelDesc<double>& desc_of<double>(const UkernelSet& s) {
+  return s.f64;
+}
+
+// A(r, k) of the logical (M, K) operand; trans: stored as (K, M).
+template <class T>
+void pack_a(T* Ap, const T* A, int64_t lda, bool trans, int64_t i0, int64_t mc, int64_t k0, int64_t kc, int mr) {
+  for (int64_t p = 0; p * mr < mc; ++p) {
+    T* dst = Ap + p * mr * kc;
+    const int64_t r0 = i0 + p * mr, rows = std::min<int64_t>(mr, mc - p * mr);
+    if (trans) {
+      for (int64_t k = 0; k < kc; ++k) {
+        const T* src = A + (k0 + k) * lda + r0;
+        T* d = dst + k * mr;
+        for (int64_t i = 0; i < rows; ++i) d[i] = src[i];
+        for (int64_t i = rows; i < mr; ++i) d[i] = T(0);
+      }
+    } else {
+      for (int64_t i = 0; i < rows; ++i) {
+        const T* src = A + (r0 + i) * lda + k0;
+        for (int64_t k = 0; k < kc; ++k) dst[k * mr + i] = src[k];
+      }
+      for (int64_t i = rows; i < mr; ++i)
+        for (int64_t k = 0; k < kc; ++k) dst[k * mr + i] = T(0);
+    }
+  }
+}
+
+// B(k, c) of the logical (K, N) operand; trans: stored as (N, K).
+template <class T>
+void pack_b(T* Bp, const T* B, int64_t ldb, bool trans, int64_t j0, int64_t nc, int64_t k0, int64_t kc, int nr) {
+  for (int64_t p = 0; p * nr < nc; ++p) {
+    T* dst = Bp + p * nr * kc;
+    const int64_t c0 = j0 + p * nr, cols = std::min<int64_t>(nr, nc - p * nr);
+    if (trans) {
+      for (int64_t j = 0; j < cols; ++j) {
+        const T* src = B + (c0 + j) * ldb + k0;
+        for (int64_t k = 0; k < kc; ++k) dst[k * nr + j] = src[k];
+      }
+      for (int64_t j = cols; j < nr; ++j)
+        for (int64_t k = 0; k < kc; ++k) dst[k * nr + j] = T(0);
+    } else {
+      for (int64_t k = 0; k < kc; ++k) {
+        const T* src = B + (k0 + k) * ldb + c0;
+        T* d = dst + k * nr;
+        for (int64_t j = 0; j < cols; ++j) d[j] = src[j];
+        for (int64_t j = cols; j < nr; ++j) d[j] = T(0);
+      }
+    }
+  }
+}
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+template <class T>
+void gemm_impl(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
+               T* C, int64_t ldc, bool accumulate) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    if (!accumulate)
+      for (int64_t i = 0; i < M; ++i) std::fill_n(C + i * ldc, N, T(0));
+    return;
+  }
+  const UkernelDesc<T> uk = desc_of<T>(active().set);
+  const int mr = uk.mr, nr = uk.nr;
+  const bool nested = omp_in_parallel();
+  const int threads = nested ? 1 : omp_get_max_threads();
+  // Both operands are packed once per call into panels, K block by K block: block kb
+  // (k0 = kb*KC, kc columns) of A starts at k0*Mp and holds Mp/mr panels of kc x mr;
+  // the same for B with Np and nr. The buffers belong to the calling thread (a call
+  // nested in a parallel region runs alone on its thread) and only ever grow.
+  const int64_t Mp = round_up(M, mr), Np = round_up(N, nr);
+  const int64_t pa = Mp / mr, pb = Np / nr, nkb = (K + kGemmKc - 1) / kGemmKc;
+  static thread_local std::vector<T> abuf, bbuf;
+  if (int64_t(abuf.size()) < Mp * K) abuf.resize(Mp * K);
+  if (int64_t(bbuf.size()) < Np * K) bbuf.resize(Np * K);
+  T* const ap = abuf.data();
+  T* const bp = bbuf.data();
+  // Macro tiles of the output: about 96 rows x 16 panels, cut smaller until every
+  // thread has at least two (or they reach 2 x 4 micro-tiles).
+  int64_t mc = std::min(Mp, round_up(96, mr));
+  int64_t nc = std::min(Np, int64_t(16) * nr);
+  auto tiles = [&] { return ((M + mc - 1) / mc) * ((N + nc - 1) / nc); };
+  while (tiles() < 2 * threads && nc > 4 * nr) nc = round_up(nc / 2, nr);
+  while (tiles() < 2 * threads && mc > 2 * mr) mc = round_up(mc / 2, mr);
+  const int64_t tm = (M + mc - 1) / mc, tn = (N + nc - 1) / nc, nt = tm * tn;
+  const bool parallel = !nested && threads > 1 && double(M) * double(N) * double(K) >= 65536.0;
+
+#pragma omp parallel if (parallel)
+  {
+#pragma omp for schedule(static) nowait
+    for (int64_t x = 0; x < nkb * pa; ++x) {
+      const int64_t k0 = (x / pa) * kGemmKc, kc = std::min(kGemmKc, K - k0), p = x % pa;
+      pack_a(ap + k0 * Mp + p * mr * kc, A, lda, ta, p * mr, std::min<int64_t>(mr, M - p * mr), k0, kc, mr);
+    }
+#pragma omp for schedule(static)
+    for (int64_t x = 0; x < nkb * pb; ++x) {
+      const int64_t k0 = (x / pb) * kGemmKc, kc = std::min(kGemmKc, K - k0), p = x % pb;
+      pack_b(bp + k0 * Np + p * nr * kc, B, ldb, tb, p * nr, std::min<int64_t>(nr, N - p * nr), k0, kc, nr);
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < nt; ++t) {
+      const int64_t i0 = (t / tn) * mc, j0 = (t % tn) * nc;
+      const int64_t m = std::min(mc, M - i0), n = std::min(nc, N - j0);
+      for (int64_t k0 = 0; k0 < K; k0 += kGemmKc) {
+        const int64_t kc = std::min(kGemmKc, K - k0);
+        const bool overwrite = !accumulate && k0 == 0;
+        const T* ablk = ap + k0 * Mp + (i0 / mr) * mr * kc;
+        const T* bblk = bp + k0 * Np + (j0 / nr) * nr * kc;
+        for (int64_t jp = 0; jp * nr < n; ++jp) {
+          const int nn = int(std::min<int64_t>(nr, n - jp * nr));
+          for (int64_t ip = 0; ip * mr < m; ++ip) {
+            const int mm = int(std::min<int64_t>(mr, m - ip * mr));
+            uk.fn(kc, ablk + ip * mr * kc, bblk + jp * nr * kc, C + (i0 + ip * mr) * ldc + j0 + jp * nr, ldc, mm,
+                  nn, overwrite);
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::avx512: return "avx512";
+    case Isa::avx2: return "avx2";
+    case Isa::generic: break;
+  }
+  return "generic";
+}
+
+Isa parse_isa(const std::string& name, const std::string& where) {
+  if (name == "generic") return Isa::generic;
+  if (name == "avx2") return Isa::avx2;
+  if (name == "avx512") return Isa::avx512;
+  throw Error(where + ": unknown GEMM ISA \"" + name + "\" (expected generic, avx2 or avx512)");
+}
+
+bool isa_supported(Isa isa) {
+  switch (isa) {
+    case Isa::generic: return true;
+#if MOETUNE_GEMM_X86
+    // GCC's and clang's CPU model also checks that the OS saves the wider registers.
+    case Isa::avx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case Isa::avx512: return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+#else
+    case Isa::avx2:
+    case Isa::avx512: return false;
+#endif
+  }
+  return false;
+}
+
+std::vector<Isa> supported_isas() {
+  std::vector<Isa> v;
+  for (Isa isa : {Isa::generic, Isa::avx2, Isa::avx512})
+    if (isa_supported(isa)) v.push_back(isa);
+  return v;
+}
+
+Isa gemm_isa() { return active().isa; }
+
+void set_gemm_isa(Isa isa) {
+  if (!isa_supported(isa)) throw Error(std::string("this CPU cannot run the ") + isa_name(isa) + " GEMM kernels");
+  std::lock_guard<std::mutex> lock(g_mutex);
+  g_active.store(make_active(isa), std::memory_order_release);
+}
+
+template <class T>
+void gemm_nt(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
+             bool accumulate) {
+  gemm_impl<T>(false, true, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+}
+template <class T>
+void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
+             bool accumulate) {
+  gemm_impl<T>(false, false, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+}
+template <class T>
+void gemm_tn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
+             bool accumulate) {
+  gemm_impl<T>(true, false, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+}
+
+template <class T>
+void gemm_reference(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
+                    int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j) {
+      T c = accumulate ? C[i * ldc + j] : T(0);
+      for (int64_t k0 = 0; k0 < K; k0 += kGemmKc) {
+        T acc = T(0);
+        for (int64_t k = k0; k < std::min(K, k0 + kGemmKc); ++k) {
+          const T a = trans_a ? A[k * lda + i] : A[i * lda + k];
+          const T b = trans_b ? B[j * ldb + k] : B[k * ldb + j];
+          acc = std::fma(a, b, acc);
+        }
+        c = (!accumulate && k0 == 0) ? acc : c + acc;
+      }
+      C[i * ldc + j] = c;
+    }
+}
+
+#define MOETUNE_GEMM_INSTANTIATE(T)                                                                                  \
+  template void gemm_nt<T>(int64_t, int64_t, int64_t, const T*, int64_t, const T*, int64_t, T*, int64_t, bool);     \
+  template void gemm_nn<T>(int64_t, int64_t, int64_t, const T*, int64_t, const T*, int64_t, T*, int64_t, bool);     \
+  template void gemm_tn<T>(int64_t, int64_t, int64_t, const T*, int64_t, const T*, int64_t, T*, int64_t, bool);     \
+  template void gemm_reference<T>(bool, bool, int64_t, int64_t, int64_t, const T*, int64_t, const T*, int64_t, T*, \
+                                  int64_t, bool);
+MOETUNE_GEMM_INSTANTIATE(float)
+MOETUNE_GEMM_INSTANTIATE(double)
+#undef MOETUNE_GEMM_INSTANTIATE
+
+}  // namespace moetune::kernels

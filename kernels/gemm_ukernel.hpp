@@ -1,0 +1,59 @@
+// Internal to kernels/: the micro-kernel interface shared by kernels/gemm.cpp (packing,
+// tiling, dispatch) and the per-ISA translation units (gemm_avx2.cpp, gemm_avx512.cpp),
+// which are compiled with their own -m flags and only ever called after a CPUID check.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+namespace moetune::kernels::detail {
+
+// One MR x NR tile: acc(i,j) = fma chain over k < kc of Ap[k*MR + i] * Bp[k*NR + j]
+// starting from 0; then C(i,j) = acc (overwrite) or C(i,j) + acc, for i < m, j < n.
+// Ap, Bp are packed panels (zero-padded past m, n). C has leading dimension ldc.
+template <class T>
+using Ukernel = void (*)(int64_t kc, const T* Ap, const T* Bp, T* C, int64_t ldc, int m, int n, bool overwrite);
+
+template <class T>
+struct UkernelDesc {
+  int mr = 0, nr = 0;
+  Ukernel<T> fn = nullptr;
+};
+
+struct UkernelSet {
+  UkernelDesc<float> f32;
+  UkernelDesc<double> f64;
+};
+
+// The tile store shared by every kernel: acc is a row-major MR x NR array.
+template <class T, int MR, int NR>
+inline void store_tile(const T* acc, T* C, int64_t ldc, int m, int n, bool overwrite) {
+  for (int i = 0; i < m; ++i) {
+    T* c = C + i * ldc;
+    const T* a = acc + i * NR;
+    if (overwrite)
+      for (int j = 0; j < n; ++j) c[j] = a[j];
+    else
+      for (int j = 0; j < n; ++j) c[j] = c[j] + a[j];
+  }
+}
+
+// The portable kernel: plain loops over std::fma. Compiled with FMA enabled it
+// vectorises; without (the generic fallback) std::fma is glibc's correctly rounded fma.
+template <class T, int MR, int NR>
+void ukernel_generic(int64_t kc, const T* Ap, const T* Bp, T* C, int64_t ldc, int m, int n, bool overwrite) {
+  T acc[MR * NR];
+  for (int x = 0; x < MR * NR; ++x) acc[x] = T(0);
+  for (int64_t k = 0; k < kc; ++k) {
+    const T* a = Ap + k * MR;
+    const T* b = Bp + k * NR;
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j) acc[i * NR + j] = std::fma(a[i], b[j], acc[i * NR + j]);
+  }
+  store_tile<T, MR, NR>(acc, C, ldc, m, n, overwrite);
+}
+
+UkernelSet generic_kernels();
+UkernelSet avx2_kernels();    // defined in gemm_avx2.cpp (compiled with -mavx2 -mfma)
+UkernelSet avx512_kernels();  // defined in gemm_avx512.cpp (compiled with -mavx512f -mfma)
+
+}  // namespace moetune::kernels::detail
