@@ -31,7 +31,7 @@ struct ExchangeStats {
 template <class T>
 class AllToAllExpertStage : public ExpertStage<T> {
  public:
-  using ViewFn = std::function<ExpertViews<T>(int layer)>;
+  using ViewFn = std::function<const ExpertViews<T>&(int layer)>;  // must outlive the call
   // ep_comm: this rank's expert-parallel group; the rank owns experts
   // [ep_comm.rank() * E/ep, ...). views(layer) gives this rank's local experts.
   AllToAllExpertStage(const Comm& ep_comm, int E, int64_t d, int64_t F, ViewFn views)

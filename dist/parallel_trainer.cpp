@@ -70,7 +70,7 @@ std::unique_ptr<AllToAllExpertStage<T>> install_expert_stage(ProcessGrid& grid, 
   if (grid.ep == 1) return nullptr;
   const ModelConfig& cfg = model.config();
   auto stage = std::make_unique<AllToAllExpertStage<T>>(grid.ep_comm, cfg.E(), cfg.d(), cfg.F(),
-                                                        [&model](int l) { return model.expert_views(l); });
+                                                        [&model](int l) -> const ExpertViews<T>& { return model.expert_views(l); });
   model.set_expert_stage(stage.get());
   return stage;
 }

@@ -23,9 +23,9 @@ struct Permutation {
   int64_t pairs() const { return offsets.empty() ? 0 : offsets.back(); }
 };
 
+// Fills p (reusing its buffers: no allocation once they are large enough).
 template <class T>
-Permutation make_permutation(const Routing<T>& r) {
-  Permutation p;
+void make_permutation(Permutation& p, const Routing<T>& r) {
   p.N = r.N;
   p.K = r.K;
   p.E = r.E;
@@ -33,7 +33,8 @@ Permutation make_permutation(const Routing<T>& r) {
   for (int64_t i = 0; i < r.N * r.K; ++i)
     if (r.kept[i]) p.offsets[r.idx[i] + 1]++;
   for (int e = 0; e < r.E; ++e) p.offsets[e + 1] += p.offsets[e];
-  std::vector<int64_t> fill(p.offsets.begin(), p.offsets.end() - 1);
+  static thread_local std::vector<int64_t> fill;
+  fill.assign(p.offsets.begin(), p.offsets.end() - 1);
   p.pair_token.resize(p.pairs());
   p.pair_slot.resize(p.pairs());
   p.slot_to_pair.assign(r.N * r.K, -1);
@@ -44,6 +45,11 @@ Permutation make_permutation(const Routing<T>& r) {
     p.pair_slot[row] = int32_t(i % r.K);
     p.slot_to_pair[i] = row;
   }
+}
+template <class T>
+Permutation make_permutation(const Routing<T>& r) {
+  Permutation p;
+  make_permutation(p, r);
   return p;
 }
 

@@ -6,6 +6,7 @@
 #include "moe/model.hpp"
 
 #include <stdexcept>
+#include <unordered_map>
 
 #include "moe/error.hpp"
 #include "moe/init.hpp"
@@ -15,12 +16,19 @@
 
 namespace moetune {
 
+// Offsets of a MoE layer's gate and shared-expert tensors in the flat buffers.
+struct MoeOffsets {
+  size_t gate = 0, sg = 0, su = 0, sd = 0;
+  bool shared = false;
+};
+
 template <class T>
 struct Model<T>::Impl {
   struct Layer {
     // views into params (set once)
     size_t ln1, q, k, v, o, ln2;        // offsets
     size_t dg = 0, du = 0, dd = 0;       // dense FFN
+    MoeOffsets moe_off;                  // MoE layers: gate and shared expert
     MoeWeights<T> moe;                    // pointers resolved per call (params may move)
     // activations of the last forward
     std::vector<T> h_in, a_in, rstd1, q_act, k_act, v_act, attn_stats, ctx, h_mid, f_in, rstd2;
@@ -28,6 +36,13 @@ struct Model<T>::Impl {
     MoeCache<T> moe_cache;
   };
   std::vector<Layer> layers;
+  // expert_views() per layer, and the buffers it was built for (rebuilt if they move).
+  struct CachedViews {
+    bool built = false;
+    const T *params = nullptr, *grads = nullptr;
+    ExpertViews<T> views;
+  };
+  std::unordered_map<int, CachedViews> expert_views;
   Layer work;  // the buffers of every layer in inference (forward without backward, extend)
   size_t embed = 0, norm = 0, lm_head = 0;
   std::vector<T> h_final, x_final, rstd_final, logits, dlogits;
@@ -43,7 +58,7 @@ struct Model<T>::Impl {
 template <class T>
 Model<T>::Model(const ModelConfig& cfg, int expert_begin, int expert_end)
     : cfg_(cfg), layout_(ParamLayout::build(cfg, expert_begin, expert_end)), impl_(std::make_unique<Impl>()) {
-  local_stage_ = std::make_unique<LocalExpertStage<T>>(cfg.d(), cfg.F(), [this](int l) { return expert_views(l); });
+  local_stage_ = std::make_unique<LocalExpertStage<T>>(cfg.d(), cfg.F(), [this](int l) -> const ExpertViews<T>& { return expert_views(l); });
   stage_ = local_stage_.get();
   params_.assign(layout_.total(), T(0));
   grads_.assign(layout_.total(), T(0));
@@ -68,6 +83,14 @@ Model<T>::Model(const ModelConfig& cfg, int expert_begin, int expert_end)
       L.dg = off("mlp.gate_proj.weight");
       L.du = off("mlp.up_proj.weight");
       L.dd = off("mlp.down_proj.weight");
+    } else {
+      L.moe_off.gate = off("mlp.gate.weight");
+      L.moe_off.shared = cfg.n_shared_experts > 0;
+      if (L.moe_off.shared) {
+        L.moe_off.sg = off("mlp.shared_experts.gate_proj.weight");
+        L.moe_off.su = off("mlp.shared_experts.up_proj.weight");
+        L.moe_off.sd = off("mlp.shared_experts.down_proj.weight");
+      }
     }
   }
 }
@@ -113,8 +136,14 @@ LocalExpertStage<T>& Model<T>::local_expert_stage() {
 }
 
 template <class T>
-ExpertViews<T> Model<T>::expert_views(int l) {
-  ExpertViews<T> v;
+const ExpertViews<T>& Model<T>::expert_views(int l) {
+  auto& cached = impl_->expert_views[l];
+  if (cached.built && cached.params == params_.data() && cached.grads == grads_.data()) return cached.views;
+  cached.built = true;
+  cached.params = params_.data();
+  cached.grads = grads_.data();
+  ExpertViews<T>& v = cached.views;
+  v = ExpertViews<T>{};
   for (int e = layout_.expert_begin(); e < layout_.expert_end(); ++e) {
     const size_t g = layout_.offset(ParamLayout::expert(l, e, "gate_proj"));
     const size_t u = layout_.offset(ParamLayout::expert(l, e, "up_proj"));
@@ -132,14 +161,15 @@ ExpertViews<T> Model<T>::expert_views(int l) {
 
 namespace {
 
-// Pointers of MoE layer l's gate and shared-expert weights inside a flat buffer.
+// Pointers of a MoE layer's gate and shared-expert weights inside a flat buffer, from
+// the offsets looked up once at construction.
 template <class P, class T>
-void moe_views(P& w, T* base, const ParamLayout& lay, const ModelConfig& c, int l) {
-  w.gate = base + lay.offset(ParamLayout::layer(l, "mlp.gate.weight"));
-  if (c.n_shared_experts > 0) {
-    w.sg = base + lay.offset(ParamLayout::layer(l, "mlp.shared_experts.gate_proj.weight"));
-    w.su = base + lay.offset(ParamLayout::layer(l, "mlp.shared_experts.up_proj.weight"));
-    w.sd = base + lay.offset(ParamLayout::layer(l, "mlp.shared_experts.down_proj.weight"));
+void moe_views(P& w, T* base, const MoeOffsets& o) {
+  w.gate = base + o.gate;
+  if (o.shared) {
+    w.sg = base + o.sg;
+    w.su = base + o.su;
+    w.sd = base + o.sd;
   }
 }
 
@@ -272,6 +302,7 @@ MicroStats Model<T>::forward(const MicroBatch& mb, const LossNorm& norm, const F
   I.sc = BalanceScales{c.aux_loss_coeff / norm.n_micro, c.seq_aux_loss_coeff / norm.n_rows,
                        c.z_loss_coeff / norm.n_micro};
   MicroStats st;
+  st.expert_counts.reserve(c.num_moe_layers());
 
   auto& h = I.h;
   auto& tmp = I.tmp;
@@ -293,7 +324,7 @@ MicroStats Model<T>::forward(const MicroBatch& mb, const LossNorm& norm, const F
     for (int64_t i = 0; i < N * d; ++i) h[i] += tmp[i];
     if (opt.train) L.h_mid = h;
     ffn_forward(tmp.data(), L, W, P, h.data(), N, c, l, [&](auto& Lm) {
-      moe_views(Lm.moe, P, layout_, c, l);
+      moe_views(Lm.moe, P, W.moe_off);
       moe_forward(tmp.data(), Lm.moe_cache, Lm.f_in.data(), Lm.moe, *stage_, l, bias_[moe_j].data(), c, B, S, I.sc,
                   route_control(opt, moe_j, tid2eid_, mb.input_ids.data(),
                                 mb.padding.empty() ? nullptr : mb.padding.data()));
@@ -347,7 +378,7 @@ void Model<T>::backward(const T* dlogits) {
                    L.dense.u.data(), L.dense.a.data(), P + L.dg, P + L.du, P + L.dd, N, d, Fi, I.scratch.mlp);
     } else {
       MoeGrads<T> g;
-      moe_views(g, G, layout_, c, l);
+      moe_views(g, G, L.moe_off);
       moe_backward(dx.data(), g, dh.data(), L.f_in.data(), L.moe, *stage_, l, L.moe_cache, c, B, S, I.sc, I.scratch);
     }
     ops::rmsnorm_backward(dh.data(), G + L.ln2, dx.data(), L.h_mid.data(), P + L.ln2, L.rstd2.data(), N, d);
@@ -458,7 +489,7 @@ void Model<T>::extend(KvCache<T>& kv, const int32_t* row, const int32_t* tokens,
     for (int64_t i = 0; i < n * d; ++i) h[i] += tmp[i];
     ffn_forward(tmp.data(), L, W, P, h.data(), n, c, l, [&](auto& Lm) {
       // Each new token is its own "row" of one position; no balance loss is computed.
-      moe_views(Lm.moe, P, layout_, c, l);
+      moe_views(Lm.moe, P, W.moe_off);
       moe_forward(tmp.data(), Lm.moe_cache, Lm.f_in.data(), Lm.moe, *stage_, l, bias_[moe_j].data(), c, int(n), 1,
                   BalanceScales{}, route_control(fo, moe_j, tid2eid_, tokens));
       ++moe_j;

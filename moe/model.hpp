@@ -126,7 +126,9 @@ class Model {
   void set_expert_stage(ExpertStage<T>* stage);
   LocalExpertStage<T>& local_expert_stage();
   // Views of this model's routed experts of model layer l (index 0 = expert_begin).
-  ExpertViews<T> expert_views(int layer);
+  // This process's experts of MoE layer `layer` (its index in the model), built once and
+  // kept (rebuilt only if the parameter buffers moved): no allocation per call.
+  const ExpertViews<T>& expert_views(int layer);
 
  private:
   struct Impl;

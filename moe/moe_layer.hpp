@@ -76,7 +76,7 @@ class ExpertStage {
 template <class T>
 class LocalExpertStage : public ExpertStage<T> {
  public:
-  using ViewFn = std::function<ExpertViews<T>(int layer)>;
+  using ViewFn = std::function<const ExpertViews<T>&(int layer)>;  // must outlive the call
   LocalExpertStage(int64_t d, int64_t F, ViewFn views) : d_(d), F_(F), views_(std::move(views)) {}
   void forward(int layer, const Permutation& perm, const T* xp, T* yp) override {
     auto& c = cache_[layer];
@@ -152,7 +152,7 @@ void moe_forward(T* out, MoeCache<T>& c, const T* x, const MoeWeights<T>& w, Exp
   if (rc.record_kept) *rc.record_kept = c.routing.kept;
   c.losses = balance_forward(c.routing, c.logits.data(), cfg, rows, seq_len, sc);
   // 2. dispatch
-  c.perm = make_permutation(c.routing);
+  make_permutation(c.perm, c.routing);
   c.xp.resize(c.perm.pairs() * d);
   c.yp.resize(c.perm.pairs() * d);
   dispatch_forward(c.xp.data(), x, c.perm, d);

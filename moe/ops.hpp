@@ -305,7 +305,11 @@ void attention_cached(T* out, const T* q, const T* kc, const T* vc, const int32_
 template <class T>
 double cross_entropy_forward_backward(T* dlogits, const T* logits, const int32_t* targets, int64_t N, int64_t V,
                                       double grad_scale) {
-  std::vector<double> loss(N, 0.0);  // summed in token order: independent of thread count
+  // Per-token losses, summed in token order (independent of the thread count). Scratch
+  // of the calling thread, bound to a reference because the loop's threads share it.
+  static thread_local std::vector<double> loss_buf;
+  std::vector<double>& loss = loss_buf;
+  loss.assign(N, 0.0);
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < N; ++i) {
     const T* x = logits + i * V;
@@ -327,7 +331,7 @@ double cross_entropy_forward_backward(T* dlogits, const T* logits, const int32_t
     }
   }
   double total = 0;
-  for (double l : loss) total += l;
+  for (int64_t i = 0; i < N; ++i) total += loss[i];
   return total;
 }
 

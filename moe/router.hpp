@@ -90,29 +90,53 @@ void route_select(Routing<T>& r, const T* logits, const float* bias, const Model
   r.pad.clear();
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < N; ++t) {
+    // Per-thread scratch, reused from token to token and call to call (no allocation
+    // in the steady state; std::stable_sort would take a temporary buffer).
+    struct Scratch {
+      std::vector<T> sel, gscore, v;
+      std::vector<int> order, gorder;
+      std::vector<uint8_t> keep;
+    };
+    static thread_local Scratch sc;
     T* s = r.scores.data() + t * E;
     router_scores(s, logits + t * E, c);
-    std::vector<T> sel(s, s + E);
+    auto& sel = sc.sel;
+    sel.assign(s, s + E);
     if (c.noaux_tc())
       for (int e = 0; e < E; ++e) sel[e] += T(bias[e]);
+    // The k best of indices 0..n-1 by key, descending; ties: the lower index first (what
+    // a stable sort gives). Insertion into a list of k: O(n k), no allocation.
+    auto top_desc = [](std::vector<int>& o, int n, int k, auto key) {
+      o.resize(k);
+      int len = 0;
+      for (int i = 0; i < n; ++i) {
+        if (len == k && !(key(i) > key(o[k - 1]))) continue;
+        int j = len < k ? len++ : k - 1;
+        while (j > 0 && key(i) > key(o[j - 1])) {
+          o[j] = o[j - 1];
+          --j;
+        }
+        o[j] = i;
+      }
+    };
     if (G > 1) {
-      std::vector<T> gscore(G);
+      auto& gscore = sc.gscore;
+      gscore.resize(G);
       for (int g = 0; g < G; ++g) {
-        std::vector<T> v(sel.begin() + g * gs, sel.begin() + (g + 1) * gs);
+        auto& v = sc.v;
+        v.assign(sel.begin() + g * gs, sel.begin() + (g + 1) * gs);
         std::sort(v.begin(), v.end(), std::greater<T>());
         gscore[g] = c.noaux_tc() ? (gs >= 2 ? v[0] + v[1] : v[0]) : v[0];
       }
-      std::vector<int> order(G);
-      std::iota(order.begin(), order.end(), 0);
-      std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return gscore[a] > gscore[b]; });
-      std::vector<uint8_t> keep(G, 0);
-      for (int i = 0; i < c.topk_group; ++i) keep[order[i]] = 1;
+      top_desc(sc.gorder, G, c.topk_group, [&](int g) { return gscore[g]; });
+      auto& keep = sc.keep;
+      keep.assign(G, 0);
+      for (int i = 0; i < c.topk_group; ++i) keep[sc.gorder[i]] = 1;
       for (int e = 0; e < E; ++e)
         if (!keep[e / gs]) sel[e] = -std::numeric_limits<T>::infinity();
     }
-    std::vector<int> order(E);
-    std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return sel[a] > sel[b]; });
+    auto& order = sc.order;
+    top_desc(order, E, K, [&](int e) { return sel[e]; });
     int32_t* id = r.idx.data() + t * K;
     for (int k = 0; k < K; ++k) id[k] = order[k];
     router_weights(r.weight.data() + t * K, s, id, c);
@@ -228,9 +252,10 @@ void balance_p_grad(std::vector<double>& g, const Routing<T>& r, const ModelConf
     }
   }
   if (sc.seq > 0) {
+    static thread_local std::vector<int64_t> n;  // scratch, reused
     for (int row = 0; row < rows; ++row) {
       const int64_t b = int64_t(row) * seq_len, e_ = int64_t(row + 1) * seq_len;
-      std::vector<int64_t> n(E, 0);
+      n.assign(E, 0);
       int64_t Ts = 0;
       for (int64_t t = b; t < e_; ++t) {
         if (!r.counted(t)) continue;
@@ -258,7 +283,7 @@ BalanceLosses balance_forward(const Routing<T>& r, const T* logits, const ModelC
   if (sc.aux > 0 || sc.seq > 0) {
     // Each loss is sum_{t,i} g[t,i] p[t,i] with g from balance_p_grad (f is constant).
     auto value = [&](const BalanceScales& only) {
-      std::vector<double> gg;
+      static thread_local std::vector<double> gg;  // scratch, reused
       balance_p_grad(gg, r, c, rows, seq_len, only);
       double v = 0;
       for (int64_t t = 0; t < N; ++t) {
@@ -296,7 +321,10 @@ void router_backward(T* dlogits, const T* dweight, const T* logits, const Routin
                      int rows, int seq_len, const BalanceScales& sc) {
   const int64_t N = r.N;
   const int E = r.E, K = r.K;
-  std::vector<double> gp;
+  // Scratch of the calling thread, reused; bound to a reference here because the
+  // parallel loop below reads it from every thread.
+  static thread_local std::vector<double> gp_buf;
+  std::vector<double>& gp = gp_buf;
   const bool balance = sc.aux > 0 || sc.seq > 0;
   if (balance) balance_p_grad(gp, r, c, rows, seq_len, sc);
   const double Tz = double(std::max<int64_t>(1, r.counted_tokens()));
@@ -304,7 +332,9 @@ void router_backward(T* dlogits, const T* dweight, const T* logits, const Routin
   for (int64_t t = 0; t < N; ++t) {
     const T* s = r.scores.data() + t * E;
     const int32_t* id = r.idx.data() + t * K;
-    std::vector<T> ds(E, T(0));
+    static thread_local std::vector<T> ds_buf;  // per-thread scratch, reused
+    ds_buf.assign(E, T(0));
+    T* ds = ds_buf.data();
     // Through w_k = scale * s_k / (sum_sel s + 1e-20)  (or scale * s_k).
     const T rsf = T(c.routed_scaling_factor);
     if (c.norm_topk_prob) {

@@ -418,19 +418,17 @@ TEST_P(MoeLayerGrad, AllInputsAndWeights) {
     w.sd = sd.data();
   }
   std::vector<std::vector<double>> dwg(E, std::vector<double>(F * d, 0.0)), dwu = dwg, dwd = dwg;
-  LocalExpertStage<double> stage(d, F, [&](int) {
-    ExpertViews<double> v;
-    v.swiglu_limit = cfg.swiglu_limit;
-    for (int e = 0; e < E; ++e) {
-      v.wg.push_back(wg[e].data());
-      v.wu.push_back(wu[e].data());
-      v.wd.push_back(wd[e].data());
-      v.dwg.push_back(dwg[e].data());
-      v.dwu.push_back(dwu[e].data());
-      v.dwd.push_back(dwd[e].data());
-    }
-    return v;
-  });
+  ExpertViews<double> views;
+  views.swiglu_limit = cfg.swiglu_limit;
+  for (int e = 0; e < E; ++e) {
+    views.wg.push_back(wg[e].data());
+    views.wu.push_back(wu[e].data());
+    views.wd.push_back(wd[e].data());
+    views.dwg.push_back(dwg[e].data());
+    views.dwu.push_back(dwu[e].data());
+    views.dwd.push_back(dwd[e].data());
+  }
+  LocalExpertStage<double> stage(d, F, [&](int) -> const ExpertViews<double>& { return views; });
   const BalanceScales sc{cfg.aux_loss_coeff, cfg.seq_aux_loss_coeff / rows, cfg.z_loss_coeff};
   // A hash-routed layer: its table and the tokens' ids.
   RouteControl rc;

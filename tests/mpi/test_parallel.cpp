@@ -164,7 +164,10 @@ TEST(ExpertParallel, DispatchCombineRoundTrip) {
       xp[i * d] = grid.ep_rank;
       xp[i * d + 1] = r.idx[p.pair_token[i] * cfg.K() + p.pair_slot[i]];
     }
-    IdentityStage stage(grid.ep_comm, cfg.E(), d, cfg.F(), [](int) { return ExpertViews<double>{}; });
+    IdentityStage stage(grid.ep_comm, cfg.E(), d, cfg.F(), [](int) -> const ExpertViews<double>& {
+      static const ExpertViews<double> none;
+      return none;
+    });
     stage.d = d;
     stage.forward(0, p, xp.data(), yp.data());
     EXPECT_FALSE(stage.wrong) << "a row reached the wrong owner at ep " << ep;
@@ -201,7 +204,7 @@ TEST(ExpertParallel, AllToAllLayerEqualsLocal) {
     Model<double> part(cfg, grid.expert_begin, grid.expert_end);
     part.init(3);
     AllToAllExpertStage<double> stage(grid.ep_comm, cfg.E(), cfg.d(), cfg.F(),
-                                      [&](int l) { return part.expert_views(l); });
+                                      [&](int l) -> const ExpertViews<double>& { return part.expert_views(l); });
     part.set_expert_stage(&stage);
     // Each rank its own micro-batch: the experts see tokens of every rank of the group.
     const MicroBatch mb = moetune::testing::make_batch(2, 8, cfg.vocab_size, 77 + world.rank());
