@@ -19,6 +19,7 @@
 
 #include "dist/comm.hpp"
 #include "moe/moe_layer.hpp"
+#include "moe/profile.hpp"
 
 namespace moetune::dist {
 
@@ -38,6 +39,7 @@ class AllToAllExpertStage : public ExpertStage<T> {
       : comm_(ep_comm), E_(E), ep_(ep_comm.size()), local_(E / ep_comm.size()), d_(d), F_(F), views_(std::move(views)) {}
 
   void forward(int layer, const Permutation& perm, const T* xp, T* yp) override {
+    profile::Scope ps(profile::Phase::dispatch);
     auto t0 = clock::now();
     auto& c = cache_[layer];
     // 1. per-expert counts to the owners: block q of the send vector = q's experts.
@@ -60,6 +62,7 @@ class AllToAllExpertStage : public ExpertStage<T> {
     exchange(xp, c.send_rows, c.x.data(), c.recv_rows, stats.dispatch_bytes);
     stats.dispatch_s += seconds_since(t0);
     // 3. local experts, one source at a time.
+    ps.next(profile::Phase::experts);
     std::vector<T> y(total_recv * d_);
     c.mlp.resize(ep_);
     int64_t row = 0;
@@ -68,6 +71,7 @@ class AllToAllExpertStage : public ExpertStage<T> {
       row += c.recv_rows[q];
     }
     // 4. outputs back to the sources.
+    ps.next(profile::Phase::combine);
     t0 = clock::now();
     exchange(y.data(), c.recv_rows, yp, c.send_rows, stats.combine_bytes);
     stats.combine_s += seconds_since(t0);
@@ -78,10 +82,12 @@ class AllToAllExpertStage : public ExpertStage<T> {
     int64_t total_recv = 0;
     for (auto r : c.recv_rows) total_recv += r;
     // Backward of combine = dispatch of the output gradient.
+    profile::Scope ps(profile::Phase::combine_bwd);
     auto t0 = clock::now();
     std::vector<T> dy(total_recv * d_), dx(total_recv * d_);
     exchange(dyp, c.send_rows, dy.data(), c.recv_rows, stats.combine_bytes);
     stats.combine_s += seconds_since(t0);
+    ps.next(profile::Phase::experts_bwd);
     int64_t row = 0;
     for (int q = 0; q < ep_; ++q) {
       local_backward(layer, q, source_offsets(c, q), c.x.data() + row * d_, dy.data() + row * d_,
@@ -90,6 +96,7 @@ class AllToAllExpertStage : public ExpertStage<T> {
       row += c.recv_rows[q];
     }
     // Backward of dispatch = combine of the input gradient.
+    ps.next(profile::Phase::dispatch_bwd);
     t0 = clock::now();
     exchange(dx.data(), c.recv_rows, dxp, c.send_rows, stats.dispatch_bytes);
     stats.dispatch_s += seconds_since(t0);

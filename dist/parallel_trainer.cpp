@@ -6,6 +6,7 @@
 #include <limits>
 
 #include "moe/error.hpp"
+#include "moe/profile.hpp"
 
 namespace moetune::dist {
 namespace {
@@ -127,6 +128,7 @@ ParallelTrainer<T>::ParallelTrainer(const ModelConfig& cfg, ProcessGrid& grid, c
 
 template <class T>
 void ParallelTrainer<T>::flush_leaf(size_t begin, size_t end) {
+  profile::Scope ps(profile::Phase::grad_accum);
   auto& g = model_->grads();
   try {
     nonfinite_ += add_fixed(std::span<int128>(acc_.data() + begin, end - begin),
@@ -148,6 +150,7 @@ StepResult ParallelTrainer<T>::accumulate(const std::vector<MicroBatch>& batch, 
   const LossNorm norm = global_loss_norm(batch);
   const int nm = cfg_.num_moe_layers(), E = cfg_.E();
   auto t0 = clock_type::now();
+  profile::Scope ps(profile::Phase::grad_accum);
   if (stage_) stage_->stats.reset();
   model_->zero_grad();
   std::fill(acc_.begin(), acc_.end(), int128(0));
@@ -194,6 +197,7 @@ StepResult ParallelTrainer<T>::accumulate(const std::vector<MicroBatch>& batch, 
   }
 
   // Exact reduction of the gradient leaves.
+  ps.next(profile::Phase::grad_reduce);
   t0 = clock_type::now();
   for (const auto& s : segments_) {
     const Comm& c = s.expert ? grid_.edp_comm : grid_.world;
@@ -224,6 +228,7 @@ StepResult ParallelTrainer<T>::accumulate(const std::vector<MicroBatch>& batch, 
   r.expert_counts.assign(nm, std::vector<int64_t>(E));
   for (int j = 0; j < nm; ++j)
     for (int e = 0; e < E; ++e) r.expert_counts[j][e] = counts[size_t(j) * E + e];
+  ps.next(profile::Phase::optimizer);
   r.grad_norm = global_grad_norm_exact();
   // A non-finite (or out-of-range) gradient on any rank makes the step non-finite.
   if (!grid_.world.all_true(nonfinite_ == 0)) r.grad_norm = std::numeric_limits<double>::quiet_NaN();
@@ -287,6 +292,7 @@ template <class T>
 StepResult ParallelTrainer<T>::step(const std::vector<MicroBatch>& batch, double lr, double max_grad_norm,
                                     const LossHead<T>* head) {
   StepResult r = accumulate(batch, head);
+  profile::Scope ps(profile::Phase::optimizer);
   finish_step(r, model_->grads(), cfg_, model_->expert_bias(), max_grad_norm, [&] {
     if (zero_ == 1)
       zero_step(lr);

@@ -13,6 +13,7 @@
 #include "moe/mlp.hpp"
 #include "moe/moe_layer.hpp"
 #include "moe/ops.hpp"
+#include "moe/profile.hpp"
 
 namespace moetune {
 
@@ -258,6 +259,7 @@ void ffn_forward(T* out, Buf& L, const Wts& W, const T* P, const T* h, int64_t N
 
 template <class T>
 MicroStats Model<T>::forward(const MicroBatch& mb, const LossNorm& norm, const ForwardOptions& opt) {
+  profile::Scope ps(profile::Phase::embedding);
   auto& I = *impl_;
   const ModelConfig& c = cfg_;
   const int B = mb.rows, S = mb.seq_len;
@@ -314,6 +316,7 @@ MicroStats Model<T>::forward(const MicroBatch& mb, const LossNorm& norm, const F
     // Inference keeps nothing per layer: every layer uses the same buffers.
     auto& L = opt.train ? I.layers[l] : I.work;
     const auto& W = I.layers[l];
+    profile::Scope pl(profile::Phase::attention);
     if (opt.train) L.h_in = h;
     attention_inputs(L, W, P, h.data(), I.pos.data(), N, c);
     L.attn_stats.resize(int64_t(B) * H * S * 2);
@@ -322,6 +325,7 @@ MicroStats Model<T>::forward(const MicroBatch& mb, const LossNorm& norm, const F
                            mb.doc_ids.data(), B, S, H, Hkv, hd);
     ops::linear_forward(tmp.data(), L.ctx.data(), P + W.o, N, qd, d);
     for (int64_t i = 0; i < N * d; ++i) h[i] += tmp[i];
+    pl.next(profile::Phase::dense_ffn);
     if (opt.train) L.h_mid = h;
     ffn_forward(tmp.data(), L, W, P, h.data(), N, c, l, [&](auto& Lm) {
       moe_views(Lm.moe, P, W.moe_off);
@@ -337,6 +341,7 @@ MicroStats Model<T>::forward(const MicroBatch& mb, const LossNorm& norm, const F
     });
     for (int64_t i = 0; i < N * d; ++i) h[i] += tmp[i];
   }
+  ps.next(profile::Phase::lm_head);
   if (opt.train) I.h_final = h;
   I.x_final.resize(N * d);
   I.rstd_final.resize(N);
@@ -366,11 +371,13 @@ void Model<T>::backward(const T* dlogits) {
   dk.resize(N * kvd);
   dv.resize(N * kvd);
   dctx.resize(N * qd);
+  profile::Scope ps(profile::Phase::lm_head_bwd);
   ops::linear_backward(dx.data(), G + I.lm_head, dlogits, I.x_final.data(), P + I.lm_head, N, d, V);
   ops::rmsnorm_backward(dh.data(), G + I.norm, dx.data(), I.h_final.data(), P + I.norm, I.rstd_final.data(), N, d);
   for (int l = c.num_hidden_layers - 1; l >= 0; --l) {
     auto& L = I.layers[l];
     // FFN: h = h_mid + FFN(RMSNorm(h_mid))
+    ps.next(profile::Phase::dense_ffn_bwd);
     std::fill(dx.begin(), dx.end(), T(0));
     if (!c.is_moe_layer(l)) {
       const int64_t Fi = c.intermediate_size;
@@ -383,6 +390,7 @@ void Model<T>::backward(const T* dlogits) {
     }
     ops::rmsnorm_backward(dh.data(), G + L.ln2, dx.data(), L.h_mid.data(), P + L.ln2, L.rstd2.data(), N, d);
     // Attention: h_mid = h_in + o_proj(Attn(RMSNorm(h_in)))
+    ps.next(profile::Phase::attention_bwd);
     std::fill(dctx.begin(), dctx.end(), T(0));
     ops::linear_backward(dctx.data(), G + L.o, dh.data(), L.ctx.data(), P + L.o, N, qd, d);
     std::fill(dq.begin(), dq.end(), T(0));
@@ -398,11 +406,13 @@ void Model<T>::backward(const T* dlogits) {
     ops::linear_backward(dx.data(), G + L.v, dv.data(), L.a_in.data(), P + L.v, N, d, kvd);
     ops::rmsnorm_backward(dh.data(), G + L.ln1, dx.data(), L.h_in.data(), P + L.ln1, L.rstd1.data(), N, d);
   }
+  ps.next(profile::Phase::embedding_bwd);
   ops::embedding_backward(G + I.embed, dh.data(), I.ids.data(), N, d);
 }
 
 template <class T>
 MicroStats Model<T>::forward_backward(const MicroBatch& mb, const LossNorm& norm, bool backward) {
+  profile::Scope ps(profile::Phase::lm_head);  // the cross-entropy; forward and backward time their own phases
   MicroStats st = forward(mb, norm, ForwardOptions{backward});
   auto& I = *impl_;
   const int64_t N = mb.tokens(), V = cfg_.vocab_size;

@@ -10,6 +10,7 @@
 
 #include "moe/dispatch.hpp"
 #include "moe/mlp.hpp"
+#include "moe/profile.hpp"
 #include "moe/router.hpp"
 
 namespace moetune {
@@ -136,6 +137,7 @@ void moe_forward(T* out, MoeCache<T>& c, const T* x, const MoeWeights<T>& w, Exp
                  const RouteControl& rc = {}) {
   const int64_t N = int64_t(rows) * seq_len, d = cfg.d(), E = cfg.E(), S = cfg.shared_width();
   // 1. route
+  profile::Scope ps(profile::Phase::router);
   c.logits.resize(N * E);
   ops::linear_forward(c.logits.data(), x, w.gate, N, d, E);
   if (rc.replay_idx) {
@@ -152,13 +154,16 @@ void moe_forward(T* out, MoeCache<T>& c, const T* x, const MoeWeights<T>& w, Exp
   if (rc.record_kept) *rc.record_kept = c.routing.kept;
   c.losses = balance_forward(c.routing, c.logits.data(), cfg, rows, seq_len, sc);
   // 2. dispatch
+  ps.next(profile::Phase::dispatch);
   make_permutation(c.perm, c.routing);
   c.xp.resize(c.perm.pairs() * d);
   c.yp.resize(c.perm.pairs() * d);
   dispatch_forward(c.xp.data(), x, c.perm, d);
   // 3. experts
+  ps.next(profile::Phase::experts);
   experts.forward(layer, c.perm, c.xp.data(), c.yp.data());
   // 4. combine (+ shared expert)
+  ps.next(profile::Phase::shared);
   if (w.sg) {
     c.shared.resize(N, S);
     mlp_forward(out, c.shared.g.data(), c.shared.u.data(), c.shared.a.data(), x, w.sg, w.su, w.sd, N, d, S,
@@ -166,6 +171,7 @@ void moe_forward(T* out, MoeCache<T>& c, const T* x, const MoeWeights<T>& w, Exp
   } else {
     std::fill_n(out, N * d, T(0));
   }
+  ps.next(profile::Phase::combine);
   combine_forward(out, c.yp.data(), c.routing.weight.data(), c.perm, d);
 }
 
@@ -181,18 +187,23 @@ void moe_backward(T* dx, const MoeGrads<T>& g, const T* dout, const T* x, const 
                   ExpertStage<T>& experts, int layer, const MoeCache<T>& c, const ModelConfig& cfg, int rows,
                   int seq_len, const BalanceScales& sc, MoeScratch<T>& s) {
   const int64_t N = int64_t(rows) * seq_len, d = cfg.d(), E = cfg.E(), S = cfg.shared_width();
+  profile::Scope ps(profile::Phase::shared_bwd);
   if (w.sg)
     mlp_backward(dx, g.sg, g.su, g.sd, dout, x, c.shared.g.data(), c.shared.u.data(), c.shared.a.data(), w.sg, w.su,
                  w.sd, N, d, S, s.mlp, cfg.swiglu_limit);
   // combine^T = dispatch of the gradient
+  ps.next(profile::Phase::combine_bwd);
   s.dyp.resize(c.perm.pairs() * d);
   s.dxp.resize(c.perm.pairs() * d);
   s.dweight.resize(N * cfg.K());
   combine_backward(s.dyp.data(), s.dweight.data(), dout, c.yp.data(), c.routing.weight.data(), c.perm, d);
+  ps.next(profile::Phase::experts_bwd);
   experts.backward(layer, c.perm, s.dyp.data(), s.dxp.data());
   // dispatch^T = combine (scatter-add) of the gradient
+  ps.next(profile::Phase::dispatch_bwd);
   dispatch_backward(dx, s.dxp.data(), c.perm, d);
   // router
+  ps.next(profile::Phase::router_bwd);
   s.dlogits.resize(N * E);
   router_backward(s.dlogits.data(), s.dweight.data(), c.logits.data(), c.routing, cfg, rows, seq_len, sc);
   ops::linear_backward(dx, g.gate, s.dlogits.data(), x, w.gate, N, d, E);
