@@ -43,21 +43,30 @@ Document synthetic_document(uint64_t& state, int vocab_size, int len) {
   return d;
 }
 
-void write_synthetic_jsonl(const std::string& path, int num_docs, int vocab_size, int min_len, int max_len,
-                           uint64_t seed) {
+std::vector<Document> synthetic_documents(int num_docs, int vocab_size, int min_len, int max_len, uint64_t seed) {
   if (num_docs < 1) throw Error("synthetic data: number of documents must be >= 1, got " + std::to_string(num_docs));
   if (vocab_size < 4) throw Error("synthetic data: vocab_size must be >= 4, got " + std::to_string(vocab_size));
   if (min_len < 3) throw Error("synthetic data: min_len must be >= 3, got " + std::to_string(min_len));
   if (max_len < min_len)
     throw Error("synthetic data: max_len (" + std::to_string(max_len) + ") must be >= min_len (" +
                 std::to_string(min_len) + ")");
-  std::ofstream out(path);
-  if (!out) throw Error(path + ": cannot open for writing");
+  std::vector<Document> docs;
+  docs.reserve(size_t(num_docs));
   uint64_t state = seed;
-  std::string line;
   for (int i = 0; i < num_docs; ++i) {
     const int len = int(uniform(state, min_len, max_len));
-    const Document d = synthetic_document(state, vocab_size, len);
+    docs.push_back(synthetic_document(state, vocab_size, len));
+  }
+  return docs;
+}
+
+void write_synthetic_jsonl(const std::string& path, int num_docs, int vocab_size, int min_len, int max_len,
+                           uint64_t seed) {
+  const std::vector<Document> docs = synthetic_documents(num_docs, vocab_size, min_len, max_len, seed);
+  std::ofstream out(path);
+  if (!out) throw Error(path + ": cannot open for writing");
+  std::string line;
+  for (const Document& d : docs) {
     line = "{\"input_ids\":";
     append_array(line, d.input_ids);
     line += ",\"labels\":";

@@ -8,6 +8,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "train/data.hpp"
 
@@ -18,6 +19,10 @@ constexpr int kSyntheticMaxStep = 3;
 
 // One document of length len (>= 2) drawn from the splitmix64 stream `state`.
 Document synthetic_document(uint64_t& state, int vocab_size, int len);
+
+// num_docs documents, lengths uniform in [min_len, max_len], in memory (what
+// write_synthetic_jsonl writes; `moetune bench` trains on them). Same errors.
+std::vector<Document> synthetic_documents(int num_docs, int vocab_size, int min_len, int max_len, uint64_t seed);
 
 // Writes num_docs documents as JSONL ({"input_ids": [...], "labels": [...]} per line),
 // lengths uniform in [min_len, max_len]. Deterministic in seed, on every platform.

@@ -95,14 +95,7 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
   });
   dist::ProcessGrid& grid = *grid_holder;
   dist::run_collectively(world, [&] {
-    M = rc.train.micro_batches(grid.world_size);
-    if (M < grid.world_size)
-      throw Error("key 'train.global_batch_size': the global batch has " + std::to_string(M) +
-                  " micro-batches but there are " + std::to_string(grid.world_size) +
-                  " ranks; every rank needs at least one micro-batch");
-    if (M % grid.world_size != 0)
-      throw Error("key 'train.global_batch_size': " + std::to_string(M) + " micro-batches cannot be shared equally by " +
-                  std::to_string(grid.world_size) + " ranks");
+    M = global_micro_batches(rc, grid.world_size);
     validate(sched);
     if (grid.world_rank == 0) fs::create_directories(opt.out_dir);
     trainer_holder =
@@ -364,6 +357,18 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
 }
 
 }  // namespace
+
+int global_micro_batches(const RunConfig& rc, int ranks) {
+  const int M = rc.train.micro_batches(ranks);
+  if (M < ranks)
+    throw Error("key 'train.global_batch_size': the global batch has " + std::to_string(M) +
+                " micro-batches but there are " + std::to_string(ranks) +
+                " ranks; every rank needs at least one micro-batch");
+  if (M % ranks != 0)
+    throw Error("key 'train.global_batch_size': " + std::to_string(M) + " micro-batches cannot be shared equally by " +
+                std::to_string(ranks) + " ranks");
+  return M;
+}
 
 std::string step_dir(const std::string& out, int64_t step) {
   char buf[32];

@@ -58,6 +58,9 @@ struct RlResumeState {
 RlResumeState read_rl_resume_state(const std::string& dir);
 
 // Pieces of a run shared by `moetune train`, `sft` and `rl`.
+// Micro-batches of the global batch over `ranks` ranks (RunConfig::micro_batches), at
+// least one per rank and the same number on each; else a moetune::Error naming the key.
+int global_micro_batches(const RunConfig& rc, int ranks);
 // out/step-NNNNNNNN
 std::string step_dir(const std::string& out, int64_t step);
 // Step checkpoint directories of out, newest first.
