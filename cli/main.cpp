@@ -7,6 +7,7 @@
 //   moetune rl       --init-from SFT --prompts F --out DIR ...   RL post-training (docs/rl.md)
 //   moetune generate --ckpt DIR --prompts F --out F.jsonl       completions with a KV cache
 //   moetune eval     --ckpt DIR --prompts F [--samples k]       pass@1 / pass@k on held-out prompts
+//   moetune bench    --config CFG [--steps N] [--json F]         timed training steps, per-phase breakdown
 // Every user error prints "error: <message naming file/line/key>" and exits 1.
 #include <CLI/CLI.hpp>
 #include <csignal>
@@ -28,6 +29,7 @@
 #include "tokenizer/tokenizer.hpp"
 #include "train/synthetic.hpp"
 #include "train/arith_task.hpp"
+#include "train/bench.hpp"
 #include "train/prepare.hpp"
 #include "train/rl_trainer.hpp"
 #include "train/rollout.hpp"
@@ -223,6 +225,28 @@ int main(int argc, char** argv) {
   evalc->add_option("--reward-command", eval_cmd, "Program of the \"command\" reward");
   evalc->add_option("--json", eval_json, "Also write the result object to this file");
 
+  // ---- bench
+  auto* benchc = app.add_subcommand(
+      "bench", "Time warm-up + N training steps of a run config at this MPI layout, per phase (bench/README.md)");
+  std::string bench_config;
+  std::vector<std::string> bench_sets;
+  BenchOptions bopt;
+  int bench_ep = 0, bench_threads = 0;
+  bool bench_quiet = false;
+  benchc->add_option("--config", bench_config, "Run config JSON (the data section's files are not read: synthetic "
+                                               "documents are used)")
+      ->required();
+  benchc->add_option("--set", bench_sets, "Override a run-config key, e.g. --set train.micro_batch_size=4");
+  benchc->add_option("--steps", bopt.steps, "Timed steps (default 10)");
+  benchc->add_option("--warmup", bopt.warmup, "Untimed warm-up steps first (default 2)");
+  auto* bench_ep_opt = benchc->add_option("--ep", bench_ep, "Expert-parallel group size (= --set parallel.ep=N)");
+  auto* bench_threads_opt =
+      benchc->add_option("--threads", bench_threads, "OpenMP threads per rank (= --set train.threads=N)");
+  benchc->add_option("--json", bopt.json_path, "Also write every number as one JSON object to this file");
+  benchc->add_option("--peak-gflops", bopt.peak_gflops,
+                     "Vendor peak GFLOP/s per rank: MFU is reported against it too (the measured FMA peak always)");
+  benchc->add_flag("--quiet", bench_quiet, "No table on stdout");
+
   // ---- gen-data
   auto* gen = app.add_subcommand("gen-data", "Write synthetic data: a token dataset, or the arithmetic task");
   std::string gen_out, gen_task = "progression";
@@ -361,6 +385,20 @@ int main(int argc, char** argv) {
       rc.validate(rl_config.empty() ? "rl" : rl_config);
       ropt.progress = !rl_quiet;
       run_rl(rc, ropt);
+    } else if (*benchc) {
+      RunConfig rc = RunConfig::from_file(bench_config);
+      for (const auto& s : bench_sets) rc.set(s);
+      if (bench_ep_opt->count() > 0) {
+        if (bench_ep < 1) throw Error("bench: --ep must be >= 1, got " + std::to_string(bench_ep));
+        rc.parallel.ep = bench_ep;
+      }
+      if (bench_threads_opt->count() > 0) {
+        if (bench_threads < 1) throw Error("bench: --threads must be >= 1, got " + std::to_string(bench_threads));
+        rc.train.threads = bench_threads;
+      }
+      rc.validate(bench_config);
+      bopt.table = !bench_quiet;
+      run_bench(rc, bopt);
     } else if (*genc) {
       gopt.gen.sampling.temperature = gen_temp;
       gopt.progress = !gen_quiet;

@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <algorithm>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <sstream>
 
 namespace fs = std::filesystem;
@@ -57,7 +58,7 @@ class Cli : public ::testing::Test {
 
 TEST_F(Cli, HelpForEveryCommand) {
   for (const char* cmd : {"", "init", "train", "sft", "gen-data", "config-keys", "tokenizer train", "tokenizer encode",
-                          "tokenizer decode", "tokenizer info", "data prepare", "data inspect"}) {
+                          "tokenizer decode", "tokenizer info", "data prepare", "data inspect", "bench"}) {
     auto r = run(std::string(cmd) + " --help");
     EXPECT_EQ(r.code, 0) << cmd << r.out;
     EXPECT_NE(r.out.find("Usage"), std::string::npos) << cmd;
@@ -278,4 +279,63 @@ TEST_F(Cli, TokenizerDataPrepareTrainAndSftCarryTheTokenizer) {
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.out.find("<|tool|>"), std::string::npos) << r.out;
   EXPECT_EQ(read(bin), before);
+}
+
+// `moetune bench` on a tiny config: every phase in the JSON, phases within the step
+// time, tokens/s > 0 (speed itself is never asserted); bad arguments name the flag.
+TEST_F(Cli, BenchReportsEveryPhaseWithinTheStep) {
+  const std::string cfg = run_config("unused.jsonl", R"(, "n_shared_experts": 1, "first_k_dense_replace": 1)");
+  const std::string js = (dir / "bench.json").string();
+  const Result r = run("bench --config " + cfg + " --steps 2 --warmup 1 --threads 1 --json " + js);
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("tokens/s"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("| **step** |"), std::string::npos) << r.out;
+  std::ifstream in(js);
+  const nlohmann::json j = nlohmann::json::parse(in);
+  const char* phases[] = {"embedding", "attention", "dense_ffn", "router", "dispatch", "experts", "combine",
+                          "shared_expert", "lm_head_loss", "embedding_bwd", "attention_bwd", "dense_ffn_bwd",
+                          "router_bwd", "dispatch_bwd", "experts_bwd", "combine_bwd", "shared_expert_bwd",
+                          "lm_head_loss_bwd", "grad_accum", "grad_reduce", "optimizer"};
+  double sum = 0;
+  for (const char* p : phases) {
+    ASSERT_TRUE(j["phases"].contains(p)) << p;
+    const double s = j["phases"][p]["s"].get<double>();
+    EXPECT_GE(s, 0.0) << p;
+    sum += s;
+  }
+  EXPECT_EQ(j["phases"].size(), std::size(phases));
+  const double step = j["step_s"].get<double>();
+  EXPECT_GT(step, 0.0);
+  // Medians of disjoint intervals of each step: their sum stays within the median step.
+  EXPECT_LE(sum, step * 1.10 + 1e-3) << j.dump(1);
+  EXPECT_NEAR(j["phases_sum_s"].get<double>(), sum, 1e-9);
+  EXPECT_GT(j["phases"]["experts"]["s"].get<double>(), 0.0);
+  EXPECT_GT(j["phases"]["attention_bwd"]["s"].get<double>(), 0.0);
+  EXPECT_GT(j["tokens_per_s"].get<double>(), 0.0);
+  EXPECT_GT(j["mfu"].get<double>(), 0.0);
+  EXPECT_EQ(j["timed_steps"].get<int>(), 2);
+  EXPECT_EQ(j["step_s_all"].size(), 2u);
+  EXPECT_EQ(j["threads"].get<int>(), 1);
+  EXPECT_EQ(j["layout"]["world_size"].get<int>(), 1);
+  EXPECT_FALSE(j["isa"].get<std::string>().empty());
+  EXPECT_GT(j["memory_rank0"]["peak_rss_bytes"].get<int64_t>(), 0);
+  EXPECT_GT(j["memory_rank0"]["optimizer_bytes"].get<int64_t>(), 0);
+  EXPECT_TRUE(j.contains("all_to_all") && j["all_to_all"].contains("dispatch_bytes"));
+  EXPECT_TRUE(j["config"].contains("model"));
+}
+
+TEST_F(Cli, BenchBadArgumentsNameTheFlag) {
+  const std::string cfg = run_config("unused.jsonl");
+  for (const char* bad : {"--steps 0", "--steps -3", "--warmup -1", "--ep 0", "--threads 0"}) {
+    const Result r = run("bench --config " + cfg + " " + bad);
+    EXPECT_EQ(r.code, 1) << bad << "\n" << r.out;
+    const std::string flag = std::string(bad).substr(0, std::string(bad).find(' '));
+    EXPECT_NE(r.out.find("error: bench: " + flag), std::string::npos) << bad << "\n" << r.out;
+  }
+  Result r = run("bench --config " + cfg + " --set parallel.ep=3");
+  EXPECT_EQ(r.code, 1) << r.out;
+  EXPECT_NE(r.out.find("parallel.ep"), std::string::npos) << r.out;
+  r = run("bench --config " + (dir / "missing.json").string());
+  EXPECT_EQ(r.code, 1) << r.out;
+  EXPECT_NE(r.out.find("missing.json"), std::string::npos) << r.out;
 }
