@@ -127,6 +127,24 @@ std::vector<T>& Model<T>::dlogits_buffer() {
 }
 
 template <class T>
+int64_t Model<T>::activation_bytes() const {
+  const auto& I = *impl_;
+  int64_t b = 0;
+  const auto add = [&b](const auto&... v) { ((b += int64_t(v.capacity() * sizeof(v[0]))), ...); };
+  const auto add_layer = [&](const typename Impl::Layer& L) {
+    add(L.h_in, L.a_in, L.rstd1, L.q_act, L.k_act, L.v_act, L.attn_stats, L.ctx, L.h_mid, L.f_in, L.rstd2);
+    add(L.dense.g, L.dense.u, L.dense.a, L.moe_cache.shared.g, L.moe_cache.shared.u, L.moe_cache.shared.a);
+    const auto& m = L.moe_cache;
+    add(m.logits, m.xp, m.yp, m.routing.scores, m.routing.idx, m.routing.weight, m.routing.kept);
+  };
+  for (const auto& L : I.layers) add_layer(L);
+  add_layer(I.work);
+  add(I.h_final, I.x_final, I.rstd_final, I.logits, I.dlogits, I.h, I.tmp, I.dh, I.dx, I.dq, I.dk, I.dv, I.dctx);
+  add(I.scratch.dyp, I.scratch.dxp, I.scratch.dweight, I.scratch.dlogits, I.scratch.mlp);
+  return b;
+}
+
+template <class T>
 void Model<T>::set_expert_stage(ExpertStage<T>* stage) {
   stage_ = stage ? stage : local_stage_.get();
 }

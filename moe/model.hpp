@@ -109,6 +109,10 @@ class Model {
   const std::vector<int32_t>& targets() const;
   // A work buffer of logits' size for the caller's loss head (reused across calls).
   std::vector<T>& dlogits_buffer();
+  // Bytes held by the activation and work buffers of the forward/backward (capacity of
+  // the kept activations, MoE caches, logits and gradient work buffers; the expert
+  // stage's own caches are not counted). For `moetune bench`'s memory line.
+  int64_t activation_bytes() const;
 
   // Inference with a KV cache (MODEL.md section 10). kv_init sizes an empty cache of
   // `rows` rows of `capacity` positions. extend feeds n new tokens: token i goes to

@@ -320,6 +320,7 @@ TEST_F(Cli, BenchReportsEveryPhaseWithinTheStep) {
   EXPECT_FALSE(j["isa"].get<std::string>().empty());
   EXPECT_GT(j["memory_rank0"]["peak_rss_bytes"].get<int64_t>(), 0);
   EXPECT_GT(j["memory_rank0"]["optimizer_bytes"].get<int64_t>(), 0);
+  EXPECT_GT(j["memory_rank0"]["activation_bytes"].get<int64_t>(), 0);
   EXPECT_TRUE(j.contains("all_to_all") && j["all_to_all"].contains("dispatch_bytes"));
   EXPECT_TRUE(j["config"].contains("model"));
 }

@@ -72,10 +72,17 @@ json bench_impl(const RunConfig& rc, const BenchOptions& opt) {
   const bool root = grid.world_rank == 0;
 
   const double flops_tok = flops_per_token(cfg, rc.data.seq_len);
-  // Peak of one rank's threads, measured by rank 0's FMA probe (as `moetune train`).
-  double peak_rank = root ? measure_peak_flops(threads) : 0.0;
-  grid.world.broadcast(std::span<double>(&peak_rank, 1), 0);
-  const double peak = peak_rank * grid.world_size;
+  // The FMA probe of train/flops.hpp on every rank at once (each with its threads):
+  // the peak of the cores the job uses is the sum. (`moetune train` probes on rank 0
+  // only and multiplies; there the other ranks busy-poll in MPI meanwhile, which can
+  // take cores the probe needs.)
+  grid.world.barrier();
+  const double peak_mine = measure_peak_flops(threads);
+  std::vector<double> peak_ranks(size_t(grid.world_size));
+  grid.world.allgather(std::span<const double>(&peak_mine, 1), std::span<double>(peak_ranks));
+  double peak = 0;
+  for (double v : peak_ranks) peak += v;
+  const double peak_rank = peak_ranks[0];
   const double vendor = opt.peak_gflops > 0 ? opt.peak_gflops * 1e9 * grid.world_size : 0.0;
 
   // Per timed step: wall seconds (max over ranks), this rank's phases, exchanges.
@@ -159,6 +166,7 @@ json bench_impl(const RunConfig& rc, const BenchOptions& opt) {
   res["flops_per_token"] = flops_tok;
   res["peak_flops_measured"] = peak;
   res["peak_flops_per_rank_measured"] = peak_rank;
+  res["peak_flops_ranks_measured"] = peak_ranks;
   res["peak_probe"] = peak_probe_isa();
   res["mfu"] = mfu(flops_tok, tps, peak);
   if (vendor > 0) {
@@ -201,6 +209,7 @@ json bench_impl(const RunConfig& rc, const BenchOptions& opt) {
                          {"param_bytes", int64_t(total * sizeof(T))},
                          {"grad_bytes", int64_t(total * sizeof(T))},
                          {"optimizer_bytes", trainer.optimizer_state_bytes()},
+                         {"activation_bytes", trainer.model().activation_bytes()},
                          {"grad_accumulator_bytes", int64_t(total * sizeof(dist::int128))}};
   if (root && !opt.json_path.empty()) {
     std::ofstream out(opt.json_path);
@@ -272,10 +281,16 @@ std::string format_bench_table(const json& r) {
   std::snprintf(buf, sizeof buf, "| other (untimed) | %.2f | %.1f | | |\n| **step** | %.2f | 100.0 | | |\n\n",
                 1e3 * other, pct(other), 1e3 * step);
   out += buf;
-  std::snprintf(buf, sizeof buf, "tokens/s %.0f (global) | MFU %.2f%% of %.1f GFLOP/s (measured FMA probe %s, %d ranks x %.1f) | %.3f MFLOP per token\n",
+  std::string per;
+  for (const auto& v : r["peak_flops_ranks_measured"]) {
+    std::snprintf(buf, sizeof buf, "%s%.1f", per.empty() ? "" : " + ", v.get<double>() / 1e9);
+    per += buf;
+  }
+  std::snprintf(buf, sizeof buf,
+                "tokens/s %.0f (global) | MFU %.2f%% of %.1f GFLOP/s (FMA probe %s on every rank at once: %s) | %.3f "
+                "MFLOP per token\n",
                 r["tokens_per_s"].get<double>(), 100 * r["mfu"].get<double>(),
-                r["peak_flops_measured"].get<double>() / 1e9, r["peak_probe"].get<std::string>().c_str(),
-                L["world_size"].get<int>(), r["peak_flops_per_rank_measured"].get<double>() / 1e9,
+                r["peak_flops_measured"].get<double>() / 1e9, r["peak_probe"].get<std::string>().c_str(), per.c_str(),
                 r["flops_per_token"].get<double>() / 1e6);
   out += buf;
   if (r.contains("mfu_vendor")) {
@@ -294,10 +309,10 @@ std::string format_bench_table(const json& r) {
   const auto& m = r["memory_rank0"];
   std::snprintf(buf, sizeof buf,
                 "memory rank 0: peak RSS %.1f MiB; parameters %.1f, gradients %.1f, optimizer %.1f, fixed-point "
-                "accumulator %.1f MiB",
+                "accumulator %.1f, activations %.1f MiB",
                 mib(m["peak_rss_bytes"].get<double>()), mib(m["param_bytes"].get<double>()),
                 mib(m["grad_bytes"].get<double>()), mib(m["optimizer_bytes"].get<double>()),
-                mib(m["grad_accumulator_bytes"].get<double>()));
+                mib(m["grad_accumulator_bytes"].get<double>()), mib(m["activation_bytes"].get<double>()));
   out += buf;
   if (r["per_rank"].size() > 1) {
     out += "; peak RSS per rank";
