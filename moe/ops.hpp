@@ -129,15 +129,47 @@ void swiglu_backward(T* dg, T* du, const T* dout, const T* g, const T* u, int64_
 // In place on x (N, nh, hd), Hugging Face Llama rotate_half convention:
 // x1 = x[:hd/2], x2 = x[hd/2:]; out = (x1 c - x2 s, x2 c + x1 s), angle = pos * theta^(-2i/hd).
 // pos (N). sign = +1 forward, -1 applies the inverse rotation (the backward).
+// cos and sin of every (position, frequency) come from a table of the calling thread,
+// computed in double once per (theta, hd) and extended as longer positions appear:
+// the same values as computing them on the spot, without N*hd/2 pow/cos/sin per call.
+namespace detail {
+struct RopeTable {
+  double theta = 0;
+  int64_t hd = 0, positions = 0;
+  std::vector<double> cos, sin;  // (positions, hd/2)
+};
+inline const RopeTable& rope_table(double theta, int64_t hd, int64_t positions) {
+  static thread_local RopeTable t;
+  if (t.theta != theta || t.hd != hd) t = RopeTable{theta, hd, 0, {}, {}};
+  if (positions > t.positions) {
+    const int64_t half = hd / 2;
+    t.cos.resize(positions * half);
+    t.sin.resize(positions * half);
+    for (int64_t p = t.positions; p < positions; ++p)
+      for (int64_t f = 0; f < half; ++f) {
+        const double inv_freq = std::pow(theta, -2.0 * double(f) / double(hd));
+        const double ang = double(p) * inv_freq;
+        t.cos[p * half + f] = std::cos(ang);
+        t.sin[p * half + f] = std::sin(ang);
+      }
+    t.positions = positions;
+  }
+  return t;
+}
+}  // namespace detail
+
 template <class T>
 void rope_apply(T* x, const int32_t* pos, int64_t N, int64_t nh, int64_t hd, double theta, int sign) {
   const int64_t half = hd / 2;
+  int64_t positions = 0;
+  for (int64_t i = 0; i < N; ++i) positions = std::max<int64_t>(positions, int64_t(pos[i]) + 1);
+  const detail::RopeTable& tab = detail::rope_table(theta, hd, positions);
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < N; ++i) {
+    const double* ct = tab.cos.data() + int64_t(pos[i]) * half;
+    const double* st = tab.sin.data() + int64_t(pos[i]) * half;
     for (int64_t f = 0; f < half; ++f) {
-      const double inv_freq = std::pow(theta, -2.0 * double(f) / double(hd));
-      const double ang = double(pos[i]) * inv_freq;
-      const T c = T(std::cos(ang)), s = T(sign * std::sin(ang));
+      const T c = T(ct[f]), s = T(sign * st[f]);
       for (int64_t h = 0; h < nh; ++h) {
         T* v = x + (i * nh + h) * hd;
         const T a = v[f], b = v[f + half];
