@@ -53,16 +53,23 @@ Isa best_isa() {
 }
 
 struct Active {
-  Isa isa;
+  Isa isa = Isa::generic;
   UkernelSet set;
 };
 std::atomic<const Active*> g_active{nullptr};
 std::mutex g_mutex;
 
+// One static slot per ISA, filled once (under g_mutex) and never changed, so a kernel
+// call on another thread may keep using the previous one safely.
 const Active* make_active(Isa isa) {
-  // Leaked on purpose: a handful of tiny objects over the process lifetime, and a
-  // kernel call on another thread may still hold the previous pointer.
-  return new Active{isa, kernels_of(isa)};
+  static Active slots[3];
+  static bool built[3] = {false, false, false};
+  const int i = int(isa);
+  if (!built[i]) {
+    slots[i] = Active{isa, kernels_of(isa)};
+    built[i] = true;
+  }
+  return &slots[i];
 }
 
 const Active& active() {
