@@ -40,8 +40,7 @@ int64_t peak_rss_bytes() {
 template <class T>
 json bench_impl(const RunConfig& rc, const BenchOptions& opt) {
   const ModelConfig& cfg = rc.model;
-  const int threads = rc.train.threads > 0 ? rc.train.threads : omp_get_max_threads();
-  omp_set_num_threads(threads);
+  const int threads = apply_threads(rc);
   dist::Comm world = dist::Comm::world();
   std::optional<dist::ProcessGrid> grid_holder;
   std::unique_ptr<dist::ParallelTrainer<T>> trainer_holder;

@@ -159,8 +159,7 @@ template <class T>
 RlSummary rl_impl(const RunConfig& rc, const RlOptions& opt) {
   const ModelConfig& cfg = rc.model;
   const RlConfig& rl = rc.rl;
-  const int threads = rc.train.threads > 0 ? rc.train.threads : omp_get_max_threads();
-  omp_set_num_threads(threads);
+  const int threads = apply_threads(rc);
   const RlLossConfig lc = loss_config(rl);
   const int B = rl.prompts_per_step, G = rl.num_generations, C = B * G;
   dist::Comm world = dist::Comm::world();

@@ -72,8 +72,7 @@ std::shared_ptr<const DocumentSource> load_documents(const DataConfig& dc, const
 template <class T>
 TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
   const ModelConfig& cfg = rc.model;
-  const int threads = rc.train.threads > 0 ? rc.train.threads : omp_get_max_threads();
-  omp_set_num_threads(threads);
+  const int threads = apply_threads(rc);
 
   // Set-up is collective: it succeeds on every rank or fails on every rank with one
   // message (bad layout, unreadable data or checkpoint), never leaving a rank waiting.
@@ -357,6 +356,12 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
 }
 
 }  // namespace
+
+int apply_threads(const RunConfig& rc) {
+  const int threads = rc.train.threads > 0 ? rc.train.threads : omp_get_max_threads();
+  omp_set_num_threads(threads);
+  return threads;
+}
 
 int global_micro_batches(const RunConfig& rc, int ranks) {
   const int M = rc.train.micro_batches(ranks);

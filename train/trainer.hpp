@@ -61,6 +61,8 @@ RlResumeState read_rl_resume_state(const std::string& dir);
 // Micro-batches of the global batch over `ranks` ranks (RunConfig::micro_batches), at
 // least one per rank and the same number on each; else a moetune::Error naming the key.
 int global_micro_batches(const RunConfig& rc, int ranks);
+// Sets OpenMP's thread count from train.threads (0 = OpenMP's default) and returns it.
+int apply_threads(const RunConfig& rc);
 // out/step-NNNNNNNN
 std::string step_dir(const std::string& out, int64_t step);
 // Step checkpoint directories of out, newest first.
