@@ -18,6 +18,7 @@
 #include "io/fsutil.hpp"
 #include "io/json_parse.hpp"
 #include "io/safetensors.hpp"
+#include "io/tensor_set.hpp"
 #include "moe/error.hpp"
 #include "optim/optimizer.hpp"
 
@@ -27,136 +28,7 @@ namespace {
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
-// The checkpoint directory without trailing slashes; "." / ".." / "/" are refused
-// because they cannot be renamed into place.
-std::string clean_dir(const std::string& dir) {
-  std::string d = dir;
-  while (d.size() > 1 && d.back() == '/') d.pop_back();
-  const std::string base = fs::path(d).filename().string();
-  if (d.empty() || base.empty() || base == "." || base == ".." || d == "/")
-    throw Error("checkpoint directory '" + dir + "': must name a directory (not '.', '..' or '/')");
-  return d;
-}
-
 std::string join(const std::string& dir, const std::string& file) { return (fs::path(dir) / file).string(); }
-
-// ---------------------------------------------------------------------------------
-// Writing: one file, or shards plus a Hugging Face style index.
-
-void write_tensor_set(const std::string& dir, const std::string& stem, const std::vector<TensorToWrite>& tensors,
-                      const std::map<std::string, std::string>& metadata, uint64_t max_shard_bytes) {
-  // Greedy packing in the given order; a tensor larger than the limit is alone.
-  std::vector<std::vector<TensorToWrite>> shards(1);
-  uint64_t shard_bytes = 0, total = 0;
-  for (const auto& t : tensors) {
-    uint64_t bytes = 4;
-    for (auto s : t.shape) bytes *= static_cast<uint64_t>(s);
-    if (max_shard_bytes > 0 && !shards.back().empty() && shard_bytes + bytes > max_shard_bytes) {
-      shards.emplace_back();
-      shard_bytes = 0;
-    }
-    shards.back().push_back(t);
-    shard_bytes += bytes;
-    total += bytes;
-  }
-  if (shards.size() == 1) {
-    write_safetensors(join(dir, stem + ".safetensors"), tensors, metadata);
-    return;
-  }
-  json index = {{"metadata", {{"total_size", total}}}, {"weight_map", json::object()}};
-  for (const auto& [k, v] : metadata) index["metadata"][k] = v;
-  const size_t n = shards.size();
-  for (size_t k = 0; k < n; ++k) {
-    char name[128];
-    std::snprintf(name, sizeof name, "%s-%05zu-of-%05zu.safetensors", stem.c_str(), k + 1, n);
-    write_safetensors(join(dir, name), shards[k], metadata);
-    for (const auto& t : shards[k]) index["weight_map"][t.name] = name;
-  }
-  fsutil::write_file_atomic(join(dir, stem + ".safetensors.index.json"), index.dump(2) + "\n");
-}
-
-// ---------------------------------------------------------------------------------
-// Reading: "<stem>.safetensors" or "<stem>.safetensors.index.json" + shards.
-
-struct TensorSource {
-  std::string label;  // the file named in messages: the single file or the index
-  std::vector<SafetensorsReader> files;
-  std::unordered_map<std::string, size_t> where;  // tensor name -> files[i]
-  std::vector<std::string> names;                  // every tensor, file by file in data order
-
-  const SafetensorsReader& file_of(const std::string& name) const { return files[where.at(name)]; }
-  const std::map<std::string, std::string>& metadata() const { return files.front().metadata(); }
-
-  // Error unless `name` is present with exactly `shape`.
-  const SafeTensorInfo& expect(const std::string& name, const std::vector<int64_t>& shape) const {
-    auto it = where.find(name);
-    if (it == where.end())
-      throw Error(label + ": missing tensor '" + name + "' (expected shape " + format_shape(shape) + ")");
-    const SafeTensorInfo& t = files[it->second].at(name);
-    if (t.shape != shape)
-      throw Error(files[it->second].path() + ": tensor '" + name + "' has shape " + format_shape(t.shape) +
-                  " but the model configuration needs " + format_shape(shape));
-    return t;
-  }
-  void reject_unexpected(const std::unordered_set<std::string>& expected) const {
-    for (const auto& n : names)
-      if (!expected.count(n))
-        throw Error(file_of(n).path() + ": unexpected tensor '" + n + "' (not part of this model configuration)");
-  }
-};
-
-std::optional<TensorSource> open_tensor_set(const std::string& dir, const std::string& stem) {
-  const std::string single = join(dir, stem + ".safetensors"), index = single + ".index.json";
-  const bool has_single = fs::exists(single), has_index = fs::exists(index);
-  if (!has_single && !has_index) return std::nullopt;
-  if (has_single && has_index)
-    throw Error(dir + ": both " + stem + ".safetensors and " + stem +
-                ".safetensors.index.json exist; a checkpoint holds one or the other");
-  TensorSource src;
-  const auto add_file = [&](const std::string& path) {
-    src.files.emplace_back(path);
-    for (const auto& t : src.files.back().tensors()) {
-      if (!src.where.emplace(t.name, src.files.size() - 1).second)
-        throw Error(path + ": tensor '" + t.name + "' also appears in " + src.file_of(t.name).path());
-      src.names.push_back(t.name);
-    }
-  };
-  if (has_single) {
-    src.label = single;
-    add_file(single);
-    return src;
-  }
-  src.label = index;
-  json j;
-  try {
-    j = parse_json(fsutil::read_file(index));
-  } catch (const JsonError& e) {
-    throw Error(index + ": invalid JSON: " + e.what());
-  }
-  if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
-    throw Error(index + ": expected a JSON object with a \"weight_map\" object");
-  std::set<std::string> shard_files;
-  for (auto it = j["weight_map"].begin(); it != j["weight_map"].end(); ++it) {
-    if (!it.value().is_string()) throw Error(index + ": weight_map entry '" + it.key() + "' is not a string");
-    const std::string f = it.value().get<std::string>();
-    if (f.empty() || f.find('/') != std::string::npos || f == "." || f == "..")
-      throw Error(index + ": weight_map entry '" + it.key() + "' names '" + f + "', not a file of the checkpoint");
-    shard_files.insert(f);
-  }
-  if (shard_files.empty()) throw Error(index + ": empty weight_map");
-  for (const auto& f : shard_files) add_file(join(dir, f));
-  for (auto it = j["weight_map"].begin(); it != j["weight_map"].end(); ++it) {
-    const std::string shard = join(dir, it.value().get<std::string>());
-    auto w = src.where.find(it.key());
-    if (w == src.where.end() || src.files[w->second].path() != shard)
-      throw Error(index + ": weight_map puts tensor '" + it.key() + "' in " + shard + ", which does not hold it");
-  }
-  if (src.where.size() != j["weight_map"].size())
-    for (const auto& n : src.names)
-      if (!j["weight_map"].contains(n))
-        throw Error(src.file_of(n).path() + ": tensor '" + n + "' is not listed in " + index);
-  return src;
-}
 
 json read_json_file(const std::string& path) {
   try {
@@ -243,7 +115,7 @@ void save_checkpoint(const std::string& dir_in, const ModelConfig& cfg, const Pa
                      const std::vector<T>* exp_avg, const std::vector<T>* exp_avg_sq, int64_t optimizer_step,
                      const nlohmann::json& trainer_state, const CheckpointWriteOptions& opt,
                      const HashTables* tid2eid) {
-  const std::string dir = clean_dir(dir_in);
+  const std::string dir = clean_checkpoint_dir(dir_in);
   // Validate everything before touching the disk.
   if (params.size() != layout.total())
     throw Error(dir + ": save_checkpoint: params has " + std::to_string(params.size()) + " elements, layout needs " +
@@ -265,27 +137,7 @@ void save_checkpoint(const std::string& dir_in, const ModelConfig& cfg, const Pa
     throw Error(dir + ": trainer_state.json: cannot serialise: " + e.what());
   }
 
-  std::error_code ec;
-  const std::string parent = fsutil::parent_dir(dir);
-  fs::create_directories(parent, ec);
-  if (ec) throw Error(dir + ": cannot create parent directory '" + parent + "': " + ec.message());
-  const bool replacing = fs::exists(fs::symlink_status(dir));
-  if (replacing) {
-    if (!fs::is_directory(fs::symlink_status(dir)))
-      throw Error(dir + ": exists and is not a directory; refusing to replace it with a checkpoint");
-    if (!fs::is_empty(dir, ec) && !fs::exists(join(dir, "config.json")))
-      throw Error(dir + ": exists and is not a moetune checkpoint (no config.json); refusing to replace it");
-  }
-
-  const std::string pid = std::to_string(::getpid());
-  const std::string tmp = dir + ".tmp-" + pid, old = dir + ".old-" + pid;
-  // A leftover from a crashed run that had our pid: ours by name, safe to remove.
-  fs::remove_all(tmp, ec);
-  if (ec) throw Error(dir + ": cannot remove stale temporary '" + tmp + "': " + ec.message());
-  if (!fs::create_directory(tmp, ec) || ec)
-    throw Error(dir + ": cannot create temporary directory '" + tmp + "': " +
-                (ec ? ec.message() : std::string("already exists")));
-  try {
+  replace_dir_atomically(dir, "saving the checkpoint", [&](const std::string& tmp) {
     fsutil::write_file_atomic(join(tmp, "config.json"), config_text);
 
     // Model: layout order, each MoE layer's bias (or hash table) right after its router weight.
@@ -316,39 +168,11 @@ void save_checkpoint(const std::string& dir_in, const ModelConfig& cfg, const Pa
     }
     fsutil::write_file_atomic(join(tmp, "trainer_state.json"), state_text);
     if (!opt.tokenizer_json.empty()) fsutil::write_file_atomic(join(tmp, "tokenizer.json"), opt.tokenizer_json);
-    fsutil::fsync_dir(tmp);
-  } catch (const Error& e) {
-    fs::remove_all(tmp, ec);
-    throw Error(dir + ": saving the checkpoint failed" + (replacing ? " (the existing one is left intact)" : "") +
-                ": " + e.what());
-  } catch (...) {
-    fs::remove_all(tmp, ec);
-    throw;
-  }
-
-  // Swap into place: the old checkpoint is only removed once the new one has its name.
-  if (replacing) {
-    fs::remove_all(old, ec);
-    fs::rename(dir, old, ec);
-    if (ec) {
-      const std::string msg = ec.message();
-      fs::remove_all(tmp, ec);
-      throw Error(dir + ": cannot move the old checkpoint aside to '" + old + "': " + msg);
-    }
-  }
-  fs::rename(tmp, dir, ec);
-  if (ec) {
-    const std::string msg = ec.message();
-    if (replacing) fs::rename(old, dir, ec);
-    fs::remove_all(tmp, ec);
-    throw Error(dir + ": cannot rename '" + tmp + "' into place: " + msg);
-  }
-  fsutil::fsync_dir(parent);
-  if (replacing) fs::remove_all(old, ec);  // the new checkpoint is complete; a leftover is harmless
+  });
 }
 
 ModelConfig load_checkpoint_config(const std::string& dir) {
-  const std::string path = join(clean_dir(dir), "config.json");
+  const std::string path = join(clean_checkpoint_dir(dir), "config.json");
   if (!fs::exists(path)) throw Error(path + ": missing (is '" + dir + "' a moetune checkpoint?)");
   return ModelConfig::from_file(path);
 }
@@ -356,7 +180,7 @@ ModelConfig load_checkpoint_config(const std::string& dir) {
 template <class T>
 void load_model_weights(const std::string& dir_in, const ModelConfig& cfg, const ParamLayout& layout,
                         std::vector<T>& params, std::vector<std::vector<float>>& bias, HashTables* tid2eid) {
-  const std::string dir = clean_dir(dir_in);
+  const std::string dir = clean_checkpoint_dir(dir_in);
   if (cfg.num_hash_layers > 0 && !tid2eid)
     throw Error(dir + ": load_model_weights: the configuration has num_hash_layers = " +
                 std::to_string(cfg.num_hash_layers) + ": give the tid2eid tables to fill");
@@ -418,7 +242,7 @@ void load_model_weights(const std::string& dir_in, const ModelConfig& cfg, const
 template <class T>
 bool load_optimizer_state(const std::string& dir_in, const ParamLayout& layout, std::vector<T>& exp_avg,
                           std::vector<T>& exp_avg_sq, int64_t& step, const std::string& optimizer) {
-  const std::string dir = clean_dir(dir_in);
+  const std::string dir = clean_checkpoint_dir(dir_in);
   auto src = open_tensor_set(dir, "optimizer");
   if (!src) return false;
   // The optimizer first: another optimizer's state has other tensor names, and "tensor
@@ -470,7 +294,7 @@ bool load_optimizer_state(const std::string& dir_in, const ParamLayout& layout, 
 }
 
 nlohmann::json load_trainer_state(const std::string& dir) {
-  const std::string path = join(clean_dir(dir), "trainer_state.json");
+  const std::string path = join(clean_checkpoint_dir(dir), "trainer_state.json");
   if (!fs::exists(path)) return json::object();
   json j = read_json_file(path);
   if (!j.is_object()) throw Error(path + ": expected a JSON object");
@@ -479,7 +303,7 @@ nlohmann::json load_trainer_state(const std::string& dir) {
 
 namespace {
 const json& trainer_state_field(const json& state, const std::string& dir, const std::string& key) {
-  const std::string path = join(clean_dir(dir), "trainer_state.json");
+  const std::string path = join(clean_checkpoint_dir(dir), "trainer_state.json");
   const json* v = &state;
   std::string at;
   for (size_t b = 0; b <= key.size();) {
@@ -501,7 +325,7 @@ int64_t trainer_state_count(const json& state, const std::string& dir, const std
   const json& v = trainer_state_field(state, dir, key);
   if (!v.is_number_integer() || (!v.is_number_unsigned() && v.get<int64_t>() < 0) ||
       (v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(INT64_MAX)))
-    throw Error(join(clean_dir(dir), "trainer_state.json") + ": key '" + key +
+    throw Error(join(clean_checkpoint_dir(dir), "trainer_state.json") + ": key '" + key +
                 "': expected a non-negative integer, got " + v.dump().substr(0, 80));
   return v.get<int64_t>();
 }
@@ -509,7 +333,7 @@ int64_t trainer_state_count(const json& state, const std::string& dir, const std
 std::string trainer_state_string(const json& state, const std::string& dir, const std::string& key) {
   const json& v = trainer_state_field(state, dir, key);
   if (!v.is_string())
-    throw Error(join(clean_dir(dir), "trainer_state.json") + ": key '" + key + "': expected a string, got " +
+    throw Error(join(clean_checkpoint_dir(dir), "trainer_state.json") + ": key '" + key + "': expected a string, got " +
                 v.dump().substr(0, 80));
   return v.get<std::string>();
 }
