@@ -283,9 +283,23 @@ void SafetensorsReader::read<int32_t>(const std::string& name, int32_t* out, siz
   if (t.numel() != n)
     throw Error(path_ + ": tensor '" + name + "' has shape " + format_shape(t.shape) + " = " +
                 std::to_string(t.numel()) + " elements, expected " + std::to_string(n));
-  if (t.dtype != "I32")
-    throw Error(path_ + ": tensor '" + name + "' has dtype " + t.dtype + "; an integer table must be I32");
-  read_bytes(t, t.begin, out, n * sizeof(int32_t));
+  if (t.dtype == "I32") {
+    read_bytes(t, t.begin, out, n * sizeof(int32_t));
+    return;
+  }
+  if (t.dtype != "I64")
+    throw Error(path_ + ": tensor '" + name + "' has dtype " + t.dtype + "; an integer table must be I32 or I64");
+  std::vector<int64_t> wide(std::min(kChunk, n));
+  for (size_t i0 = 0; i0 < n; i0 += kChunk) {
+    const size_t m = std::min(kChunk, n - i0);
+    read_bytes(t, t.begin + i0 * sizeof(int64_t), wide.data(), m * sizeof(int64_t));
+    for (size_t i = 0; i < m; ++i) {
+      if (wide[i] < INT32_MIN || wide[i] > INT32_MAX)
+        throw Error(path_ + ": tensor '" + name + "' holds " + std::to_string(wide[i]) + " at element " +
+                    std::to_string(i0 + i) + ", outside the int32 range");
+      out[i0 + i] = int32_t(wide[i]);
+    }
+  }
 }
 
 template void SafetensorsReader::read<float>(const std::string&, float*, size_t) const;
@@ -315,13 +329,17 @@ void write_safetensors(const std::string& path, const std::vector<TensorToWrite>
       if (s < 0) bad("negative dimension in shape " + format_shape(t.shape));
       if (mul_overflows(numel, uint64_t(s), &numel)) bad("shape " + format_shape(t.shape) + " overflows");
     }
-    if (int(t.data != nullptr) + int(t.data_f64 != nullptr) + int(t.data_i32 != nullptr) != 1 && numel > 0)
-      bad("exactly one of data (float), data_f64 (double) and data_i32 (int32) must be set");
+    if (int(t.data != nullptr) + int(t.data_f64 != nullptr) + int(t.data_i32 != nullptr) +
+                int(t.data_i64 != nullptr) !=
+            1 &&
+        numel > 0)
+      bad("exactly one of data (float), data_f64 (double), data_i32 (int32) and data_i64 (int64) must be set");
     numels.push_back(numel);
-    header[t.name] = {{"dtype", t.data_i32 ? "I32" : "F32"},
+    const uint64_t bytes = t.element_bytes() * numel;
+    header[t.name] = {{"dtype", t.data_i64 ? "I64" : t.data_i32 ? "I32" : "F32"},
                       {"shape", t.shape},
-                      {"data_offsets", {offset, offset + 4 * numel}}};
-    offset += 4 * numel;
+                      {"data_offsets", {offset, offset + bytes}}};
+    offset += bytes;
   }
   std::string h = header.dump();
   h.append((8 - h.size() % 8) % 8, ' ');
@@ -342,6 +360,10 @@ void write_safetensors(const std::string& path, const std::vector<TensorToWrite>
     }
     if (t.data_i32) {
       f.write(t.data_i32, n * sizeof(int32_t));
+      continue;
+    }
+    if (t.data_i64) {
+      f.write(t.data_i64, n * sizeof(int64_t));
       continue;
     }
     buf.resize(std::min(kChunk, n));

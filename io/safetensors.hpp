@@ -4,9 +4,9 @@
 //    "__metadata__": {"<key>": "<string>"}}   (metadata optional)
 // padded with spaces, then the byte buffer; offsets are relative to the buffer start
 // and the tensors tile the buffer exactly (no overlap, no hole, no trailing bytes).
-// Tensors are row-major and little-endian. moetune writes F32 (and I32 for integer
-// tables such as tid2eid); it reads F32, F64, BF16 and F16 into float or double, and I32
-// (only) into int32_t.
+// Tensors are row-major and little-endian. moetune writes F32 (and I32, or I64 for the
+// Hugging Face form of moetune convert, for integer tables such as tid2eid); it reads
+// F32, F64, BF16 and F16 into float or double, and I32 or I64 (range-checked) into int32_t.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -50,7 +50,8 @@ class SafetensorsReader {  // reads the header eagerly, data on demand
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
 
   // Reads tensor `name` into out[0..n), converting F32/F64/BF16/F16 to T (float or
-  // double); T = int32_t reads an I32 tensor and nothing else. Its element count must be
+  // double); T = int32_t reads an I32 or I64 tensor (every I64 value must fit in int32)
+  // and nothing else. Its element count must be
   // n, else Error naming file, tensor and shape. Thread-safe (pread on a shared descriptor).
   template <class T>
   void read(const std::string& name, T* out, size_t n) const;
@@ -69,18 +70,20 @@ template <>
 void SafetensorsReader::read<int32_t>(const std::string& name, int32_t* out, size_t n) const;
 
 // One tensor to write: exactly one of `data` (float), `data_f64` (double, rounded to
-// float in chunks), both written as F32, and `data_i32` (written as I32) points at
-// numel(shape) row-major elements.
+// float in chunks), both written as F32, `data_i32` (written as I32) and `data_i64`
+// (written as I64) points at numel(shape) row-major elements.
 struct TensorToWrite {
   std::string name;
   std::vector<int64_t> shape;
   const float* data = nullptr;
   const double* data_f64 = nullptr;
   const int32_t* data_i32 = nullptr;
+  const int64_t* data_i64 = nullptr;
+  size_t element_bytes() const { return data_i64 ? 8 : 4; }
 };
 
-// A TensorToWrite over float or double data (written as F32 either way), or int32_t
-// data (written as I32).
+// A TensorToWrite over float or double data (written as F32 either way), int32_t data
+// (written as I32) or int64_t data (written as I64).
 template <class T>
 TensorToWrite to_write(std::string name, std::vector<int64_t> shape, const T* data) {
   TensorToWrite w;
@@ -90,12 +93,14 @@ TensorToWrite to_write(std::string name, std::vector<int64_t> shape, const T* da
     w.data = data;
   else if constexpr (std::is_same_v<T, int32_t>)
     w.data_i32 = data;
+  else if constexpr (std::is_same_v<T, int64_t>)
+    w.data_i64 = data;
   else
     w.data_f64 = data;
   return w;
 }
 
-// Writes the tensors (F32, or I32 for data_i32), packed contiguously in the given order, header padded
+// Writes the tensors (F32, or I32 / I64 for data_i32 / data_i64), packed contiguously in the given order, header padded
 // with spaces to a multiple of 8 bytes. Goes through "<path>.tmp" + fsync + rename,
 // so a failure never leaves a half file under <path>. Errors (duplicate or reserved
 // names, negative dims, unwritable directory, disk full) throw Error naming the path.

@@ -141,12 +141,29 @@ TEST_F(SafetensorsTest, Int32TablesRoundTripStrictly) {
   std::vector<float> as_float(6);
   EXPECT_CONTAINS(error_of([&] { r.read("table", as_float.data(), 6); }), "tensor 'table' has dtype I32");
   std::vector<int32_t> as_int(2);
-  EXPECT_CONTAINS(error_of([&] { r.read("w", as_int.data(), 2); }), "tensor 'w' has dtype F32; an integer table must be I32");
+  EXPECT_CONTAINS(error_of([&] { r.read("w", as_int.data(), 2); }), "tensor 'w' has dtype F32; an integer table must be I32 or I64");
   EXPECT_CONTAINS(error_of([&] { r.read("table", back.data(), 5); }), "expected 5");
   // Exactly one data pointer.
   TensorToWrite both = to_write<int32_t>("x", {2}, t.data());
   both.data = f.data();
   EXPECT_CONTAINS(error_of([&] { write_safetensors(file("bad.safetensors"), {both}); }), "exactly one");
+}
+
+TEST_F(SafetensorsTest, Int64TablesAreReadIntoInt32WithARangeCheck) {
+  // transformers stores integer buffers as torch.long (I64); moetune convert reads them.
+  const std::vector<int64_t> t = {0, 5, -3, 2147483647};
+  const std::vector<int64_t> big = {1, int64_t(1) << 40};
+  const std::string p = file("i64.safetensors");
+  write_safetensors(p, {to_write<int64_t>("table", {2, 2}, t.data()), to_write<int64_t>("big", {2}, big.data())});
+  SafetensorsReader r(p);
+  EXPECT_EQ(r.at("table").dtype, "I64");
+  EXPECT_EQ(r.at("table").end - r.at("table").begin, 32u);
+  std::vector<int32_t> back(4);
+  r.read("table", back.data(), back.size());
+  EXPECT_EQ(back, (std::vector<int32_t>{0, 5, -3, 2147483647}));
+  std::vector<int32_t> two(2);
+  EXPECT_CONTAINS(error_of([&] { r.read("big", two.data(), 2); }),
+                  "tensor 'big' holds 1099511627776 at element 1, outside the int32 range");
 }
 
 TEST_F(SafetensorsTest, BytesOnDiskFollowTheFormat) {
