@@ -297,14 +297,15 @@ TEST(Muon, BadConfigNamesTheKey) {
   EXPECT_CONTAINS(error_of([&] { validate(o); }), "optim.name");
   EXPECT_EQ(error_of([&] { validate(OptimizerConfig{}); }), kNoError);
   // Through the run configuration.
-  for (const auto& [set, key] : std::vector<std::pair<std::string, std::string>>{
+  for (const auto& set_key : std::vector<std::pair<std::string, std::string>>{
            {"optim.name=\"lion\"", "optim.name"},
            {"optim.muon_momentum=1", "optim.muon_momentum"},
            {"optim.muon_momentum=-0.5", "optim.muon_momentum"},
            {"optim.muon_weight_decay=-0.1", "optim.muon_weight_decay"},
            {"optim.muon_lr=-1", "optim.muon_lr"}}) {
+    const std::string& set = set_key.first;  // (clang 14 cannot capture a structured binding)
     RunConfig rc;
-    EXPECT_CONTAINS(error_of([&] { rc.set(set); }), "key '" + key + "'");
+    EXPECT_CONTAINS(error_of([&] { rc.set(set); }), "key '" + set_key.second + "'");
   }
   RunConfig rc;
   rc.set("optim.name=muon");
