@@ -21,6 +21,7 @@
 #include "dist/environment.hpp"
 #include "io/checkpoint.hpp"
 #include "io/fsutil.hpp"
+#include "io/hf_convert.hpp"
 #include "io/json_parse.hpp"
 #include "io/token_file.hpp"
 #include "moe/config.hpp"
@@ -327,6 +328,18 @@ int main(int argc, char** argv) {
   insp->add_option("--tokenizer", insp_tok, "Tokenizer to decode with (checked against the file's SHA-256)");
   insp->add_option("--show", insp_show, "Decode the first N documents (needs --tokenizer)");
 
+  // ---- convert
+  auto* convc = app.add_subcommand(
+      "convert", "Convert a checkpoint to or from the Hugging Face transformers layout (docs/checkpoint.md)");
+  std::string conv_to, conv_from, conv_in, conv_out;
+  double conv_shard_mib = 0;
+  convc->add_option("--to", conv_to, "hf: write the Hugging Face form (stacked experts) of a moetune checkpoint");
+  convc->add_option("--from", conv_from, "hf: read a Hugging Face DeepSeek directory into a moetune checkpoint");
+  convc->add_option("input", conv_in, "Checkpoint directory to read")->required();
+  convc->add_option("output", conv_out, "Directory to write (replaced only if empty or a checkpoint)")->required();
+  convc->add_option("--max-shard-mib", conv_shard_mib,
+                    "With --to hf: shards of at most this many MiB plus model.safetensors.index.json (0 = one file)");
+
   // ---- help-config
   auto* keys = app.add_subcommand("config-keys", "Print every run-config key with its default and meaning");
 
@@ -336,7 +349,7 @@ int main(int argc, char** argv) {
     return rank == 0 ? app.exit(e) : (e.get_exit_code() == 0 ? 0 : 1);
   }
   try {
-    if ((*init || *gen || *keys || *tokc || *datac) && rank != 0) return 0;  // single-writer commands: rank 0 only
+    if ((*init || *gen || *keys || *tokc || *datac || *convc) && rank != 0) return 0;  // single-writer commands: rank 0 only
     if (*init) {
       std::ifstream probe(init_config);
       ModelConfig cfg = model_config_from_any(init_config, init_sets);
@@ -399,6 +412,20 @@ int main(int argc, char** argv) {
       rc.validate(bench_config);
       bopt.table = !bench_quiet;
       run_bench(rc, bopt);
+    } else if (*convc) {
+      if ((conv_to.empty()) == (conv_from.empty()))
+        throw Error("convert: give exactly one of --to hf and --from hf");
+      const std::string& fmt = conv_to.empty() ? conv_from : conv_to;
+      if (fmt != "hf") throw Error("convert: unknown format '" + fmt + "' (the one format is hf)");
+      if (!(conv_shard_mib >= 0)) throw Error("convert: --max-shard-mib must be >= 0");
+      if (!conv_from.empty() && conv_shard_mib > 0) throw Error("convert: --max-shard-mib goes with --to hf");
+      const ConvertReport r = conv_to.empty() ? convert_from_hf(conv_in, conv_out)
+                                              : convert_to_hf(conv_in, conv_out,
+                                                              uint64_t(conv_shard_mib * 1024 * 1024));
+      std::printf("wrote %s (%s form, model_type %s): %lld tensors, %lld parameters\n", conv_out.c_str(),
+                  conv_to.empty() ? "moetune" : "Hugging Face", r.model_type.c_str(), (long long)r.tensors,
+                  (long long)r.parameters);
+      for (const auto& n : r.notes) std::printf("note: %s\n", n.c_str());
     } else if (*genc) {
       gopt.gen.sampling.temperature = gen_temp;
       gopt.progress = !gen_quiet;

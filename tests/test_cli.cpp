@@ -58,7 +58,7 @@ class Cli : public ::testing::Test {
 
 TEST_F(Cli, HelpForEveryCommand) {
   for (const char* cmd : {"", "init", "train", "sft", "gen-data", "config-keys", "tokenizer train", "tokenizer encode",
-                          "tokenizer decode", "tokenizer info", "data prepare", "data inspect", "bench"}) {
+                          "tokenizer decode", "tokenizer info", "data prepare", "data inspect", "bench", "convert"}) {
     auto r = run(std::string(cmd) + " --help");
     EXPECT_EQ(r.code, 0) << cmd << r.out;
     EXPECT_NE(r.out.find("Usage"), std::string::npos) << cmd;
@@ -81,6 +81,36 @@ TEST_F(Cli, InitTrainAndResumeFromInit) {
   EXPECT_TRUE(fs::exists(dir / "run" / "metrics.jsonl"));
   EXPECT_TRUE(fs::exists(dir / "run" / "step-00000002" / "optimizer.safetensors.index.json"));
   EXPECT_TRUE(fs::exists(dir / "run" / "step-00000002" / "model-00001-of-00005.safetensors"));
+}
+
+TEST_F(Cli, ConvertATrainedCheckpointToHuggingFaceAndBack) {
+  auto data = write("d.jsonl", "{\"input_ids\": [1,2,3,4,5,6,7,8,9]}\n{\"input_ids\": [3,4,5,6]}\n");
+  auto cfg = run_config(data);
+  auto r = run("train --config " + cfg + " --out " + (dir / "run").string() + " --peak-gflops 10 --set train.steps=2");
+  ASSERT_EQ(r.code, 0) << r.out;
+  const std::string ck = (dir / "run" / "step-00000002").string(), hf = (dir / "hf").string(),
+                    back = (dir / "back").string();
+  r = run("convert --to hf " + ck + " " + hf);  // the trainer's sharded (E + 1 files) layout in
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("model_type deepseek_v3"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("note: attention is moetune's grouped-query attention"), std::string::npos) << r.out;
+  EXPECT_TRUE(fs::exists(dir / "hf" / "model.safetensors"));
+  r = run("convert --from hf " + hf + " " + back);
+  ASSERT_EQ(r.code, 0) << r.out;
+  r = run("train --config " + cfg + " --out " + (dir / "run2").string() + " --init-from " + back +
+          " --peak-gflops 10 --set train.steps=1");
+  ASSERT_EQ(r.code, 0) << r.out;
+  // Bad arguments name what is wrong and write nothing.
+  r = run("convert " + ck + " " + (dir / "x").string());
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.out.find("exactly one of --to hf and --from hf"), std::string::npos) << r.out;
+  r = run("convert --to gguf " + ck + " " + (dir / "x").string());
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.out.find("unknown format 'gguf'"), std::string::npos) << r.out;
+  r = run("convert --from hf " + (dir / "nowhere").string() + " " + (dir / "x").string());
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.out.find("nowhere/config.json: missing"), std::string::npos) << r.out;
+  EXPECT_FALSE(fs::exists(dir / "x"));
 }
 
 TEST_F(Cli, MalformedJsonlNamesFileAndLine) {
