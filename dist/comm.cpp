@@ -264,6 +264,31 @@ void Comm::reduce_scatter_sum(std::span<const std::type_identity_t<T>> send, std
               sum_op<T>(), comm_);
 }
 
+template <MpiOrderedElement T>
+void Comm::allreduce_sum_rank_order(std::span<T> inout) const {
+  require_valid("Comm::allreduce_sum_rank_order");
+  if (size_ == 1) return;
+  constexpr std::size_t kPiece = std::size_t(1) << 24;
+  const auto W = static_cast<std::size_t>(size_), me = static_cast<std::size_t>(rank_);
+  std::vector<std::int64_t> send_counts(W), recv_counts(W), block(W);
+  std::vector<T> recv, mine;
+  for (std::size_t p0 = 0; p0 < inout.size(); p0 += kPiece) {
+    const std::size_t n = std::min(kPiece, inout.size() - p0);
+    for (std::size_t r = 0; r < W; ++r) block[r] = std::int64_t(n * (r + 1) / W - n * r / W);
+    const std::size_t len = std::size_t(block[me]);
+    for (std::size_t r = 0; r < W; ++r) {
+      send_counts[r] = block[r];
+      recv_counts[r] = std::int64_t(len);
+    }
+    recv.resize(W * len);
+    alltoallv<T>(std::span<const T>(inout.data() + p0, n), send_counts, std::span<T>(recv), recv_counts);
+    mine.assign(recv.begin(), recv.begin() + std::ptrdiff_t(len));
+    for (std::size_t r = 1; r < W; ++r)
+      for (std::size_t i = 0; i < len; ++i) mine[i] += recv[r * len + i];
+    allgatherv<T>(std::span<const T>(mine), std::span<T>(inout.data() + p0, n), block);
+  }
+}
+
 bool Comm::all_true(bool local) const {
   require_valid("Comm::all_true (MPI_Allreduce)");
   int value = local ? 1 : 0;
@@ -352,6 +377,8 @@ MOETUNE_COMM_INSTANTIATE_ORDERED(std::int64_t)
 MOETUNE_COMM_INSTANTIATE_ORDERED(std::uint64_t)
 MOETUNE_COMM_INSTANTIATE_ORDERED(float)
 MOETUNE_COMM_INSTANTIATE_ORDERED(double)
+template void Comm::allreduce_sum_rank_order<float>(std::span<float>) const;
+template void Comm::allreduce_sum_rank_order<double>(std::span<double>) const;
 
 #undef MOETUNE_COMM_INSTANTIATE_ALL
 #undef MOETUNE_COMM_INSTANTIATE_ORDERED

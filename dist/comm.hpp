@@ -109,6 +109,14 @@ class Comm {
   void reduce_scatter_sum(std::span<const std::type_identity_t<T>> send, std::span<T> recv,
                           const std::vector<std::int64_t>& counts) const;
 
+  // COLLECTIVE, in place, float / double: inout[i] = ((v_0 + v_1) + v_2) + ... + v_{W-1}
+  // over the ranks' values in rank order, the same bits on every rank and from run to
+  // run (MPI_Allreduce's order is its own). A reduce-scatter then an all-gather: rank r
+  // sums block r of every rank's buffer (alltoallv), then the blocks are all-gathered;
+  // the buffer goes in pieces of at most 2^24 elements. parallel.reduction = "fp32".
+  template <MpiOrderedElement T>
+  void allreduce_sum_rank_order(std::span<T> inout) const;
+
   // COLLECTIVE: logical AND of `local` over ranks (a verdict combiner: "did every rank
   // succeed?").
   bool all_true(bool local) const;

@@ -76,20 +76,27 @@ std::unique_ptr<AllToAllExpertStage<T>> install_expert_stage(ProcessGrid& grid, 
   return stage;
 }
 
+Reduction parse_reduction(const std::string& name, const std::string& key) {
+  if (name == "exact") return Reduction::exact;
+  if (name == "fp32") return Reduction::fp32;
+  throw Error("key '" + key + "': expected \"exact\" or \"fp32\", got \"" + name + "\"");
+}
+
 template <class T>
-ParallelTrainer<T>::ParallelTrainer(const ModelConfig& cfg, ProcessGrid& grid, const AdamWConfig& ac, int zero_stage)
-    : ParallelTrainer(cfg, grid, OptimizerConfig{"adamw", ac, {}}, zero_stage) {}
+ParallelTrainer<T>::ParallelTrainer(const ModelConfig& cfg, ProcessGrid& grid, const AdamWConfig& ac, int zero_stage,
+                                    Reduction reduction)
+    : ParallelTrainer(cfg, grid, OptimizerConfig{"adamw", ac, {}}, zero_stage, reduction) {}
 
 template <class T>
 ParallelTrainer<T>::ParallelTrainer(const ModelConfig& cfg, ProcessGrid& grid, const OptimizerConfig& oc,
-                                    int zero_stage)
-    : grid_(grid), cfg_(cfg), zero_(zero_stage) {
+                                    int zero_stage, Reduction reduction)
+    : grid_(grid), cfg_(cfg), zero_(zero_stage), reduction_(reduction) {
   if (zero_stage != 0 && zero_stage != 1)
     throw Error("key 'parallel.zero_stage': must be 0 or 1, got " + std::to_string(zero_stage));
   model_ = std::make_unique<Model<T>>(cfg, grid.expert_begin, grid.expert_end);
   const ParamLayout& lay = model_->layout();
   opt_ = std::make_unique<Optimizer<T>>(lay, oc);
-  acc_.assign(lay.total(), int128(0));
+  if (reduction_ == Reduction::exact) acc_.assign(lay.total(), int128(0));
   // Segments: maximal runs of dense or of expert tensors, in layout order.
   for (const auto& t : lay.tensors()) {
     const bool ex = ParamLayout::is_expert_tensor(t.name);
@@ -128,6 +135,7 @@ ParallelTrainer<T>::ParallelTrainer(const ModelConfig& cfg, ProcessGrid& grid, c
 
 template <class T>
 void ParallelTrainer<T>::flush_leaf(size_t begin, size_t end) {
+  if (reduction_ == Reduction::fp32) return;  // the leaves just add up in the model's buffer
   profile::Scope ps(profile::Phase::grad_accum);
   auto& g = model_->grads();
   try {
@@ -153,7 +161,7 @@ StepResult ParallelTrainer<T>::accumulate(const std::vector<MicroBatch>& batch, 
   profile::Scope ps(profile::Phase::grad_accum);
   if (stage_) stage_->stats.reset();
   model_->zero_grad();
-  std::fill(acc_.begin(), acc_.end(), int128(0));
+  std::fill(acc_.begin(), acc_.end(), int128(0));  // (empty under fp32)
   nonfinite_ = 0;
   // Per local micro-batch: ce, aux, seq, z, targets, tokens, dropped.
   constexpr int kStats = 7;
@@ -196,18 +204,23 @@ StepResult ParallelTrainer<T>::accumulate(const std::vector<MicroBatch>& batch, 
     stats.exchange.combine_s += stage_->stats.combine_s;
   }
 
-  // Exact reduction of the gradient leaves.
+  // Reduction of the gradient leaves: exact (int128), or in rank order (fp32). Under
+  // fp32 a non-finite value propagates through the sums into the gradient norm.
   ps.next(profile::Phase::grad_reduce);
   t0 = clock_type::now();
   for (const auto& s : segments_) {
     const Comm& c = s.expert ? grid_.edp_comm : grid_.world;
-    if (c.size() > 1) {
+    if (c.size() == 1) continue;
+    if (reduction_ == Reduction::exact) {
       c.allreduce_sum(std::span<int128>(acc_.data() + s.begin, s.end - s.begin));
       stats.reduce_bytes += int64_t(s.end - s.begin) * int64_t(sizeof(int128));
+    } else {
+      c.allreduce_sum_rank_order(std::span<T>(model_->grads().data() + s.begin, s.end - s.begin));
+      stats.reduce_bytes += int64_t(s.end - s.begin) * int64_t(sizeof(T));
     }
   }
   stats.reduce_s += since(t0);
-  load_fixed(std::span<T>(model_->grads()), std::span<const int128>(acc_));
+  if (reduction_ == Reduction::exact) load_fixed(std::span<T>(model_->grads()), std::span<const int128>(acc_));
 
   // Loss terms summed in global micro-batch order; expert loads are exact integers.
   std::vector<double> all(size_t(M) * kStats);

@@ -50,6 +50,15 @@ struct LossHead {
 template <class T>
 std::unique_ptr<AllToAllExpertStage<T>> install_expert_stage(ProcessGrid& grid, Model<T>& model);
 
+// How the gradient leaves become the global gradient (parallel.reduction):
+//   exact: int128 fixed-point sums, the same bits on every layout (docs/parallel.md);
+//   fp32:  the micro-batches' gradients accumulate in the model's own buffer (T) and
+//          are all-reduced in rank order (Comm::allreduce_sum_rank_order): faster,
+//          deterministic for a given layout, but not layout-invariant.
+enum class Reduction { exact, fp32 };
+// "exact" | "fp32"; Error naming `key` otherwise.
+Reduction parse_reduction(const std::string& name, const std::string& key);
+
 template <class T>
 class ParallelTrainer {
  public:
@@ -59,14 +68,17 @@ class ParallelTrainer {
   // boundaries that would cut a Muon matrix move to one of its ends, and the rank whose
   // shard holds a matrix alone computes its update (for an expert: a rank of the EP
   // group that owns the expert), then all-gathers it.
-  ParallelTrainer(const ModelConfig& cfg, ProcessGrid& grid, const OptimizerConfig& oc, int zero_stage = 0);
+  ParallelTrainer(const ModelConfig& cfg, ProcessGrid& grid, const OptimizerConfig& oc, int zero_stage = 0,
+                  Reduction reduction = Reduction::exact);
   // AdamW (optim.name = "adamw").
-  ParallelTrainer(const ModelConfig& cfg, ProcessGrid& grid, const AdamWConfig& ac, int zero_stage = 0);
+  ParallelTrainer(const ModelConfig& cfg, ProcessGrid& grid, const AdamWConfig& ac, int zero_stage = 0,
+                  Reduction reduction = Reduction::exact);
 
   Model<T>& model() { return *model_; }
   Optimizer<T>& optimizer() { return *opt_; }
   ProcessGrid& grid() { return grid_; }
   int zero_stage() const { return zero_; }
+  Reduction reduction() const { return reduction_; }
 
   // Collective. Forward/backward of this rank's share of the global batch and the
   // exact reduction; afterwards model().grads() holds the global gradient of this
@@ -105,9 +117,10 @@ class ParallelTrainer {
   std::unique_ptr<Model<T>> model_;
   std::unique_ptr<Optimizer<T>> opt_;
   std::unique_ptr<AllToAllExpertStage<T>> stage_;
-  std::vector<int128> acc_;
+  std::vector<int128> acc_;  // exact reduction only
   std::vector<Segment> segments_;
   int zero_ = 0;
+  Reduction reduction_ = Reduction::exact;
   size_t nonfinite_ = 0;  // non-finite gradient values met in this step's leaves
   // ZeRO-1: per segment, this rank's shard [begin, end), the shard sizes of every rank
   // of the segment's communicator, and the optimizer state of the shards.

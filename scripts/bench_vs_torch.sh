@@ -10,7 +10,8 @@
 #   bench/torch_peer.py --threads N --steps STEPS-1 --warmup 1      (median tok/s of the timed steps)
 # with OMP_NUM_THREADS=N for both, and prints the median over repetitions of each and
 # their ratio. Extra arguments for torch_peer.py can be given in PEER_ARGS, e.g.
-# PEER_ARGS="--blas-core env --malloc default" for stock PyTorch settings.
+# PEER_ARGS="--blas-core env --malloc default" for stock PyTorch settings, and extra
+# run-config overrides for moetune in MOETUNE_SETS, e.g. MOETUNE_SETS="parallel.reduction=fp32".
 # Timings on a shared machine are noisy: compare ratios taken from the same run.
 set -euo pipefail
 
@@ -22,6 +23,9 @@ THREADS=${THREADS:-"1 2"}
 REPS=${REPS:-3}
 STEPS=${STEPS:-20}
 PEER_ARGS=${PEER_ARGS:-}
+MOETUNE_SETS=${MOETUNE_SETS:-}
+SETS=()
+for kv in $MOETUNE_SETS; do SETS+=(--set "$kv"); done
 
 [[ -f $CONFIG ]] || { echo "error: config $CONFIG not found" >&2; exit 1; }
 [[ -x $MOETUNE ]] || { echo "error: $MOETUNE not found or not executable (build it, or set MOETUNE=...)" >&2; exit 1; }
@@ -41,7 +45,7 @@ run_moetune() {  # threads -> median tokens/s over steps 2..STEPS
   rm -rf "$out"
   OMP_NUM_THREADS=$n "$MOETUNE" train --config "$CONFIG" --out "$out" --set train.steps="$STEPS" \
     --set train.threads="$n" --set data.train="$TMP/data.jsonl" --set train.save_every=0 \
-    --set optim.schedule=constant --set optim.warmup_steps=0 \
+    --set optim.schedule=constant --set optim.warmup_steps=0 "${SETS[@]}" \
     --peak-gflops 100 --quiet >/dev/null
   "$TORCH_PYTHON" -c '
 import json, statistics, sys
@@ -62,7 +66,7 @@ for line in sys.stdin:
         print(j["tokens_per_s_median"], "|", j["openblas_coretype"], "|", j["blas"], "|", j["torch_version"])'
 }
 
-echo "config: $CONFIG; moetune: $MOETUNE; $REPS interleaved repetitions of $STEPS steps; PEER_ARGS='$PEER_ARGS'"
+echo "config: $CONFIG; moetune: $MOETUNE; $REPS interleaved repetitions of $STEPS steps; PEER_ARGS='$PEER_ARGS'; MOETUNE_SETS='$MOETUNE_SETS'"
 echo "cpu: $(lscpu | sed -n 's/^Model name: *//p')"
 declare -A M T
 INFO=""

@@ -133,6 +133,7 @@ TEST(RunConfig, ErrorsNameFileAndDottedKey) {
       {{{"optim", {{"schedule", "exp"}}}}, "key 'optim.schedule': must be one of"},
       {{{"optim", {{"min_lr_ratio", 1.5}}}}, "key 'optim.min_lr_ratio': must be in [0, 1]"},
       {{{"optim", {{"warmup_steps", 200}}}}, "key 'optim.warmup_steps': must be <= train.steps (100)"},
+      {{{"parallel", {{"reduction", "bf16"}}}}, "key 'parallel.reduction': must be one of \"exact\", \"fp32\""},
       {{{"model", {{"hidden_sise", 3}}}}, "run.json: key 'model.hidden_sise': unknown"},
       {{{"model", {{"num_experts_per_tok", 9}}}}, "run.json: key 'model.num_experts_per_tok'"},
       {{{"model", {{"hidden_size", "big"}}}}, "key 'model.hidden_size': expected an integer"},

@@ -54,7 +54,7 @@ json bench_impl(const RunConfig& rc, const BenchOptions& opt) {
   dist::ProcessGrid& grid = *grid_holder;
   dist::run_collectively(world, [&] {
     M = global_micro_batches(rc, grid.world_size);
-    trainer_holder = std::make_unique<dist::ParallelTrainer<T>>(cfg, grid, rc.adamw_config(), rc.parallel.zero_stage);
+    trainer_holder = make_trainer<T>(cfg, grid, rc);
     trainer_holder->model().init(rc.train.seed);
     // Synthetic documents (as `moetune gen-data` writes), enough for every step without
     // a second epoch: lengths 8..48, about 28 tokens each.
@@ -147,7 +147,8 @@ json bench_impl(const RunConfig& rc, const BenchOptions& opt) {
   json res;
   res["command"] = "moetune bench";
   res["config"] = rc.to_json();
-  res["layout"] = {{"world_size", W}, {"ep", grid.ep}, {"edp", W / grid.ep}, {"zero_stage", trainer.zero_stage()}};
+  res["layout"] = {{"world_size", W}, {"ep", grid.ep}, {"edp", W / grid.ep}, {"zero_stage", trainer.zero_stage()},
+                   {"reduction", rc.parallel.reduction}};
   res["threads"] = threads;
   res["precision"] = rc.train.precision;
   res["isa"] = kernels::isa_name(kernels::gemm_isa());
@@ -235,10 +236,11 @@ std::string format_bench_table(const json& r) {
   const auto& L = r["layout"];
   const double step = r["step_s"].get<double>();
   std::snprintf(buf, sizeof buf,
-                "moetune bench: W=%d ep=%d (ZeRO %d), %d threads per rank, %s, GEMM %s, %s\n"
+                "moetune bench: W=%d ep=%d (ZeRO %d, %s reduction), %d threads per rank, %s, GEMM %s, %s\n"
                 "global batch %d micro-batches x %d rows x %d = %lld tokens per step; %d warm-up + %d timed steps "
                 "(medians)\n\n",
-                L["world_size"].get<int>(), L["ep"].get<int>(), L["zero_stage"].get<int>(), r["threads"].get<int>(),
+                L["world_size"].get<int>(), L["ep"].get<int>(), L["zero_stage"].get<int>(),
+                L["reduction"].get<std::string>().c_str(), r["threads"].get<int>(),
                 r["precision"].get<std::string>().c_str(), r["isa"].get<std::string>().c_str(),
                 r["cpu"].get<std::string>().c_str(), r["micro_batches"].get<int>(),
                 r["micro_batch_size"].get<int>(), r["seq_len"].get<int>(),

@@ -201,7 +201,7 @@ RlSummary rl_impl(const RunConfig& rc, const RlOptions& opt) {
       remove_incomplete_checkpoints(opt.out_dir);
     }
     trainer_holder =
-        std::make_unique<dist::ParallelTrainer<T>>(cfg, grid, rc.optimizer_config(), rc.parallel.zero_stage);
+        make_trainer<T>(cfg, grid, rc);
     Model<T>& m = trainer_holder->model();
     if (opt.auto_resume && opt.resume_from.empty())
       resume_dir = find_latest_valid_checkpoint(opt.out_dir, [&](const std::string& w) {

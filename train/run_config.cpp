@@ -201,6 +201,11 @@ const std::vector<KeyDef>& keys() {
           [](const int& v, const std::string& w, const std::string& k) {
             if (v != 0 && v != 1) fail(w, k, "must be 0 or 1, got " + std::to_string(v));
           }),
+      key("parallel", &RunConfig::parallel, "reduction", &P::reduction,
+          "how gradients are summed over micro-batches and ranks: \"exact\" = int128 fixed point, the same bits "
+          "at every layout and thread count; \"fp32\" = in the parameters' precision, all-reduced in rank order: "
+          "faster and deterministic for a given layout, but the bits depend on the layout (docs/parallel.md)",
+          one_of({"exact", "fp32"})),
 
       key("rl", &RunConfig::rl, "prompts_per_step", &R::prompts_per_step, "B: prompts per RL step",
           positive<int>()),

@@ -39,6 +39,7 @@ struct TrainConfig {
 struct ParallelConfig {
   int ep = 1;          // expert-parallel group size (divides the number of ranks and n_routed_experts)
   int zero_stage = 0;  // 1: shard AdamW moments of replicated tensors over their data-parallel group
+  std::string reduction = "exact";  // "exact" (int128, layout-invariant) | "fp32" (docs/parallel.md)
 };
 
 struct OptimConfig {

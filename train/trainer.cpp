@@ -97,8 +97,7 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
     M = global_micro_batches(rc, grid.world_size);
     validate(sched);
     if (grid.world_rank == 0) fs::create_directories(opt.out_dir);
-    trainer_holder =
-        std::make_unique<dist::ParallelTrainer<T>>(cfg, grid, rc.optimizer_config(), rc.parallel.zero_stage);
+    trainer_holder = make_trainer<T>(cfg, grid, rc);
     Model<T>& m = trainer_holder->model();
     // Temporary directories of checkpoints whose writing was interrupted are incomplete
     // by construction (a checkpoint only gets its name once complete): remove them.
@@ -362,6 +361,17 @@ int apply_threads(const RunConfig& rc) {
   omp_set_num_threads(threads);
   return threads;
 }
+
+template <class T>
+std::unique_ptr<dist::ParallelTrainer<T>> make_trainer(const ModelConfig& cfg, dist::ProcessGrid& grid,
+                                                       const RunConfig& rc) {
+  return std::make_unique<dist::ParallelTrainer<T>>(cfg, grid, rc.optimizer_config(), rc.parallel.zero_stage,
+                                                    dist::parse_reduction(rc.parallel.reduction, "parallel.reduction"));
+}
+template std::unique_ptr<dist::ParallelTrainer<float>> make_trainer(const ModelConfig&, dist::ProcessGrid&,
+                                                                    const RunConfig&);
+template std::unique_ptr<dist::ParallelTrainer<double>> make_trainer(const ModelConfig&, dist::ProcessGrid&,
+                                                                     const RunConfig&);
 
 int global_micro_batches(const RunConfig& rc, int ranks) {
   const int M = rc.train.micro_batches(ranks);

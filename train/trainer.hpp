@@ -5,10 +5,12 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "dist/parallel_trainer.hpp"
 #include "tokenizer/tokenizer.hpp"
 #include "train/run_config.hpp"
 
@@ -63,6 +65,10 @@ RlResumeState read_rl_resume_state(const std::string& dir);
 int global_micro_batches(const RunConfig& rc, int ranks);
 // Sets OpenMP's thread count from train.threads (0 = OpenMP's default) and returns it.
 int apply_threads(const RunConfig& rc);
+// The trainer of a run on `grid`: optim.*, parallel.zero_stage and parallel.reduction.
+template <class T>
+std::unique_ptr<dist::ParallelTrainer<T>> make_trainer(const ModelConfig& cfg, dist::ProcessGrid& grid,
+                                                       const RunConfig& rc);
 // out/step-NNNNNNNN
 std::string step_dir(const std::string& out, int64_t step);
 // Step checkpoint directories of out, newest first.

@@ -332,6 +332,36 @@ TEST(CommInt128, DistributedFixedSumMatchesSerialSumAtAnyRankCount) {
   for (int i = 0; i < n; ++i) EXPECT_EQ(out[i], dist::from_fixed(serial[i]));
 }
 
+TEST(CommRankOrder, SumIsTheSerialSumInRankOrder) {
+  // parallel.reduction = "fp32": the all-reduced value of every element is, bit for bit,
+  // ((v_0 + v_1) + v_2) + ... in rank order, for lengths that do not divide by the rank
+  // count, shorter than it, and empty.
+  const Comm world = Comm::world();
+  const int p = world.size(), me = world.rank();
+  auto values_of = [](int r, int n) {
+    std::mt19937_64 rng(99 + r);
+    std::uniform_real_distribution<float> mant(-1.0f, 1.0f);
+    std::uniform_int_distribution<int> expo(-20, 20);
+    std::vector<float> v(n);
+    for (float& x : v) x = std::ldexp(mant(rng), expo(rng));
+    return v;
+  };
+  for (int n : {0, 1, 3, 1000, 4099}) {
+    std::vector<float> x = values_of(me, n);
+    world.allreduce_sum_rank_order<float>(x);
+    std::vector<float> serial = values_of(0, n);
+    for (int r = 1; r < p; ++r) {
+      const std::vector<float> v = values_of(r, n);
+      for (int i = 0; i < n; ++i) serial[i] += v[i];
+    }
+    ASSERT_EQ(std::memcmp(x.data(), serial.data(), sizeof(float) * size_t(n)), 0) << "n = " << n << ", -np " << p;
+  }
+  std::vector<double> d = {1.0 + me, 0.5};
+  world.allreduce_sum_rank_order<double>(d);
+  EXPECT_EQ(d[0], double(p) * (p + 1) / 2);
+  EXPECT_EQ(d[1], 0.5 * p);
+}
+
 // ---- environment -----------------------------------------------------------------------
 
 TEST(CommEnvironment, NestedEnvironmentDoesNotOwnMpi) {

@@ -4,6 +4,8 @@
 // verdict is combined over ranks by mpi_main.cpp.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -77,11 +79,12 @@ OptimizerConfig muon_config() {
 // `steps` training steps at (grid's W, ep) with ZeRO stage z; AdamW (weight decay 0.1)
 // unless `optimizer` is given.
 RunResult train(const ModelConfig& cfg, ProcessGrid& grid, int steps, int M, int zero, const std::string& resume = "",
-                int first = 1, const std::string& save = "", const OptimizerConfig* optimizer = nullptr) {
+                int first = 1, const std::string& save = "", const OptimizerConfig* optimizer = nullptr,
+                Reduction reduction = Reduction::exact) {
   OptimizerConfig oc;
   oc.adamw.weight_decay = 0.1;
   if (optimizer) oc = *optimizer;
-  ParallelTrainer<float> t(cfg, grid, oc, zero);
+  ParallelTrainer<float> t(cfg, grid, oc, zero, reduction);
   t.model().init(7);
   if (!resume.empty()) {  // weights, routing bias and AdamW state of another layout's checkpoint
     load_model_weights(resume, cfg, t.model().layout(), t.model().params(), t.model().expert_bias(),
@@ -265,6 +268,41 @@ TEST(ExpertParallel, TrainingIsBitIdenticalToOneRank) {
       }
       EXPECT_GT(compared, 0);
       EXPECT_EQ(got.bias, ref.bias);
+    }
+}
+
+// parallel.reduction = "fp32": the same run twice gives the same bits at every layout
+// (deterministic for a given layout), and stays close to the exact reduction, whose
+// bits it does not promise.
+TEST(ExpertParallel, Fp32ReductionIsDeterministicAndCloseToExact) {
+  Comm world = Comm::world();
+  const auto cfg = tiny_config();
+  const int W = world.size(), M = 12, steps = 6;
+  Comm self = Comm::self();
+  ProcessGrid one = ProcessGrid::create(self, 1, cfg);
+  const RunResult exact = train(cfg, one, steps, M, 0);
+  for (int ep : valid_eps(W, cfg.E()))
+    for (int zero : {0, 1}) {
+      ProcessGrid grid = ProcessGrid::create(world, ep, cfg);
+      const RunResult a = train(cfg, grid, steps, M, zero, "", 1, "", nullptr, Reduction::fp32);
+      const RunResult b = train(cfg, grid, steps, M, zero, "", 1, "", nullptr, Reduction::fp32);
+      ASSERT_EQ(a.params, b.params) << "W=" << W << " ep=" << ep << " zero=" << zero;
+      ASSERT_EQ(a.losses, b.losses);
+      // The fp32 path is the one taken: its roundings are not the exact sum's.
+      EXPECT_NE(a.params, exact.params);
+      double worst = 0;
+      for (int s = 0; s < steps; ++s) {
+        worst = std::max(worst, std::fabs(a.losses[s] - exact.losses[s]) / std::fabs(exact.losses[s]));
+        EXPECT_NEAR(a.norms[s], exact.norms[s], 1e-4 * exact.norms[s]) << "step " << s + 1;
+      }
+      EXPECT_LT(worst, 1e-5) << "W=" << W << " ep=" << ep << " zero=" << zero;
+      double pmax = 0;
+      for (const auto& t : a.layout->tensors()) {
+        const auto& rt = exact.layout->at(t.name);
+        for (size_t i = 0; i < t.numel; ++i)
+          pmax = std::max(pmax, double(std::fabs(a.params[t.offset + i] - exact.params[rt.offset + i])));
+      }
+      EXPECT_LT(pmax, 1e-4) << "W=" << W << " ep=" << ep << " zero=" << zero;
     }
 }
 
