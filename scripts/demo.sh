@@ -8,9 +8,11 @@
 #   5. eval of base, SFT and RL on the held-out test prompts: a Markdown table
 #   6. PNG plots of the RL curves (scripts/plot_rl.py, needs python3-matplotlib)
 # Output in runs/demo (or --out DIR); --seed S (or DEMO_SEED) sets the data and training seed;
-# DEMO_THREADS (default: all cores) and DEMO_RL_STEPS (default 250) override those numbers.
+# --config F runs the same recipe on another model (default examples/arith.json; e.g.
+# examples/v4-mini.json, the DeepSeek-V4-shaped one); DEMO_THREADS (default: all cores),
+# DEMO_PRETRAIN_STEPS (900) and DEMO_RL_STEPS (250) override those numbers.
 #
-# usage: scripts/demo.sh [--seed S] [--out DIR] [--no-setup]
+# usage: scripts/demo.sh [--seed S] [--out DIR] [--config F] [--no-setup]
 #        scripts/demo.sh tiny|small [extra `moetune train` arguments]   (the old examples)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -36,24 +38,26 @@ fi
 seed=${DEMO_SEED:-1}
 out=runs/demo
 setup=1
+# The recipe (the config holds the model and the rl section).
+cfg=examples/arith.json
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --seed) seed="${2:?--seed needs a number}"; shift ;;
     --out) out="${2:?--out needs a directory}"; shift ;;
+    --config) cfg="${2:?--config needs a run config}"; shift ;;
     --no-setup) setup=0 ;;
-    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "demo.sh: unknown argument '$1' (try --help; old examples: tiny, small)" >&2; exit 2 ;;
   esac
   shift
 done
 
-# The recipe (examples/arith.json holds the model and the rl section).
-cfg=examples/arith.json
+[[ -f $cfg ]] || { echo "demo.sh: --config $cfg: no such file" >&2; exit 2; }
 # The SFT demonstrations forget the carry in half of the carry problems (a systematic
 # mistake, as imperfect human demonstrations make); the pre-training text and the
 # prompts are right, and the math reward catches the mistake.
 task=(--task arith --digits 2 --ops + --sft 20000 --train-prompts 2000 --test-prompts 500 --sft-carry-error 0.5)
-pretrain_steps=900      # base model: equations as plain text (8 rows x 128 tokens a step)
+pretrain_steps=${DEMO_PRETRAIN_STEPS:-900}  # base model: equations as plain text (8 rows x 128 tokens a step)
 sft_steps=160           # SFT on the noisy demonstrations
 sft_lr=1e-3
 rl_steps=${DEMO_RL_STEPS:-250}   # GRPO
