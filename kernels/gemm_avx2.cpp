@@ -50,11 +50,55 @@ void ukernel_f32(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t
   store_tile<float, kMr, kNr>(acc, C, ldc, m, n, overwrite);
 }
 
+// In-register transpose of 8 x 8 floats: v[i] (row i) becomes column i.
+inline void transpose8(__m256 v[8]) {
+  __m256 t[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(v[i], v[i + 1]);      // per 128-bit lane: a0 b0 a1 b1
+    t[i + 1] = _mm256_unpackhi_ps(v[i], v[i + 1]);  //                   a2 b2 a3 b3
+  }
+  __m256 s[8];
+  for (int i = 0; i < 8; i += 4) {
+    s[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);      // a0 b0 c0 d0 | a4 b4 c4 d4
+    s[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);  // a1 b1 c1 d1 | a5 ...
+    s[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    s[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int c = 0; c < 4; ++c) {
+    v[c] = _mm256_permute2f128_ps(s[c], s[4 + c], 0x20);      // rows 0-7 of column c
+    v[c + 4] = _mm256_permute2f128_ps(s[c], s[4 + c], 0x31);  // rows 0-7 of column c + 4
+  }
+}
+
+// AVX2 lane mask of the first n (0..8) lanes.
+inline __m256i first_lanes(int n) {
+  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), idx);
+}
+
+// PackRows (gemm_ukernel.hpp) by 8 x 8 blocks: masked loads for the k tail and the
+// missing rows, masked stores for the lanes of a panel narrower than 8.
+void pack_rows_f32(float* dst, const float* src, int64_t ld, int rows, int64_t kc, int w) {
+  for (int r0 = 0; r0 < w; r0 += 8) {
+    const int g = w - r0 < 8 ? w - r0 : 8;
+    const __m256i lanes = first_lanes(g);
+    for (int64_t k0 = 0; k0 < kc; k0 += 8) {
+      const int kk = kc - k0 < 8 ? int(kc - k0) : 8;
+      const __m256i kmask = first_lanes(kk);
+      __m256 v[8];
+      for (int i = 0; i < 8; ++i)
+        v[i] = (i < g && r0 + i < rows) ? _mm256_maskload_ps(src + (r0 + i) * ld + k0, kmask) : _mm256_setzero_ps();
+      transpose8(v);
+      for (int k = 0; k < kk; ++k) _mm256_maskstore_ps(dst + (k0 + k) * w + r0, lanes, v[k]);
+    }
+  }
+}
+
 }  // namespace
 
 UkernelSet avx2_kernels() {
   UkernelSet s;
-  s.f32 = {kMr, kNr, &ukernel_f32};
+  s.f32 = {kMr, kNr, &ukernel_f32, &pack_rows_f32};
   s.f64 = {4, 8, &ukernel_generic<double, 4, 8>};
   return s;
 }

@@ -5,6 +5,12 @@
 // the compiler vectorises here.
 #include <immintrin.h>
 
+#include <algorithm>
+
+// GCC 12 warns that the _mm512_undefined_ps() inside its own shuffle intrinsics "may be
+// used uninitialized" (a false positive in the header, not in this code).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 #include "kernels/gemm_ukernel.hpp"
 
 namespace moetune::kernels::detail {
@@ -50,11 +56,56 @@ void ukernel_f32(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t
   store_tile<float, kMr, kNr>(acc, C, ldc, m, n, overwrite);
 }
 
+// In-register transpose of 16 x 16 floats: v[i] (row i) becomes column i.
+inline void transpose16(__m512 v[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(v[i], v[i + 1]);      // per 128-bit lane: a0 b0 a1 b1
+    t[i + 1] = _mm512_unpackhi_ps(v[i], v[i + 1]);  //                   a2 b2 a3 b3
+  }
+  for (int i = 0; i < 16; i += 4) {
+    v[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);      // a0 b0 c0 d0
+    v[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);  // a1 b1 c1 d1
+    v[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    v[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  // v[4q + c] holds rows 4q..4q+3 of columns c, c+4, c+8, c+12 (one per 128-bit lane).
+  for (int c = 0; c < 4; ++c) {
+    const __m512 lo02 = _mm512_shuffle_f32x4(v[c], v[4 + c], 0x88);   // rows 0-7 of columns c, c+8
+    const __m512 hi02 = _mm512_shuffle_f32x4(v[8 + c], v[12 + c], 0x88);
+    const __m512 lo13 = _mm512_shuffle_f32x4(v[c], v[4 + c], 0xDD);   // rows 0-7 of columns c+4, c+12
+    const __m512 hi13 = _mm512_shuffle_f32x4(v[8 + c], v[12 + c], 0xDD);
+    t[c] = _mm512_shuffle_f32x4(lo02, hi02, 0x88);
+    t[c + 8] = _mm512_shuffle_f32x4(lo02, hi02, 0xDD);
+    t[c + 4] = _mm512_shuffle_f32x4(lo13, hi13, 0x88);
+    t[c + 12] = _mm512_shuffle_f32x4(lo13, hi13, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) v[i] = t[i];
+}
+
+// PackRows (gemm_ukernel.hpp) by 16 x 16 blocks: masked loads for the k tail and the
+// missing rows, masked stores for the lanes of a panel narrower than 16.
+void pack_rows_f32(float* dst, const float* src, int64_t ld, int rows, int64_t kc, int w) {
+  for (int r0 = 0; r0 < w; r0 += 16) {
+    const int g = std::min(16, w - r0);
+    const __mmask16 lanes = __mmask16((1u << g) - 1u);
+    for (int64_t k0 = 0; k0 < kc; k0 += 16) {
+      const int kk = int(std::min<int64_t>(16, kc - k0));
+      const __mmask16 kmask = __mmask16((1u << kk) - 1u);
+      __m512 v[16];
+      for (int i = 0; i < 16; ++i)
+        v[i] = (i < g && r0 + i < rows) ? _mm512_maskz_loadu_ps(kmask, src + (r0 + i) * ld + k0) : _mm512_setzero_ps();
+      transpose16(v);
+      for (int k = 0; k < kk; ++k) _mm512_mask_storeu_ps(dst + (k0 + k) * w + r0, lanes, v[k]);
+    }
+  }
+}
+
 }  // namespace
 
 UkernelSet avx512_kernels() {
   UkernelSet s;
-  s.f32 = {kMr, kNr, &ukernel_f32};
+  s.f32 = {kMr, kNr, &ukernel_f32, &pack_rows_f32};
   s.f64 = {8, 16, &ukernel_generic<double, 8, 16>};
   return s;
 }

@@ -13,10 +13,18 @@ namespace moetune::kernels::detail {
 template <class T>
 using Ukernel = void (*)(int64_t kc, const T* Ap, const T* Bp, T* C, int64_t ldc, int m, int n, bool overwrite);
 
+// The transposing pack both operands need (A stored (M, K), B stored (N, K)): for a
+// panel of `rows` <= w source rows of kc contiguous elements (leading dimension ld),
+// dst[k*w + r] = src[r*ld + k] for r < rows, and 0 for rows <= r < w. Pure data
+// movement: an ISA's SIMD version changes no bit, only the speed.
+template <class T>
+using PackRows = void (*)(T* dst, const T* src, int64_t ld, int rows, int64_t kc, int w);
+
 template <class T>
 struct UkernelDesc {
   int mr = 0, nr = 0;
   Ukernel<T> fn = nullptr;
+  PackRows<T> pack_rows = nullptr;  // null: gemm.cpp's scalar loops
 };
 
 struct UkernelSet {
