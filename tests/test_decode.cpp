@@ -148,6 +148,36 @@ TEST(Decode, KvCacheEqualsFullForwardV4Routing) {
   }
 }
 
+// mHC (MODEL.md section 12): the streams, their connections and the head's collapse are
+// per-token computations, so the decode still equals the full forward bit for bit.
+TEST(Decode, KvCacheEqualsFullForwardHyperConnections) {
+  for (bool dbl : {true, false}) {
+    const ModelConfig cfg = small_cfg({{"hc_mult", 3}, {"hc_sinkhorn_iters", 4}});
+    const DecodeDiff d = dbl ? decode_vs_forward<double>(cfg) : decode_vs_forward<float>(cfg);
+    EXPECT_EQ(d.mismatched, 0) << (dbl ? "double" : "float") << ": max relative difference " << d.worst;
+  }
+}
+
+// MTP (MODEL.md section 12): decoding uses the main model only; an MTP block changes no
+// bit of it, and the training forward (which runs the block after the main logits) gives
+// the same main logits as inference.
+TEST(Decode, KvCacheEqualsFullForwardWithMtp) {
+  for (int hc : {1, 2}) {
+    const ModelConfig cfg = small_cfg({{"num_nextn_predict_layers", 1}, {"hc_mult", hc}});
+    const DecodeDiff d = decode_vs_forward<float>(cfg);
+    EXPECT_EQ(d.mismatched, 0) << "hc_mult " << hc << ": max relative difference " << d.worst;
+    Model<float> m(cfg);
+    m.init(5);
+    const auto mb = make_batch(3, 10, cfg.vocab_size, 9);
+    const MicroStats st = m.forward_backward(mb, LossNorm{}, true);
+    EXPECT_GT(st.mtp_loss, 0);
+    EXPECT_GT(st.n_mtp_targets, 0);
+    const std::vector<float> train = m.logits();
+    m.forward(mb, LossNorm{}, ForwardOptions{false});
+    EXPECT_EQ(0, std::memcmp(train.data(), m.logits().data(), train.size() * sizeof(float)));
+  }
+}
+
 TEST(Decode, ExtendRejectsFullRowsAndBadTokens) {
   const auto cfg = small_cfg();
   Model<float> m(cfg);
@@ -163,15 +193,17 @@ TEST(Decode, ExtendRejectsFullRowsAndBadTokens) {
 }
 
 TEST(Decode, InferenceForwardEqualsTrainingForwardBitForBit) {
-  const auto cfg = small_cfg({{"seq_aux_loss_coeff", 0.01}});
-  Model<float> m(cfg);
-  m.init(5);
-  const auto mb = make_batch(3, 10, cfg.vocab_size, 9);
-  m.forward(mb, LossNorm{}, ForwardOptions{true});
-  const std::vector<float> train = m.logits();
-  m.forward(mb, LossNorm{}, ForwardOptions{false});
-  ASSERT_EQ(train.size(), m.logits().size());
-  EXPECT_EQ(0, std::memcmp(train.data(), m.logits().data(), train.size() * sizeof(float)));
+  for (int n : {1, 2}) {
+    const auto cfg = small_cfg({{"seq_aux_loss_coeff", 0.01}, {"hc_mult", n}});
+    Model<float> m(cfg);
+    m.init(5);
+    const auto mb = make_batch(3, 10, cfg.vocab_size, 9);
+    m.forward(mb, LossNorm{}, ForwardOptions{true});
+    const std::vector<float> train = m.logits();
+    m.forward(mb, LossNorm{}, ForwardOptions{false});
+    ASSERT_EQ(train.size(), m.logits().size());
+    EXPECT_EQ(0, std::memcmp(train.data(), m.logits().data(), train.size() * sizeof(float))) << "hc_mult " << n;
+  }
 }
 
 TEST(Replay, OwnRoutingChangesNoBit) {
