@@ -222,6 +222,40 @@ TEST(Replay, OwnRoutingChangesNoBit) {
   EXPECT_EQ(live.dropped_pairs, rep.dropped_pairs);
 }
 
+// MTP (MODEL.md section 12): a forward for a caller's loss head (RL) runs the main model
+// only, so the MTP block's MoE layer records an empty selection, counts nothing, and a
+// replay of such a trace (rollout or pi_old) is accepted and changes no bit; a training
+// step through the loss head then leaves the MTP layer's routing bias alone.
+TEST(Replay, MtpLayerRoutesNothingOutsideTheSupervisedLoss) {
+  const auto cfg = small_cfg({{"num_nextn_predict_layers", 1}, {"hc_mult", 2}});
+  Model<float> m(cfg);
+  m.init(7);
+  const auto mb = make_batch(2, 12, cfg.vocab_size, 4);
+  RoutingTrace rec;
+  const MicroStats live = m.forward(mb, LossNorm{}, ForwardOptions{true, nullptr, &rec});
+  const int nm = cfg.num_moe_layers();
+  ASSERT_EQ(int(rec.idx.size()), nm);
+  EXPECT_TRUE(rec.idx[nm - 1].empty());
+  EXPECT_EQ(live.mtp_loss, 0.0);
+  EXPECT_EQ(live.expert_counts.at(nm - 1), std::vector<int64_t>(cfg.E(), 0));
+  const std::vector<float> want = m.logits();
+  auto& dl = m.dlogits_buffer();
+  dl.assign(m.logits().size(), 0.5f);
+  m.backward(dl.data());  // no MTP gradient pending: only the main model's
+  m.forward(mb, LossNorm{}, ForwardOptions{false, &rec, nullptr});
+  EXPECT_EQ(0, std::memcmp(want.data(), m.logits().data(), want.size() * sizeof(float)));
+  // KV-cache decode records the same empty MTP entry.
+  KvCache<float> kv;
+  m.kv_init(kv, 1, 4);
+  std::vector<float> logits;
+  const int32_t row[2] = {0, 0}, tok[2] = {1, 2};
+  RoutingTrace dec;
+  m.extend(kv, row, tok, 2, logits, &dec);
+  ASSERT_EQ(int(dec.idx.size()), nm);
+  EXPECT_TRUE(dec.idx[nm - 1].empty());
+  EXPECT_EQ(int64_t(dec.idx[0].size()), 2 * cfg.K());
+}
+
 TEST(Replay, WrongShapeIsRejected) {
   const auto cfg = small_cfg();
   Model<float> m(cfg);
