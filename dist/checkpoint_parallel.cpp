@@ -52,7 +52,7 @@ void save_checkpoint_parallel(const std::string& dir_in, const ProcessGrid& g, c
       throw Error(dir + ": save_checkpoint_parallel: the configuration has num_hash_layers = " +
                   std::to_string(cfg.num_hash_layers) + " but the tid2eid tables were not given");
     for (int j = 0; j < cfg.num_hash_layers; ++j)
-      check_tid2eid(dir + ": save_checkpoint_parallel", ParamLayout::tid2eid_name(cfg.first_k_dense_replace + j),
+      check_tid2eid(dir + ": save_checkpoint_parallel", ParamLayout::tid2eid_name(cfg.moe_layer(j)),
                     (*tid2eid)[j], cfg);
   }
   // One temporary name for all ranks: rank 0's pid.
@@ -99,7 +99,7 @@ void save_checkpoint_parallel(const std::string& dir_in, const ProcessGrid& g, c
               moments.push_back(
                   to_write(t.name + st.suffix, t.shape, (st.slot == 0 ? exp_avg : exp_avg_sq)->data() + t.offset));
           for (int j = 0; j < cfg.num_moe_layers() && k == 0; ++j) {
-            const int l = cfg.first_k_dense_replace + j;
+            const int l = cfg.moe_layer(j);
             if (t.name != ParamLayout::layer(l, "mlp.gate.weight")) continue;
             if (cfg.is_hash_moe_layer(j))
               model.push_back(to_write<int32_t>(ParamLayout::tid2eid_name(l), {cfg.vocab_size, cfg.K()},
@@ -134,7 +134,7 @@ void save_checkpoint_parallel(const std::string& dir_in, const ProcessGrid& g, c
           for (const auto& st : optimizer_state_names(optimizer, t)) oi["weight_map"][t.name + st.suffix] = of;
         }
         for (int j = 0; j < cfg.num_moe_layers(); ++j) {
-          const int l = cfg.first_k_dense_replace + j;
+          const int l = cfg.moe_layer(j);
           mi["weight_map"][cfg.is_hash_moe_layer(j) ? ParamLayout::tid2eid_name(l) : ParamLayout::bias_name(l)] =
               shard_name("model", 0, n);
         }

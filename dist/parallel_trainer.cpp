@@ -163,8 +163,8 @@ StepResult ParallelTrainer<T>::accumulate(const std::vector<MicroBatch>& batch, 
   model_->zero_grad();
   std::fill(acc_.begin(), acc_.end(), int128(0));  // (empty under fp32)
   nonfinite_ = 0;
-  // Per local micro-batch: ce, aux, seq, z, targets, tokens, dropped.
-  constexpr int kStats = 7;
+  // Per local micro-batch: ce, aux, seq, z, targets, tokens, dropped, mtp.
+  constexpr int kStats = 8;
   std::vector<double> local(size_t(A) * kStats, 0.0);
   std::vector<int64_t> counts(size_t(nm) * E, 0);
   for (int a = 0; a < A; ++a) {
@@ -193,6 +193,7 @@ StepResult ParallelTrainer<T>::accumulate(const std::vector<MicroBatch>& batch, 
     o[4] = double(s.n_targets);
     o[5] = double(mb.tokens());
     o[6] = double(s.dropped_pairs);
+    o[7] = s.mtp_loss;
     for (int j = 0; j < nm; ++j)
       for (int e = 0; e < E; ++e) counts[size_t(j) * E + e] += s.expert_counts[j][e];
   }
@@ -236,8 +237,9 @@ StepResult ParallelTrainer<T>::accumulate(const std::vector<MicroBatch>& batch, 
     r.n_targets += int64_t(o[4]);
     r.tokens += int64_t(o[5]);
     r.dropped_pairs += int64_t(o[6]);
+    r.mtp_loss += o[7];
   }
-  r.total_loss = r.loss + r.aux_loss + r.seq_aux_loss + r.z_loss;
+  r.total_loss = r.loss + r.aux_loss + r.seq_aux_loss + r.z_loss + r.mtp_loss;
   r.expert_counts.assign(nm, std::vector<int64_t>(E));
   for (int j = 0; j < nm; ++j)
     for (int e = 0; e < E; ++e) r.expert_counts[j][e] = counts[size_t(j) * E + e];

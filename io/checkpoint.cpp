@@ -101,7 +101,7 @@ void check_tables(const std::string& dir, const ModelConfig& cfg, const HashTabl
                 std::to_string(cfg.num_hash_layers) + " but " +
                 (tid2eid ? std::to_string(tid2eid->size()) : std::string("no")) + " tid2eid tables were given");
   for (int j = 0; j < cfg.num_hash_layers; ++j)
-    check_tid2eid(dir + ": save_checkpoint", ParamLayout::tid2eid_name(cfg.first_k_dense_replace + j),
+    check_tid2eid(dir + ": save_checkpoint", ParamLayout::tid2eid_name(cfg.moe_layer(j)),
                   (*tid2eid)[j], cfg);
 }
 
@@ -145,7 +145,7 @@ void save_checkpoint(const std::string& dir_in, const ModelConfig& cfg, const Pa
     for (const auto& t : layout.tensors()) {
       model.push_back(to_write(t.name, t.shape, params.data() + t.offset));
       for (int j = 0; j < cfg.num_moe_layers(); ++j) {
-        const int l = cfg.first_k_dense_replace + j;
+        const int l = cfg.moe_layer(j);
         if (t.name != ParamLayout::layer(l, "mlp.gate.weight")) continue;
         if (cfg.is_hash_moe_layer(j))
           model.push_back(to_write<int32_t>(ParamLayout::tid2eid_name(l), {cfg.vocab_size, cfg.K()},
@@ -199,7 +199,7 @@ void load_model_weights(const std::string& dir_in, const ModelConfig& cfg, const
   const int nm = cfg.num_moe_layers();
   std::vector<bool> has_bias(nm, false);
   for (int j = 0; j < nm; ++j) {
-    const int l = cfg.first_k_dense_replace + j;
+    const int l = cfg.moe_layer(j);
     if (cfg.is_hash_moe_layer(j)) {  // a table, no bias (a bias there is an unexpected tensor)
       const std::string name = ParamLayout::tid2eid_name(l);
       expected.insert(name);
@@ -224,7 +224,7 @@ void load_model_weights(const std::string& dir_in, const ModelConfig& cfg, const
   bias.assign(nm, std::vector<float>(cfg.E(), 0.0f));
   if (tid2eid) tid2eid->assign(cfg.num_hash_layers, {});
   for (int j = 0; j < cfg.num_hash_layers; ++j) {
-    const std::string name = ParamLayout::tid2eid_name(cfg.first_k_dense_replace + j);
+    const std::string name = ParamLayout::tid2eid_name(cfg.moe_layer(j));
     auto& table = (*tid2eid)[j];
     table.resize(size_t(cfg.vocab_size) * cfg.K());
     src->file_of(name).read(name, table.data(), table.size());
@@ -233,7 +233,7 @@ void load_model_weights(const std::string& dir_in, const ModelConfig& cfg, const
   }
   for (int j = 0; j < nm; ++j) {
     if (!has_bias[j]) continue;
-    const std::string name = ParamLayout::bias_name(cfg.first_k_dense_replace + j);
+    const std::string name = ParamLayout::bias_name(cfg.moe_layer(j));
     src->file_of(name).read(name, bias[j].data(), bias[j].size());
     check_values(src->file_of(name), name, bias[j].data(), bias[j].size());
   }

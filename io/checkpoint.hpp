@@ -39,7 +39,7 @@ using HashTables = std::vector<std::vector<int32_t>>;
 
 // Writes a checkpoint of `params` (layout.total() elements, viewed through `layout`)
 // and the routing biases `bias` ([moe layer j][E], MoE layer j = model layer
-// cfg.first_k_dense_replace + j; empty for a hash-routed layer, which has none).
+// cfg.moe_layer(j): first_k_dense_replace + j, the MTP block's last; empty for a hash-routed layer, which has none).
 // exp_avg / exp_avg_sq: both null (no optimizer file) or both layout.total() elements.
 // trainer_state: a JSON object (null = {}). tid2eid: required (Error otherwise) when
 // cfg.num_hash_layers > 0, written as I32 (V, K) "mlp.gate.tid2eid" of those layers.

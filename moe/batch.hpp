@@ -31,6 +31,26 @@ struct MicroBatch {
     if (t + 1 >= seq_len || doc_ids[i + 1] != doc_ids[i]) return kIgnoreIndex;
     return labels[i + 1];
   }
+  // MTP target (MODEL.md section 12) of position i: labels[i+2] when t+2 < seq_len and
+  // the token is in the same document, else -100.
+  int32_t mtp_target(int64_t i) const {
+    const int t = int(i % seq_len);
+    if (t + 2 >= seq_len || doc_ids[i + 2] != doc_ids[i]) return kIgnoreIndex;
+    return labels[i + 2];
+  }
+  // The MTP block's input token of position i: input_ids[i+1] when t+1 < seq_len and it is
+  // in the same document, else input_ids[i] (a placeholder: no MTP target, and no other
+  // position of its document attends to it).
+  int32_t mtp_input(int64_t i) const {
+    const int t = int(i % seq_len);
+    if (t + 1 >= seq_len || doc_ids[i + 1] != doc_ids[i]) return input_ids[i];
+    return input_ids[i + 1];
+  }
+  int64_t count_mtp_targets() const {
+    int64_t n = 0;
+    for (int64_t i = 0; i < tokens(); ++i) n += mtp_target(i) != kIgnoreIndex;
+    return n;
+  }
   bool is_padding(int64_t i) const { return !padding.empty() && padding[std::size_t(i)] != 0; }
   int64_t count_targets() const {
     int64_t n = 0;

@@ -110,6 +110,11 @@ const std::vector<KeyDef>& keys() {
       num_key("initializer_range", &ModelConfig::initializer_range),
       int_key("num_hash_layers", &ModelConfig::num_hash_layers),
       num_key("swiglu_limit", &ModelConfig::swiglu_limit),
+      int_key("hc_mult", &ModelConfig::hc_mult),
+      int_key("hc_sinkhorn_iters", &ModelConfig::hc_sinkhorn_iters),
+      num_key("hc_eps", &ModelConfig::hc_eps),
+      int_key("num_nextn_predict_layers", &ModelConfig::num_nextn_predict_layers),
+      num_key("mtp_loss_weight", &ModelConfig::mtp_loss_weight),
   };
   return k;
 }
@@ -230,7 +235,7 @@ void ModelConfig::set(const std::string& key, const std::string& value, const st
 int ModelConfig::num_moe_layers() const {
   int n = 0;
   for (int l = 0; l < num_hidden_layers; ++l) n += is_moe_layer(l);
-  return n;
+  return n + (mtp() ? 1 : 0);
 }
 
 void ModelConfig::validate(const std::string& w) const {
@@ -286,12 +291,21 @@ void ModelConfig::validate(const std::string& w) const {
   if (capacity_factor < 0) fail(w, "capacity_factor", "must be >= 0 (0 = dropless)");
   if (!(initializer_range > 0)) fail(w, "initializer_range", "must be positive");
   if (num_hash_layers < 0) fail(w, "num_hash_layers", "must be >= 0, got " + std::to_string(num_hash_layers));
-  if (num_hash_layers > num_moe_layers())
+  if (num_hash_layers > num_main_moe_layers())
     fail(w, "num_hash_layers", std::to_string(num_hash_layers) + " hash-routed layers exceed the " +
-                                   std::to_string(num_moe_layers()) +
+                                   std::to_string(num_main_moe_layers()) +
                                    " MoE layers (num_hidden_layers - first_k_dense_replace)");
   if (!(swiglu_limit >= 0) || !std::isfinite(swiglu_limit))
     fail(w, "swiglu_limit", "must be a finite number >= 0 (0 = off)");
+  if (hc_mult < 1) fail(w, "hc_mult", "must be >= 1 (1 = no hyper-connections), got " + std::to_string(hc_mult));
+  if (hc_sinkhorn_iters < 1)
+    fail(w, "hc_sinkhorn_iters", "must be >= 1, got " + std::to_string(hc_sinkhorn_iters));
+  if (!(hc_eps >= 0) || !std::isfinite(hc_eps)) fail(w, "hc_eps", "must be a finite number >= 0");
+  if (num_nextn_predict_layers != 0 && num_nextn_predict_layers != 1)
+    fail(w, "num_nextn_predict_layers",
+         "must be 0 or 1 (one MTP block), got " + std::to_string(num_nextn_predict_layers));
+  if (!(mtp_loss_weight >= 0) || !std::isfinite(mtp_loss_weight))
+    fail(w, "mtp_loss_weight", "must be a finite number >= 0");
 
   // Sizes that are each valid can still multiply to more weights than any machine
   // holds (hidden_size 10^9): say so here, naming the file, rather than fail inside an

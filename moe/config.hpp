@@ -40,6 +40,16 @@ struct ModelConfig {
   // experts' gate (<= c) and up (in [-c, c]) projections; 0 = off.
   int num_hash_layers = 0;
   double swiglu_limit = 0.0;
+  // mHC (MODEL.md section 12): hc_mult n residual streams per token, mixed around each
+  // sub-block by learned coefficients (moe/hc.hpp); 1 = the plain residual stream.
+  int hc_mult = 1;
+  int hc_sinkhorn_iters = 20;
+  double hc_eps = 1e-6;
+  // MTP (MODEL.md section 12): 1 = one more decoder block (attention + MoE) that
+  // predicts token t+2 from the final hidden state and the embedding of token t+1; its
+  // cross-entropy times mtp_loss_weight is added to the loss. 0 = none.
+  int num_nextn_predict_layers = 0;
+  double mtp_loss_weight = 0.3;
 
   // Parses a JSON object. Unknown keys, wrong types and invalid combinations throw
   // moetune::Error naming `where` (a file name) and the key. Derived values (-1) are
@@ -61,8 +71,17 @@ struct ModelConfig {
   int K() const { return num_experts_per_tok; }
   int F() const { return moe_intermediate_size; }
   int shared_width() const { return n_shared_experts * moe_intermediate_size; }
+  // The model-layer index of the MTP block (num_nextn_predict_layers = 1): its tensors
+  // are named mtp.0.* (ParamLayout::layer), its experts and stage caches are keyed by it.
+  static constexpr int kMtpLayer = 1 << 20;
+  bool mtp() const { return num_nextn_predict_layers > 0; }
+  // Model layer l (or kMtpLayer, always MoE) has a MoE FFN.
   bool is_moe_layer(int l) const { return l >= first_k_dense_replace; }
+  // MoE layers: those of the main model, then the MTP block's (the last one, if any).
   int num_moe_layers() const;
+  int num_main_moe_layers() const { return num_hidden_layers - first_k_dense_replace; }
+  // The model layer of MoE layer j: first_k_dense_replace + j, or kMtpLayer.
+  int moe_layer(int j) const { return j < num_main_moe_layers() ? first_k_dense_replace + j : kMtpLayer; }
   // MoE layer j (model layer first_k_dense_replace + j) routes by its tid2eid table.
   bool is_hash_moe_layer(int j) const { return j < num_hash_layers; }
   // Keys whose value was derived (not given): set() re-derives them, so
@@ -71,6 +90,7 @@ struct ModelConfig {
   bool sigmoid() const { return scoring_func == "sigmoid"; }
   bool sqrtsoftplus() const { return scoring_func == "sqrtsoftplus"; }
   bool noaux_tc() const { return topk_method == "noaux_tc"; }
+  bool hc() const { return hc_mult > 1; }
 };
 
 }  // namespace moetune

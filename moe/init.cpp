@@ -64,7 +64,10 @@ void init_params(const ParamLayout& layout, const ModelConfig& cfg, uint64_t see
   for (const auto& t : layout.tensors()) {
     T* p = params.data() + t.offset;
     if (t.shape.size() == 1) {
-      for (size_t i = 0; i < t.numel; ++i) p[i] = T(1);
+      // RMSNorm weights and mHC scales 1; mHC biases (.base, .hc_base) 0, as
+      // transformers' DeepseekV4PreTrainedModel._init_weights (fn: normal, below).
+      const bool zero = t.name.ends_with(".base") || t.name.ends_with(".hc_base");
+      for (size_t i = 0; i < t.numel; ++i) p[i] = T(zero ? 0 : 1);
       continue;
     }
     const uint64_t key = counter_key(seed, t.name);

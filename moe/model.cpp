@@ -9,9 +9,11 @@
 #include <unordered_map>
 
 #include "moe/error.hpp"
+#include "moe/hc.hpp"
 #include "moe/init.hpp"
 #include "moe/mlp.hpp"
 #include "moe/moe_layer.hpp"
+#include "moe/mtp.hpp"
 #include "moe/ops.hpp"
 #include "moe/profile.hpp"
 
@@ -23,6 +25,19 @@ struct MoeOffsets {
   bool shared = false;
 };
 
+// Offsets of one mHC connection (fn, base, scale) in the flat buffers.
+struct HcOffsets {
+  size_t fn = 0, base = 0, scale = 0;
+  template <class T>
+  hc::HcWeights<T> weights(const T* P) const {
+    return {P + fn, P + base, P + scale};
+  }
+  template <class T>
+  hc::HcGrads<T> grads(T* G) const {
+    return {G + fn, G + base, G + scale};
+  }
+};
+
 template <class T>
 struct Model<T>::Impl {
   struct Layer {
@@ -30,13 +45,31 @@ struct Model<T>::Impl {
     size_t ln1, q, k, v, o, ln2;        // offsets
     size_t dg = 0, du = 0, dd = 0;       // dense FFN
     MoeOffsets moe_off;                  // MoE layers: gate and shared expert
+    HcOffsets hc_attn, hc_ffn;           // mHC (hc_mult > 1): the connections of both sub-blocks
     MoeWeights<T> moe;                    // pointers resolved per call (params may move)
     // activations of the last forward
     std::vector<T> h_in, a_in, rstd1, q_act, k_act, v_act, attn_stats, ctx, h_mid, f_in, rstd2;
     MlpCache<T> dense;
     MoeCache<T> moe_cache;
+    // mHC: the streams entering each sub-block (N,n,d), the sub-blocks' outputs (N,d)
+    // and the connections' states. h_in / h_mid then hold the collapsed inputs u.
+    std::vector<T> x_in, x_mid, y_attn, y_ffn;
+    hc::HcState<T> hs_attn, hs_ffn;
   };
+  // The decoder blocks: layers[l] is model layer l; with MTP, layers[num_hidden_layers]
+  // is the MTP block (model-layer index ModelConfig::kMtpLayer).
   std::vector<Layer> layers;
+  // MTP (MODEL.md section 12): h' = e_proj(enorm(embed(x_{t+1}))) + h_proj(hnorm(h_t)),
+  // the block, its head's collapse (mHC), its norm and the shared LM head.
+  struct Mtp {
+    size_t enorm = 0, hnorm = 0, e_proj = 0, h_proj = 0, norm = 0;
+    HcOffsets hc_head;
+    std::vector<int32_t> ids, targets;                        // (N) input x_{t+1}, target x_{t+2}
+    std::vector<T> h_t, e, e_n, e_rstd, h_n, h_rstd;          // inputs of h' and their norms
+    std::vector<T> h_final, x_final, rstd_final, logits, dlogits, xs_final, dh_t;
+    hc::HcState<T> hs_head;
+    bool ran = false;  // the last training forward ran the block (backward() follows it)
+  } mtp;
   // expert_views() per layer, and the buffers it was built for (rebuilt if they move).
   struct CachedViews {
     bool built = false;
@@ -46,6 +79,12 @@ struct Model<T>::Impl {
   std::unordered_map<int, CachedViews> expert_views;
   Layer work;  // the buffers of every layer in inference (forward without backward, extend)
   size_t embed = 0, norm = 0, lm_head = 0;
+  HcOffsets hc_head;        // mHC: the head's collapse
+  hc::HcState<T> hs_head;
+  std::vector<T> xs_final;  // mHC: the streams entering the head (N,n,d)
+  // mHC work buffers: the other stream buffer, the collapsed input u, and gradients
+  std::vector<T> xs2, u, dxs, dxs2, du;
+  hc::HcWork<T> hc_work;
   std::vector<T> h_final, x_final, rstd_final, logits, dlogits;
   std::vector<int32_t> pos, targets, ids, doc;
   BalanceScales sc;      // balance-loss weights of the last forward
@@ -70,9 +109,14 @@ Model<T>::Model(const ModelConfig& cfg, int expert_begin, int expert_end)
   I.embed = layout_.offset("model.embed_tokens.weight");
   I.norm = layout_.offset("model.norm.weight");
   I.lm_head = cfg.tie_word_embeddings ? I.embed : layout_.offset("lm_head.weight");
-  I.layers.resize(cfg.num_hidden_layers);
-  for (int l = 0; l < cfg.num_hidden_layers; ++l) {
-    auto& L = I.layers[l];
+  const auto hc_offsets = [&](const std::string& prefix, const char* fn, const char* base, const char* scale) {
+    return HcOffsets{layout_.offset(prefix + fn), layout_.offset(prefix + base), layout_.offset(prefix + scale)};
+  };
+  if (cfg.hc()) I.hc_head = hc_offsets("model.hc_head.", "hc_fn", "hc_base", "hc_scale");
+  I.layers.resize(cfg.num_hidden_layers + (cfg.mtp() ? 1 : 0));
+  for (int li = 0; li < int(I.layers.size()); ++li) {
+    auto& L = I.layers[li];
+    const int l = li < cfg.num_hidden_layers ? li : ModelConfig::kMtpLayer;
     auto off = [&](const std::string& rest) { return layout_.offset(ParamLayout::layer(l, rest)); };
     L.ln1 = off("input_layernorm.weight");
     L.q = off("self_attn.q_proj.weight");
@@ -80,6 +124,10 @@ Model<T>::Model(const ModelConfig& cfg, int expert_begin, int expert_end)
     L.v = off("self_attn.v_proj.weight");
     L.o = off("self_attn.o_proj.weight");
     L.ln2 = off("post_attention_layernorm.weight");
+    if (cfg.hc()) {
+      L.hc_attn = hc_offsets(ParamLayout::layer(l, "attn_hc."), "fn", "base", "scale");
+      L.hc_ffn = hc_offsets(ParamLayout::layer(l, "ffn_hc."), "fn", "base", "scale");
+    }
     if (!cfg.is_moe_layer(l)) {
       L.dg = off("mlp.gate_proj.weight");
       L.du = off("mlp.up_proj.weight");
@@ -94,6 +142,16 @@ Model<T>::Model(const ModelConfig& cfg, int expert_begin, int expert_end)
       }
     }
   }
+  if (cfg.mtp()) {
+    auto off = [&](const std::string& rest) { return layout_.offset(ParamLayout::layer(ModelConfig::kMtpLayer, rest)); };
+    I.mtp.enorm = off("enorm.weight");
+    I.mtp.hnorm = off("hnorm.weight");
+    I.mtp.e_proj = off("e_proj.weight");
+    I.mtp.h_proj = off("h_proj.weight");
+    I.mtp.norm = off("norm.weight");
+    if (cfg.hc()) I.mtp.hc_head = hc_offsets(ParamLayout::layer(ModelConfig::kMtpLayer, "hc_head."), "hc_fn", "hc_base",
+                                             "hc_scale");
+  }
 }
 
 template <class T>
@@ -103,7 +161,7 @@ template <class T>
 void Model<T>::init(uint64_t seed) {
   init_params(layout_, cfg_, seed, params_);
   for (auto& b : bias_) std::fill(b.begin(), b.end(), 0.f);
-  for (int j = 0; j < cfg_.num_hash_layers; ++j) tid2eid_[j] = init_tid2eid(cfg_, seed, cfg_.first_k_dense_replace + j);
+  for (int j = 0; j < cfg_.num_hash_layers; ++j) tid2eid_[j] = init_tid2eid(cfg_, seed, cfg_.moe_layer(j));
 }
 
 template <class T>
@@ -122,6 +180,16 @@ const std::vector<int32_t>& Model<T>::targets() const {
 }
 
 template <class T>
+const std::vector<T>& Model<T>::mtp_logits() const {
+  return impl_->mtp.logits;
+}
+
+template <class T>
+const std::vector<int32_t>& Model<T>::mtp_targets() const {
+  return impl_->mtp.targets;
+}
+
+template <class T>
 std::vector<T>& Model<T>::dlogits_buffer() {
   return impl_->dlogits;
 }
@@ -136,10 +204,17 @@ int64_t Model<T>::activation_bytes() const {
     add(L.dense.g, L.dense.u, L.dense.a, L.moe_cache.shared.g, L.moe_cache.shared.u, L.moe_cache.shared.a);
     const auto& m = L.moe_cache;
     add(m.logits, m.xp, m.yp, m.routing.scores, m.routing.idx, m.routing.weight, m.routing.kept);
+    add(L.x_in, L.x_mid, L.y_attn, L.y_ffn);
+    for (const auto* s : {&L.hs_attn, &L.hs_ffn}) add(s->mix, s->rstd, s->pre, s->post, s->comb);
   };
   for (const auto& L : I.layers) add_layer(L);
   add_layer(I.work);
   add(I.h_final, I.x_final, I.rstd_final, I.logits, I.dlogits, I.h, I.tmp, I.dh, I.dx, I.dq, I.dk, I.dv, I.dctx);
+  add(I.xs_final, I.xs2, I.u, I.dxs, I.dxs2, I.du, I.hs_head.mix, I.hs_head.rstd, I.hs_head.pre);
+  add(I.hc_work.dpre, I.hc_work.dpost, I.hc_work.dcomb, I.hc_work.da, I.hc_work.dmix);
+  const auto& M = I.mtp;
+  add(M.h_t, M.e, M.e_n, M.e_rstd, M.h_n, M.h_rstd, M.h_final, M.x_final, M.rstd_final, M.logits, M.dlogits,
+      M.xs_final, M.dh_t, M.hs_head.mix, M.hs_head.rstd, M.hs_head.pre);
   add(I.scratch.dyp, I.scratch.dxp, I.scratch.dweight, I.scratch.dlogits, I.scratch.mlp);
   return b;
 }
@@ -273,6 +348,10 @@ void ffn_forward(T* out, Buf& L, const Wts& W, const T* P, const T* h, int64_t N
               N, d, Fi);
 }
 
+inline hc::HcShape hc_shape(const ModelConfig& c, bool head) {
+  return hc::HcShape{c.hc_mult, c.d(), c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps, head};
+}
+
 }  // namespace
 
 template <class T>
@@ -291,12 +370,14 @@ MicroStats Model<T>::forward(const MicroBatch& mb, const LossNorm& norm, const F
                 std::to_string(c.max_position_embeddings));
   check_tokens<T>(mb.input_ids.data(), N, V);
   const int nm = c.num_moe_layers();
+  const bool run_mtp = opt.mtp && c.mtp();  // the MTP block's MoE layer is the last one, j = nm - 1
   if (opt.replay && (int(opt.replay->idx.size()) != nm || int(opt.replay->kept.size()) != nm))
     throw Error("routing replay: " + std::to_string(opt.replay->idx.size()) + " MoE layers given, the model has " +
                 std::to_string(nm));
   if (opt.replay)
     for (int j = 0; j < nm; ++j)
-      if (int64_t(opt.replay->idx[j].size()) != N * c.K() || int64_t(opt.replay->kept[j].size()) != N * c.K())
+      if (!(c.mtp() && j == nm - 1 && !run_mtp) &&  // the MTP layer, when it does not run, replays nothing
+          (int64_t(opt.replay->idx[j].size()) != N * c.K() || int64_t(opt.replay->kept[j].size()) != N * c.K()))
         throw Error("routing replay: MoE layer " + std::to_string(j) + " has a selection of " +
                     std::to_string(opt.replay->idx[j].size()) + " entries for " + std::to_string(N) + " tokens x K " +
                     std::to_string(c.K()));
@@ -324,28 +405,62 @@ MicroStats Model<T>::forward(const MicroBatch& mb, const LossNorm& norm, const F
   MicroStats st;
   st.expert_counts.reserve(c.num_moe_layers());
 
+  // h: the residual stream (N,d), or with mHC the n streams (N,n,d); `in` is what a
+  // sub-block reads: h itself, or with mHC the collapsed u (N,d).
+  const bool hc = c.hc();
+  const int64_t n = c.hc_mult;
+  const hc::HcShape hs = hc_shape(c, false);
   auto& h = I.h;
   auto& tmp = I.tmp;
-  h.resize(N * d);
+  h.resize(N * n * d);
   tmp.resize(N * d);
-  ops::embedding_forward(h.data(), mb.input_ids.data(), P + I.embed, N, d);
+  if (hc) {
+    I.xs2.resize(N * n * d);
+    I.u.resize(N * d);
+  }
+  // The stream(s) from x (N,d): h = x, or with mHC x repeated n times.
+  const auto enter_stream = [&](const T* x) {
+    if (hc)
+      hc::repeat_streams(h.data(), x, N, n, d);
+    else
+      std::copy_n(x, N * d, h.data());
+  };
   int moe_j = 0;
-  for (int l = 0; l < c.num_hidden_layers; ++l) {
+  // One decoder block over h: layers[li], model layer l (l = kMtpLayer: the MTP block).
+  const auto block = [&](int li, int l) {
     // Inference keeps nothing per layer: every layer uses the same buffers.
-    auto& L = opt.train ? I.layers[l] : I.work;
-    const auto& W = I.layers[l];
+    auto& L = opt.train ? I.layers[li] : I.work;
+    const auto& W = I.layers[li];
     profile::Scope pl(profile::Phase::attention);
-    if (opt.train) L.h_in = h;
-    attention_inputs(L, W, P, h.data(), I.pos.data(), N, c);
+    const T* in = h.data();
+    if (hc) {
+      if (opt.train) L.x_in = h;
+      hc::enter_forward(I.u.data(), L.hs_attn, h.data(), W.hc_attn.weights(P), N, hs);
+      in = I.u.data();
+    }
+    if (opt.train) L.h_in.assign(in, in + N * d);
+    attention_inputs(L, W, P, in, I.pos.data(), N, c);
     L.attn_stats.resize(int64_t(B) * H * S * 2);
     L.ctx.resize(N * qd);
     ops::attention_forward(L.ctx.data(), L.attn_stats.data(), L.q_act.data(), L.k_act.data(), L.v_act.data(),
                            mb.doc_ids.data(), B, S, H, Hkv, hd);
     ops::linear_forward(tmp.data(), L.ctx.data(), P + W.o, N, qd, d);
-    for (int64_t i = 0; i < N * d; ++i) h[i] += tmp[i];
+    if (hc) {
+      if (opt.train) L.y_attn = tmp;
+      hc::leave_forward(I.xs2.data(), tmp.data(), h.data(), L.hs_attn, N, hs);
+      std::swap(h, I.xs2);
+    } else {
+      for (int64_t i = 0; i < N * d; ++i) h[i] += tmp[i];
+    }
     pl.next(profile::Phase::dense_ffn);
-    if (opt.train) L.h_mid = h;
-    ffn_forward(tmp.data(), L, W, P, h.data(), N, c, l, [&](auto& Lm) {
+    in = h.data();
+    if (hc) {
+      if (opt.train) L.x_mid = h;
+      hc::enter_forward(I.u.data(), L.hs_ffn, h.data(), W.hc_ffn.weights(P), N, hs);
+      in = I.u.data();
+    }
+    if (opt.train) L.h_mid.assign(in, in + N * d);
+    ffn_forward(tmp.data(), L, W, P, in, N, c, l, [&](auto& Lm) {
       moe_views(Lm.moe, P, W.moe_off);
       moe_forward(tmp.data(), Lm.moe_cache, Lm.f_in.data(), Lm.moe, *stage_, l, bias_[moe_j].data(), c, B, S, I.sc,
                   route_control(opt, moe_j, tid2eid_, mb.input_ids.data(),
@@ -357,17 +472,81 @@ MicroStats Model<T>::forward(const MicroBatch& mb, const LossNorm& norm, const F
       st.dropped_pairs += Lm.moe_cache.routing.dropped;
       ++moe_j;
     });
-    for (int64_t i = 0; i < N * d; ++i) h[i] += tmp[i];
+    if (hc) {
+      if (opt.train) L.y_ffn = tmp;
+      hc::leave_forward(I.xs2.data(), tmp.data(), h.data(), L.hs_ffn, N, hs);
+      std::swap(h, I.xs2);
+    } else {
+      for (int64_t i = 0; i < N * d; ++i) h[i] += tmp[i];
+    }
+  };
+  // The final hidden state (N,d) of the streams in h: h itself, or with mHC the
+  // collapse by the head `hco` (its streams kept in xs, its state in hst).
+  const auto final_hidden = [&](const HcOffsets& hco, std::vector<T>& xs, hc::HcState<T>& hst) -> const T* {
+    if (!hc) return h.data();
+    if (opt.train) xs = h;
+    hc::enter_forward(I.u.data(), hst, h.data(), hco.weights(P), N, hc_shape(c, true));
+    return I.u.data();
+  };
+
+  if (hc) {
+    ops::embedding_forward(tmp.data(), mb.input_ids.data(), P + I.embed, N, d);
+    hc::repeat_streams(h.data(), tmp.data(), N, n, d);
+  } else {
+    ops::embedding_forward(h.data(), mb.input_ids.data(), P + I.embed, N, d);
   }
+  for (int l = 0; l < c.num_hidden_layers; ++l) block(l, l);
   ps.next(profile::Phase::lm_head);
-  if (opt.train) I.h_final = h;
+  const T* hf = final_hidden(I.hc_head, I.xs_final, I.hs_head);  // before the final norm
+  if (opt.train) I.h_final.assign(hf, hf + N * d);
   I.x_final.resize(N * d);
   I.rstd_final.resize(N);
-  ops::rmsnorm_forward(I.x_final.data(), I.rstd_final.data(), h.data(), P + I.norm, N, d, c.rms_norm_eps);
+  ops::rmsnorm_forward(I.x_final.data(), I.rstd_final.data(), hf, P + I.norm, N, d, c.rms_norm_eps);
   I.logits.resize(N * V);
   ops::linear_forward(I.logits.data(), I.x_final.data(), P + I.lm_head, N, d, V);
   st.n_targets = 0;
   for (int64_t i = 0; i < N; ++i) st.n_targets += I.targets[i] != kIgnoreIndex;
+
+  // MTP (MODEL.md section 12): h' = e_proj(enorm(embed(x_{t+1}))) + h_proj(hnorm(h_t)),
+  // h_t = hf, through the same block code, its own head; it predicts x_{t+2}.
+  auto& M = I.mtp;
+  M.ran = false;
+  if (c.mtp() && !run_mtp) st.expert_counts.emplace_back(size_t(c.E()), 0);  // routed nothing
+  if (!run_mtp) return st;
+  M.ids.resize(N);
+  M.targets.resize(N);
+  for (int64_t i = 0; i < N; ++i) {
+    M.ids[i] = mb.mtp_input(i);
+    M.targets[i] = mb.mtp_target(i);
+  }
+  M.h_t.assign(hf, hf + N * d);
+  M.e.resize(N * d);
+  M.e_n.resize(N * d);
+  M.e_rstd.resize(N);
+  M.h_n.resize(N * d);
+  M.h_rstd.resize(N);
+  ops::embedding_forward(M.e.data(), M.ids.data(), P + I.embed, N, d);
+  mtp_input_forward(tmp.data(), M.e_n.data(), M.e_rstd.data(), M.h_n.data(), M.h_rstd.data(), M.e.data(),
+                    M.h_t.data(), P + M.enorm, P + M.hnorm, P + M.e_proj, P + M.h_proj, N, d, c.rms_norm_eps);
+  enter_stream(tmp.data());
+  block(c.num_hidden_layers, ModelConfig::kMtpLayer);
+  const T* hm = final_hidden(M.hc_head, M.xs_final, M.hs_head);
+  if (opt.train) M.h_final.assign(hm, hm + N * d);
+  M.x_final.resize(N * d);
+  M.rstd_final.resize(N);
+  ops::rmsnorm_forward(M.x_final.data(), M.rstd_final.data(), hm, P + M.norm, N, d, c.rms_norm_eps);
+  M.logits.resize(N * V);
+  ops::linear_forward(M.logits.data(), M.x_final.data(), P + I.lm_head, N, d, V);
+  // Its loss: mtp_loss_weight * sum of CE over its targets / the global MTP target count
+  // (MODEL.md section 3's convention); the gradient is kept for backward().
+  const double denom = norm.n_mtp_targets > 0 ? norm.n_mtp_targets : 1.0;
+  if (opt.train) M.dlogits.resize(N * V);
+  const double sum = ops::cross_entropy_forward_backward(opt.train ? M.dlogits.data() : static_cast<T*>(nullptr),
+                                                         M.logits.data(), M.targets.data(), N, V,
+                                                         c.mtp_loss_weight / denom);
+  st.mtp_loss = c.mtp_loss_weight * sum / denom;
+  for (int64_t i = 0; i < N; ++i) st.n_mtp_targets += M.targets[i] != kIgnoreIndex;
+  M.ran = opt.train;
   return st;
 }
 
@@ -390,12 +569,28 @@ void Model<T>::backward(const T* dlogits) {
   dv.resize(N * kvd);
   dctx.resize(N * qd);
   profile::Scope ps(profile::Phase::lm_head_bwd);
-  ops::linear_backward(dx.data(), G + I.lm_head, dlogits, I.x_final.data(), P + I.lm_head, N, d, V);
-  ops::rmsnorm_backward(dh.data(), G + I.norm, dx.data(), I.h_final.data(), P + I.norm, I.rstd_final.data(), N, d);
-  for (int l = c.num_hidden_layers - 1; l >= 0; --l) {
-    auto& L = I.layers[l];
-    // FFN: h = h_mid + FFN(RMSNorm(h_mid))
+  // With mHC, dX (N,n,d) is the streams' gradient, dh the sub-block output's and du its
+  // input's; without, dh is the residual stream's gradient and takes every term.
+  const bool hc = c.hc();
+  const int64_t n = c.hc_mult;
+  const hc::HcShape hs = hc_shape(c, false);
+  auto &dX = I.dxs, &dX2 = I.dxs2, &du = I.du;
+  if (hc) {
+    dX.assign(N * n * d, T(0));
+    dX2.resize(N * n * d);
+    du.resize(N * d);
+  }
+  T* dsub = hc ? du.data() : dh.data();  // where a sub-block's input gradient goes
+  // One block's backward: on entry dX (mHC) or dh holds the gradient of the block's
+  // output stream, on exit that of its input stream. layers[li], model layer l.
+  const auto block = [&](int li, int l) {
+    auto& L = I.layers[li];
+    // FFN: h = h_mid + FFN(RMSNorm(h_mid)); with mHC X' = post FFN(RMSNorm(u)) + comb^T X
     ps.next(profile::Phase::dense_ffn_bwd);
+    if (hc) {
+      hc::leave_backward(dh.data(), dX2.data(), I.hc_work, dX.data(), L.y_ffn.data(), L.x_mid.data(), L.hs_ffn, N, hs);
+      std::fill(du.begin(), du.end(), T(0));
+    }
     std::fill(dx.begin(), dx.end(), T(0));
     if (!c.is_moe_layer(l)) {
       const int64_t Fi = c.intermediate_size;
@@ -406,9 +601,19 @@ void Model<T>::backward(const T* dlogits) {
       moe_views(g, G, L.moe_off);
       moe_backward(dx.data(), g, dh.data(), L.f_in.data(), L.moe, *stage_, l, L.moe_cache, c, B, S, I.sc, I.scratch);
     }
-    ops::rmsnorm_backward(dh.data(), G + L.ln2, dx.data(), L.h_mid.data(), P + L.ln2, L.rstd2.data(), N, d);
+    ops::rmsnorm_backward(dsub, G + L.ln2, dx.data(), L.h_mid.data(), P + L.ln2, L.rstd2.data(), N, d);
+    if (hc) {
+      hc::enter_backward(dX2.data(), L.hc_ffn.grads(G), du.data(), L.x_mid.data(), L.hs_ffn, L.hc_ffn.weights(P),
+                         I.hc_work, N, hs);
+      std::swap(dX, dX2);
+    }
     // Attention: h_mid = h_in + o_proj(Attn(RMSNorm(h_in)))
     ps.next(profile::Phase::attention_bwd);
+    if (hc) {
+      hc::leave_backward(dh.data(), dX2.data(), I.hc_work, dX.data(), L.y_attn.data(), L.x_in.data(), L.hs_attn, N,
+                         hs);
+      std::fill(du.begin(), du.end(), T(0));
+    }
     std::fill(dctx.begin(), dctx.end(), T(0));
     ops::linear_backward(dctx.data(), G + L.o, dh.data(), L.ctx.data(), P + L.o, N, qd, d);
     std::fill(dq.begin(), dq.end(), T(0));
@@ -422,16 +627,77 @@ void Model<T>::backward(const T* dlogits) {
     ops::linear_backward(dx.data(), G + L.q, dq.data(), L.a_in.data(), P + L.q, N, d, qd);
     ops::linear_backward(dx.data(), G + L.k, dk.data(), L.a_in.data(), P + L.k, N, d, kvd);
     ops::linear_backward(dx.data(), G + L.v, dv.data(), L.a_in.data(), P + L.v, N, d, kvd);
-    ops::rmsnorm_backward(dh.data(), G + L.ln1, dx.data(), L.h_in.data(), P + L.ln1, L.rstd1.data(), N, d);
+    ops::rmsnorm_backward(dsub, G + L.ln1, dx.data(), L.h_in.data(), P + L.ln1, L.rstd1.data(), N, d);
+    if (hc) {
+      hc::enter_backward(dX2.data(), L.hc_attn.grads(G), du.data(), L.x_in.data(), L.hs_attn, L.hc_attn.weights(P),
+                         I.hc_work, N, hs);
+      std::swap(dX, dX2);
+    }
+  };
+  // A head's backward: from its logits' gradient to that of its streams, dX (mHC) or dh
+  // (both overwritten). h_final: its norm's input; xs, hst: the head's collapse (mHC).
+  const auto head = [&](const T* dl, const T* x_final, size_t norm_w, const T* h_final, const T* rstd,
+                        const HcOffsets& hco, const std::vector<T>& xs, const hc::HcState<T>& hst) {
+    std::fill(dx.begin(), dx.end(), T(0));
+    std::fill(dh.begin(), dh.end(), T(0));
+    ops::linear_backward(dx.data(), G + I.lm_head, dl, x_final, P + I.lm_head, N, d, V);
+    ops::rmsnorm_backward(dh.data(), G + norm_w, dx.data(), h_final, P + norm_w, rstd, N, d);
+    if (hc) {
+      std::fill(dX.begin(), dX.end(), T(0));
+      hc::enter_backward(dX.data(), hco.grads(G), dh.data(), xs.data(), hst, hco.weights(P), I.hc_work, N,
+                         hc_shape(c, true));
+    }
+  };
+
+  // MTP first (MODEL.md section 12): its head, its block, then its input combination,
+  // which gives the gradient of h_t (M.dh_t) and of the embedding of x_{t+1}.
+  auto& M = I.mtp;
+  if (M.ran) {
+    M.ran = false;
+    head(M.dlogits.data(), M.x_final.data(), M.norm, M.h_final.data(), M.rstd_final.data(), M.hc_head, M.xs_final,
+         M.hs_head);
+    block(c.num_hidden_layers, ModelConfig::kMtpLayer);
+    if (hc) hc::repeat_streams_backward(dh.data(), dX.data(), N, n, d);  // dh = d loss / d h'
+    std::fill(dx.begin(), dx.end(), T(0));  // d loss / d embed(x_{t+1})
+    M.dh_t.assign(N * d, T(0));
+    mtp_input_backward(dx.data(), M.dh_t.data(), G + M.enorm, G + M.hnorm, G + M.e_proj, G + M.h_proj, dh.data(),
+                       M.e.data(), M.h_t.data(), M.e_n.data(), M.e_rstd.data(), M.h_n.data(), M.h_rstd.data(),
+                       P + M.enorm, P + M.hnorm, P + M.e_proj, P + M.h_proj, N, d, I.tmp);
+    ops::embedding_backward(G + I.embed, dx.data(), M.ids.data(), N, d);
   }
+  if (!c.mtp()) {  // the main head exactly as without MTP
+    ops::linear_backward(dx.data(), G + I.lm_head, dlogits, I.x_final.data(), P + I.lm_head, N, d, V);
+    ops::rmsnorm_backward(dh.data(), G + I.norm, dx.data(), I.h_final.data(), P + I.norm, I.rstd_final.data(), N, d);
+    if (hc)
+      hc::enter_backward(dX.data(), I.hc_head.grads(G), dh.data(), I.xs_final.data(), I.hs_head, I.hc_head.weights(P),
+                         I.hc_work, N, hc_shape(c, true));
+  } else {
+    std::fill(dx.begin(), dx.end(), T(0));
+    std::fill(dh.begin(), dh.end(), T(0));
+    ops::linear_backward(dx.data(), G + I.lm_head, dlogits, I.x_final.data(), P + I.lm_head, N, d, V);
+    ops::rmsnorm_backward(dh.data(), G + I.norm, dx.data(), I.h_final.data(), P + I.norm, I.rstd_final.data(), N, d);
+    if (M.dh_t.size() == size_t(N * d))  // h_t feeds the MTP block too
+      for (int64_t i = 0; i < N * d; ++i) dh[i] += M.dh_t[i];
+    M.dh_t.clear();
+    if (hc) {
+      std::fill(dX.begin(), dX.end(), T(0));
+      hc::enter_backward(dX.data(), I.hc_head.grads(G), dh.data(), I.xs_final.data(), I.hs_head, I.hc_head.weights(P),
+                         I.hc_work, N, hc_shape(c, true));
+    }
+  }
+  for (int l = c.num_hidden_layers - 1; l >= 0; --l) block(l, l);
   ps.next(profile::Phase::embedding_bwd);
+  if (hc) hc::repeat_streams_backward(dh.data(), dX.data(), N, n, d);
   ops::embedding_backward(G + I.embed, dh.data(), I.ids.data(), N, d);
 }
 
 template <class T>
 MicroStats Model<T>::forward_backward(const MicroBatch& mb, const LossNorm& norm, bool backward) {
   profile::Scope ps(profile::Phase::lm_head);  // the cross-entropy; forward and backward time their own phases
-  MicroStats st = forward(mb, norm, ForwardOptions{backward});
+  ForwardOptions fo;
+  fo.train = backward;
+  fo.mtp = true;  // the supervised loss includes the MTP block's (MODEL.md section 12)
+  MicroStats st = forward(mb, norm, fo);
   auto& I = *impl_;
   const int64_t N = mb.tokens(), V = cfg_.vocab_size;
   const double denom = norm.n_targets > 0 ? norm.n_targets : 1.0;
@@ -497,14 +763,29 @@ void Model<T>::extend(KvCache<T>& kv, const int32_t* row, const int32_t* tokens,
   auto& L = I.work;
   auto& h = I.h;
   auto& tmp = I.tmp;
-  h.resize(n * d);
+  const bool hc = c.hc();
+  const int64_t nh = c.hc_mult;
+  const hc::HcShape hs = hc_shape(c, false);
+  h.resize(n * nh * d);
   tmp.resize(n * d);
-  ops::embedding_forward(h.data(), tokens, P + I.embed, n, d);
+  if (hc) {
+    I.xs2.resize(n * nh * d);
+    I.u.resize(n * d);
+    ops::embedding_forward(tmp.data(), tokens, P + I.embed, n, d);
+    hc::repeat_streams(h.data(), tmp.data(), n, nh, d);
+  } else {
+    ops::embedding_forward(h.data(), tokens, P + I.embed, n, d);
+  }
   ForwardOptions fo{false, nullptr, record};
   int moe_j = 0;
   for (int l = 0; l < c.num_hidden_layers; ++l) {
     const auto& W = I.layers[l];
-    attention_inputs(L, W, P, h.data(), I.pos.data(), n, c);
+    const T* in = h.data();
+    if (hc) {
+      hc::enter_forward(I.u.data(), L.hs_attn, h.data(), W.hc_attn.weights(P), n, hs);
+      in = I.u.data();
+    }
+    attention_inputs(L, W, P, in, I.pos.data(), n, c);
     for (int64_t i = 0; i < n; ++i) {
       const int64_t at = (int64_t(row[i]) * kv.capacity + I.pos[i]) * kvd;
       std::copy_n(L.k_act.data() + i * kvd, kvd, kv.k[l].data() + at);
@@ -514,21 +795,42 @@ void Model<T>::extend(KvCache<T>& kv, const int32_t* row, const int32_t* tokens,
     ops::attention_cached(L.ctx.data(), L.q_act.data(), kv.k[l].data(), kv.v[l].data(), row, I.pos.data(), n,
                           kv.capacity, H, Hkv, hd);
     ops::linear_forward(tmp.data(), L.ctx.data(), P + W.o, n, qd, d);
-    for (int64_t i = 0; i < n * d; ++i) h[i] += tmp[i];
-    ffn_forward(tmp.data(), L, W, P, h.data(), n, c, l, [&](auto& Lm) {
+    if (hc) {
+      hc::leave_forward(I.xs2.data(), tmp.data(), h.data(), L.hs_attn, n, hs);
+      std::swap(h, I.xs2);
+    } else {
+      for (int64_t i = 0; i < n * d; ++i) h[i] += tmp[i];
+    }
+    in = h.data();
+    if (hc) {
+      hc::enter_forward(I.u.data(), L.hs_ffn, h.data(), W.hc_ffn.weights(P), n, hs);
+      in = I.u.data();
+    }
+    ffn_forward(tmp.data(), L, W, P, in, n, c, l, [&](auto& Lm) {
       // Each new token is its own "row" of one position; no balance loss is computed.
       moe_views(Lm.moe, P, W.moe_off);
       moe_forward(tmp.data(), Lm.moe_cache, Lm.f_in.data(), Lm.moe, *stage_, l, bias_[moe_j].data(), c, int(n), 1,
                   BalanceScales{}, route_control(fo, moe_j, tid2eid_, tokens));
       ++moe_j;
     });
-    for (int64_t i = 0; i < n * d; ++i) h[i] += tmp[i];
+    if (hc) {
+      hc::leave_forward(I.xs2.data(), tmp.data(), h.data(), L.hs_ffn, n, hs);
+      std::swap(h, I.xs2);
+    } else {
+      for (int64_t i = 0; i < n * d; ++i) h[i] += tmp[i];
+    }
   }
   for (int64_t i = 0; i < n; ++i) kv.len[row[i]] = std::max(kv.len[row[i]], I.pos[i] + 1);
-  // Final norm and LM head of the last new token of each row only.
+  // Final norm and LM head of the last new token of each row only (with mHC, after the
+  // head's collapse of every new token: per-token values, the same bits as forward()).
+  const T* hf = h.data();
+  if (hc) {
+    hc::enter_forward(I.u.data(), I.hs_head, h.data(), I.hc_head.weights(P), n, hc_shape(c, true));
+    hf = I.u.data();
+  }
   const int64_t m = int64_t(last.size());
   tmp.resize(m * d);
-  for (int64_t j = 0; j < m; ++j) std::copy_n(h.data() + last[j] * d, d, tmp.data() + j * d);
+  for (int64_t j = 0; j < m; ++j) std::copy_n(hf + last[j] * d, d, tmp.data() + j * d);
   I.x_final.resize(m * d);
   I.rstd_final.resize(m);
   ops::rmsnorm_forward(I.x_final.data(), I.rstd_final.data(), tmp.data(), P + I.norm, m, d, c.rms_norm_eps);

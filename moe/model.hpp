@@ -17,6 +17,7 @@ struct LossNorm {
   double n_targets = 1;  // non-ignored targets in the global batch (0 is treated as 1)
   int n_micro = 1;       // micro-batches in the global batch
   int n_rows = 1;        // batch rows (sequences) in the global batch
+  double n_mtp_targets = 1;  // MTP targets (token t+2) in the global batch (0 is treated as 1)
 };
 
 // What one micro-batch's forward produced. Losses are this micro-batch's
@@ -26,10 +27,14 @@ struct MicroStats {
   double ce_sum = 0;    // raw sum of CE over targets
   int64_t n_targets = 0;
   double aux_loss = 0, seq_aux_loss = 0, z_loss = 0;
+  // MTP (MODEL.md section 12): mtp_loss_weight * sum of the MTP block's CE over its
+  // targets / norm.n_mtp_targets; 0 when the block did not run.
+  double mtp_loss = 0;
+  int64_t n_mtp_targets = 0;
   // [moe layer j][expert e]: routed pairs (before capacity drops).
   std::vector<std::vector<int64_t>> expert_counts;
   int64_t dropped_pairs = 0;
-  double total() const { return ce + aux_loss + seq_aux_loss + z_loss; }
+  double total() const { return ce + aux_loss + seq_aux_loss + z_loss + mtp_loss; }
 };
 
 // The expert selections of every MoE layer for the N tokens of one forward (or one
@@ -46,6 +51,11 @@ struct ForwardOptions {
   bool train = true;
   const RoutingTrace* replay = nullptr;  // force these expert selections
   RoutingTrace* record = nullptr;        // copy out the selections made
+  // Also run the MTP block (num_nextn_predict_layers = 1) and its loss (MicroStats::
+  // mtp_loss; its gradient is added by backward()). forward_backward() sets it; a forward
+  // for a caller's own loss head (RL) runs the main model only: the MTP MoE layer then
+  // routes nothing (zero counts, empty trace).
+  bool mtp = false;
 };
 
 // Keys (after RoPE) and values of every cached position (MODEL.md section 10):
@@ -81,7 +91,8 @@ class Model {
   std::vector<T>& grads() { return grads_; }
   const std::vector<T>& grads() const { return grads_; }
   // Aux-loss-free routing bias, [moe layer j][E], fp32, never trained by gradient.
-  // MoE layer j is model layer first_k_dense_replace + j. A hash-routed layer
+  // MoE layer j is model layer cfg.moe_layer(j): first_k_dense_replace + j, and the MTP
+  // block's MoE layer last (j = num_moe_layers() - 1 with MTP). A hash-routed layer
   // (j < num_hash_layers) has no bias: its row is empty.
   std::vector<std::vector<float>>& expert_bias() { return bias_; }
   const std::vector<std::vector<float>>& expert_bias() const { return bias_; }
@@ -107,6 +118,10 @@ class Model {
   // (labels shifted by one, -100 where there is none).
   const std::vector<T>& logits() const;
   const std::vector<int32_t>& targets() const;
+  // MTP (MODEL.md section 12): logits (tokens, V) of the MTP block in the last forward
+  // that ran it (predicting token t+2), and its targets (-100 where there is none).
+  const std::vector<T>& mtp_logits() const;
+  const std::vector<int32_t>& mtp_targets() const;
   // A work buffer of logits' size for the caller's loss head (reused across calls).
   std::vector<T>& dlogits_buffer();
   // Bytes held by the activation and work buffers of the forward/backward (capacity of

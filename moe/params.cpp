@@ -6,6 +6,7 @@
 namespace moetune {
 
 std::string ParamLayout::layer(int l, const std::string& rest) {
+  if (l >= ModelConfig::kMtpLayer) return "mtp." + std::to_string(l - ModelConfig::kMtpLayer) + "." + rest;
   return "model.layers." + std::to_string(l) + "." + rest;
 }
 std::string ParamLayout::expert(int l, int e, const std::string& proj) {
@@ -54,13 +55,24 @@ ParamLayout ParamLayout::build(const ModelConfig& c, int expert_begin, int exper
   p.expert_end_ = expert_end;
   const int64_t V = c.vocab_size, d = c.hidden_size, q = int64_t(c.H()) * c.hd(), kv = int64_t(c.Hkv()) * c.hd();
   p.add("model.embed_tokens.weight", {V, d}, true);
-  for (int l = 0; l < c.num_hidden_layers; ++l) {
+  // mHC connection of a sub-block (attn_hc, ffn_hc): fn ((2+n)n, n d), base ((2+n)n),
+  // scale (3), as transformers' DeepseekV4HyperConnection.
+  const int64_t n = c.hc_mult, M = (2 + n) * n;
+  const auto add_hc = [&](const std::string& prefix) {
+    p.add(prefix + ".fn", {M, n * d}, true);
+    p.add(prefix + ".base", {M}, false);
+    p.add(prefix + ".scale", {3}, false);
+  };
+  // One decoder block: model layer l, or the MTP block (ModelConfig::kMtpLayer).
+  const auto add_block = [&](int l) {
+    if (c.hc()) add_hc(layer(l, "attn_hc"));
     p.add(layer(l, "input_layernorm.weight"), {d}, false);
     p.add(layer(l, "self_attn.q_proj.weight"), {q, d}, true);
     p.add(layer(l, "self_attn.k_proj.weight"), {kv, d}, true);
     p.add(layer(l, "self_attn.v_proj.weight"), {kv, d}, true);
     p.add(layer(l, "self_attn.o_proj.weight"), {d, q}, true);
     p.add(layer(l, "post_attention_layernorm.weight"), {d}, false);
+    if (c.hc()) add_hc(layer(l, "ffn_hc"));
     if (!c.is_moe_layer(l)) {
       const int64_t I = c.intermediate_size;
       p.add(layer(l, "mlp.gate_proj.weight"), {I, d}, true);
@@ -81,9 +93,27 @@ ParamLayout ParamLayout::build(const ModelConfig& c, int expert_begin, int exper
         p.add(layer(l, "mlp.shared_experts.down_proj.weight"), {d, S}, true);
       }
     }
-  }
+  };
+  for (int l = 0; l < c.num_hidden_layers; ++l) add_block(l);
+  const auto add_hc_head = [&](const std::string& prefix) {  // the head's collapse (DeepseekV4HyperHead)
+    if (!c.hc()) return;
+    p.add(prefix + ".hc_fn", {n, n * d}, true);
+    p.add(prefix + ".hc_base", {n}, false);
+    p.add(prefix + ".hc_scale", {1}, false);
+  };
+  add_hc_head("model.hc_head");
   p.add("model.norm.weight", {d}, false);
   if (!c.tie_word_embeddings) p.add("lm_head.weight", {V, d}, true);
+  if (c.mtp()) {  // the MTP block (MODEL.md section 12), after the whole main model
+    const std::string m = layer(ModelConfig::kMtpLayer, "");
+    p.add(m + "enorm.weight", {d}, false);
+    p.add(m + "hnorm.weight", {d}, false);
+    p.add(m + "e_proj.weight", {d, d}, true);
+    p.add(m + "h_proj.weight", {d, d}, true);
+    add_block(ModelConfig::kMtpLayer);
+    add_hc_head(m + "hc_head");
+    p.add(m + "norm.weight", {d}, false);
+  }
   p.total_ = (p.total_ + 15) / 16 * 16;
   return p;
 }

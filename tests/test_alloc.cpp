@@ -62,8 +62,10 @@ TEST(Alloc, CounterSeesAllocations) {
   EXPECT_GE(n, 1);
 }
 
-ModelConfig alloc_cfg(int dense_layers) {
+ModelConfig alloc_cfg(int dense_layers, int hc_mult = 1, int mtp = 0) {
   return ModelConfig::from_json({{"vocab_size", 64},
+                                 {"hc_mult", hc_mult},
+                                 {"num_nextn_predict_layers", mtp},
                                  {"hidden_size", 32},
                                  {"num_hidden_layers", 3},
                                  {"num_attention_heads", 4},
@@ -79,14 +81,18 @@ ModelConfig alloc_cfg(int dense_layers) {
 
 // Dense layers only: a forward + backward of two attention tiles per row allocates
 // nothing at all once warm.
+// With mHC (hc_mult 3) too: the streams, connection states and Sinkhorn scratch are
+// reused buffers; and with an MTP block (which is a MoE layer: only its statistics).
 TEST(Alloc, SteadyStateForwardBackwardAllocatesNothing) {
-  const ModelConfig cfg = alloc_cfg(3);
-  Model<float> m(cfg);
-  m.init(1);
-  const MicroBatch mb = make_batch(3, 70, cfg.vocab_size, 1);
-  const LossNorm norm{double(mb.count_targets()), 1, mb.rows};
-  for (int i = 0; i < 2; ++i) m.forward_backward(mb, norm, true);
-  EXPECT_EQ(allocations_of([&] { m.forward_backward(mb, norm, true); }), 0);
+  for (int hc : {1, 3}) {
+    const ModelConfig cfg = alloc_cfg(3, hc);
+    Model<float> m(cfg);
+    m.init(1);
+    const MicroBatch mb = make_batch(3, 70, cfg.vocab_size, 1);
+    const LossNorm norm{double(mb.count_targets()), 1, mb.rows};
+    for (int i = 0; i < 2; ++i) m.forward_backward(mb, norm, true);
+    EXPECT_EQ(allocations_of([&] { m.forward_backward(mb, norm, true); }), 0) << "hc_mult " << hc;
+  }
 }
 
 // A whole AdamW training step of a MoE model (2 micro-batches): the only allocations
@@ -104,6 +110,21 @@ TEST(Alloc, SteadyStateTrainingStepAllocatesOnlyItsStatistics) {
   const int64_t stats = int64_t(cfg.num_moe_layers() + 2) * (int64_t(batch.size()) + 2);
   EXPECT_LE(n, stats) << "allocations in a steady-state training step";
   EXPECT_GT(n, 0);  // the statistics are really counted (the bound is not vacuous)
+}
+
+// mHC + MTP: the MTP block is one more MoE layer, so one more statistics vector per
+// micro-batch and step; nothing else.
+TEST(Alloc, SteadyStateTrainingStepWithHyperConnectionsAndMtp) {
+  const ModelConfig cfg = alloc_cfg(1, 2, 1);
+  Model<float> m(cfg);
+  m.init(1);
+  AdamWConfig ac;
+  AdamW<float> opt(m.layout(), ac);
+  const std::vector<MicroBatch> batch = {make_batch(3, 70, cfg.vocab_size, 1), make_batch(3, 70, cfg.vocab_size, 2)};
+  for (int i = 0; i < 2; ++i) train_step(m, opt, batch, 1e-3, 1.0);
+  const int64_t n = allocations_of([&] { train_step(m, opt, batch, 1e-3, 1.0); });
+  const int64_t stats = int64_t(cfg.num_moe_layers() + 2) * (int64_t(batch.size()) + 2);
+  EXPECT_LE(n, stats) << "allocations in a steady-state training step";
 }
 
 }  // namespace

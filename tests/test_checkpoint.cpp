@@ -102,6 +102,33 @@ Saved save_float(const std::string& dir, const ModelConfig& cfg, const ParamLayo
 
 }  // namespace
 
+// mHC and MTP (MODEL.md section 12): their tensors (attn_hc / ffn_hc / hc_head, and the
+// mtp.0.* block with its routing bias) round-trip under their Hugging Face names.
+TEST_F(CheckpointTest, RoundTripHyperConnectionsAndMtp) {
+  json j = small_config_json();
+  j["hc_mult"] = 2;
+  j["num_nextn_predict_layers"] = 1;
+  const ModelConfig cfg = ModelConfig::from_json(j, "test");
+  const ParamLayout layout = ParamLayout::build(cfg);
+  for (const char* name : {"model.layers.0.attn_hc.fn", "model.layers.0.ffn_hc.scale", "model.hc_head.hc_fn",
+                           "mtp.0.enorm.weight", "mtp.0.hnorm.weight", "mtp.0.e_proj.weight", "mtp.0.h_proj.weight",
+                           "mtp.0.self_attn.q_proj.weight", "mtp.0.mlp.experts.0.up_proj.weight",
+                           "mtp.0.attn_hc.base", "mtp.0.hc_head.hc_scale", "mtp.0.norm.weight"})
+    EXPECT_TRUE(layout.contains(name)) << name;
+  const std::string dir = path("ckpt");
+  const Saved s = save_float(dir, cfg, layout, 0.25);
+  const ModelConfig c = load_checkpoint_config(dir);
+  EXPECT_EQ(c.to_json(), cfg.to_json());
+  EXPECT_EQ(c.num_moe_layers(), cfg.num_moe_layers());
+  std::vector<float> p;
+  std::vector<std::vector<float>> bias;
+  load_model_weights<float>(dir, c, layout, p, bias);
+  EXPECT_EQ(p, s.params);
+  EXPECT_EQ(bias, s.bias);  // the MTP block's bias is the last row
+  SafetensorsReader r(dir + "/model.safetensors");
+  EXPECT_TRUE(r.contains("mtp.0.mlp.gate.e_score_correction_bias"));
+}
+
 TEST_F(CheckpointTest, RoundTripFloat) {
   const std::string dir = path("ckpt");
   const Saved s = save_float(dir, cfg_, layout_, 0.5);

@@ -36,6 +36,16 @@ TEST(Config, InvalidCombinationsNameTheKey) {
   EXPECT_NE(error_of({{"num_key_value_heads", 3}}).find("'num_key_value_heads'"), std::string::npos);
   EXPECT_NE(error_of({{"scoring_func", "relu"}}).find("'scoring_func'"), std::string::npos);
   EXPECT_NE(error_of({{"hidden_sise", 3}}).find("unknown"), std::string::npos);
+  // mHC (MODEL.md section 12)
+  EXPECT_NE(error_of({{"hc_mult", 0}}).find("key 'hc_mult': must be >= 1"), std::string::npos);
+  EXPECT_NE(error_of({{"hc_sinkhorn_iters", 0}}).find("key 'hc_sinkhorn_iters': must be >= 1"), std::string::npos);
+  EXPECT_NE(error_of({{"hc_eps", -1e-6}}).find("key 'hc_eps': must be a finite number >= 0"), std::string::npos);
+  // MTP (MODEL.md section 12)
+  EXPECT_NE(error_of({{"num_nextn_predict_layers", 2}}).find("key 'num_nextn_predict_layers': must be 0 or 1"),
+            std::string::npos);
+  EXPECT_NE(error_of({{"num_nextn_predict_layers", -1}}).find("key 'num_nextn_predict_layers'"), std::string::npos);
+  EXPECT_NE(error_of({{"mtp_loss_weight", -0.1}}).find("key 'mtp_loss_weight': must be a finite number >= 0"),
+            std::string::npos);
   EXPECT_NE(error_of({{"hidden_size", "big"}}).find("cfg.json: key 'hidden_size'"), std::string::npos);
   // Found by fuzz_model_config: an int that wraps, a derived default that overflows,
   // a --set value that is not UTF-8.

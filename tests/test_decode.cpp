@@ -148,6 +148,36 @@ TEST(Decode, KvCacheEqualsFullForwardV4Routing) {
   }
 }
 
+// mHC (MODEL.md section 12): the streams, their connections and the head's collapse are
+// per-token computations, so the decode still equals the full forward bit for bit.
+TEST(Decode, KvCacheEqualsFullForwardHyperConnections) {
+  for (bool dbl : {true, false}) {
+    const ModelConfig cfg = small_cfg({{"hc_mult", 3}, {"hc_sinkhorn_iters", 4}});
+    const DecodeDiff d = dbl ? decode_vs_forward<double>(cfg) : decode_vs_forward<float>(cfg);
+    EXPECT_EQ(d.mismatched, 0) << (dbl ? "double" : "float") << ": max relative difference " << d.worst;
+  }
+}
+
+// MTP (MODEL.md section 12): decoding uses the main model only; an MTP block changes no
+// bit of it, and the training forward (which runs the block after the main logits) gives
+// the same main logits as inference.
+TEST(Decode, KvCacheEqualsFullForwardWithMtp) {
+  for (int hc : {1, 2}) {
+    const ModelConfig cfg = small_cfg({{"num_nextn_predict_layers", 1}, {"hc_mult", hc}});
+    const DecodeDiff d = decode_vs_forward<float>(cfg);
+    EXPECT_EQ(d.mismatched, 0) << "hc_mult " << hc << ": max relative difference " << d.worst;
+    Model<float> m(cfg);
+    m.init(5);
+    const auto mb = make_batch(3, 10, cfg.vocab_size, 9);
+    const MicroStats st = m.forward_backward(mb, LossNorm{}, true);
+    EXPECT_GT(st.mtp_loss, 0);
+    EXPECT_GT(st.n_mtp_targets, 0);
+    const std::vector<float> train = m.logits();
+    m.forward(mb, LossNorm{}, ForwardOptions{false});
+    EXPECT_EQ(0, std::memcmp(train.data(), m.logits().data(), train.size() * sizeof(float)));
+  }
+}
+
 TEST(Decode, ExtendRejectsFullRowsAndBadTokens) {
   const auto cfg = small_cfg();
   Model<float> m(cfg);
@@ -163,15 +193,17 @@ TEST(Decode, ExtendRejectsFullRowsAndBadTokens) {
 }
 
 TEST(Decode, InferenceForwardEqualsTrainingForwardBitForBit) {
-  const auto cfg = small_cfg({{"seq_aux_loss_coeff", 0.01}});
-  Model<float> m(cfg);
-  m.init(5);
-  const auto mb = make_batch(3, 10, cfg.vocab_size, 9);
-  m.forward(mb, LossNorm{}, ForwardOptions{true});
-  const std::vector<float> train = m.logits();
-  m.forward(mb, LossNorm{}, ForwardOptions{false});
-  ASSERT_EQ(train.size(), m.logits().size());
-  EXPECT_EQ(0, std::memcmp(train.data(), m.logits().data(), train.size() * sizeof(float)));
+  for (int n : {1, 2}) {
+    const auto cfg = small_cfg({{"seq_aux_loss_coeff", 0.01}, {"hc_mult", n}});
+    Model<float> m(cfg);
+    m.init(5);
+    const auto mb = make_batch(3, 10, cfg.vocab_size, 9);
+    m.forward(mb, LossNorm{}, ForwardOptions{true});
+    const std::vector<float> train = m.logits();
+    m.forward(mb, LossNorm{}, ForwardOptions{false});
+    ASSERT_EQ(train.size(), m.logits().size());
+    EXPECT_EQ(0, std::memcmp(train.data(), m.logits().data(), train.size() * sizeof(float))) << "hc_mult " << n;
+  }
 }
 
 TEST(Replay, OwnRoutingChangesNoBit) {
@@ -188,6 +220,40 @@ TEST(Replay, OwnRoutingChangesNoBit) {
   EXPECT_EQ(0, std::memcmp(want.data(), m.logits().data(), want.size() * sizeof(float)));
   EXPECT_EQ(live.expert_counts, rep.expert_counts);
   EXPECT_EQ(live.dropped_pairs, rep.dropped_pairs);
+}
+
+// MTP (MODEL.md section 12): a forward for a caller's loss head (RL) runs the main model
+// only, so the MTP block's MoE layer records an empty selection, counts nothing, and a
+// replay of such a trace (rollout or pi_old) is accepted and changes no bit; a training
+// step through the loss head then leaves the MTP layer's routing bias alone.
+TEST(Replay, MtpLayerRoutesNothingOutsideTheSupervisedLoss) {
+  const auto cfg = small_cfg({{"num_nextn_predict_layers", 1}, {"hc_mult", 2}});
+  Model<float> m(cfg);
+  m.init(7);
+  const auto mb = make_batch(2, 12, cfg.vocab_size, 4);
+  RoutingTrace rec;
+  const MicroStats live = m.forward(mb, LossNorm{}, ForwardOptions{true, nullptr, &rec});
+  const int nm = cfg.num_moe_layers();
+  ASSERT_EQ(int(rec.idx.size()), nm);
+  EXPECT_TRUE(rec.idx[nm - 1].empty());
+  EXPECT_EQ(live.mtp_loss, 0.0);
+  EXPECT_EQ(live.expert_counts.at(nm - 1), std::vector<int64_t>(cfg.E(), 0));
+  const std::vector<float> want = m.logits();
+  auto& dl = m.dlogits_buffer();
+  dl.assign(m.logits().size(), 0.5f);
+  m.backward(dl.data());  // no MTP gradient pending: only the main model's
+  m.forward(mb, LossNorm{}, ForwardOptions{false, &rec, nullptr});
+  EXPECT_EQ(0, std::memcmp(want.data(), m.logits().data(), want.size() * sizeof(float)));
+  // KV-cache decode records the same empty MTP entry.
+  KvCache<float> kv;
+  m.kv_init(kv, 1, 4);
+  std::vector<float> logits;
+  const int32_t row[2] = {0, 0}, tok[2] = {1, 2};
+  RoutingTrace dec;
+  m.extend(kv, row, tok, 2, logits, &dec);
+  ASSERT_EQ(int(dec.idx.size()), nm);
+  EXPECT_TRUE(dec.idx[nm - 1].empty());
+  EXPECT_EQ(int64_t(dec.idx[0].size()), 2 * cfg.K());
 }
 
 TEST(Replay, WrongShapeIsRejected) {

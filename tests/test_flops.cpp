@@ -67,6 +67,32 @@ TEST(Flops, AllExpertsActiveEqualsLayoutMatrices) {
   EXPECT_EQ(active_matrix_params(c), matrices - int64_t(c.num_moe_layers()) * 2 * 3 * c.F() * c.d());
 }
 
+// mHC (MODEL.md section 12) adds its projections fn: per layer attn_hc and ffn_hc
+// ((2+n)n, n d) each, and hc_head (n, n d); the all-experts check still holds.
+TEST(Flops, HyperConnectionsAddTheirProjections) {
+  ModelConfig c = tiny();
+  c.set("hc_mult", "2");
+  // n = 2, d = 8: 2 * 3 layers * (4*2 x 16) = 768, head (2 x 16) = 32
+  EXPECT_EQ(active_matrix_params(c), 1968 + 768 + 32);
+  auto all = ModelConfig::from_json({{"num_hidden_layers", 2}, {"n_routed_experts", 2}, {"num_experts_per_tok", 2},
+                                     {"hc_mult", 3}});
+  const ParamLayout layout = ParamLayout::build(all);
+  int64_t matrices = 0;
+  for (const TensorInfo& t : layout.tensors())
+    if (t.shape.size() == 2 && t.name != "model.embed_tokens.weight") matrices += static_cast<int64_t>(t.numel);
+  EXPECT_EQ(active_matrix_params(all), matrices);
+}
+
+// MTP (MODEL.md section 12): e_proj and h_proj (d, d), one more MoE block, the LM head
+// again; and one more attention layer in the S_ctx term.
+TEST(Flops, MtpAddsItsBlockAndHead) {
+  ModelConfig c = tiny();
+  c.set("num_nextn_predict_layers", "1");
+  // 2 * 64 + attention 192 + MoE 464 + LM head 80 = 864
+  EXPECT_EQ(active_matrix_params(c), 1968 + 864);
+  EXPECT_EQ(flops_per_token(c, 16), 6.0 * (1968 + 864) + 6.0 * 4 * 2 * 4 * 16);
+}
+
 TEST(Flops, Mfu) {
   EXPECT_DOUBLE_EQ(mfu(1e9, 100.0, 1e12), 0.1);
   EXPECT_EQ(mfu(1e9, 100.0, 0.0), 0.0);

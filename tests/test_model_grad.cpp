@@ -31,6 +31,7 @@ nlohmann::json tiny(nlohmann::json extra) {
 struct Case {
   const char* name;
   nlohmann::json cfg;
+  double h = 1e-5;  // central-difference step
 };
 
 }  // namespace
@@ -65,7 +66,7 @@ TEST_P(ModelGrad, EveryParameterTensor) {
     double worst = 0;
     const size_t step = t.numel <= 48 ? 1 : t.numel / 48;
     for (size_t i = 0; i < t.numel; i += step) {
-      double num = fd(f, m.params()[t.offset + i], 1e-5);
+      double num = fd(f, m.params()[t.offset + i], GetParam().h);
       worst = std::max(worst, rel_err(num, g[i], floor));
     }
     EXPECT_LT(worst, 1e-5) << GetParam().name << ": " << t.name;
@@ -95,7 +96,24 @@ INSTANTIATE_TEST_SUITE_P(
               {"seq_aux_loss_coeff", 0.05}, {"z_loss_coeff", 0.01}}},
         Case{"v4_all_layers_hashed_capacity",
              {{"scoring_func", "sqrtsoftplus"}, {"num_hash_layers", 2}, {"swiglu_limit", 0.5},
-              {"first_k_dense_replace", 0}, {"capacity_factor", 1.0}, {"aux_loss_coeff", 0.05}}}),
+              {"first_k_dense_replace", 0}, {"capacity_factor", 1.0}, {"aux_loss_coeff", 0.05}}},
+        // mHC (MODEL.md section 12): 2 and 4 residual streams, few Sinkhorn rounds and a
+        // large hc_eps so that every term of the connection counts.
+        Case{"mhc_n2", {{"hc_mult", 2}, {"hc_sinkhorn_iters", 3}, {"hc_eps", 0.01}}},
+        Case{"mhc_n4_v4_routing", {{"hc_mult", 4}, {"hc_sinkhorn_iters", 2}, {"hc_eps", 0.01},
+                                   {"scoring_func", "sqrtsoftplus"}, {"num_hash_layers", 1},
+                                   {"seq_aux_loss_coeff", 0.05}}},
+        // MTP (MODEL.md section 12): one more block predicting token t+2, its loss weighted;
+        // with the balance losses of its MoE layer; and with mHC (its own streams and head).
+        // (Step 3e-5: at 1e-5 the expert weights' errors, 1.6e-5, are round-off: 4e-5 at
+        // 3e-6, 4e-6 at 3e-5.)
+        Case{"mtp",
+             {{"num_nextn_predict_layers", 1}, {"mtp_loss_weight", 0.7}, {"aux_loss_coeff", 0.05},
+              {"seq_aux_loss_coeff", 0.05}, {"z_loss_coeff", 0.01}},
+             3e-5},
+        Case{"mhc_n2_mtp_tied", {{"hc_mult", 2}, {"hc_sinkhorn_iters", 3}, {"hc_eps", 0.01},
+                                 {"num_nextn_predict_layers", 1}, {"tie_word_embeddings", true},
+                                 {"first_k_dense_replace", 0}, {"num_hash_layers", 1}}}),
     [](const auto& info) { return std::string(info.param.name); });
 
 // 1 micro-batch of 8 rows and 4 micro-batches of 2 rows give the same gradient when

@@ -5,8 +5,10 @@
 #include <gtest/gtest.h>
 
 #include "moe/dispatch.hpp"
+#include "moe/hc.hpp"
 #include "moe/init.hpp"
 #include "moe/mlp.hpp"
+#include "moe/mtp.hpp"
 #include "moe/moe_layer.hpp"
 #include "moe/ops.hpp"
 #include "moe/router.hpp"
@@ -546,4 +548,107 @@ TEST(Dispatch, RoundTripWithWeightOneOverK) {
   // Expert slices are contiguous and tokens inside a slice are in increasing order.
   for (int e = 0; e < 4; ++e)
     for (int64_t i = p.offsets[e] + 1; i < p.offsets[e + 1]; ++i) EXPECT_LT(p.pair_token[i - 1], p.pair_token[i]);
+}
+
+// mHC connection of a sub-block (moe/hc.hpp): mix, pre/post/comb with Sinkhorn, the
+// collapse u and the expansion Xo = post y + comb^T X, with y an independent input, so
+// L = <u, Ru> + <Xo, RX> reaches every coefficient. n = 3 streams, 3 Sinkhorn rounds and
+// a large hc_eps, so every eps term counts.
+TEST(OpsGrad, HyperConnectionSubBlock) {
+  for (const int iters : {1, 3}) {
+    const int64_t N = 5, n = 3, d = 4, M = (2 + n) * n, K = n * d;
+    const hc::HcShape sh{n, d, iters, 0.05, 1e-6, false};
+    auto X = randn(N * K, 21), fn = randn(M * K, 22, 0.5), base = randn(M, 23, 0.5), scale = randn(3, 24);
+    auto y = randn(N * d, 25), Ru = randn(N * d, 26), RX = randn(N * K, 27);
+    std::vector<double> u(N * d), Xo(N * K);
+    hc::HcState<double> s;
+    auto f = [&] {
+      hc::enter_forward(u.data(), s, X.data(), hc::HcWeights<double>{fn.data(), base.data(), scale.data()}, N, sh);
+      hc::leave_forward(Xo.data(), y.data(), X.data(), s, N, sh);
+      return dot(u, Ru) + dot(Xo, RX);
+    };
+    f();
+    std::vector<double> dX(N * K), dy(N * d), dfn(M * K, 0.0), dbase(M, 0.0), dscale(3, 0.0);
+    hc::HcWork<double> work;
+    hc::leave_backward(dy.data(), dX.data(), work, RX.data(), y.data(), X.data(), s, N, sh);
+    hc::enter_backward(dX.data(), hc::HcGrads<double>{dfn.data(), dbase.data(), dscale.data()}, Ru.data(), X.data(), s,
+                       hc::HcWeights<double>{fn.data(), base.data(), scale.data()}, work, N, sh);
+    EXPECT_LT(check_grad(f, X, dX), 1e-6) << "iters " << iters;
+    EXPECT_LT(check_grad(f, y, dy), 1e-6) << "iters " << iters;
+    EXPECT_LT(check_grad(f, fn, dfn), 1e-6) << "iters " << iters;
+    EXPECT_LT(check_grad(f, base, dbase), 1e-6) << "iters " << iters;
+    EXPECT_LT(check_grad(f, scale, dscale), 1e-6) << "iters " << iters;
+  }
+}
+
+// Sinkhorn's comb is (nearly) doubly stochastic after enough rounds, and pre/post lie in
+// their ranges: the forward is the formula of MODEL.md section 12.
+TEST(OpsGrad, HyperConnectionCombIsDoublyStochastic) {
+  const int64_t N = 3, n = 4, d = 2, M = (2 + n) * n, K = n * d;
+  const hc::HcShape sh{n, d, 20, 1e-6, 1e-6, false};
+  auto X = randn(N * K, 31), fn = randn(M * K, 32), base = randn(M, 33), scale = randn(3, 34);
+  std::vector<double> u(N * d);
+  hc::HcState<double> s;
+  hc::enter_forward(u.data(), s, X.data(), hc::HcWeights<double>{fn.data(), base.data(), scale.data()}, N, sh);
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t a = 0; a < n; ++a) {
+      double row = 0, col = 0;
+      for (int64_t b = 0; b < n; ++b) {
+        row += s.comb[i * n * n + a * n + b];
+        col += s.comb[i * n * n + b * n + a];
+      }
+      EXPECT_NEAR(row, 1.0, 1e-3);
+      EXPECT_NEAR(col, 1.0, 1e-5);
+      EXPECT_GT(s.pre[i * n + a], 0.0);
+      EXPECT_LT(s.pre[i * n + a], 1.0 + 1e-5);
+      EXPECT_GT(s.post[i * n + a], 0.0);
+      EXPECT_LT(s.post[i * n + a], 2.0);
+    }
+}
+
+// The head's collapse (hc_head: fn (n, n d), base (n), scale (1); pre only).
+TEST(OpsGrad, HyperConnectionHead) {
+  const int64_t N = 4, n = 3, d = 5, K = n * d;
+  const hc::HcShape sh{n, d, 20, 0.05, 1e-6, true};
+  auto X = randn(N * K, 41), fn = randn(n * K, 42, 0.5), base = randn(n, 43), scale = randn(1, 44);
+  auto Ru = randn(N * d, 45);
+  std::vector<double> u(N * d);
+  hc::HcState<double> s;
+  auto f = [&] {
+    hc::enter_forward(u.data(), s, X.data(), hc::HcWeights<double>{fn.data(), base.data(), scale.data()}, N, sh);
+    return dot(u, Ru);
+  };
+  f();
+  std::vector<double> dX(N * K, 0.0), dfn(n * K, 0.0), dbase(n, 0.0), dscale(1, 0.0);
+  hc::HcWork<double> work;
+  hc::enter_backward(dX.data(), hc::HcGrads<double>{dfn.data(), dbase.data(), dscale.data()}, Ru.data(), X.data(), s,
+                     hc::HcWeights<double>{fn.data(), base.data(), scale.data()}, work, N, sh);
+  EXPECT_LT(check_grad(f, X, dX), 1e-6);
+  EXPECT_LT(check_grad(f, fn, dfn), 1e-6);
+  EXPECT_LT(check_grad(f, base, dbase), 1e-6);
+  EXPECT_LT(check_grad(f, scale, dscale), 1e-6);
+}
+
+// The MTP block's input (moe/mtp.hpp): h' = e_proj(RMSNorm(e; enorm)) + h_proj(RMSNorm(h; hnorm)).
+TEST(OpsGrad, MtpInputCombination) {
+  const int64_t N = 5, d = 6;
+  auto e = randn(N * d, 51), h = randn(N * d, 52), en = randn(d, 53), hn = randn(d, 54);
+  auto We = randn(d * d, 55, 0.5), Wh = randn(d * d, 56, 0.5), R = randn(N * d, 57);
+  std::vector<double> out(N * d), e_n(N * d), e_r(N), h_n(N * d), h_r(N), work;
+  auto f = [&] {
+    mtp_input_forward(out.data(), e_n.data(), e_r.data(), h_n.data(), h_r.data(), e.data(), h.data(), en.data(),
+                      hn.data(), We.data(), Wh.data(), N, d, 1e-6);
+    return dot(out, R);
+  };
+  f();
+  std::vector<double> de(N * d, 0.0), dh(N * d, 0.0), den(d, 0.0), dhn(d, 0.0), dWe(d * d, 0.0), dWh(d * d, 0.0);
+  mtp_input_backward(de.data(), dh.data(), den.data(), dhn.data(), dWe.data(), dWh.data(), R.data(), e.data(),
+                     h.data(), e_n.data(), e_r.data(), h_n.data(), h_r.data(), en.data(), hn.data(), We.data(),
+                     Wh.data(), N, d, work);
+  EXPECT_LT(check_grad(f, e, de), 1e-6);
+  EXPECT_LT(check_grad(f, h, dh), 1e-6);
+  EXPECT_LT(check_grad(f, en, den), 1e-6);
+  EXPECT_LT(check_grad(f, hn, dhn), 1e-6);
+  EXPECT_LT(check_grad(f, We, dWe), 1e-6);
+  EXPECT_LT(check_grad(f, Wh, dWh), 1e-6);
 }

@@ -31,8 +31,9 @@ namespace moetune {
 
 int64_t active_matrix_params(const ModelConfig& c) {
   const int64_t d = c.d(), q = int64_t(c.H()) * c.hd(), kv = int64_t(c.Hkv()) * c.hd();
+  const int64_t h = c.hc_mult;
   int64_t n = 0;
-  for (int l = 0; l < c.num_hidden_layers; ++l) {
+  const auto block = [&](int l) {  // one decoder block: model layer l or the MTP block
     n += q * d + 2 * kv * d + d * q;  // q_proj (H*hd, d), k/v_proj (H_kv*hd, d), o_proj (d, H*hd)
     if (!c.is_moe_layer(l)) {
       n += 3 * int64_t(c.intermediate_size) * d;  // gate/up (I, d), down (d, I)
@@ -41,14 +42,24 @@ int64_t active_matrix_params(const ModelConfig& c) {
       n += 3 * int64_t(c.shared_width()) * d;             // shared experts (S*F, d) x 3
       n += int64_t(c.K()) * 3 * int64_t(c.F()) * d;       // K routed experts (F, d) x 3
     }
-  }
+    if (c.hc()) n += 2 * (2 + h) * h * (h * d);  // mHC: attn_hc and ffn_hc fn ((2+n)n, n d)
+  };
+  for (int l = 0; l < c.num_hidden_layers; ++l) block(l);
+  if (c.hc()) n += h * (h * d);    // mHC: hc_head fn (n, n d)
   n += int64_t(c.vocab_size) * d;  // lm_head (V, d), counted even when tied
+  if (c.mtp()) {                   // MTP: e_proj, h_proj (d, d), its block, its hc_head, the shared head again
+    n += 2 * d * d;
+    block(ModelConfig::kMtpLayer);
+    if (c.hc()) n += h * (h * d);
+    n += int64_t(c.vocab_size) * d;
+  }
   return n;
 }
 
 double flops_per_token(const ModelConfig& c, int seq_len) {
+  const int attention_layers = c.num_hidden_layers + (c.mtp() ? 1 : 0);
   return 6.0 * static_cast<double>(active_matrix_params(c)) +
-         6.0 * c.num_hidden_layers * double(c.H()) * double(c.hd()) * double(seq_len);
+         6.0 * attention_layers * double(c.H()) * double(c.hd()) * double(seq_len);
 }
 
 double mfu(double flops_per_token, double tokens_per_second, double peak_flops) {

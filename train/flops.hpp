@@ -14,11 +14,17 @@ namespace moetune {
 // projections; a dense layer's gate/up/down; a MoE layer's router (E x d), shared
 // experts (3 x S*F x d) and K routed experts (K x 3 x F x d); plus the LM head (V x d),
 // counted even when tied to the embedding (MODEL.md 8.10). The embedding lookup and
-// the RMSNorm weights are not matrix multiplications and are not counted.
+// the RMSNorm weights are not matrix multiplications and are not counted. mHC (MODEL.md
+// section 12) adds its projections fn: 2 x (2+n)n x n d per block and n x n d per head
+// collapse; MTP adds e_proj and h_proj (2 d x d), its block (as a MoE layer, with its
+// mHC connections), its head collapse and the LM head once more. The per-token mHC
+// coefficient, Sinkhorn and stream-mixing arithmetic (O(n^2 d)) is not counted, like
+// RMSNorm's.
 int64_t active_matrix_params(const ModelConfig& cfg);
 
-// Training FLOPs per token: 6 * N_active + 6 * L * H * hd * seq_len (forward 2N + 2
-// attention score/value matmuls over a causal context of seq_len, backward twice that).
+// Training FLOPs per token: 6 * N_active + 6 * L' * H * hd * seq_len (forward 2N + 2
+// attention score/value matmuls over a causal context of seq_len, backward twice that),
+// L' = L + 1 with an MTP block.
 double flops_per_token(const ModelConfig& cfg, int seq_len);
 
 // Model FLOPs utilisation; 0 when peak_flops is not positive.

@@ -56,6 +56,7 @@ void append_routing(RoutingTrace& dst, const RoutingTrace& rec, int64_t from, in
     dst.kept.resize(rec.idx.size());
   }
   for (size_t j = 0; j < rec.idx.size(); ++j) {
+    if (rec.idx[j].empty()) continue;  // a MoE layer extend() does not run (the MTP block's)
     dst.idx[j].insert(dst.idx[j].end(), rec.idx[j].begin() + from * K, rec.idx[j].begin() + (from + count) * K);
     dst.kept[j].insert(dst.kept[j].end(), rec.kept[j].begin() + from * K, rec.kept[j].begin() + (from + count) * K);
   }

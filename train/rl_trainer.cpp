@@ -265,7 +265,9 @@ RlSummary rl_impl(const RunConfig& rc, const RlOptions& opt) {
   Mmb = (Mmb + W - 1) / W * W;
   const int A = Mmb / W;
   const int32_t pad = tokenizer->has_special("<|pad|>") ? tokenizer->special_id("<|pad|>") : 0;
-  const int K = cfg.K(), nm = cfg.num_moe_layers();
+  // MoE layers that route in RL: the main model's (an MTP block runs in no RL forward, its
+  // trace entry stays empty; MODEL.md section 12).
+  const int K = cfg.K(), nm = cfg.num_main_moe_layers();
   GenerationConfig gc;
   gc.sampling = SamplingConfig{rl.temperature, rl.top_k, rl.top_p};
   gc.max_new_tokens = rl.max_new_tokens;

@@ -369,6 +369,11 @@ const std::vector<std::pair<std::string, std::string>>& model_help() {
       {"initializer_range", "standard deviation of the normal initialisation"},
       {"num_hash_layers", "leading MoE layers that route by the fixed per-token table mlp.gate.tid2eid (V, K); 0 = none"},
       {"swiglu_limit", "c > 0 clamps the experts' SwiGLU: gate = min(gate, c), up = clamp(up, -c, c); 0 = off"},
+      {"hc_mult", "mHC residual streams per token (1 = the plain residual stream)"},
+      {"hc_sinkhorn_iters", "mHC: Sinkhorn rounds of the stream-mixing matrix comb"},
+      {"hc_eps", "mHC: epsilon of pre, comb and the Sinkhorn normalisations"},
+      {"num_nextn_predict_layers", "MTP: 1 = one more block predicting token t+2 (mtp.0.*), 0 = none"},
+      {"mtp_loss_weight", "MTP: weight of the MTP block's cross-entropy in the loss"},
   };
   return h;
 }

@@ -8,9 +8,10 @@ LossNorm global_loss_norm(const std::vector<MicroBatch>& batch) {
   // Rows and micro-batches made only of padding (MicroBatch::padding) are not
   // sequences: they do not count in the balance losses' normalisers.
   LossNorm n;
-  int64_t targets = 0, rows = 0, micro = 0;
+  int64_t targets = 0, mtp_targets = 0, rows = 0, micro = 0;
   for (const auto& mb : batch) {
     targets += mb.count_targets();
+    mtp_targets += mb.count_mtp_targets();
     int64_t real_rows = 0;
     for (int r = 0; r < mb.rows; ++r) {
       bool any = mb.padding.empty();
@@ -21,6 +22,7 @@ LossNorm global_loss_norm(const std::vector<MicroBatch>& batch) {
     micro += real_rows > 0;
   }
   n.n_targets = double(targets);
+  n.n_mtp_targets = double(mtp_targets);
   n.n_micro = int(std::max<int64_t>(1, micro));
   n.n_rows = int(std::max<int64_t>(1, rows));
   return n;
@@ -39,13 +41,14 @@ StepResult accumulate_gradients(Model<T>& model, const std::vector<MicroBatch>& 
     r.aux_loss += s.aux_loss;
     r.seq_aux_loss += s.seq_aux_loss;
     r.z_loss += s.z_loss;
+    r.mtp_loss += s.mtp_loss;
     r.n_targets += s.n_targets;
     r.tokens += mb.tokens();
     r.dropped_pairs += s.dropped_pairs;
     for (int j = 0; j < moe_layers; ++j)
       for (int e = 0; e < model.config().E(); ++e) r.expert_counts[j][e] += s.expert_counts[j][e];
   }
-  r.total_loss = r.loss + r.aux_loss + r.seq_aux_loss + r.z_loss;
+  r.total_loss = r.loss + r.aux_loss + r.seq_aux_loss + r.z_loss + r.mtp_loss;
   r.grad_norm = global_grad_norm(model.grads());
   return r;
 }

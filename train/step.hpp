@@ -16,6 +16,7 @@ namespace moetune {
 struct StepResult {
   double loss = 0;  // cross-entropy over the global batch (the reported "loss")
   double aux_loss = 0, seq_aux_loss = 0, z_loss = 0;
+  double mtp_loss = 0;  // mtp_loss_weight * the MTP block's cross-entropy (0 without MTP)
   double total_loss = 0;
   double grad_norm = 0;    // before clipping
   double clip_coef = 1;

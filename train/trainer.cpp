@@ -262,7 +262,8 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
       const double ratio = mean > 0 ? mx / mean : 0, rratio = rmean > 0 ? rmax / rmean : 0;
       worst = std::max(worst, ratio);
       worst_rank = std::max(worst_rank, rratio);
-      load.push_back({{"layer", cfg.first_k_dense_replace + int(j)}, {"max", mx}, {"mean", mean},
+      const int ml = cfg.moe_layer(int(j));  // the MTP block's MoE layer is logged as "mtp.0"
+      load.push_back({{"layer", ml == ModelConfig::kMtpLayer ? json("mtp.0") : json(ml)}, {"max", mx}, {"mean", mean},
                       {"max_over_mean", ratio}, {"rank_max_over_mean", rratio}});
     }
     // Communication: this rank's numbers, maximum over ranks for the time.
@@ -281,6 +282,7 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
                 {"aux_loss", r.aux_loss},
                 {"seq_aux_loss", r.seq_aux_loss},
                 {"z_loss", r.z_loss},
+                {"mtp_loss", r.mtp_loss},
                 {"lr", lr},
                 {"grad_norm", r.grad_norm},
                 {"clip_coef", r.clip_coef},
@@ -304,10 +306,12 @@ TrainSummary train_impl(const RunConfig& rc, const TrainOptions& opt) {
       metrics.flush();
     }
     if (talk && (step % rc.train.log_every == 0 || step == 1 || step == rc.train.steps)) {
-      std::printf("step %5lld/%lld | loss %.4f | aux %.2e seq %.2e z %.2e | lr %.2e | gnorm %.3f | %.0f tok/s | "
+      char mtp[48] = "";  // the MTP loss (MODEL.md section 12), only with an MTP block
+      if (cfg.mtp()) std::snprintf(mtp, sizeof mtp, " | mtp %.4f", r.mtp_loss);
+      std::printf("step %5lld/%lld | loss %.4f | aux %.2e seq %.2e z %.2e%s | lr %.2e | gnorm %.3f | %.0f tok/s | "
                   "MFU %.2f%% | load max/mean %.2f (ranks %.2f) | a2a %.0f ms%s\n",
                   static_cast<long long>(step), static_cast<long long>(rc.train.steps), r.loss, r.aux_loss,
-                  r.seq_aux_loss, r.z_loss, lr, r.grad_norm, tok_s, 100 * mfu, worst, worst_rank,
+                  r.seq_aux_loss, r.z_loss, mtp, lr, r.grad_norm, tok_s, 100 * mfu, worst, worst_rank,
                   1e3 * (comm[0] + comm[1]), r.skipped ? " | SKIPPED (non-finite)" : "");
     }
     // The validation loss is printed whenever it is computed, logged step or not.

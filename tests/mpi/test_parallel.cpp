@@ -379,10 +379,13 @@ TEST(ExpertParallel, MuonResumeAtAnotherLayoutEqualsUninterruptedRun) {
 TEST(ExpertParallel, LossAndGradientsAreBitIdenticalToOneRank) {
   Comm world = Comm::world();
   if (world.size() == 1) GTEST_SKIP() << "at -np 1 both sides are the same single-rank path; run at -np 2+";
-  // The V4 routing config: every layer MoE, the first hash-routed, sqrtsoftplus, clamped experts.
+  // The V4 routing config: every layer MoE, the first hash-routed, sqrtsoftplus, clamped experts;
+  // and mHC (2 streams) with an MTP block, whose MoE experts are sharded like any layer's.
   for (const auto& cfg : {tiny_config({{"seq_aux_loss_coeff", 0.01}}),
                           tiny_config({{"seq_aux_loss_coeff", 0.01}, {"scoring_func", "sqrtsoftplus"},
-                                       {"num_hash_layers", 1}, {"first_k_dense_replace", 0}, {"swiglu_limit", 0.3}})}) {
+                                       {"num_hash_layers", 1}, {"first_k_dense_replace", 0}, {"swiglu_limit", 0.3}}),
+                          tiny_config({{"seq_aux_loss_coeff", 0.01}, {"hc_mult", 2}, {"hc_sinkhorn_iters", 4},
+                                       {"num_nextn_predict_layers", 1}})}) {
     const auto batch = global_batch(12, 3, cfg.vocab_size);
     Comm self = Comm::self();
     ProcessGrid one = ProcessGrid::create(self, 1, cfg);
@@ -396,6 +399,8 @@ TEST(ExpertParallel, LossAndGradientsAreBitIdenticalToOneRank) {
       t.model().init(9);
       const StepResult r = t.accumulate(batch);
       EXPECT_EQ(std::memcmp(&r.total_loss, &rr.total_loss, sizeof(double)), 0) << "ep " << ep;
+      EXPECT_EQ(std::memcmp(&r.mtp_loss, &rr.mtp_loss, sizeof(double)), 0) << "ep " << ep;
+      if (cfg.mtp()) EXPECT_GT(r.mtp_loss, 0.0);
       EXPECT_EQ(std::memcmp(&r.grad_norm, &rr.grad_norm, sizeof(double)), 0) << "ep " << ep;
       EXPECT_EQ(r.expert_counts, rr.expert_counts);
       for (const auto& tn : t.model().layout().tensors())
@@ -454,10 +459,13 @@ TEST(ExpertParallel, CheckpointBytesDoNotDependOnTheLayout) {
   const int W = world.size();
   int64_t pid = ::getpid();
   world.broadcast(std::span<int64_t>(&pid, 1), 0);
-  // The second config has a hash-routed layer: its tid2eid table is in the checkpoint.
-  for (const auto& cfg : {tiny_config(), tiny_config({{"num_hash_layers", 1}, {"scoring_func", "sqrtsoftplus"}})}) {
+  // The second config has a hash-routed layer: its tid2eid table is in the checkpoint; the
+  // third mHC and an MTP block (its experts sharded, its bias the last MoE layer's).
+  for (const auto& cfg : {tiny_config(), tiny_config({{"num_hash_layers", 1}, {"scoring_func", "sqrtsoftplus"}}),
+                          tiny_config({{"hc_mult", 2}, {"num_nextn_predict_layers", 1}})}) {
     const fs::path root = fs::temp_directory_path() /
-                          ("moetune_ckpt_layout_" + std::to_string(pid) + "_" + std::to_string(cfg.num_hash_layers));
+                          ("moetune_ckpt_layout_" + std::to_string(pid) + "_" + std::to_string(cfg.num_hash_layers) +
+                           (cfg.mtp() ? "_mtp" : ""));
     // Reference: one rank writes with W=1.
     Comm self = Comm::self();
     if (world.rank() == 0) {

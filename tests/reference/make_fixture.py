@@ -7,7 +7,8 @@
                      "optim": {"lr", "beta1", "beta2", "eps", "weight_decay", "max_grad_norm"},
                      "steps": N,
                      "initial_bias": {"<bias name>": [E floats], ...}}   (optional, overrides DIR)
-        Writes, all F64: loss.{ce,aux,seq_aux,z,total} [1], logits.<m> (T_m, V), grad.<param>,
+        Writes, all F64: loss.{ce,aux,seq_aux,z,mtp,total} [1], logits.<m> (T_m, V) (and
+        mtp_logits.<m> with an MTP block), grad.<param>,
         min_margin [1] (+ min_margin.{topk,group,capacity}), expert_counts.<layer> (E),
         dropped_pairs [1], clamped_values [1] (swiglu_limit clamps at the initial weights), step<k>.loss / step<k>.grad_norm [1] for k = 1..N,
         final.<param> and final.<bias name>; tid2eid.<layer> (V, K) of each hash-routed layer
@@ -92,10 +93,12 @@ def make_fixture(ckpt_dir, batch_path, out_path):
     out = {}
     # --- At the initial weights: losses, logits, gradients of the total loss, routing facts.
     loss = ref.compute_gradients(cfg, params, biases, mbs)
-    for key in ("ce", "aux", "seq_aux", "z", "total"):
+    for key in ("ce", "aux", "seq_aux", "z", "mtp", "total"):
         out[f"loss.{key}"] = scalar(getattr(loss, key))
     for m, f in enumerate(loss.forwards):
         out[f"logits.{m}"] = f.logits.detach().clone()
+        if f.mtp_logits is not None:
+            out[f"mtp_logits.{m}"] = f.mtp_logits.detach().clone()
     for name, p in params.items():
         out[f"grad.{name}"] = p.grad.detach().clone()
     margins = loss.min_margins()
@@ -123,6 +126,7 @@ def make_fixture(ckpt_dir, batch_path, out_path):
     for k in range(1, steps + 1):
         res = ref.train_step(cfg, params, biases, opt, mbs, optim["lr"], optim["max_grad_norm"])
         out[f"step{k}.loss"] = scalar(res.loss.ce)
+        out[f"step{k}.mtp_loss"] = scalar(res.loss.mtp)
         out[f"step{k}.grad_norm"] = scalar(res.grad_norm)
         for key, v in res.loss.min_margins().items():
             margins[key] = min(margins.get(key, math.inf), v)

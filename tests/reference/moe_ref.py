@@ -1,5 +1,6 @@
 """PyTorch (float64) reference of the moetune model: MODEL.md sections 1-5 and 8, and the
-DeepSeek-V4 routing of section 12 (sqrtsoftplus scores, hash-routed layers, swiglu_limit).
+DeepSeek-V4 parts of section 12 (sqrtsoftplus scores, hash-routed layers, swiglu_limit,
+mHC hyper-connections, the MTP block).
 
 Written to be read, not to be fast: every formula of the spec appears once, in the
 order the spec gives it, and autograd provides the gradients. The C++ implementation
@@ -58,6 +59,11 @@ class Config:
     initializer_range: float = 0.02
     num_hash_layers: int = 0           # MODEL.md 12: leading MoE layers routed by mlp.gate.tid2eid
     swiglu_limit: float = 0.0          # MODEL.md 12: clamp of the experts' SwiGLU (0 = off)
+    hc_mult: int = 1                   # MODEL.md 12: mHC residual streams (1 = none)
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    num_nextn_predict_layers: int = 0  # MODEL.md 12: 1 = one MTP block predicting token t+2
+    mtp_loss_weight: float = 0.3
 
     # Keys Hugging Face config files carry that mean nothing to the model.
     IGNORED_KEYS = ("model_type", "architectures", "torch_dtype", "transformers_version",
@@ -133,24 +139,39 @@ class Config:
                 bad(key, "must be >= 0")
         if self.num_hash_layers > len(self.moe_layers()):
             bad("num_hash_layers", "exceeds the number of MoE layers")
+        if self.hc_mult < 1:
+            bad("hc_mult", "must be >= 1")
+        if self.hc_sinkhorn_iters < 1:
+            bad("hc_sinkhorn_iters", "must be >= 1")
+        if not self.hc_eps >= 0:
+            bad("hc_eps", "must be >= 0")
+        if self.num_nextn_predict_layers not in (0, 1):
+            bad("num_nextn_predict_layers", "must be 0 or 1")
+        if not self.mtp_loss_weight >= 0:
+            bad("mtp_loss_weight", "must be >= 0")
 
     def is_moe_layer(self, l):
-        return l >= self.first_k_dense_replace
+        return l == MTP or l >= self.first_k_dense_replace
 
     def moe_layers(self):
-        return [l for l in range(self.num_hidden_layers) if self.is_moe_layer(l)]
+        """Model layers with a MoE FFN, in order; the MTP block's (MTP) comes last."""
+        main = [l for l in range(self.num_hidden_layers) if self.is_moe_layer(l)]
+        return main + ([MTP] if self.num_nextn_predict_layers > 0 else [])
 
     def is_hash_layer(self, l):
         """Model layer l is one of the first num_hash_layers MoE layers (MODEL.md 12)."""
-        return self.is_moe_layer(l) and l - self.first_k_dense_replace < self.num_hash_layers
+        return l != MTP and self.is_moe_layer(l) and l - self.first_k_dense_replace < self.num_hash_layers
 
 
 # ----------------------------------------------------------------------------------
 # Parameter names and shapes (MODEL.md section 7), in the canonical order of moe/params.cpp
 # ----------------------------------------------------------------------------------
 
+MTP = "mtp.0"   # the "layer index" of the MTP block: its tensors are named mtp.0.<rest>
+
+
 def layer_name(l, rest):
-    return f"model.layers.{l}.{rest}"
+    return f"{MTP}.{rest}" if l == MTP else f"model.layers.{l}.{rest}"
 
 
 def bias_name(l):
@@ -166,19 +187,23 @@ def param_shapes(cfg):
     V, d, hd = cfg.vocab_size, cfg.hidden_size, cfg.head_dim
     q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
     out = [("model.embed_tokens.weight", (V, d))]
-    for l in range(cfg.num_hidden_layers):
+    n = cfg.hc_mult
+    hc = lambda prefix: [(f"{prefix}.fn", ((2 + n) * n, n * d)), (f"{prefix}.base", ((2 + n) * n,)),
+                         (f"{prefix}.scale", (3,))] if n > 1 else []
+    def block(l):
+        out = hc(layer_name(l, "attn_hc"))
         out += [(layer_name(l, "input_layernorm.weight"), (d,)),
                 (layer_name(l, "self_attn.q_proj.weight"), (q, d)),
                 (layer_name(l, "self_attn.k_proj.weight"), (kv, d)),
                 (layer_name(l, "self_attn.v_proj.weight"), (kv, d)),
                 (layer_name(l, "self_attn.o_proj.weight"), (d, q)),
                 (layer_name(l, "post_attention_layernorm.weight"), (d,))]
+        out += hc(layer_name(l, "ffn_hc"))
         if not cfg.is_moe_layer(l):
             I = cfg.intermediate_size
-            out += [(layer_name(l, "mlp.gate_proj.weight"), (I, d)),
-                    (layer_name(l, "mlp.up_proj.weight"), (I, d)),
-                    (layer_name(l, "mlp.down_proj.weight"), (d, I))]
-            continue
+            return out + [(layer_name(l, "mlp.gate_proj.weight"), (I, d)),
+                          (layer_name(l, "mlp.up_proj.weight"), (I, d)),
+                          (layer_name(l, "mlp.down_proj.weight"), (d, I))]
         Fm = cfg.moe_intermediate_size
         out.append((layer_name(l, "mlp.gate.weight"), (cfg.n_routed_experts, d)))
         for e in range(cfg.n_routed_experts):
@@ -190,9 +215,24 @@ def param_shapes(cfg):
             out += [(layer_name(l, "mlp.shared_experts.gate_proj.weight"), (Sw, d)),
                     (layer_name(l, "mlp.shared_experts.up_proj.weight"), (Sw, d)),
                     (layer_name(l, "mlp.shared_experts.down_proj.weight"), (d, Sw))]
+        return out
+
+    def hc_head_shapes(prefix):
+        return [(f"{prefix}.hc_fn", (n, n * d)), (f"{prefix}.hc_base", (n,)), (f"{prefix}.hc_scale", (1,))] \
+            if n > 1 else []
+
+    for l in range(cfg.num_hidden_layers):
+        out += block(l)
+    out += hc_head_shapes("model.hc_head")
     out.append(("model.norm.weight", (d,)))
     if not cfg.tie_word_embeddings:
         out.append(("lm_head.weight", (V, d)))
+    if cfg.num_nextn_predict_layers > 0:   # the MTP block, after everything of the main model
+        out += [(f"{MTP}.enorm.weight", (d,)), (f"{MTP}.hnorm.weight", (d,)),
+                (f"{MTP}.e_proj.weight", (d, d)), (f"{MTP}.h_proj.weight", (d, d))]
+        out += block(MTP)
+        out += hc_head_shapes(f"{MTP}.hc_head")
+        out.append((f"{MTP}.norm.weight", (d,)))
     return out
 
 
@@ -301,6 +341,27 @@ class MicroBatch:
         for i in range(self.tokens):
             if (i % S) + 1 < S and self.doc_ids[i + 1] == self.doc_ids[i]:
                 tgt[i] = self.labels[i + 1]
+        return tgt
+
+    def mtp_inputs(self):
+        """(T,) the MTP block's input token of position i = (r, t): input_ids[i+1] if t+1 < S
+        and it is in the same document, else input_ids[i] (a placeholder: such a position has
+        no MTP target and no other position of its document sees it)."""
+        S = self.seq_len
+        nxt = self.input_ids.clone()
+        for i in range(self.tokens):
+            if (i % S) + 1 < S and self.doc_ids[i + 1] == self.doc_ids[i]:
+                nxt[i] = self.input_ids[i + 1]
+        return nxt
+
+    def mtp_targets(self):
+        """(T,) the MTP target of position i: labels[i+2] if t+2 < S and that token is in the
+        same document, else -100."""
+        S = self.seq_len
+        tgt = torch.full((self.tokens,), IGNORE_INDEX, dtype=torch.long)
+        for i in range(self.tokens):
+            if (i % S) + 2 < S and self.doc_ids[i + 2] == self.doc_ids[i]:
+                tgt[i] = self.labels[i + 2]
         return tgt
 
     def positions(self):
@@ -564,13 +625,58 @@ def moe_ffn(cfg, params, l, u, bias, replay=None, table=None, input_ids=None):
 
 
 # ----------------------------------------------------------------------------------
+# 12. mHC hyper-connections
+# ----------------------------------------------------------------------------------
+
+def hc_coefficients(cfg, X, fn, base, scale):
+    """X (T, n, d) streams -> pre (T, n), post (T, n), comb (T, n, n) of one sub-block's
+    connection (fn ((2+n)n, n d), base ((2+n)n), scale (3)); for the head (fn (n, n d),
+    base (n), scale (1)) only pre, and post = comb = None."""
+    T, n, d = X.shape
+    eps = cfg.hc_eps
+    flat = X.reshape(T, n * d)
+    mix = (flat @ fn.T) * torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps)
+    pre = torch.sigmoid(mix[:, :n] * scale[0] + base[:n]) + eps
+    if fn.shape[0] == n:
+        return pre, None, None
+    post = 2 * torch.sigmoid(mix[:, n:2 * n] * scale[1] + base[n:2 * n])
+    comb = torch.softmax((mix[:, 2 * n:] * scale[2] + base[2 * n:]).view(T, n, n), dim=-1) + eps
+    comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)          # columns
+    for _ in range(cfg.hc_sinkhorn_iters - 1):
+        comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)      # rows
+        comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)      # columns
+    return pre, post, comb
+
+
+def hc_collapse(pre, X):
+    """u (T, d) = sum_j pre_j X_j."""
+    return (pre[:, :, None] * X).sum(dim=1)
+
+
+def hc_sub_block(cfg, params, prefix, X, block):
+    """X (T, n, d) -> X' = post * block(u) + comb^T X, u = sum_j pre_j X_j; block (T, d) -> (T, d)."""
+    pre, post, comb = hc_coefficients(cfg, X, params[f"{prefix}.fn"], params[f"{prefix}.base"],
+                                      params[f"{prefix}.scale"])
+    y = block(hc_collapse(pre, X))
+    return post[:, :, None] * y[:, None, :] + torch.einsum("tji,tjd->tid", comb, X)
+
+
+def hc_head(cfg, params, X, prefix="model.hc_head"):
+    """The head's collapse of the streams X (T, n, d) -> (T, d)."""
+    pre, _, _ = hc_coefficients(cfg, X, params[f"{prefix}.hc_fn"], params[f"{prefix}.hc_base"],
+                                params[f"{prefix}.hc_scale"])
+    return hc_collapse(pre, X)
+
+
+# ----------------------------------------------------------------------------------
 # 2. The whole model
 # ----------------------------------------------------------------------------------
 
 @dataclass
 class ForwardOut:
     logits: torch.Tensor   # (T, V)
-    routings: list         # one Routing per MoE layer, in layer order
+    routings: list         # one Routing per MoE layer, in layer order (the MTP block's last)
+    mtp_logits: torch.Tensor = None   # (T, V) of the MTP block (predicting token t+2), if any
 
 
 def forward(cfg, params, biases, mb, replay=None):
@@ -579,24 +685,55 @@ def forward(cfg, params, biases, mb, replay=None):
     if replay is not None and len(replay) != len(cfg.moe_layers()):
         raise ValueError(f"replay: {len(replay)} MoE layers given, the model has {len(cfg.moe_layers())}")
     eps = cfg.rms_norm_eps
-    h = params["model.embed_tokens.weight"][mb.input_ids].view(R, S, d)
+    T, n = R * S, cfg.hc_mult
     routings = []
-    for l in range(cfg.num_hidden_layers):
-        a = rms_norm(h, params[layer_name(l, "input_layernorm.weight")], eps)
-        h = h + attention(cfg, params, l, a, mb)
-        u = rms_norm(h, params[layer_name(l, "post_attention_layernorm.weight")], eps)
-        if cfg.is_moe_layer(l):
+
+    def attn_block(l):
+        def block(h):   # (T, d) -> (T, d)
+            a = rms_norm(h, params[layer_name(l, "input_layernorm.weight")], eps)
+            return attention(cfg, params, l, a.view(R, S, d), mb).reshape(T, d)
+        return block
+
+    def ffn_block(l):
+        def block(h):   # (T, d) -> (T, d)
+            u = rms_norm(h, params[layer_name(l, "post_attention_layernorm.weight")], eps)
+            if not cfg.is_moe_layer(l):
+                return mlp(params, layer_name(l, "mlp"), u)
             rp = None if replay is None else replay[len(routings)]
             if cfg.is_hash_layer(l):
-                y, r = moe_ffn(cfg, params, l, u.reshape(R * S, d), None, rp, biases[tid2eid_name(l)], mb.input_ids)
+                y, r = moe_ffn(cfg, params, l, u, None, rp, biases[tid2eid_name(l)], mb.input_ids)
             else:
-                y, r = moe_ffn(cfg, params, l, u.reshape(R * S, d), biases[bias_name(l)], rp)
-            h = h + y.view(R, S, d)
+                y, r = moe_ffn(cfg, params, l, u, biases[bias_name(l)], rp)
             routings.append(r)
-        else:
-            h = h + mlp(params, layer_name(l, "mlp"), u)
-    hn = rms_norm(h, params["model.norm.weight"], eps).reshape(R * S, d)
-    return ForwardOut(hn @ lm_head_weight(cfg, params).T, routings)
+            return y
+        return block
+
+    def stack(h, layers, head_prefix):
+        """The decoder blocks `layers` over h (T, d) -> the final hidden state (T, d) before
+        the final norm: plain residual, or mHC streams collapsed by the head head_prefix."""
+        if n == 1:
+            for l in layers:
+                h = h + attn_block(l)(h)
+                h = h + ffn_block(l)(h)
+            return h
+        X = h[:, None, :].expand(T, n, d)      # mHC: n streams (T, n, d), the input repeated
+        for l in layers:
+            X = hc_sub_block(cfg, params, layer_name(l, "attn_hc"), X, attn_block(l))
+            X = hc_sub_block(cfg, params, layer_name(l, "ffn_hc"), X, ffn_block(l))
+        return hc_head(cfg, params, X, head_prefix)
+
+    h = stack(params["model.embed_tokens.weight"][mb.input_ids], range(cfg.num_hidden_layers), "model.hc_head")
+    logits = rms_norm(h, params["model.norm.weight"], eps) @ lm_head_weight(cfg, params).T
+    mtp_logits = None
+    if cfg.num_nextn_predict_layers > 0:
+        # MTP (MODEL.md 12): h' = e_proj(enorm(embed(x_{t+1}))) + h_proj(hnorm(h_t)) through one
+        # more block, its own norm and the shared LM head.
+        e = params["model.embed_tokens.weight"][mb.mtp_inputs()]
+        hp = (rms_norm(e, params[f"{MTP}.enorm.weight"], eps) @ params[f"{MTP}.e_proj.weight"].T +
+              rms_norm(h, params[f"{MTP}.hnorm.weight"], eps) @ params[f"{MTP}.h_proj.weight"].T)
+        hm = stack(hp, [MTP], f"{MTP}.hc_head")
+        mtp_logits = rms_norm(hm, params[f"{MTP}.norm.weight"], eps) @ lm_head_weight(cfg, params).T
+    return ForwardOut(logits, routings, mtp_logits)
 
 
 # ----------------------------------------------------------------------------------
@@ -634,10 +771,11 @@ class GlobalLoss:
     z: torch.Tensor
     forwards: list          # ForwardOut per micro-batch
     n_targets: int
+    mtp: torch.Tensor = 0.0  # mtp_loss_weight * the MTP block's cross-entropy (global-batch mean)
 
     @property
     def total(self):
-        return self.ce + self.aux + self.seq_aux + self.z
+        return self.ce + self.aux + self.seq_aux + self.z + self.mtp
 
     def expert_counts(self):
         """[(E,) int64 per MoE layer]: pairs routed over the whole global batch, before drops."""
@@ -658,12 +796,18 @@ def global_batch_loss(cfg, params, biases, micro_batches):
     ce_sum, n_targets = zero, 0
     aux, seq_aux, z = zero, zero, zero
     forwards = []
+    mtp_sum, n_mtp = zero, 0
     for mb in micro_batches:
         out = forward(cfg, params, biases, mb)
         forwards.append(out)
         tgt = mb.targets()
         ce_sum = ce_sum + F.cross_entropy(out.logits, tgt, ignore_index=IGNORE_INDEX, reduction="sum")
         n_targets += int((tgt != IGNORE_INDEX).sum())
+        if out.mtp_logits is not None:
+            t2 = mb.mtp_targets()
+            if int((t2 != IGNORE_INDEX).sum()) > 0:
+                mtp_sum = mtp_sum + F.cross_entropy(out.mtp_logits, t2, ignore_index=IGNORE_INDEX, reduction="sum")
+            n_mtp += int((t2 != IGNORE_INDEX).sum())
         for r in out.routings:
             aux = aux + switch_aux_loss(cfg, r)
             seq_aux = seq_aux + seq_aux_loss_sum(cfg, r, mb.rows, mb.seq_len)
@@ -671,7 +815,8 @@ def global_batch_loss(cfg, params, biases, micro_batches):
     n_micro = len(micro_batches)
     n_rows = sum(mb.rows for mb in micro_batches)
     ce = ce_sum / n_targets if n_targets > 0 else zero
-    return GlobalLoss(ce, aux / n_micro, seq_aux / n_rows, z / n_micro, forwards, n_targets)
+    mtp = cfg.mtp_loss_weight * mtp_sum / n_mtp if n_mtp > 0 else zero
+    return GlobalLoss(ce, aux / n_micro, seq_aux / n_rows, z / n_micro, forwards, n_targets, mtp)
 
 
 # ----------------------------------------------------------------------------------
@@ -855,11 +1000,13 @@ def init_tid2eid(cfg, seed, l):
 
 
 def init_params(cfg, seed):
-    """{name: float32 tensor}: matrices initializer_range * counter_normal, RMSNorm weights 1."""
+    """{name: float32 tensor}: matrices initializer_range * counter_normal, RMSNorm weights and
+    mHC scales 1, mHC biases (.base, .hc_base) 0."""
     params = {}
     for name, shape in param_shapes(cfg):
         if len(shape) == 1:
-            params[name] = torch.ones(shape, dtype=torch.float32)
+            zero = name.endswith(".base") or name.endswith(".hc_base")
+            params[name] = (torch.zeros if zero else torch.ones)(shape, dtype=torch.float32)
         else:
             n = math.prod(shape)
             vals = [cfg.initializer_range * x for x in counter_normal(seed, name, n)]

@@ -669,7 +669,8 @@ class FixtureTest(unittest.TestCase):
         for key in ("loss.ce", "loss.aux", "loss.seq_aux", "loss.z", "loss.total", "min_margin"):
             self.assertEqual(tuple(t[key].shape), (1,), key)
         self.assertAlmostEqual(float(t["loss.total"]), float(t["loss.ce"] + t["loss.aux"] + t["loss.seq_aux"]
-                                                             + t["loss.z"]), delta=1e-14)
+                                                             + t["loss.z"] + t["loss.mtp"]), delta=1e-14)
+        self.assertEqual(cfg.num_nextn_predict_layers > 0, float(t["loss.mtp"]) > 0)
         self.assertEqual(float(t["step1.loss"]), float(t["loss.ce"]))
         self.assertLess(float(t["step3.loss"]), float(t["step1.loss"]))
         self.assertGreater(float(t["min_margin"]), 1e-4)
@@ -705,6 +706,43 @@ class FixtureTest(unittest.TestCase):
         mbs, _ = fixture_batches("parity_v4routing", cfg)
         want = sum(torch.bincount(table.long()[mb.input_ids].reshape(-1), minlength=8) for mb in mbs)
         self.assertEqual(t["expert_counts.0"].long().tolist(), want.tolist())
+
+    def test_parity_mhc(self):
+        cfg, t, size = self.run_fixture("parity_mhc", FIXTURE_SEED)
+        self.check_common(cfg, t, size)
+        self.assertEqual(cfg.hc_mult, 3)
+        for name in ("model.layers.0.attn_hc.fn", "model.layers.1.ffn_hc.scale", "model.hc_head.hc_base"):
+            self.assertGreater(float(t[f"grad.{name}"].abs().sum()), 0, name)
+
+    def test_parity_mhc_mtp(self):
+        cfg, t, size = self.run_fixture("parity_mhc_mtp", FIXTURE_SEED)
+        self.check_common(cfg, t, size)
+        self.assertEqual(cfg.moe_layers()[-1], ref.MTP)
+        for name in ("mtp.0.e_proj.weight", "mtp.0.h_proj.weight", "mtp.0.attn_hc.fn", "mtp.0.hc_head.hc_fn",
+                     "mtp.0.mlp.experts.0.gate_proj.weight", "model.layers.0.attn_hc.fn"):
+            self.assertGreater(float(t[f"grad.{name}"].abs().sum()), 0, name)
+        b = t["final." + ref.bias_name(ref.MTP)]     # the MTP block's bias moves with its counts
+        self.assertGreater(float(b.abs().sum()), 0)
+        self.assertGreater(float(t["step1.mtp_loss"]), float(t["step3.mtp_loss"]))
+
+    def test_mtp_inputs_and_targets(self):
+        cfg = ref.Config.from_dict({"vocab_size": 16, "hidden_size": 8, "num_attention_heads": 2,
+                                    "num_nextn_predict_layers": 1})
+        mb = ref.MicroBatch.from_dict({"rows": 1, "seq_len": 6, "input_ids": [1, 2, 3, 4, 5, 6],
+                                       "labels": [1, 2, 3, -100, 5, 6], "doc_ids": [0, 0, 0, 0, 1, 1]}, cfg)
+        self.assertEqual(mb.mtp_inputs().tolist(), [2, 3, 4, 4, 6, 6])
+        self.assertEqual(mb.mtp_targets().tolist(), [3, -100, -100, -100, -100, -100])
+
+    def test_sinkhorn_comb_is_doubly_stochastic(self):
+        cfg = ref.Config.from_dict({"vocab_size": 16, "hidden_size": 8, "num_attention_heads": 2, "hc_mult": 4})
+        g = torch.Generator().manual_seed(3)
+        X = torch.randn(5, 4, 8, generator=g, dtype=D)
+        fn, base, scale = 0.3 * torch.randn(24, 32, generator=g, dtype=D), torch.randn(24, generator=g, dtype=D), \
+            torch.ones(3, dtype=D)
+        pre, post, comb = ref.hc_coefficients(cfg, X, fn, base, scale)
+        self.assertTrue(torch.allclose(comb.sum(-2), torch.ones(5, 4, dtype=D), atol=1e-5))
+        self.assertTrue(torch.allclose(comb.sum(-1), torch.ones(5, 4, dtype=D), atol=1e-3))
+        self.assertTrue(bool(((pre > 0) & (pre <= 1 + 1e-6)).all()) and bool(((post > 0) & (post < 2)).all()))
 
     def test_parity_softmax(self):
         cfg, t, size = self.run_fixture("parity_softmax", FIXTURE_SEED)
