@@ -48,9 +48,9 @@ std::optional<ExpertName> parse_expert_name(const std::string& name) {
 std::string gate_up_name(const std::string& prefix) { return prefix + ".mlp.experts.gate_up_proj"; }
 std::string down_name(const std::string& prefix) { return prefix + ".mlp.experts.down_proj"; }
 
-// The transformers model a configuration maps to. DeepSeek-V4 is told apart by its
-// router (sqrtsoftplus scores or hash-routed layers).
-bool is_v4(const ModelConfig& c) { return c.sqrtsoftplus() || c.num_hash_layers > 0; }
+// The transformers model a configuration maps to: DeepSeek-V4 for any of its parts
+// (sqrtsoftplus or hash routing, mHC, the MTP block), else DeepSeek-V3.
+bool is_v4(const ModelConfig& c) { return c.sqrtsoftplus() || c.num_hash_layers > 0 || c.hc() || c.mtp(); }
 
 // The routed-expert stacks of one checkpoint: prefix -> (F, d), in layout order.
 struct ExpertStacks {
@@ -177,8 +177,7 @@ ModelConfig config_from_hf_json(const json& in, const std::string& where) {
                k == "output_router_logits" || k == "router_aux_loss_coef" || k == "router_jitter_noise" ||
                k == "pretraining_tp" || k == "ep_size" || k == "compress_rates" || k == "compress_rope_theta" ||
                k == "index_n_heads" || k == "index_head_dim" || k == "index_topk" || k == "rope_parameters" ||
-               k == "dtype" || k == "num_nextn_predict_layers" || k == "partial_rotary_factor" ||
-               k == "rope_interleave") {
+               k == "dtype" || k == "partial_rotary_factor" || k == "rope_interleave") {
       // transformers bookkeeping, or settings of parts moetune refuses above.
     } else {
       j[k] = v;  // a moetune key (unknown ones are named by from_json)
@@ -234,7 +233,7 @@ ConvertReport convert_to_hf(const std::string& in_dir, const std::string& out_di
     }
     out.push_back(to_write<float>(t.name, t.shape, params.data() + t.offset));
     for (int j = 0; j < cfg.num_moe_layers(); ++j) {
-      const int l = cfg.first_k_dense_replace + j;
+      const int l = cfg.moe_layer(j);
       if (t.name != ParamLayout::layer(l, "mlp.gate.weight")) continue;
       if (cfg.is_hash_moe_layer(j))
         out.push_back(to_write<int64_t>(ParamLayout::tid2eid_name(l), {cfg.vocab_size, cfg.K()}, wide[j].data()));
@@ -309,7 +308,7 @@ ConvertReport convert_from_hf(const std::string& in_dir, const std::string& out_
   std::vector<std::vector<float>> bias(nm);
   HashTables tables(cfg.num_hash_layers);
   for (int j = 0; j < nm; ++j) {
-    const int l = cfg.first_k_dense_replace + j;
+    const int l = cfg.moe_layer(j);
     if (cfg.is_hash_moe_layer(j)) {
       const std::string name = ParamLayout::tid2eid_name(l);
       src->expect(name, {cfg.vocab_size, cfg.K()});

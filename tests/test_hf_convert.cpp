@@ -140,8 +140,16 @@ TEST(HfConvert, StacksExpertsAndWidensTables) {
   EXPECT_EQ(b, bias[1]);
 }
 
+// V4 routing with mHC (two streams) and the MTP block (its experts stack as mtp.0.mlp.experts.*).
+json v4_hc_mtp_json() {
+  json j = v4_json();
+  j["hc_mult"] = 2;
+  j["num_nextn_predict_layers"] = 1;
+  return j;
+}
+
 TEST(HfConvert, RoundTripGivesTheSameBytes) {
-  for (const json& j : {v4_json(), v3_json()}) {
+  for (const json& j : {v4_json(), v3_json(), v4_hc_mtp_json()}) {
     const std::string in = make_checkpoint("rt_in", j);
     const std::string hf = test_path("rt_hf"), back = test_path("rt_back");
     convert_to_hf(in, hf);
@@ -150,6 +158,13 @@ TEST(HfConvert, RoundTripGivesTheSameBytes) {
     EXPECT_EQ(bytes(fs::path(in) / "model.safetensors"), bytes(fs::path(back) / "model.safetensors"));
     EXPECT_EQ(bytes(fs::path(in) / "config.json"), bytes(fs::path(back) / "config.json"));
     EXPECT_EQ(bytes(fs::path(in) / "tokenizer.json"), bytes(fs::path(back) / "tokenizer.json"));
+    if (j.contains("num_nextn_predict_layers")) {
+      SafetensorsReader f(hf + "/model.safetensors");
+      EXPECT_EQ(f.at("mtp.0.mlp.experts.gate_up_proj").shape, (std::vector<int64_t>{4, 16, 16}));
+      EXPECT_TRUE(f.contains("mtp.0.mlp.gate.e_score_correction_bias"));
+      EXPECT_TRUE(f.contains("model.layers.1.attn_hc.fn"));
+      EXPECT_TRUE(f.contains("model.hc_head.hc_fn"));
+    }
     fs::remove_all(in);
     fs::remove_all(hf);
     fs::remove_all(back);
