@@ -40,6 +40,18 @@ struct ModelConfig {
   // experts' gate (<= c) and up (in [-c, c]) projections; 0 = off.
   int num_hash_layers = 0;
   double swiglu_limit = 0.0;
+  // DeepSeek-V4 attention (MODEL.md section 12), attention_type = "v4": low-rank q of
+  // rank q_lora_rank, one shared key/value head of head_dim, RoPE (interleaved pairs) on
+  // the last qk_rope_head_dim channels, a learned sink per head, an optional
+  // sliding_window (0 = all keys), and the grouped output projection (o_groups groups,
+  // each to o_lora_rank). "llama" (the default) is the attention of section 2, which
+  // ignores the other V4 keys.
+  std::string attention_type = "llama";  // "llama" | "v4"
+  int q_lora_rank = 128;
+  int qk_rope_head_dim = 32;
+  int sliding_window = 0;
+  int o_groups = 2;
+  int o_lora_rank = 128;
 
   // Parses a JSON object. Unknown keys, wrong types and invalid combinations throw
   // moetune::Error naming `where` (a file name) and the key. Derived values (-1) are
@@ -71,6 +83,7 @@ struct ModelConfig {
   bool sigmoid() const { return scoring_func == "sigmoid"; }
   bool sqrtsoftplus() const { return scoring_func == "sqrtsoftplus"; }
   bool noaux_tc() const { return topk_method == "noaux_tc"; }
+  bool v4_attention() const { return attention_type == "v4"; }
 };
 
 }  // namespace moetune

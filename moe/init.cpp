@@ -64,7 +64,9 @@ void init_params(const ParamLayout& layout, const ModelConfig& cfg, uint64_t see
   for (const auto& t : layout.tensors()) {
     T* p = params.data() + t.offset;
     if (t.shape.size() == 1) {
-      for (size_t i = 0; i < t.numel; ++i) p[i] = T(1);
+      // RMSNorm weights are 1; V4 attention's sink logits (self_attn.sinks) start at 0.
+      const bool sink = t.name.size() >= 6 && t.name.compare(t.name.size() - 6, 6, ".sinks") == 0;
+      for (size_t i = 0; i < t.numel; ++i) p[i] = T(sink ? 0 : 1);
       continue;
     }
     const uint64_t key = counter_key(seed, t.name);

@@ -8,6 +8,7 @@
 #include <stdexcept>
 #include <unordered_map>
 
+#include "moe/attention_v4.hpp"
 #include "moe/error.hpp"
 #include "moe/init.hpp"
 #include "moe/mlp.hpp"
@@ -27,12 +28,14 @@ template <class T>
 struct Model<T>::Impl {
   struct Layer {
     // views into params (set once)
-    size_t ln1, q, k, v, o, ln2;        // offsets
+    size_t ln1, q = 0, k = 0, v = 0, o = 0, ln2;  // offsets (q..o: the default attention)
+    AttentionV4Offsets v4;                        // attention_type "v4"
     size_t dg = 0, du = 0, dd = 0;       // dense FFN
     MoeOffsets moe_off;                  // MoE layers: gate and shared expert
     MoeWeights<T> moe;                    // pointers resolved per call (params may move)
     // activations of the last forward
     std::vector<T> h_in, a_in, rstd1, q_act, k_act, v_act, attn_stats, ctx, h_mid, f_in, rstd2;
+    AttentionV4Cache<T> v4_cache;
     MlpCache<T> dense;
     MoeCache<T> moe_cache;
   };
@@ -51,6 +54,7 @@ struct Model<T>::Impl {
   BalanceScales sc;      // balance-loss weights of the last forward
   bool trained = false;  // the last forward kept what backward() needs
   MoeScratch<T> scratch;
+  AttentionV4Scratch<T> v4_scratch;
   // work buffers reused across calls: hidden state, branch output and their gradients
   std::vector<T> h, tmp, dh, dx, dq, dk, dv, dctx;
   int rows = 0, seq_len = 0;
@@ -75,10 +79,21 @@ Model<T>::Model(const ModelConfig& cfg, int expert_begin, int expert_end)
     auto& L = I.layers[l];
     auto off = [&](const std::string& rest) { return layout_.offset(ParamLayout::layer(l, rest)); };
     L.ln1 = off("input_layernorm.weight");
-    L.q = off("self_attn.q_proj.weight");
-    L.k = off("self_attn.k_proj.weight");
-    L.v = off("self_attn.v_proj.weight");
-    L.o = off("self_attn.o_proj.weight");
+    if (cfg.v4_attention()) {
+      L.v4.q_a = off("self_attn.q_a_proj.weight");
+      L.v4.q_a_norm = off("self_attn.q_a_norm.weight");
+      L.v4.q_b = off("self_attn.q_b_proj.weight");
+      L.v4.kv = off("self_attn.kv_proj.weight");
+      L.v4.kv_norm = off("self_attn.kv_norm.weight");
+      L.v4.o_a = off("self_attn.o_a_proj.weight");
+      L.v4.o_b = off("self_attn.o_b_proj.weight");
+      L.v4.sinks = off("self_attn.sinks");
+    } else {
+      L.q = off("self_attn.q_proj.weight");
+      L.k = off("self_attn.k_proj.weight");
+      L.v = off("self_attn.v_proj.weight");
+      L.o = off("self_attn.o_proj.weight");
+    }
     L.ln2 = off("post_attention_layernorm.weight");
     if (!cfg.is_moe_layer(l)) {
       L.dg = off("mlp.gate_proj.weight");
@@ -133,6 +148,7 @@ int64_t Model<T>::activation_bytes() const {
   const auto add = [&b](const auto&... v) { ((b += int64_t(v.capacity() * sizeof(v[0]))), ...); };
   const auto add_layer = [&](const typename Impl::Layer& L) {
     add(L.h_in, L.a_in, L.rstd1, L.q_act, L.k_act, L.v_act, L.attn_stats, L.ctx, L.h_mid, L.f_in, L.rstd2);
+    b += L.v4_cache.bytes();
     add(L.dense.g, L.dense.u, L.dense.a, L.moe_cache.shared.g, L.moe_cache.shared.u, L.moe_cache.shared.a);
     const auto& m = L.moe_cache;
     add(m.logits, m.xp, m.yp, m.routing.scores, m.routing.idx, m.routing.weight, m.routing.kept);
@@ -141,6 +157,7 @@ int64_t Model<T>::activation_bytes() const {
   add_layer(I.work);
   add(I.h_final, I.x_final, I.rstd_final, I.logits, I.dlogits, I.h, I.tmp, I.dh, I.dx, I.dq, I.dk, I.dv, I.dctx);
   add(I.scratch.dyp, I.scratch.dxp, I.scratch.dweight, I.scratch.dlogits, I.scratch.mlp);
+  b += I.v4_scratch.bytes();
   return b;
 }
 
@@ -235,13 +252,19 @@ inline RouteControl route_control(const ForwardOptions& opt, int j, const std::v
 
 // Shared by forward() and extend(): the attention inputs of one layer, a = RMSNorm(h)
 // and q, k, v with RoPE at pos (N tokens), into the buffers L with the weights W.
+// a = RMSNorm_in(h) (N tokens) into L.a_in, the input of either attention.
+template <class T, class Buf, class Wts>
+void attention_norm(Buf& L, const Wts& W, const T* P, const T* h, int64_t N, const ModelConfig& c) {
+  const int64_t d = c.d();
+  L.a_in.resize(N * d);
+  L.rstd1.resize(N);
+  ops::rmsnorm_forward(L.a_in.data(), L.rstd1.data(), h, P + W.ln1, N, d, c.rms_norm_eps);
+}
 template <class T, class Buf, class Wts>
 void attention_inputs(Buf& L, const Wts& W, const T* P, const T* h, const int32_t* pos, int64_t N,
                       const ModelConfig& c) {
   const int64_t d = c.d(), hd = c.hd(), qd = int64_t(c.H()) * hd, kvd = int64_t(c.Hkv()) * hd;
-  L.a_in.resize(N * d);
-  L.rstd1.resize(N);
-  ops::rmsnorm_forward(L.a_in.data(), L.rstd1.data(), h, P + W.ln1, N, d, c.rms_norm_eps);
+  attention_norm(L, W, P, h, N, c);
   L.q_act.resize(N * qd);
   L.k_act.resize(N * kvd);
   L.v_act.resize(N * kvd);
@@ -336,12 +359,18 @@ MicroStats Model<T>::forward(const MicroBatch& mb, const LossNorm& norm, const F
     const auto& W = I.layers[l];
     profile::Scope pl(profile::Phase::attention);
     if (opt.train) L.h_in = h;
-    attention_inputs(L, W, P, h.data(), I.pos.data(), N, c);
-    L.attn_stats.resize(int64_t(B) * H * S * 2);
-    L.ctx.resize(N * qd);
-    ops::attention_forward(L.ctx.data(), L.attn_stats.data(), L.q_act.data(), L.k_act.data(), L.v_act.data(),
-                           mb.doc_ids.data(), B, S, H, Hkv, hd);
-    ops::linear_forward(tmp.data(), L.ctx.data(), P + W.o, N, qd, d);
+    if (c.v4_attention()) {
+      attention_norm(L, W, P, h.data(), N, c);
+      attention_v4_forward(tmp.data(), L.v4_cache, W.v4, P, L.a_in.data(), I.pos.data(), mb.doc_ids.data(),
+                           int64_t(B), int64_t(S), c);
+    } else {
+      attention_inputs(L, W, P, h.data(), I.pos.data(), N, c);
+      L.attn_stats.resize(int64_t(B) * H * S * 2);
+      L.ctx.resize(N * qd);
+      ops::attention_forward(L.ctx.data(), L.attn_stats.data(), L.q_act.data(), L.k_act.data(), L.v_act.data(),
+                             mb.doc_ids.data(), B, S, H, Hkv, hd);
+      ops::linear_forward(tmp.data(), L.ctx.data(), P + W.o, N, qd, d);
+    }
     for (int64_t i = 0; i < N * d; ++i) h[i] += tmp[i];
     pl.next(profile::Phase::dense_ffn);
     if (opt.train) L.h_mid = h;
@@ -385,10 +414,12 @@ void Model<T>::backward(const T* dlogits) {
   auto &dh = I.dh, &dx = I.dx, &dq = I.dq, &dk = I.dk, &dv = I.dv, &dctx = I.dctx;
   dh.assign(N * d, T(0));
   dx.assign(N * d, T(0));
-  dq.resize(N * qd);
-  dk.resize(N * kvd);
-  dv.resize(N * kvd);
-  dctx.resize(N * qd);
+  if (!c.v4_attention()) {
+    dq.resize(N * qd);
+    dk.resize(N * kvd);
+    dv.resize(N * kvd);
+    dctx.resize(N * qd);
+  }
   profile::Scope ps(profile::Phase::lm_head_bwd);
   ops::linear_backward(dx.data(), G + I.lm_head, dlogits, I.x_final.data(), P + I.lm_head, N, d, V);
   ops::rmsnorm_backward(dh.data(), G + I.norm, dx.data(), I.h_final.data(), P + I.norm, I.rstd_final.data(), N, d);
@@ -409,19 +440,25 @@ void Model<T>::backward(const T* dlogits) {
     ops::rmsnorm_backward(dh.data(), G + L.ln2, dx.data(), L.h_mid.data(), P + L.ln2, L.rstd2.data(), N, d);
     // Attention: h_mid = h_in + o_proj(Attn(RMSNorm(h_in)))
     ps.next(profile::Phase::attention_bwd);
-    std::fill(dctx.begin(), dctx.end(), T(0));
-    ops::linear_backward(dctx.data(), G + L.o, dh.data(), L.ctx.data(), P + L.o, N, qd, d);
-    std::fill(dq.begin(), dq.end(), T(0));
-    std::fill(dk.begin(), dk.end(), T(0));
-    std::fill(dv.begin(), dv.end(), T(0));
-    ops::attention_backward(dq.data(), dk.data(), dv.data(), dctx.data(), L.attn_stats.data(), L.q_act.data(),
-                            L.k_act.data(), L.v_act.data(), I.doc.data(), B, S, H, Hkv, hd);
-    ops::rope_apply(dq.data(), I.pos.data(), N, H, hd, c.rope_theta, -1);
-    ops::rope_apply(dk.data(), I.pos.data(), N, Hkv, hd, c.rope_theta, -1);
-    std::fill(dx.begin(), dx.end(), T(0));
-    ops::linear_backward(dx.data(), G + L.q, dq.data(), L.a_in.data(), P + L.q, N, d, qd);
-    ops::linear_backward(dx.data(), G + L.k, dk.data(), L.a_in.data(), P + L.k, N, d, kvd);
-    ops::linear_backward(dx.data(), G + L.v, dv.data(), L.a_in.data(), P + L.v, N, d, kvd);
+    if (c.v4_attention()) {
+      std::fill(dx.begin(), dx.end(), T(0));
+      attention_v4_backward(dx.data(), G, dh.data(), L.v4_cache, L.v4, P, L.a_in.data(), I.pos.data(), I.doc.data(),
+                            int64_t(B), int64_t(S), c, I.v4_scratch);
+    } else {
+      std::fill(dctx.begin(), dctx.end(), T(0));
+      ops::linear_backward(dctx.data(), G + L.o, dh.data(), L.ctx.data(), P + L.o, N, qd, d);
+      std::fill(dq.begin(), dq.end(), T(0));
+      std::fill(dk.begin(), dk.end(), T(0));
+      std::fill(dv.begin(), dv.end(), T(0));
+      ops::attention_backward(dq.data(), dk.data(), dv.data(), dctx.data(), L.attn_stats.data(), L.q_act.data(),
+                              L.k_act.data(), L.v_act.data(), I.doc.data(), B, S, H, Hkv, hd);
+      ops::rope_apply(dq.data(), I.pos.data(), N, H, hd, c.rope_theta, -1);
+      ops::rope_apply(dk.data(), I.pos.data(), N, Hkv, hd, c.rope_theta, -1);
+      std::fill(dx.begin(), dx.end(), T(0));
+      ops::linear_backward(dx.data(), G + L.q, dq.data(), L.a_in.data(), P + L.q, N, d, qd);
+      ops::linear_backward(dx.data(), G + L.k, dk.data(), L.a_in.data(), P + L.k, N, d, kvd);
+      ops::linear_backward(dx.data(), G + L.v, dv.data(), L.a_in.data(), P + L.v, N, d, kvd);
+    }
     ops::rmsnorm_backward(dh.data(), G + L.ln1, dx.data(), L.h_in.data(), P + L.ln1, L.rstd1.data(), N, d);
   }
   ps.next(profile::Phase::embedding_bwd);
@@ -448,7 +485,9 @@ void Model<T>::kv_init(KvCache<T>& kv, int rows, int capacity) const {
   if (capacity > cfg_.max_position_embeddings)
     throw Error("KV cache: " + std::to_string(capacity) + " positions exceed max_position_embeddings " +
                 std::to_string(cfg_.max_position_embeddings));
-  const int64_t kvd = int64_t(cfg_.Hkv()) * cfg_.hd();
+  // V4 attention caches its one shared key/value head (after RoPE) in k; v stays empty.
+  const bool v4 = cfg_.v4_attention();
+  const int64_t kvd = v4 ? int64_t(cfg_.hd()) : int64_t(cfg_.Hkv()) * cfg_.hd();
   kv.rows = rows;
   kv.capacity = capacity;
   kv.len.assign(rows, 0);
@@ -456,7 +495,7 @@ void Model<T>::kv_init(KvCache<T>& kv, int rows, int capacity) const {
   kv.v.resize(cfg_.num_hidden_layers);
   for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
     kv.k[l].assign(int64_t(rows) * capacity * kvd, T(0));
-    kv.v[l].assign(int64_t(rows) * capacity * kvd, T(0));
+    kv.v[l].assign(v4 ? 0 : int64_t(rows) * capacity * kvd, T(0));
   }
 }
 
@@ -504,16 +543,28 @@ void Model<T>::extend(KvCache<T>& kv, const int32_t* row, const int32_t* tokens,
   int moe_j = 0;
   for (int l = 0; l < c.num_hidden_layers; ++l) {
     const auto& W = I.layers[l];
-    attention_inputs(L, W, P, h.data(), I.pos.data(), n, c);
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t at = (int64_t(row[i]) * kv.capacity + I.pos[i]) * kvd;
-      std::copy_n(L.k_act.data() + i * kvd, kvd, kv.k[l].data() + at);
-      std::copy_n(L.v_act.data() + i * kvd, kvd, kv.v[l].data() + at);
+    if (c.v4_attention()) {
+      auto& A = L.v4_cache;
+      attention_norm(L, W, P, h.data(), n, c);
+      attention_v4_project(A, W.v4, P, L.a_in.data(), I.pos.data(), n, c);
+      for (int64_t i = 0; i < n; ++i)
+        std::copy_n(A.kv.data() + i * hd, hd, kv.k[l].data() + (int64_t(row[i]) * kv.capacity + I.pos[i]) * hd);
+      A.ctx.resize(n * qd);
+      ops::attention_cached(A.ctx.data(), A.q.data(), kv.k[l].data(), kv.k[l].data(), row, I.pos.data(), n,
+                            kv.capacity, H, int64_t(1), hd, P + W.v4.sinks, int64_t(c.sliding_window));
+      attention_v4_output(tmp.data(), A, W.v4, P, I.pos.data(), n, c);
+    } else {
+      attention_inputs(L, W, P, h.data(), I.pos.data(), n, c);
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t at = (int64_t(row[i]) * kv.capacity + I.pos[i]) * kvd;
+        std::copy_n(L.k_act.data() + i * kvd, kvd, kv.k[l].data() + at);
+        std::copy_n(L.v_act.data() + i * kvd, kvd, kv.v[l].data() + at);
+      }
+      L.ctx.resize(n * qd);
+      ops::attention_cached(L.ctx.data(), L.q_act.data(), kv.k[l].data(), kv.v[l].data(), row, I.pos.data(), n,
+                            kv.capacity, H, Hkv, hd);
+      ops::linear_forward(tmp.data(), L.ctx.data(), P + W.o, n, qd, d);
     }
-    L.ctx.resize(n * qd);
-    ops::attention_cached(L.ctx.data(), L.q_act.data(), kv.k[l].data(), kv.v[l].data(), row, I.pos.data(), n,
-                          kv.capacity, H, Hkv, hd);
-    ops::linear_forward(tmp.data(), L.ctx.data(), P + W.o, n, qd, d);
     for (int64_t i = 0; i < n * d; ++i) h[i] += tmp[i];
     ffn_forward(tmp.data(), L, W, P, h.data(), n, c, l, [&](auto& Lm) {
       // Each new token is its own "row" of one position; no balance loss is computed.
