@@ -36,6 +36,20 @@ ModelConfig cfg_for_invariance() {
                                  {"initializer_range", 0.1}});
 }
 
+// The same model with DeepSeek-V4 attention (MODEL.md 12): sinks, a sliding window
+// shorter than the rows (a later tile's keys start inside the row), 2 output groups.
+ModelConfig cfg_for_invariance_v4() {
+  ModelConfig c = cfg_for_invariance();
+  for (const auto& [k, v] : std::vector<std::pair<const char*, const char*>>{{"q_lora_rank", "24"},
+                                                                             {"qk_rope_head_dim", "4"},
+                                                                             {"o_groups", "2"},
+                                                                             {"o_lora_rank", "12"},
+                                                                             {"attention_type", "v4"},
+                                                                             {"sliding_window", "20"}})
+    c.set(k, v);
+  return c;
+}
+
 // `rows` rows of S tokens (two documents in row 0, padding in the last row).
 MicroBatch rows_batch(int rows, int S, int V, uint64_t seed) { return make_batch(rows, S, V, seed); }
 
@@ -63,8 +77,7 @@ struct Invariance : ::testing::Test {
 
 // Rows of 70 tokens (two attention tiles): every row's logits, computed inside batches
 // of 64, 7 and 1 rows, are the same bytes.
-TEST_F(Invariance, RowLogitsDoNotDependOnTheBatch) {
-  const ModelConfig cfg = cfg_for_invariance();
+void row_logits_do_not_depend_on_the_batch(const ModelConfig& cfg) {
   Model<float> m(cfg);
   m.init(11);
   for (auto& b : m.expert_bias())
@@ -85,12 +98,15 @@ TEST_F(Invariance, RowLogitsDoNotDependOnTheBatch) {
   }
   EXPECT_EQ(compared, 6);
 }
+TEST_F(Invariance, RowLogitsDoNotDependOnTheBatch) { row_logits_do_not_depend_on_the_batch(cfg_for_invariance()); }
+TEST_F(Invariance, RowLogitsDoNotDependOnTheBatchV4Attention) {
+  row_logits_do_not_depend_on_the_batch(cfg_for_invariance_v4());
+}
 
 // Two AdamW steps on a global batch of two micro-batches: the weights, gradients and
 // routing biases after them are the same bytes on 1, 2 and 3 threads, and so are the
 // losses.
-TEST_F(Invariance, ThreadCountChangesNoBitOfATrainingStep) {
-  const ModelConfig cfg = cfg_for_invariance();
+void thread_count_changes_no_bit(const ModelConfig& cfg) {
   const std::vector<MicroBatch> batch = {rows_batch(3, 40, cfg.vocab_size, 1), rows_batch(2, 40, cfg.vocab_size, 2)};
   struct Result {
     std::vector<float> params, grads;
@@ -125,6 +141,10 @@ TEST_F(Invariance, ThreadCountChangesNoBitOfATrainingStep) {
     EXPECT_EQ(one.loss, many.loss) << threads;
     EXPECT_EQ(one.grad_norm, many.grad_norm) << threads;
   }
+}
+TEST_F(Invariance, ThreadCountChangesNoBitOfATrainingStep) { thread_count_changes_no_bit(cfg_for_invariance()); }
+TEST_F(Invariance, ThreadCountChangesNoBitOfATrainingStepV4Attention) {
+  thread_count_changes_no_bit(cfg_for_invariance_v4());
 }
 
 // The model's logits and gradients are the same bytes with every GEMM kernel this CPU
