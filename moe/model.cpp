@@ -250,8 +250,6 @@ inline RouteControl route_control(const ForwardOptions& opt, int j, const std::v
   return rc;
 }
 
-// Shared by forward() and extend(): the attention inputs of one layer, a = RMSNorm(h)
-// and q, k, v with RoPE at pos (N tokens), into the buffers L with the weights W.
 // a = RMSNorm_in(h) (N tokens) into L.a_in, the input of either attention.
 template <class T, class Buf, class Wts>
 void attention_norm(Buf& L, const Wts& W, const T* P, const T* h, int64_t N, const ModelConfig& c) {
@@ -260,6 +258,9 @@ void attention_norm(Buf& L, const Wts& W, const T* P, const T* h, int64_t N, con
   L.rstd1.resize(N);
   ops::rmsnorm_forward(L.a_in.data(), L.rstd1.data(), h, P + W.ln1, N, d, c.rms_norm_eps);
 }
+// Shared by forward() and extend(): the attention inputs of one layer, a = RMSNorm(h)
+// and q, k, v with RoPE at pos (N tokens), into the buffers L with the weights W (the
+// default attention; V4's are attention_v4_project).
 template <class T, class Buf, class Wts>
 void attention_inputs(Buf& L, const Wts& W, const T* P, const T* h, const int32_t* pos, int64_t N,
                       const ModelConfig& c) {
