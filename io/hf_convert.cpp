@@ -1,6 +1,7 @@
 // moetune <-> Hugging Face transformers checkpoint conversion (see hf_convert.hpp).
 #include "io/hf_convert.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -49,8 +50,10 @@ std::string gate_up_name(const std::string& prefix) { return prefix + ".mlp.expe
 std::string down_name(const std::string& prefix) { return prefix + ".mlp.experts.down_proj"; }
 
 // The transformers model a configuration maps to: DeepSeek-V4 for any of its parts
-// (sqrtsoftplus or hash routing, mHC, the MTP block), else DeepSeek-V3.
-bool is_v4(const ModelConfig& c) { return c.sqrtsoftplus() || c.num_hash_layers > 0 || c.hc() || c.mtp(); }
+// (V4 attention, sqrtsoftplus or hash routing, mHC, the MTP block), else DeepSeek-V3.
+bool is_v4(const ModelConfig& c) {
+  return c.v4_attention() || c.sqrtsoftplus() || c.num_hash_layers > 0 || c.hc() || c.mtp();
+}
 
 // The routed-expert stacks of one checkpoint: prefix -> (F, d), in layout order.
 struct ExpertStacks {
@@ -112,6 +115,12 @@ json hf_config_json(const ModelConfig& cfg) {
   j["architectures"] = {v4 ? "DeepseekV4ForCausalLM" : "DeepseekV3ForCausalLM"};
   j["torch_dtype"] = "float32";
   j["hidden_act"] = "silu";
+  if (cfg.v4_attention()) {
+    // transformers' per-layer attention schedule (moetune has the sliding-window one only)
+    // and its RoPE fraction; qk_rope_head_dim stays as well (the legacy key it folds in).
+    j["layer_types"] = json(std::vector<std::string>(size_t(cfg.num_hidden_layers), "sliding_attention"));
+    j["partial_rotary_factor"] = double(cfg.qk_rope_head_dim) / double(cfg.hd());
+  }
   if (cfg.num_hash_layers > 0 && cfg.first_k_dense_replace == 0) {
     // transformers' per-layer MoE schedule (every layer MoE, as in DeepSeek-V4);
     // num_hash_layers stays as well (the legacy key it folds in).
@@ -129,6 +138,7 @@ ModelConfig config_from_hf_json(const json& in, const std::string& where) {
   };
   json j = json::object();
   std::optional<int> hash_from_types;
+  const bool v4 = in.contains("model_type") && in["model_type"] == "deepseek_v4";
   for (auto it = in.begin(); it != in.end(); ++it) {
     const std::string& k = it.key();
     const json& v = it.value();
@@ -143,10 +153,11 @@ ModelConfig config_from_hf_json(const json& in, const std::string& where) {
       if (!v.is_null()) bad(k, "RoPE scaling (YaRN etc.) is not implemented; only plain RoPE");
     } else if (k == "quantization_config") {
       bad(k, "quantised (e.g. FP8) weights are not supported; convert them to BF16/F32 first");
-    } else if (k == "kv_lora_rank" || k == "qk_nope_head_dim" || k == "v_head_dim" || k == "q_lora_rank") {
+    } else if (k == "kv_lora_rank" || k == "qk_nope_head_dim" || k == "v_head_dim" ||
+               (k == "q_lora_rank" && !v4 && !in.contains("attention_type"))) {
       if (!v.is_null())
-        bad(k, "multi-head latent attention (MLA) is not implemented; moetune's attention is grouped-query "
-               "attention with q/k/v/o projections");
+        bad(k, "multi-head latent attention (MLA, DeepSeek-V3's) is not implemented; moetune's attentions are "
+               "grouped-query attention (q/k/v/o projections) and DeepSeek-V4's (attention_type \"v4\")");
     } else if (k == "layer_types") {
       if (!v.is_array()) bad(k, "expected an array");
       for (size_t i = 0; i < v.size(); ++i)
@@ -177,11 +188,20 @@ ModelConfig config_from_hf_json(const json& in, const std::string& where) {
                k == "output_router_logits" || k == "router_aux_loss_coef" || k == "router_jitter_noise" ||
                k == "pretraining_tp" || k == "ep_size" || k == "compress_rates" || k == "compress_rope_theta" ||
                k == "index_n_heads" || k == "index_head_dim" || k == "index_topk" || k == "rope_parameters" ||
-               k == "dtype" || k == "partial_rotary_factor" || k == "rope_interleave") {
-      // transformers bookkeeping, or settings of parts moetune refuses above.
+               k == "dtype" || k == "rope_interleave" || k == "partial_rotary_factor") {
+      // transformers bookkeeping, settings of parts moetune refuses above, or read below
+      // (partial_rotary_factor).
     } else {
       j[k] = v;  // a moetune key (unknown ones are named by from_json)
     }
+  }
+  if (v4 && !j.contains("attention_type")) j["attention_type"] = "v4";  // transformers' V4 has no other
+  if (in.contains("partial_rotary_factor") && !in.contains("qk_rope_head_dim") && in["partial_rotary_factor"].is_number()) {
+    const double f = in["partial_rotary_factor"].get<double>();
+    const int hd = in.contains("head_dim") && in["head_dim"].is_number_integer()
+                       ? in["head_dim"].get<int>()
+                       : (in.value("hidden_size", 0) / std::max(1, in.value("num_attention_heads", 1)));
+    j["qk_rope_head_dim"] = int(std::lround(f * hd));
   }
   if (hash_from_types) {
     if (j.contains("num_hash_layers") && j["num_hash_layers"] != *hash_from_types)
@@ -252,12 +272,20 @@ ConvertReport convert_to_hf(const std::string& in_dir, const std::string& out_di
     write_tensor_set(tmp, "model", out, {{"format", "pt"}}, max_shard_bytes);
     copy_tokenizer(in_dir, tmp);
   });
-  if (!is_v4(cfg))
+  if (cfg.v4_attention() && cfg.sliding_window == 0)
+    rep.notes.push_back("sliding_window is 0 (every earlier key): transformers' DeepseekV4 always applies a window; "
+                        "give it sliding_window = max_position_embeddings for the same attention");
+  if (!cfg.v4_attention())
     rep.notes.push_back(
-        "attention is moetune's grouped-query attention (self_attn.{q,k,v,o}_proj), not DeepSeek-V3's MLA: "
-        "transformers' DeepseekV3 model does not load these attention tensors");
-  if (cfg.first_k_dense_replace > 0 && is_v4(cfg))
-    rep.notes.push_back("first_k_dense_replace > 0: transformers' DeepseekV4 has no dense layers");
+        "attention is moetune's grouped-query attention (self_attn.{q,k,v,o}_proj), neither DeepSeek-V3's MLA nor "
+        "DeepSeek-V4's: transformers' DeepSeek models do not load these attention tensors");
+  if (is_v4(cfg)) {
+    if (cfg.first_k_dense_replace > 0)
+      rep.notes.push_back("first_k_dense_replace > 0: transformers' DeepseekV4 has no dense layers");
+    if (!cfg.hc()) rep.notes.push_back("hc_mult 1: transformers' DeepseekV4 always has the mHC tensors");
+    if (cfg.n_shared_experts != 1)
+      rep.notes.push_back("n_shared_experts != 1: transformers' DeepseekV4 has exactly one shared expert");
+  }
   return rep;
 }
 

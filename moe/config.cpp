@@ -115,6 +115,12 @@ const std::vector<KeyDef>& keys() {
       num_key("hc_eps", &ModelConfig::hc_eps),
       int_key("num_nextn_predict_layers", &ModelConfig::num_nextn_predict_layers),
       num_key("mtp_loss_weight", &ModelConfig::mtp_loss_weight),
+      str_key("attention_type", &ModelConfig::attention_type),
+      int_key("q_lora_rank", &ModelConfig::q_lora_rank),
+      int_key("qk_rope_head_dim", &ModelConfig::qk_rope_head_dim),
+      int_key("sliding_window", &ModelConfig::sliding_window),
+      int_key("o_groups", &ModelConfig::o_groups),
+      int_key("o_lora_rank", &ModelConfig::o_lora_rank),
   };
   return k;
 }
@@ -306,6 +312,23 @@ void ModelConfig::validate(const std::string& w) const {
          "must be 0 or 1 (one MTP block), got " + std::to_string(num_nextn_predict_layers));
   if (!(mtp_loss_weight >= 0) || !std::isfinite(mtp_loss_weight))
     fail(w, "mtp_loss_weight", "must be a finite number >= 0");
+  if (attention_type != "llama" && attention_type != "v4")
+    fail(w, "attention_type", "must be \"llama\" or \"v4\", got \"" + attention_type + "\"");
+  if (sliding_window < 0)
+    fail(w, "sliding_window", "must be >= 0 (0 = every earlier key), got " + std::to_string(sliding_window));
+  if (!v4_attention() && sliding_window != 0)
+    fail(w, "sliding_window", "applies to attention_type \"v4\" only (attention_type is \"" + attention_type + "\")");
+  if (v4_attention()) {
+    positive("q_lora_rank", q_lora_rank);
+    positive("o_lora_rank", o_lora_rank);
+    positive("o_groups", o_groups);
+    if (qk_rope_head_dim < 0 || qk_rope_head_dim % 2 != 0 || qk_rope_head_dim > head_dim)
+      fail(w, "qk_rope_head_dim", "must be even and in [0, head_dim = " + std::to_string(head_dim) + "], got " +
+                                      std::to_string(qk_rope_head_dim));
+    if (num_attention_heads % o_groups != 0)
+      fail(w, "o_groups", "num_attention_heads (" + std::to_string(num_attention_heads) +
+                              ") must be divisible by o_groups (" + std::to_string(o_groups) + ")");
+  }
 
   // Sizes that are each valid can still multiply to more weights than any machine
   // holds (hidden_size 10^9): say so here, naming the file, rather than fail inside an
@@ -313,9 +336,14 @@ void ModelConfig::validate(const std::string& w) const {
   const long double d = hidden_size, V = vocab_size, q = (long double)num_attention_heads * head_dim,
                     kv = (long double)num_key_value_heads * head_dim, E = n_routed_experts, F = moe_intermediate_size;
   const int moe_layers = num_moe_layers();
+  // Attention weights of one layer: q/k/v/o, or V4's q_a, q_b, kv, o_a, o_b (+ norms, sinks).
+  const long double qr = q_lora_rank, orank = (long double)o_groups * o_lora_rank;
+  const long double attn = v4_attention() ? d * qr + qr + qr * q + d * head_dim + head_dim + q * o_lora_rank +
+                                                d * orank + num_attention_heads
+                                          : 2 * q * d + 2 * kv * d;
   const long double params =
       V * d * (tie_word_embeddings ? 1 : 2) + d +
-      (long double)num_hidden_layers * (2 * d + 2 * q * d + 2 * kv * d) +
+      (long double)num_hidden_layers * (2 * d + attn) +
       (long double)(num_hidden_layers - moe_layers) * 3 * (long double)intermediate_size * d +
       (long double)moe_layers * (E * d + E + 3 * E * F * d + 3 * (long double)n_shared_experts * F * d);
   const long pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGE_SIZE);

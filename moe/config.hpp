@@ -50,6 +50,18 @@ struct ModelConfig {
   // cross-entropy times mtp_loss_weight is added to the loss. 0 = none.
   int num_nextn_predict_layers = 0;
   double mtp_loss_weight = 0.3;
+  // DeepSeek-V4 attention (MODEL.md section 12), attention_type = "v4": low-rank q of
+  // rank q_lora_rank, one shared key/value head of head_dim, RoPE (interleaved pairs) on
+  // the last qk_rope_head_dim channels, a learned sink per head, an optional
+  // sliding_window (0 = all keys), and the grouped output projection (o_groups groups,
+  // each to o_lora_rank). "llama" (the default) is the attention of section 2, which
+  // ignores the other V4 keys.
+  std::string attention_type = "llama";  // "llama" | "v4"
+  int q_lora_rank = 128;
+  int qk_rope_head_dim = 32;
+  int sliding_window = 0;
+  int o_groups = 2;
+  int o_lora_rank = 128;
 
   // Parses a JSON object. Unknown keys, wrong types and invalid combinations throw
   // moetune::Error naming `where` (a file name) and the key. Derived values (-1) are
@@ -91,6 +103,7 @@ struct ModelConfig {
   bool sqrtsoftplus() const { return scoring_func == "sqrtsoftplus"; }
   bool noaux_tc() const { return topk_method == "noaux_tc"; }
   bool hc() const { return hc_mult > 1; }
+  bool v4_attention() const { return attention_type == "v4"; }
 };
 
 }  // namespace moetune

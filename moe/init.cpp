@@ -65,8 +65,9 @@ void init_params(const ParamLayout& layout, const ModelConfig& cfg, uint64_t see
     T* p = params.data() + t.offset;
     if (t.shape.size() == 1) {
       // RMSNorm weights and mHC scales 1; mHC biases (.base, .hc_base) 0, as
-      // transformers' DeepseekV4PreTrainedModel._init_weights (fn: normal, below).
-      const bool zero = t.name.ends_with(".base") || t.name.ends_with(".hc_base");
+      // transformers' DeepseekV4PreTrainedModel._init_weights (fn: normal, below); V4
+      // attention's sink logits (self_attn.sinks) start at 0.
+      const bool zero = t.name.ends_with(".base") || t.name.ends_with(".hc_base") || t.name.ends_with(".sinks");
       for (size_t i = 0; i < t.numel; ++i) p[i] = T(zero ? 0 : 1);
       continue;
     }

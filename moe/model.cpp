@@ -8,6 +8,7 @@
 #include <stdexcept>
 #include <unordered_map>
 
+#include "moe/attention_v4.hpp"
 #include "moe/error.hpp"
 #include "moe/hc.hpp"
 #include "moe/init.hpp"
@@ -42,13 +43,15 @@ template <class T>
 struct Model<T>::Impl {
   struct Layer {
     // views into params (set once)
-    size_t ln1, q, k, v, o, ln2;        // offsets
+    size_t ln1, q = 0, k = 0, v = 0, o = 0, ln2;  // offsets (q..o: the default attention)
+    AttentionV4Offsets v4;                        // attention_type "v4"
     size_t dg = 0, du = 0, dd = 0;       // dense FFN
     MoeOffsets moe_off;                  // MoE layers: gate and shared expert
     HcOffsets hc_attn, hc_ffn;           // mHC (hc_mult > 1): the connections of both sub-blocks
     MoeWeights<T> moe;                    // pointers resolved per call (params may move)
     // activations of the last forward
     std::vector<T> h_in, a_in, rstd1, q_act, k_act, v_act, attn_stats, ctx, h_mid, f_in, rstd2;
+    AttentionV4Cache<T> v4_cache;
     MlpCache<T> dense;
     MoeCache<T> moe_cache;
     // mHC: the streams entering each sub-block (N,n,d), the sub-blocks' outputs (N,d)
@@ -90,6 +93,7 @@ struct Model<T>::Impl {
   BalanceScales sc;      // balance-loss weights of the last forward
   bool trained = false;  // the last forward kept what backward() needs
   MoeScratch<T> scratch;
+  AttentionV4Scratch<T> v4_scratch;
   // work buffers reused across calls: hidden state, branch output and their gradients
   std::vector<T> h, tmp, dh, dx, dq, dk, dv, dctx;
   int rows = 0, seq_len = 0;
@@ -119,10 +123,21 @@ Model<T>::Model(const ModelConfig& cfg, int expert_begin, int expert_end)
     const int l = li < cfg.num_hidden_layers ? li : ModelConfig::kMtpLayer;
     auto off = [&](const std::string& rest) { return layout_.offset(ParamLayout::layer(l, rest)); };
     L.ln1 = off("input_layernorm.weight");
-    L.q = off("self_attn.q_proj.weight");
-    L.k = off("self_attn.k_proj.weight");
-    L.v = off("self_attn.v_proj.weight");
-    L.o = off("self_attn.o_proj.weight");
+    if (cfg.v4_attention()) {
+      L.v4.q_a = off("self_attn.q_a_proj.weight");
+      L.v4.q_a_norm = off("self_attn.q_a_norm.weight");
+      L.v4.q_b = off("self_attn.q_b_proj.weight");
+      L.v4.kv = off("self_attn.kv_proj.weight");
+      L.v4.kv_norm = off("self_attn.kv_norm.weight");
+      L.v4.o_a = off("self_attn.o_a_proj.weight");
+      L.v4.o_b = off("self_attn.o_b_proj.weight");
+      L.v4.sinks = off("self_attn.sinks");
+    } else {
+      L.q = off("self_attn.q_proj.weight");
+      L.k = off("self_attn.k_proj.weight");
+      L.v = off("self_attn.v_proj.weight");
+      L.o = off("self_attn.o_proj.weight");
+    }
     L.ln2 = off("post_attention_layernorm.weight");
     if (cfg.hc()) {
       L.hc_attn = hc_offsets(ParamLayout::layer(l, "attn_hc."), "fn", "base", "scale");
@@ -201,6 +216,7 @@ int64_t Model<T>::activation_bytes() const {
   const auto add = [&b](const auto&... v) { ((b += int64_t(v.capacity() * sizeof(v[0]))), ...); };
   const auto add_layer = [&](const typename Impl::Layer& L) {
     add(L.h_in, L.a_in, L.rstd1, L.q_act, L.k_act, L.v_act, L.attn_stats, L.ctx, L.h_mid, L.f_in, L.rstd2);
+    b += L.v4_cache.bytes();
     add(L.dense.g, L.dense.u, L.dense.a, L.moe_cache.shared.g, L.moe_cache.shared.u, L.moe_cache.shared.a);
     const auto& m = L.moe_cache;
     add(m.logits, m.xp, m.yp, m.routing.scores, m.routing.idx, m.routing.weight, m.routing.kept);
@@ -216,6 +232,7 @@ int64_t Model<T>::activation_bytes() const {
   add(M.h_t, M.e, M.e_n, M.e_rstd, M.h_n, M.h_rstd, M.h_final, M.x_final, M.rstd_final, M.logits, M.dlogits,
       M.xs_final, M.dh_t, M.hs_head.mix, M.hs_head.rstd, M.hs_head.pre);
   add(I.scratch.dyp, I.scratch.dxp, I.scratch.dweight, I.scratch.dlogits, I.scratch.mlp);
+  b += I.v4_scratch.bytes();
   return b;
 }
 
@@ -308,15 +325,22 @@ inline RouteControl route_control(const ForwardOptions& opt, int j, const std::v
   return rc;
 }
 
+// a = RMSNorm_in(h) (N tokens) into L.a_in, the input of either attention.
+template <class T, class Buf, class Wts>
+void attention_norm(Buf& L, const Wts& W, const T* P, const T* h, int64_t N, const ModelConfig& c) {
+  const int64_t d = c.d();
+  L.a_in.resize(N * d);
+  L.rstd1.resize(N);
+  ops::rmsnorm_forward(L.a_in.data(), L.rstd1.data(), h, P + W.ln1, N, d, c.rms_norm_eps);
+}
 // Shared by forward() and extend(): the attention inputs of one layer, a = RMSNorm(h)
-// and q, k, v with RoPE at pos (N tokens), into the buffers L with the weights W.
+// and q, k, v with RoPE at pos (N tokens), into the buffers L with the weights W (the
+// default attention; V4's are attention_v4_project).
 template <class T, class Buf, class Wts>
 void attention_inputs(Buf& L, const Wts& W, const T* P, const T* h, const int32_t* pos, int64_t N,
                       const ModelConfig& c) {
   const int64_t d = c.d(), hd = c.hd(), qd = int64_t(c.H()) * hd, kvd = int64_t(c.Hkv()) * hd;
-  L.a_in.resize(N * d);
-  L.rstd1.resize(N);
-  ops::rmsnorm_forward(L.a_in.data(), L.rstd1.data(), h, P + W.ln1, N, d, c.rms_norm_eps);
+  attention_norm(L, W, P, h, N, c);
   L.q_act.resize(N * qd);
   L.k_act.resize(N * kvd);
   L.v_act.resize(N * kvd);
@@ -439,12 +463,18 @@ MicroStats Model<T>::forward(const MicroBatch& mb, const LossNorm& norm, const F
       in = I.u.data();
     }
     if (opt.train) L.h_in.assign(in, in + N * d);
-    attention_inputs(L, W, P, in, I.pos.data(), N, c);
-    L.attn_stats.resize(int64_t(B) * H * S * 2);
-    L.ctx.resize(N * qd);
-    ops::attention_forward(L.ctx.data(), L.attn_stats.data(), L.q_act.data(), L.k_act.data(), L.v_act.data(),
-                           mb.doc_ids.data(), B, S, H, Hkv, hd);
-    ops::linear_forward(tmp.data(), L.ctx.data(), P + W.o, N, qd, d);
+    if (c.v4_attention()) {
+      attention_norm(L, W, P, in, N, c);
+      attention_v4_forward(tmp.data(), L.v4_cache, W.v4, P, L.a_in.data(), I.pos.data(), mb.doc_ids.data(),
+                           int64_t(B), int64_t(S), c);
+    } else {
+      attention_inputs(L, W, P, in, I.pos.data(), N, c);
+      L.attn_stats.resize(int64_t(B) * H * S * 2);
+      L.ctx.resize(N * qd);
+      ops::attention_forward(L.ctx.data(), L.attn_stats.data(), L.q_act.data(), L.k_act.data(), L.v_act.data(),
+                             mb.doc_ids.data(), B, S, H, Hkv, hd);
+      ops::linear_forward(tmp.data(), L.ctx.data(), P + W.o, N, qd, d);
+    }
     if (hc) {
       if (opt.train) L.y_attn = tmp;
       hc::leave_forward(I.xs2.data(), tmp.data(), h.data(), L.hs_attn, N, hs);
@@ -564,10 +594,12 @@ void Model<T>::backward(const T* dlogits) {
   auto &dh = I.dh, &dx = I.dx, &dq = I.dq, &dk = I.dk, &dv = I.dv, &dctx = I.dctx;
   dh.assign(N * d, T(0));
   dx.assign(N * d, T(0));
-  dq.resize(N * qd);
-  dk.resize(N * kvd);
-  dv.resize(N * kvd);
-  dctx.resize(N * qd);
+  if (!c.v4_attention()) {
+    dq.resize(N * qd);
+    dk.resize(N * kvd);
+    dv.resize(N * kvd);
+    dctx.resize(N * qd);
+  }
   profile::Scope ps(profile::Phase::lm_head_bwd);
   // With mHC, dX (N,n,d) is the streams' gradient, dh the sub-block output's and du its
   // input's; without, dh is the residual stream's gradient and takes every term.
@@ -614,19 +646,25 @@ void Model<T>::backward(const T* dlogits) {
                          hs);
       std::fill(du.begin(), du.end(), T(0));
     }
-    std::fill(dctx.begin(), dctx.end(), T(0));
-    ops::linear_backward(dctx.data(), G + L.o, dh.data(), L.ctx.data(), P + L.o, N, qd, d);
-    std::fill(dq.begin(), dq.end(), T(0));
-    std::fill(dk.begin(), dk.end(), T(0));
-    std::fill(dv.begin(), dv.end(), T(0));
-    ops::attention_backward(dq.data(), dk.data(), dv.data(), dctx.data(), L.attn_stats.data(), L.q_act.data(),
-                            L.k_act.data(), L.v_act.data(), I.doc.data(), B, S, H, Hkv, hd);
-    ops::rope_apply(dq.data(), I.pos.data(), N, H, hd, c.rope_theta, -1);
-    ops::rope_apply(dk.data(), I.pos.data(), N, Hkv, hd, c.rope_theta, -1);
-    std::fill(dx.begin(), dx.end(), T(0));
-    ops::linear_backward(dx.data(), G + L.q, dq.data(), L.a_in.data(), P + L.q, N, d, qd);
-    ops::linear_backward(dx.data(), G + L.k, dk.data(), L.a_in.data(), P + L.k, N, d, kvd);
-    ops::linear_backward(dx.data(), G + L.v, dv.data(), L.a_in.data(), P + L.v, N, d, kvd);
+    if (c.v4_attention()) {
+      std::fill(dx.begin(), dx.end(), T(0));
+      attention_v4_backward(dx.data(), G, dh.data(), L.v4_cache, L.v4, P, L.a_in.data(), I.pos.data(), I.doc.data(),
+                            int64_t(B), int64_t(S), c, I.v4_scratch);
+    } else {
+      std::fill(dctx.begin(), dctx.end(), T(0));
+      ops::linear_backward(dctx.data(), G + L.o, dh.data(), L.ctx.data(), P + L.o, N, qd, d);
+      std::fill(dq.begin(), dq.end(), T(0));
+      std::fill(dk.begin(), dk.end(), T(0));
+      std::fill(dv.begin(), dv.end(), T(0));
+      ops::attention_backward(dq.data(), dk.data(), dv.data(), dctx.data(), L.attn_stats.data(), L.q_act.data(),
+                              L.k_act.data(), L.v_act.data(), I.doc.data(), B, S, H, Hkv, hd);
+      ops::rope_apply(dq.data(), I.pos.data(), N, H, hd, c.rope_theta, -1);
+      ops::rope_apply(dk.data(), I.pos.data(), N, Hkv, hd, c.rope_theta, -1);
+      std::fill(dx.begin(), dx.end(), T(0));
+      ops::linear_backward(dx.data(), G + L.q, dq.data(), L.a_in.data(), P + L.q, N, d, qd);
+      ops::linear_backward(dx.data(), G + L.k, dk.data(), L.a_in.data(), P + L.k, N, d, kvd);
+      ops::linear_backward(dx.data(), G + L.v, dv.data(), L.a_in.data(), P + L.v, N, d, kvd);
+    }
     ops::rmsnorm_backward(dsub, G + L.ln1, dx.data(), L.h_in.data(), P + L.ln1, L.rstd1.data(), N, d);
     if (hc) {
       hc::enter_backward(dX2.data(), L.hc_attn.grads(G), du.data(), L.x_in.data(), L.hs_attn, L.hc_attn.weights(P),
@@ -714,7 +752,9 @@ void Model<T>::kv_init(KvCache<T>& kv, int rows, int capacity) const {
   if (capacity > cfg_.max_position_embeddings)
     throw Error("KV cache: " + std::to_string(capacity) + " positions exceed max_position_embeddings " +
                 std::to_string(cfg_.max_position_embeddings));
-  const int64_t kvd = int64_t(cfg_.Hkv()) * cfg_.hd();
+  // V4 attention caches its one shared key/value head (after RoPE) in k; v stays empty.
+  const bool v4 = cfg_.v4_attention();
+  const int64_t kvd = v4 ? int64_t(cfg_.hd()) : int64_t(cfg_.Hkv()) * cfg_.hd();
   kv.rows = rows;
   kv.capacity = capacity;
   kv.len.assign(rows, 0);
@@ -722,7 +762,7 @@ void Model<T>::kv_init(KvCache<T>& kv, int rows, int capacity) const {
   kv.v.resize(cfg_.num_hidden_layers);
   for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
     kv.k[l].assign(int64_t(rows) * capacity * kvd, T(0));
-    kv.v[l].assign(int64_t(rows) * capacity * kvd, T(0));
+    kv.v[l].assign(v4 ? 0 : int64_t(rows) * capacity * kvd, T(0));
   }
 }
 
@@ -785,16 +825,28 @@ void Model<T>::extend(KvCache<T>& kv, const int32_t* row, const int32_t* tokens,
       hc::enter_forward(I.u.data(), L.hs_attn, h.data(), W.hc_attn.weights(P), n, hs);
       in = I.u.data();
     }
-    attention_inputs(L, W, P, in, I.pos.data(), n, c);
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t at = (int64_t(row[i]) * kv.capacity + I.pos[i]) * kvd;
-      std::copy_n(L.k_act.data() + i * kvd, kvd, kv.k[l].data() + at);
-      std::copy_n(L.v_act.data() + i * kvd, kvd, kv.v[l].data() + at);
+    if (c.v4_attention()) {
+      auto& A = L.v4_cache;
+      attention_norm(L, W, P, in, n, c);
+      attention_v4_project(A, W.v4, P, L.a_in.data(), I.pos.data(), n, c);
+      for (int64_t i = 0; i < n; ++i)
+        std::copy_n(A.kv.data() + i * hd, hd, kv.k[l].data() + (int64_t(row[i]) * kv.capacity + I.pos[i]) * hd);
+      A.ctx.resize(n * qd);
+      ops::attention_cached(A.ctx.data(), A.q.data(), kv.k[l].data(), kv.k[l].data(), row, I.pos.data(), n,
+                            kv.capacity, H, int64_t(1), hd, P + W.v4.sinks, int64_t(c.sliding_window));
+      attention_v4_output(tmp.data(), A, W.v4, P, I.pos.data(), n, c);
+    } else {
+      attention_inputs(L, W, P, in, I.pos.data(), n, c);
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t at = (int64_t(row[i]) * kv.capacity + I.pos[i]) * kvd;
+        std::copy_n(L.k_act.data() + i * kvd, kvd, kv.k[l].data() + at);
+        std::copy_n(L.v_act.data() + i * kvd, kvd, kv.v[l].data() + at);
+      }
+      L.ctx.resize(n * qd);
+      ops::attention_cached(L.ctx.data(), L.q_act.data(), kv.k[l].data(), kv.v[l].data(), row, I.pos.data(), n,
+                            kv.capacity, H, Hkv, hd);
+      ops::linear_forward(tmp.data(), L.ctx.data(), P + W.o, n, qd, d);
     }
-    L.ctx.resize(n * qd);
-    ops::attention_cached(L.ctx.data(), L.q_act.data(), kv.k[l].data(), kv.v[l].data(), row, I.pos.data(), n,
-                          kv.capacity, H, Hkv, hd);
-    ops::linear_forward(tmp.data(), L.ctx.data(), P + W.o, n, qd, d);
     if (hc) {
       hc::leave_forward(I.xs2.data(), tmp.data(), h.data(), L.hs_attn, n, hs);
       std::swap(h, I.xs2);

@@ -59,7 +59,9 @@ struct ForwardOptions {
 };
 
 // Keys (after RoPE) and values of every cached position (MODEL.md section 10):
-// row r's position p of layer l is at k[l][(r * capacity + p) * Hkv*hd].
+// row r's position p of layer l is at k[l][(r * capacity + p) * Hkv*hd]. V4 attention
+// (MODEL.md 12) caches its one shared key/value head, after RoPE, in k (hd per
+// position); its v is empty.
 template <class T>
 struct KvCache {
   int rows = 0, capacity = 0;

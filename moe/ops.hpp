@@ -7,7 +7,9 @@
 // Batch invariance (MODEL.md section 13): every value a token gets is reduced in an
 // order fixed by that token's own row alone: GEMMs reduce in fixed blocks, per-row
 // loops (RMSNorm, softmax, cross-entropy) run sequentially within the row, attention
-// reduces over the keys of the token's own document from the document's start, and
+// reduces over the keys of the token's own document from the document's start (under a
+// sliding window: from the window start of the token's query tile, a position fixed by
+// the token's place in its document), and
 // reductions over tokens (weight gradients) run in token order. So a row's result is
 // the same whatever other rows share the batch, on any number of threads, and a
 // decode step against the KV cache equals the full forward.
@@ -41,7 +43,8 @@ void embedding_backward(T* dweight, const T* dout, const int32_t* ids, int64_t N
 }
 
 // ---------------------------------------------------------------- RMSNorm
-// out (N,d), rstd (N); inp (N,d), w (d). out = inp * rstd * w, rstd = 1/sqrt(mean(inp^2)+eps)
+// out (N,d), rstd (N); inp (N,d), w (d). out = inp * rstd * w, rstd = 1/sqrt(mean(inp^2)+eps).
+// w = nullptr: the unweighted normalisation out = inp * rstd (V4's per-head q norm).
 template <class T>
 void rmsnorm_forward(T* out, T* rstd, const T* inp, const T* w, int64_t N, int64_t d, double eps) {
 #pragma omp parallel for schedule(static)
@@ -52,10 +55,14 @@ void rmsnorm_forward(T* out, T* rstd, const T* inp, const T* w, int64_t N, int64
     const T r = T(1) / std::sqrt(ss / T(d) + T(eps));
     rstd[i] = r;
     T* o = out + i * d;
-    for (int64_t j = 0; j < d; ++j) o[j] = x[j] * r * w[j];
+    if (w)
+      for (int64_t j = 0; j < d; ++j) o[j] = x[j] * r * w[j];
+    else
+      for (int64_t j = 0; j < d; ++j) o[j] = x[j] * r;
   }
 }
-// dinp (N,d) +=, dw (d) +=; dout (N,d), inp (N,d), w (d), rstd (N)
+// dinp (N,d) +=, dw (d) +=; dout (N,d), inp (N,d), w (d), rstd (N). w = dw = nullptr:
+// the unweighted normalisation (w = 1, no weight gradient).
 template <class T>
 void rmsnorm_backward(T* dinp, T* dw, const T* dout, const T* inp, const T* w, const T* rstd, int64_t N,
                       int64_t d) {
@@ -65,11 +72,12 @@ void rmsnorm_backward(T* dinp, T* dw, const T* dout, const T* inp, const T* w, c
     const T* g = dout + i * d;
     const T r = rstd[i];
     T dot = 0;  // mean over j of (g*w)_j * xhat_j
-    for (int64_t j = 0; j < d; ++j) dot += g[j] * w[j] * x[j] * r;
+    for (int64_t j = 0; j < d; ++j) dot += (w ? g[j] * w[j] : g[j]) * x[j] * r;
     dot /= T(d);
     T* dx = dinp + i * d;
-    for (int64_t j = 0; j < d; ++j) dx[j] += r * (g[j] * w[j] - x[j] * r * dot);
+    for (int64_t j = 0; j < d; ++j) dx[j] += r * ((w ? g[j] * w[j] : g[j]) - x[j] * r * dot);
   }
+  if (!dw) return;
   // dw_j = sum_i g_ij * xhat_ij, parallel over columns, rows summed in order.
 #pragma omp parallel for schedule(static)
   for (int64_t j = 0; j < d; ++j) {
@@ -158,26 +166,36 @@ inline const RopeTable& rope_table(double theta, int64_t hd, int64_t positions) 
 }
 }  // namespace detail
 
+// The rotation itself, on the rd channels [hd - rd, hd) of each head of x (N, nh, hd):
+// frequency f (angle pos * theta^(-2f/rd)) rotates the pair (f, f + rd/2) (rotate_half,
+// Llama) or, `interleaved`, the adjacent pair (2f, 2f + 1) (DeepSeek-V4, MODEL.md 12).
 template <class T>
-void rope_apply(T* x, const int32_t* pos, int64_t N, int64_t nh, int64_t hd, double theta, int sign) {
-  const int64_t half = hd / 2;
+void rope_rotate(T* x, const int32_t* pos, int64_t N, int64_t nh, int64_t hd, int64_t rd, bool interleaved,
+                 double theta, int sign) {
+  const int64_t half = rd / 2, off = hd - rd;
+  if (half == 0 || N == 0) return;
   int64_t positions = 0;
   for (int64_t i = 0; i < N; ++i) positions = std::max<int64_t>(positions, int64_t(pos[i]) + 1);
-  const detail::RopeTable& tab = detail::rope_table(theta, hd, positions);
+  const detail::RopeTable& tab = detail::rope_table(theta, rd, positions);
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < N; ++i) {
     const double* ct = tab.cos.data() + int64_t(pos[i]) * half;
     const double* st = tab.sin.data() + int64_t(pos[i]) * half;
     for (int64_t f = 0; f < half; ++f) {
       const T c = T(ct[f]), s = T(sign * st[f]);
+      const int64_t ja = off + (interleaved ? 2 * f : f), jb = off + (interleaved ? 2 * f + 1 : f + half);
       for (int64_t h = 0; h < nh; ++h) {
         T* v = x + (i * nh + h) * hd;
-        const T a = v[f], b = v[f + half];
-        v[f] = a * c - b * s;
-        v[f + half] = b * c + a * s;
+        const T a = v[ja], b = v[jb];
+        v[ja] = a * c - b * s;
+        v[jb] = b * c + a * s;
       }
     }
   }
+}
+template <class T>
+void rope_apply(T* x, const int32_t* pos, int64_t N, int64_t nh, int64_t hd, double theta, int sign) {
+  rope_rotate(x, pos, N, nh, hd, hd, false, theta, sign);
 }
 
 // ---------------------------------------------------------------- attention
@@ -211,13 +229,17 @@ inline int64_t doc_end(const int32_t* dr, int64_t ds, int64_t S) {
 }  // namespace detail
 
 // One query's causal softmax, in place: p[0..n) holds raw dot products (n >= 1 valid
-// keys), p[n..total) is set to 0. stat = {max, 1/sum} of the scaled scores.
+// keys), p[n..total) is set to 0. stat = {max, 1/sum} of the scaled scores. `sink`
+// (V4's learned sink logit, MODEL.md 12; -inf = none) joins the max and adds
+// exp(sink - max) to the denominator only, after the keys; with -inf it adds an exact 0.
 template <class T>
-inline void attention_softmax_row(T* p, int64_t n, int64_t total, T scale, T* stat) {
-  T mx = -std::numeric_limits<T>::infinity();
+inline void attention_softmax_row(T* p, int64_t n, int64_t total, T scale, T* stat,
+                                  T sink = -std::numeric_limits<T>::infinity()) {
+  T mx = sink;
   for (int64_t j = 0; j < n; ++j) mx = std::max(mx, p[j] *= scale);
   T sum = 0;
   for (int64_t j = 0; j < n; ++j) sum += (p[j] = std::exp(p[j] - mx));
+  sum += std::exp(sink - mx);
   const T inv = T(1) / sum;
   for (int64_t j = 0; j < n; ++j) p[j] *= inv;
   std::fill(p + n, p + total, T(0));
@@ -231,11 +253,32 @@ inline void attention_probs_row(T* p, int64_t n, int64_t total, T scale, const T
   std::fill(p + n, p + total, T(0));
 }
 
+namespace detail {
+// The keys a query tile [i0, ..) of a document starting at ds covers: from
+// attn_key_start (a sliding window W > 0 drops the keys before the window of the
+// tile's first query), so attention_cached, which recomputes it from the query's
+// position, reduces over the same keys from the same first key.
+inline int64_t attn_key_start(int64_t ds, int64_t i0, int64_t window) {
+  return window > 0 ? std::max(ds, i0 - window + 1) : ds;
+}
+// The first key query i of that document sees.
+inline int64_t attn_key_first(int64_t ds, int64_t i, int64_t window) {
+  return window > 0 ? std::max(ds, i - window + 1) : ds;
+}
+template <class T>
+inline T attn_sink(const T* sinks, int64_t h) {
+  return sinks ? sinks[h] : -std::numeric_limits<T>::infinity();
+}
+}  // namespace detail
+
 // out (B*S, H*hd); stats (B,H,S,2) kept for backward;
-// q (B*S, H*hd), k, v (B*S, Hkv*hd) (q, k already rotated); doc (B*S).
+// q (B*S, H*hd), k, v (B*S, Hkv*hd) (q, k already rotated; k and v may be the same
+// buffer, as V4's shared key/value head); doc (B*S); sinks (H) or null (none);
+// window W > 0: query i sees only keys [i - W + 1, i] of its document (0 = all).
 template <class T>
 void attention_forward(T* out, T* stats, const T* q, const T* k, const T* v, const int32_t* doc, int64_t B,
-                       int64_t S, int64_t H, int64_t Hkv, int64_t hd) {
+                       int64_t S, int64_t H, int64_t Hkv, int64_t hd, const T* sinks = nullptr,
+                       int64_t window = 0) {
   const int64_t qs = H * hd, ks = Hkv * hd, rep = H / Hkv;
   const T scale = T(1) / std::sqrt(T(hd));
 #pragma omp parallel for collapse(2) schedule(dynamic, 1)
@@ -243,31 +286,44 @@ void attention_forward(T* out, T* stats, const T* q, const T* k, const T* v, con
     for (int64_t h = 0; h < H; ++h) {
       std::vector<T>& sc = detail::attn_scratch<T>(0);
       const int64_t kh = h / rep;
+      const T sink = detail::attn_sink(sinks, h);
       const int32_t* dr = doc + b * S;
       for (int64_t ds = 0, de; ds < S; ds = de) {
         de = detail::doc_end(dr, ds, S);
-        const T* K = k + (b * S + ds) * ks + kh * hd;
-        const T* V = v + (b * S + ds) * ks + kh * hd;
         for (int64_t i0 = ds; i0 < de; i0 += kAttnTile) {
-          const int64_t i1 = std::min(de, i0 + kAttnTile), m = i1 - i0, nk = i1 - ds;
+          const int64_t k0 = detail::attn_key_start(ds, i0, window);
+          const int64_t i1 = std::min(de, i0 + kAttnTile), m = i1 - i0, nk = i1 - k0;
+          const T* K = k + (b * S + k0) * ks + kh * hd;
+          const T* V = v + (b * S + k0) * ks + kh * hd;
           if (int64_t(sc.size()) < m * nk) sc.resize(m * nk);
           kernels::gemm_nt(m, nk, hd, q + (b * S + i0) * qs + h * hd, qs, K, ks, sc.data(), nk, false);
-          for (int64_t r = 0; r < m; ++r)
-            attention_softmax_row(sc.data() + r * nk, i0 + r - ds + 1, nk, scale,
-                                  stats + ((b * H + h) * S + i0 + r) * 2);
+          for (int64_t r = 0; r < m; ++r) {
+            const int64_t i = i0 + r, a = detail::attn_key_first(ds, i, window) - k0;
+            T* pr = sc.data() + r * nk;
+            std::fill(pr, pr + a, T(0));
+            attention_softmax_row(pr + a, i - k0 - a + 1, nk - a, scale, stats + ((b * H + h) * S + i) * 2, sink);
+          }
           kernels::gemm_nn(m, hd, nk, sc.data(), nk, V, ks, out + (b * S + i0) * qs + h * hd, qs, false);
         }
       }
     }
 }
-// dq (B*S,H*hd) +=, dk, dv (B*S,Hkv*hd) +=; dout (B*S,H*hd); stats, q, k, v, doc as
-// forward. Parallel over (row, kv head), so that each dk/dv slice has one writer; its
-// query heads, documents and tiles are added in that fixed order.
+// dq (B*S,H*hd) +=, dk, dv (B*S,Hkv*hd) += (dk and dv may be the same buffer when k and
+// v are); dsinks (H) += when sinks is given; dout (B*S,H*hd); stats, q, k, v, doc,
+// sinks, window as forward. Parallel over (row, kv head), so that each dk/dv slice has
+// one writer; its query heads, documents and tiles are added in that fixed order. The
+// sinks' gradient is summed afterwards over rows and positions in order.
 template <class T>
 void attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* stats, const T* q, const T* k, const T* v,
-                        const int32_t* doc, int64_t B, int64_t S, int64_t H, int64_t Hkv, int64_t hd) {
+                        const int32_t* doc, int64_t B, int64_t S, int64_t H, int64_t Hkv, int64_t hd,
+                        const T* sinks = nullptr, T* dsinks = nullptr, int64_t window = 0) {
   const int64_t qs = H * hd, ks = Hkv * hd, rep = H / Hkv;
   const T scale = T(1) / std::sqrt(T(hd));
+  // d loss / d sink of each (row, head, query), (B,H,S): scratch of the calling thread,
+  // bound to a reference because the loop's threads share it.
+  static thread_local std::vector<T> sink_buf;
+  std::vector<T>& dsink_q = sink_buf;
+  if (sinks) dsink_q.assign(B * H * S, T(0));
 #pragma omp parallel for collapse(2) schedule(dynamic, 1)
   for (int64_t b = 0; b < B; ++b)
     for (int64_t kh = 0; kh < Hkv; ++kh) {
@@ -277,55 +333,77 @@ void attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* stats, cons
       for (int64_t h = kh * rep; h < (kh + 1) * rep; ++h)
         for (int64_t ds = 0, de; ds < S; ds = de) {
           de = detail::doc_end(dr, ds, S);
-          const int64_t kv0 = (b * S + ds) * ks + kh * hd;
           for (int64_t i0 = ds; i0 < de; i0 += kAttnTile) {
-            const int64_t i1 = std::min(de, i0 + kAttnTile), m = i1 - i0, nk = i1 - ds;
+            const int64_t k0 = detail::attn_key_start(ds, i0, window);
+            const int64_t i1 = std::min(de, i0 + kAttnTile), m = i1 - i0, nk = i1 - k0;
+            const int64_t kv0 = (b * S + k0) * ks + kh * hd;
             const int64_t q0 = (b * S + i0) * qs + h * hd;
             if (int64_t(p.size()) < m * nk) p.resize(m * nk);
             if (int64_t(dp.size()) < m * nk) dp.resize(m * nk);
             kernels::gemm_nt(m, nk, hd, q + q0, qs, k + kv0, ks, p.data(), nk, false);
-            for (int64_t r = 0; r < m; ++r)
-              attention_probs_row(p.data() + r * nk, i0 + r - ds + 1, nk, scale,
-                                  stats + ((b * H + h) * S + i0 + r) * 2);
+            for (int64_t r = 0; r < m; ++r) {
+              const int64_t i = i0 + r, a = detail::attn_key_first(ds, i, window) - k0;
+              T* pr = p.data() + r * nk;
+              std::fill(pr, pr + a, T(0));
+              attention_probs_row(pr + a, i - k0 - a + 1, nk - a, scale, stats + ((b * H + h) * S + i) * 2);
+            }
             kernels::gemm_tn(nk, hd, m, p.data(), nk, dout + q0, qs, dv + kv0, ks, true);
             kernels::gemm_nt(m, nk, hd, dout + q0, qs, v + kv0, ks, dp.data(), nk, false);
             for (int64_t r = 0; r < m; ++r) {
-              const int64_t n = i0 + r - ds + 1;
+              const int64_t i = i0 + r, a = detail::attn_key_first(ds, i, window) - k0, n = i - k0 + 1;
               const T* pr = p.data() + r * nk;
               T* g = dp.data() + r * nk;
               T dot = 0;
-              for (int64_t j = 0; j < n; ++j) dot += pr[j] * g[j];
-              for (int64_t j = 0; j < n; ++j) g[j] = pr[j] * (g[j] - dot) * scale;
+              for (int64_t j = a; j < n; ++j) dot += pr[j] * g[j];
+              std::fill(g, g + a, T(0));
+              for (int64_t j = a; j < n; ++j) g[j] = pr[j] * (g[j] - dot) * scale;
               std::fill(g + n, g + nk, T(0));
+              if (sinks) {  // the sink's probability, times (0 - dot): it carries no value
+                const T* st = stats + ((b * H + h) * S + i) * 2;
+                dsink_q[(b * H + h) * S + i] = -std::exp(sinks[h] - st[0]) * st[1] * dot;
+              }
             }
             kernels::gemm_nn(m, hd, nk, dp.data(), nk, k + kv0, ks, dq + q0, qs, true);
             kernels::gemm_tn(nk, hd, m, dp.data(), nk, q + q0, qs, dk + kv0, ks, true);
           }
         }
     }
+  if (sinks)
+    for (int64_t h = 0; h < H; ++h) {
+      T acc = 0;
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t i = 0; i < S; ++i) acc += dsink_q[(b * H + h) * S + i];
+      dsinks[h] += acc;
+    }
 }
 
 // Attention of n new queries against a KV cache (decoding, MODEL.md section 10).
 // out (n, H*hd); q (n, H*hd) rotated; kc, vc (rows*cap, Hkv*hd): cache row r's
-// position p at (r*cap + p). Query i sees positions [0, pos[i]] of cache row row[i]
-// (its own key included, already written). A cache row is one document from
-// position 0, and the arithmetic is attention_forward's for that document, so the
-// result equals the full forward's bit for bit.
+// position p at (r*cap + p) (kc = vc for V4's shared head). Query i sees positions
+// [0, pos[i]] of cache row row[i] (its own key included, already written), or the last
+// `window` of them. A cache row is one document from position 0, and the arithmetic is
+// attention_forward's for that document (the same first key, attn_key_start of the
+// query's tile, so the same reduction), so the result equals the full forward's bit
+// for bit.
 template <class T>
 void attention_cached(T* out, const T* q, const T* kc, const T* vc, const int32_t* row, const int32_t* pos, int64_t n,
-                      int64_t cap, int64_t H, int64_t Hkv, int64_t hd) {
+                      int64_t cap, int64_t H, int64_t Hkv, int64_t hd, const T* sinks = nullptr,
+                      int64_t window = 0) {
   const int64_t qs = H * hd, ks = Hkv * hd, rep = H / Hkv;
   const T scale = T(1) / std::sqrt(T(hd));
 #pragma omp parallel for collapse(2) schedule(dynamic, 1)
   for (int64_t i = 0; i < n; ++i)
     for (int64_t h = 0; h < H; ++h) {
       std::vector<T>& p = detail::attn_scratch<T>(0);
-      const int64_t kh = h / rep, len = int64_t(pos[i]) + 1;
-      const int64_t kv0 = int64_t(row[i]) * cap * ks + kh * hd;
+      const int64_t kh = h / rep, at = pos[i];
+      const int64_t k0 = detail::attn_key_start(0, at / kAttnTile * kAttnTile, window);
+      const int64_t len = at - k0 + 1, a = detail::attn_key_first(0, at, window) - k0;
+      const int64_t kv0 = (int64_t(row[i]) * cap + k0) * ks + kh * hd;
       if (int64_t(p.size()) < len) p.resize(len);
       T stat[2];
       kernels::gemm_nt(int64_t(1), len, hd, q + i * qs + h * hd, qs, kc + kv0, ks, p.data(), len, false);
-      attention_softmax_row(p.data(), len, len, scale, stat);
+      std::fill(p.data(), p.data() + a, T(0));
+      attention_softmax_row(p.data() + a, len - a, len - a, scale, stat, detail::attn_sink(sinks, h));
       kernels::gemm_nn(int64_t(1), hd, len, p.data(), len, vc + kv0, ks, out + i * qs + h * hd, qs, false);
     }
 }

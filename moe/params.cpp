@@ -67,10 +67,23 @@ ParamLayout ParamLayout::build(const ModelConfig& c, int expert_begin, int exper
   const auto add_block = [&](int l) {
     if (c.hc()) add_hc(layer(l, "attn_hc"));
     p.add(layer(l, "input_layernorm.weight"), {d}, false);
-    p.add(layer(l, "self_attn.q_proj.weight"), {q, d}, true);
-    p.add(layer(l, "self_attn.k_proj.weight"), {kv, d}, true);
-    p.add(layer(l, "self_attn.v_proj.weight"), {kv, d}, true);
-    p.add(layer(l, "self_attn.o_proj.weight"), {d, q}, true);
+    if (c.v4_attention()) {
+      // DeepSeek-V4 attention (MODEL.md section 12), transformers' deepseek_v4 names.
+      const int64_t qr = c.q_lora_rank, hd = c.hd(), G = c.o_groups, orank = int64_t(G) * c.o_lora_rank;
+      p.add(layer(l, "self_attn.q_a_proj.weight"), {qr, d}, true);
+      p.add(layer(l, "self_attn.q_a_norm.weight"), {qr}, false);
+      p.add(layer(l, "self_attn.q_b_proj.weight"), {q, qr}, true);
+      p.add(layer(l, "self_attn.kv_proj.weight"), {hd, d}, true);
+      p.add(layer(l, "self_attn.kv_norm.weight"), {hd}, false);
+      p.add(layer(l, "self_attn.o_a_proj.weight"), {orank, q / G}, true);
+      p.add(layer(l, "self_attn.o_b_proj.weight"), {d, orank}, true);
+      p.add(layer(l, "self_attn.sinks"), {c.H()}, false);
+    } else {
+      p.add(layer(l, "self_attn.q_proj.weight"), {q, d}, true);
+      p.add(layer(l, "self_attn.k_proj.weight"), {kv, d}, true);
+      p.add(layer(l, "self_attn.v_proj.weight"), {kv, d}, true);
+      p.add(layer(l, "self_attn.o_proj.weight"), {d, q}, true);
+    }
     p.add(layer(l, "post_attention_layernorm.weight"), {d}, false);
     if (c.hc()) add_hc(layer(l, "ffn_hc"));
     if (!c.is_moe_layer(l)) {

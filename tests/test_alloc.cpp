@@ -95,6 +95,26 @@ TEST(Alloc, SteadyStateForwardBackwardAllocatesNothing) {
   }
 }
 
+// The same with DeepSeek-V4 attention (MODEL.md section 12): sinks, a sliding window
+// shorter than the rows (keys of a later tile start inside the row), grouped output.
+TEST(Alloc, SteadyStateForwardBackwardV4AttentionAllocatesNothing) {
+  ModelConfig cfg = alloc_cfg(3);
+  // (set() validates each key: the V4 sizes first, then the switch to "v4", then the window)
+  for (const auto& [k, v] : std::vector<std::pair<const char*, const char*>>{{"q_lora_rank", "16"},
+                                                                             {"qk_rope_head_dim", "4"},
+                                                                             {"o_groups", "2"},
+                                                                             {"o_lora_rank", "8"},
+                                                                             {"attention_type", "v4"},
+                                                                             {"sliding_window", "20"}})
+    cfg.set(k, v);
+  Model<float> m(cfg);
+  m.init(1);
+  const MicroBatch mb = make_batch(3, 70, cfg.vocab_size, 1);
+  const LossNorm norm{double(mb.count_targets()), 1, mb.rows};
+  for (int i = 0; i < 2; ++i) m.forward_backward(mb, norm, true);
+  EXPECT_EQ(allocations_of([&] { m.forward_backward(mb, norm, true); }), 0);
+}
+
 // A whole AdamW training step of a MoE model (2 micro-batches): the only allocations
 // left are the expert-count statistics the step returns (one vector per MoE layer,
 // per micro-batch and for the step, plus their outer vectors); measured 14 here.

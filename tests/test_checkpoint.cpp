@@ -344,6 +344,29 @@ TEST_F(CheckpointTest, MissingTensorIsNamed) {
   EXPECT_CONTAINS(msg, "(8, 16)");
 }
 
+// A checkpoint of the default attention loaded under a V4-attention config (MODEL.md
+// 12), and the other way round: the load fails naming the first tensor it lacks.
+TEST_F(CheckpointTest, AttentionTypeMismatchNamesTheMissingTensor) {
+  json v4j = small_config_json();
+  v4j.update(
+      {{"attention_type", "v4"}, {"q_lora_rank", 8}, {"qk_rope_head_dim", 4}, {"o_groups", 2}, {"o_lora_rank", 4}});
+  const ModelConfig v4 = ModelConfig::from_json(v4j, "test");
+  const ParamLayout v4_layout = ParamLayout::build(v4);
+  EXPECT_EQ(v4_layout.at("model.layers.0.self_attn.o_a_proj.weight").shape, (std::vector<int64_t>{8, 8}));
+  EXPECT_FALSE(v4_layout.at("model.layers.0.self_attn.sinks").decay);
+  save_float(path("llama"), cfg_, layout_, 0.3);
+  save_float(path("v4"), v4, v4_layout, 0.4);
+  std::vector<float> p;
+  std::vector<std::vector<float>> b;
+  EXPECT_CONTAINS(error_of([&] { load_model_weights<float>(path("llama"), v4, v4_layout, p, b); }),
+                  "missing tensor 'model.layers.0.self_attn.q_a_proj.weight' (expected shape (8, 16))");
+  EXPECT_CONTAINS(error_of([&] { load_model_weights<float>(path("v4"), cfg_, layout_, p, b); }),
+                  "missing tensor 'model.layers.0.self_attn.q_proj.weight'");
+  // Its own config loads it back exactly.
+  load_model_weights<float>(path("v4"), v4, v4_layout, p, b);
+  EXPECT_EQ(p, fill<float>(v4_layout, 0.4, 0.0f));
+}
+
 TEST_F(CheckpointTest, WrongShapeAndUnexpectedTensorsAreRejected) {
   const std::string dir = path("shape");
   save_float(dir, cfg_, layout_, 0.3);

@@ -61,6 +61,39 @@ TEST(Config, InvalidCombinationsNameTheKey) {
   }
 }
 
+// DeepSeek-V4 attention keys (MODEL.md section 12).
+TEST(Config, V4AttentionKeysAreValidatedNamingTheKey) {
+  const json v4 = {{"attention_type", "v4"}, {"num_attention_heads", 4}, {"head_dim", 16}, {"q_lora_rank", 32},
+                   {"qk_rope_head_dim", 8}, {"o_groups", 2}, {"o_lora_rank", 16}};
+  auto with = [&](const json& extra) {
+    json j = v4;
+    j.update(extra);
+    return error_of(j);
+  };
+  EXPECT_EQ(with(json::object()), "");
+  const ModelConfig c = ModelConfig::from_json(v4);
+  EXPECT_TRUE(c.v4_attention());
+  EXPECT_EQ(ModelConfig::from_json(c.to_json()).to_json(), c.to_json());
+  EXPECT_FALSE(ModelConfig::from_json(json::object()).v4_attention());  // the default stays "llama"
+  EXPECT_NE(with({{"attention_type", "mla"}}).find("key 'attention_type': must be \"llama\" or \"v4\""),
+            std::string::npos);
+  EXPECT_NE(with({{"qk_rope_head_dim", 7}}).find("key 'qk_rope_head_dim': must be even"), std::string::npos);
+  EXPECT_NE(with({{"qk_rope_head_dim", 18}}).find("key 'qk_rope_head_dim'"), std::string::npos);
+  EXPECT_NE(with({{"qk_rope_head_dim", -2}}).find("key 'qk_rope_head_dim'"), std::string::npos);
+  EXPECT_NE(with({{"o_groups", 3}}).find("key 'o_groups': num_attention_heads (4) must be divisible by o_groups (3)"),
+            std::string::npos);
+  EXPECT_NE(with({{"o_groups", 0}}).find("key 'o_groups': must be positive"), std::string::npos);
+  EXPECT_NE(with({{"q_lora_rank", 0}}).find("key 'q_lora_rank': must be positive"), std::string::npos);
+  EXPECT_NE(with({{"o_lora_rank", -1}}).find("key 'o_lora_rank': must be positive"), std::string::npos);
+  EXPECT_NE(with({{"sliding_window", -1}}).find("key 'sliding_window': must be >= 0"), std::string::npos);
+  EXPECT_NE(with({{"sliding_window", "4"}}).find("key 'sliding_window': expected an integer"), std::string::npos);
+  // The default attention has no window, and ignores the other V4 keys.
+  EXPECT_NE(error_of({{"sliding_window", 4}}).find("key 'sliding_window': applies to attention_type \"v4\" only"),
+            std::string::npos);
+  EXPECT_EQ(error_of({{"q_lora_rank", 0}, {"o_groups", 3}}), "");
+  EXPECT_EQ(with({{"qk_rope_head_dim", 0}, {"sliding_window", 1}}), "");
+}
+
 TEST(Config, IntegersOutsideIntAreRefusedNotWrapped) {
   // get<int>() would turn 2^32 + 16 into 16 and 2^64 - 1 into -1.
   EXPECT_NE(error_of({{"hidden_size", 4294967312ull}}).find("key 'hidden_size': integer 4294967312 is out of range"),

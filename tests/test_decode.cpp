@@ -178,6 +178,50 @@ TEST(Decode, KvCacheEqualsFullForwardWithMtp) {
   }
 }
 
+// DeepSeek-V4 attention (MODEL.md section 12): the cache holds the one shared key/value
+// head after RoPE; sinks, the partial interleaved RoPE, the rotation back of the output
+// and the grouped output projection run as in the full forward. With and without a
+// sliding window shorter than the rows (5 < 20), with V4 routing.
+TEST(Decode, KvCacheEqualsFullForwardV4Attention) {
+  for (int window : {0, 5})
+    for (bool dbl : {true, false}) {
+      const ModelConfig cfg = small_cfg({{"attention_type", "v4"},
+                                         {"q_lora_rank", 12},
+                                         {"qk_rope_head_dim", 2},
+                                         {"o_groups", 2},
+                                         {"o_lora_rank", 6},
+                                         {"sliding_window", window},
+                                         {"first_k_dense_replace", 1},
+                                         {"num_hash_layers", 1},
+                                         {"scoring_func", "sqrtsoftplus"}});
+      Model<double> probe(cfg);
+      probe.init(3);
+      KvCache<double> kv;
+      probe.kv_init(kv, 2, 4);
+      EXPECT_EQ(kv.k[0].size(), size_t(2 * 4 * cfg.hd()));  // one shared head per position
+      EXPECT_TRUE(kv.v[0].empty());
+      const DecodeDiff d = dbl ? decode_vs_forward<double>(cfg) : decode_vs_forward<float>(cfg);
+      EXPECT_EQ(d.compared, 3 + (14 - 5) + (9 - 1) + (20 - 7));
+      EXPECT_EQ(d.mismatched, 0) << (dbl ? "double" : "float") << ", window " << window
+                                 << ": max relative difference " << d.worst;
+    }
+}
+
+// The whole DeepSeek-V4 shape at once: V4 attention with a window, mHC, the MTP block,
+// hash and sqrtsoftplus routing, no dense layer.
+TEST(Decode, KvCacheEqualsFullForwardV4Everything) {
+  for (bool dbl : {true, false}) {
+    const ModelConfig cfg = small_cfg({{"attention_type", "v4"}, {"q_lora_rank", 12}, {"qk_rope_head_dim", 2},
+                                       {"o_groups", 2}, {"o_lora_rank", 6}, {"sliding_window", 5},
+                                       {"first_k_dense_replace", 0}, {"num_hash_layers", 1},
+                                       {"scoring_func", "sqrtsoftplus"}, {"hc_mult", 2},
+                                       {"num_nextn_predict_layers", 1}});
+    const DecodeDiff d = dbl ? decode_vs_forward<double>(cfg) : decode_vs_forward<float>(cfg);
+    EXPECT_GT(d.compared, 0);
+    EXPECT_EQ(d.mismatched, 0) << (dbl ? "double" : "float") << ": max relative difference " << d.worst;
+  }
+}
+
 TEST(Decode, ExtendRejectsFullRowsAndBadTokens) {
   const auto cfg = small_cfg();
   Model<float> m(cfg);

@@ -93,6 +93,41 @@ TEST(Flops, MtpAddsItsBlockAndHead) {
   EXPECT_EQ(flops_per_token(c, 16), 6.0 * (1968 + 864) + 6.0 * 4 * 2 * 4 * 16);
 }
 
+// V4 attention (MODEL.md 12) on tiny(): q_lora_rank 3, o_groups 2 of o_lora_rank 5.
+TEST(Flops, V4AttentionHandComputed) {
+  ModelConfig c = tiny();
+  c.set("q_lora_rank", "3");
+  c.set("qk_rope_head_dim", "2");
+  c.set("o_groups", "2");
+  c.set("o_lora_rank", "5");
+  c.set("attention_type", "v4");
+  // Per layer: q_a (3 x 8) = 24, q_b (8 x 3) = 24, kv (4 x 8) = 32, o_a (2*5 x 8/2) = 40,
+  // o_b (8 x 10) = 80 -> 200 per layer instead of 192: 1968 + 3 * 8 = 1992.
+  EXPECT_EQ(active_matrix_params(c), 1992);
+  EXPECT_EQ(flops_per_token(c, 16), 6.0 * 1992 + 6.0 * 3 * 2 * 4 * 16);
+  // A sliding window W < S: S_ctx = 2W - W^2/S; W >= S changes nothing.
+  c.set("sliding_window", "4");
+  EXPECT_EQ(attention_context(c, 16), 8.0 - 1.0);
+  EXPECT_EQ(flops_per_token(c, 16), 6.0 * 1992 + 6.0 * 3 * 2 * 4 * 7);
+  c.set("sliding_window", "16");
+  EXPECT_EQ(attention_context(c, 16), 16.0);
+}
+
+TEST(Flops, V4AllExpertsActiveEqualsLayoutMatrices) {
+  auto c = ModelConfig::from_json({{"num_hidden_layers", 2},
+                                   {"n_routed_experts", 4},
+                                   {"num_experts_per_tok", 4},
+                                   {"attention_type", "v4"},
+                                   {"q_lora_rank", 24},
+                                   {"o_groups", 2},
+                                   {"o_lora_rank", 12}});
+  const ParamLayout layout = ParamLayout::build(c);
+  int64_t matrices = 0;
+  for (const TensorInfo& t : layout.tensors())
+    if (t.shape.size() == 2 && t.name != "model.embed_tokens.weight") matrices += static_cast<int64_t>(t.numel);
+  EXPECT_EQ(active_matrix_params(c), matrices);
+}
+
 TEST(Flops, Mfu) {
   EXPECT_DOUBLE_EQ(mfu(1e9, 100.0, 1e12), 0.1);
   EXPECT_EQ(mfu(1e9, 100.0, 0.0), 0.0);

@@ -140,11 +140,18 @@ TEST(HfConvert, StacksExpertsAndWidensTables) {
   EXPECT_EQ(b, bias[1]);
 }
 
-// V4 routing with mHC (two streams) and the MTP block (its experts stack as mtp.0.mlp.experts.*).
+// The whole V4 shape: V4 attention with a window, V4 routing, mHC (two streams) and the
+// MTP block (its experts stack as mtp.0.mlp.experts.*).
 json v4_hc_mtp_json() {
   json j = v4_json();
   j["hc_mult"] = 2;
   j["num_nextn_predict_layers"] = 1;
+  j["attention_type"] = "v4";
+  j["q_lora_rank"] = 8;
+  j["qk_rope_head_dim"] = 4;
+  j["o_groups"] = 2;
+  j["o_lora_rank"] = 6;
+  j["sliding_window"] = 16;
   return j;
 }
 
@@ -155,6 +162,22 @@ TEST(HfConvert, RoundTripGivesTheSameBytes) {
     convert_to_hf(in, hf);
     const ConvertReport r = convert_from_hf(hf, back);
     EXPECT_TRUE(r.notes.empty());
+    if (j.contains("attention_type")) {
+      // transformers' own config.json has neither key: deepseek_v4 means V4 attention and
+      // partial_rotary_factor gives qk_rope_head_dim. The same checkpoint comes back.
+      const json hj = json::parse(read_text(fs::path(hf) / "config.json"));
+      EXPECT_EQ(hj["layer_types"], json({"sliding_attention", "sliding_attention"}));
+      EXPECT_EQ(hj["partial_rotary_factor"], 0.5);
+      json stripped = hj;
+      stripped.erase("attention_type");
+      stripped.erase("qk_rope_head_dim");
+      fsutil::write_file_atomic(hf + "/config.json", stripped.dump(2));
+      const std::string back2 = test_path("rt_back2");
+      convert_from_hf(hf, back2);
+      EXPECT_EQ(bytes(fs::path(in) / "config.json"), bytes(fs::path(back2) / "config.json"));
+      EXPECT_EQ(bytes(fs::path(in) / "model.safetensors"), bytes(fs::path(back2) / "model.safetensors"));
+      fs::remove_all(back2);
+    }
     EXPECT_EQ(bytes(fs::path(in) / "model.safetensors"), bytes(fs::path(back) / "model.safetensors"));
     EXPECT_EQ(bytes(fs::path(in) / "config.json"), bytes(fs::path(back) / "config.json"));
     EXPECT_EQ(bytes(fs::path(in) / "tokenizer.json"), bytes(fs::path(back) / "tokenizer.json"));
@@ -164,6 +187,8 @@ TEST(HfConvert, RoundTripGivesTheSameBytes) {
       EXPECT_TRUE(f.contains("mtp.0.mlp.gate.e_score_correction_bias"));
       EXPECT_TRUE(f.contains("model.layers.1.attn_hc.fn"));
       EXPECT_TRUE(f.contains("model.hc_head.hc_fn"));
+      EXPECT_TRUE(f.contains("model.layers.0.self_attn.q_a_norm.weight"));
+      EXPECT_TRUE(f.contains("mtp.0.self_attn.sinks"));
     }
     fs::remove_all(in);
     fs::remove_all(hf);

@@ -40,6 +40,16 @@ ModelConfig cfg_for_invariance(const nlohmann::json& extra = nlohmann::json::obj
 
 // mHC (3 streams) with an MTP block (MODEL.md section 12).
 const nlohmann::json kHcMtp = {{"hc_mult", 3}, {"hc_sinkhorn_iters", 6}, {"num_nextn_predict_layers", 1}};
+// DeepSeek-V4 attention (MODEL.md section 12): sinks, a sliding window shorter than the
+// rows (a later tile's keys start inside the row), 2 output groups; and the same with
+// mHC and MTP.
+const nlohmann::json kV4Attention = {{"attention_type", "v4"}, {"q_lora_rank", 24}, {"qk_rope_head_dim", 4},
+                                     {"o_groups", 2},          {"o_lora_rank", 12}, {"sliding_window", 20}};
+nlohmann::json v4_everything() {
+  nlohmann::json j = kV4Attention;
+  for (auto it = kHcMtp.begin(); it != kHcMtp.end(); ++it) j[it.key()] = it.value();
+  return j;
+}
 
 // `rows` rows of S tokens (two documents in row 0, padding in the last row).
 MicroBatch rows_batch(int rows, int S, int V, uint64_t seed) { return make_batch(rows, S, V, seed); }
@@ -70,7 +80,7 @@ struct Invariance : ::testing::Test {
 // of 64, 7 and 1 rows, are the same bytes.
 // With mHC + MTP, the MTP block's logits too.
 TEST_F(Invariance, RowLogitsDoNotDependOnTheBatch) {
-  for (const auto& extra : {nlohmann::json::object(), kHcMtp}) {
+  for (const auto& extra : {nlohmann::json::object(), kHcMtp, kV4Attention, v4_everything()}) {
     const ModelConfig cfg = cfg_for_invariance(extra);
     Model<float> m(cfg);
     m.init(11);
@@ -106,7 +116,7 @@ TEST_F(Invariance, RowLogitsDoNotDependOnTheBatch) {
 // routing biases after them are the same bytes on 1, 2 and 3 threads, and so are the
 // losses; with mHC + MTP too.
 TEST_F(Invariance, ThreadCountChangesNoBitOfATrainingStep) {
-  for (const auto& extra : {nlohmann::json::object(), kHcMtp}) {
+  for (const auto& extra : {nlohmann::json::object(), kHcMtp, kV4Attention, v4_everything()}) {
     const ModelConfig cfg = cfg_for_invariance(extra);
     const std::vector<MicroBatch> batch = {rows_batch(3, 40, cfg.vocab_size, 1), rows_batch(2, 40, cfg.vocab_size, 2)};
     struct Result {
@@ -150,7 +160,7 @@ TEST_F(Invariance, ThreadCountChangesNoBitOfATrainingStep) {
 TEST_F(Invariance, GemmIsaChangesNoBitOfTheModel) {
   const auto isas = kernels::supported_isas();
   if (isas.size() < 2) GTEST_SKIP() << "this CPU runs only the generic kernels";
-  for (const auto& extra : {nlohmann::json::object(), kHcMtp}) {
+  for (const auto& extra : {nlohmann::json::object(), kHcMtp, kV4Attention, v4_everything()}) {
     const ModelConfig cfg = cfg_for_invariance(extra);
     const std::vector<MicroBatch> batch = {rows_batch(2, 24, cfg.vocab_size, 8)};
     std::vector<float> want_logits, want_grads;

@@ -113,7 +113,24 @@ INSTANTIATE_TEST_SUITE_P(
              3e-5},
         Case{"mhc_n2_mtp_tied", {{"hc_mult", 2}, {"hc_sinkhorn_iters", 3}, {"hc_eps", 0.01},
                                  {"num_nextn_predict_layers", 1}, {"tie_word_embeddings", true},
-                                 {"first_k_dense_replace", 0}, {"num_hash_layers", 1}}}),
+                                 {"first_k_dense_replace", 0}, {"num_hash_layers", 1}}},
+        // DeepSeek-V4 attention (MODEL.md section 12): low-rank q, shared kv head, sinks
+        // (set away from their init 0 by the FD of the whole model), partial RoPE.
+        Case{"v4_attention",
+             {{"attention_type", "v4"}, {"head_dim", 6}, {"q_lora_rank", 5}, {"qk_rope_head_dim", 4},
+              {"o_groups", 2}, {"o_lora_rank", 3}}},
+        Case{"v4_attention_sliding_window_v4_routing",
+             {{"attention_type", "v4"}, {"q_lora_rank", 6}, {"qk_rope_head_dim", 2}, {"o_groups", 1},
+              {"o_lora_rank", 5}, {"sliding_window", 2}, {"scoring_func", "sqrtsoftplus"}, {"num_hash_layers", 1},
+              {"swiglu_limit", 0.5}, {"first_k_dense_replace", 0}, {"aux_loss_coeff", 0.05},
+              {"seq_aux_loss_coeff", 0.05}}},
+        // RoPE on every channel, one head per output group. (head_dim 4: with heads of 2
+        // channels the per-head RMS norm is so curved that central differences at h = 1e-5
+        // miss by 2.5e-5 in q_a_proj.)
+        Case{"v4_attention_full_rope_window_3",
+             {{"attention_type", "v4"}, {"num_attention_heads", 4}, {"head_dim", 4}, {"q_lora_rank", 4},
+              {"qk_rope_head_dim", 4}, {"o_groups", 4}, {"o_lora_rank", 2}, {"sliding_window", 3},
+              {"tie_word_embeddings", true}}}),
     [](const auto& info) { return std::string(info.param.name); });
 
 // 1 micro-batch of 8 rows and 4 micro-batches of 2 rows give the same gradient when

@@ -262,6 +262,11 @@ TEST(Parity, V4RoutingHashSqrtsoftplusSwigluLimitDouble) { check_fixture<double>
 TEST(Parity, V4RoutingHashSqrtsoftplusSwigluLimitFloat) {
   check_fixture<float>("parity_v4routing", 2e-5, 2e-5, false, 1e-3);
 }
+// DeepSeek-V4 attention (MODEL.md section 12) on parity_v4routing's model and batch: low-rank
+// q, one shared kv head, RoPE on the last 4 of 8 channels, sinks (trained from 0), a
+// sliding window of 6 over rows of 16 (across documents and padding), 2 output groups.
+TEST(Parity, V4AttentionSlidingWindowSinksDouble) { check_fixture<double>("parity_v4attn", 1e-10, 1e-9); }
+TEST(Parity, V4AttentionSlidingWindowSinksFloat) { check_fixture<float>("parity_v4attn", 2e-5, 2e-5); }
 // optim.name = "muon" on parity_sigmoid's model and batch: Muon for the matrices (router
 // and experts included), AdamW for the embedding, head and norms, 3 steps.
 TEST(Parity, MuonDouble) {
@@ -276,9 +281,11 @@ TEST(Parity, TrainerPathDouble) {
   check_fixture<double>("parity_sigmoid", 1e-10, 1e-9, true);
   check_fixture<double>("parity_softmax", 1e-10, 1e-9, true);
   check_fixture<double>("parity_v4routing", 1e-10, 1e-9, true);
+  check_fixture<double>("parity_v4attn", 1e-10, 1e-9, true);
 }
 TEST(Parity, TrainerPathFloat) {
   check_fixture<float>("parity_sigmoid", 2e-5, 2e-5, true, 1e-4);
   check_fixture<float>("parity_softmax", 2e-5, 2e-5, true, 1e-4);
   check_fixture<float>("parity_v4routing", 2e-5, 2e-5, true, 1e-3);
+  check_fixture<float>("parity_v4attn", 2e-5, 2e-5, true);
 }

@@ -34,7 +34,14 @@ int64_t active_matrix_params(const ModelConfig& c) {
   const int64_t h = c.hc_mult;
   int64_t n = 0;
   const auto block = [&](int l) {  // one decoder block: model layer l or the MTP block
-    n += q * d + 2 * kv * d + d * q;  // q_proj (H*hd, d), k/v_proj (H_kv*hd, d), o_proj (d, H*hd)
+    if (c.v4_attention()) {
+      // V4 (MODEL.md 12): q_a_proj (qr, d), q_b_proj (H*hd, qr), kv_proj (hd, d), o_a_proj
+      // (G*r, H*hd/G: each output sees one group, G*r*H*hd/G = r*H*hd), o_b_proj (d, G*r).
+      const int64_t qr = c.q_lora_rank, r = c.o_lora_rank, G = c.o_groups;
+      n += qr * d + q * qr + int64_t(c.hd()) * d + r * q + d * G * r;
+    } else {
+      n += q * d + 2 * kv * d + d * q;  // q_proj (H*hd, d), k/v_proj (H_kv*hd, d), o_proj (d, H*hd)
+    }
     if (!c.is_moe_layer(l)) {
       n += 3 * int64_t(c.intermediate_size) * d;  // gate/up (I, d), down (d, I)
     } else {
@@ -56,10 +63,19 @@ int64_t active_matrix_params(const ModelConfig& c) {
   return n;
 }
 
+// The attention term 6 * L * H * hd * S_ctx: S_ctx = seq_len for causal attention over
+// every earlier key (mean context S/2, 12 FLOPs per channel and key: QK^T and PV, forward
+// and backward). A V4 sliding window W < S sees on average W - W^2/(2S) keys (the first
+// W-1 queries see fewer), so S_ctx = 2W - W^2/S (= S at W = S).
+double attention_context(const ModelConfig& c, int seq_len) {
+  const double S = seq_len, W = c.v4_attention() ? c.sliding_window : 0;
+  return W > 0 && W < S ? 2 * W - W * W / S : S;
+}
+
 double flops_per_token(const ModelConfig& c, int seq_len) {
   const int attention_layers = c.num_hidden_layers + (c.mtp() ? 1 : 0);
   return 6.0 * static_cast<double>(active_matrix_params(c)) +
-         6.0 * attention_layers * double(c.H()) * double(c.hd()) * double(seq_len);
+         6.0 * attention_layers * double(c.H()) * double(c.hd()) * attention_context(c, seq_len);
 }
 
 double mfu(double flops_per_token, double tokens_per_second, double peak_flops) {

@@ -22,9 +22,12 @@ namespace moetune {
 // RMSNorm's.
 int64_t active_matrix_params(const ModelConfig& cfg);
 
-// Training FLOPs per token: 6 * N_active + 6 * L' * H * hd * seq_len (forward 2N + 2
-// attention score/value matmuls over a causal context of seq_len, backward twice that),
-// L' = L + 1 with an MTP block.
+// Training FLOPs per token: 6 * N_active + 6 * L' * H * hd * S_ctx (forward 2N + 2
+// attention score/value matmuls over a causal context, backward twice that), L' = L + 1
+// with an MTP block. S_ctx = attention_context(): seq_len, or 2W - W^2/seq_len under a
+// V4 sliding window W < seq_len. V4 attention's N_active counts q_a, q_b, kv, o_a (per
+// group) and o_b (MODEL.md 12).
+double attention_context(const ModelConfig& cfg, int seq_len);
 double flops_per_token(const ModelConfig& cfg, int seq_len);
 
 // Model FLOPs utilisation; 0 when peak_flops is not positive.

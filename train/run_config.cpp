@@ -374,6 +374,12 @@ const std::vector<std::pair<std::string, std::string>>& model_help() {
       {"hc_eps", "mHC: epsilon of pre, comb and the Sinkhorn normalisations"},
       {"num_nextn_predict_layers", "MTP: 1 = one more block predicting token t+2 (mtp.0.*), 0 = none"},
       {"mtp_loss_weight", "MTP: weight of the MTP block's cross-entropy in the loss"},
+      {"attention_type", "\"llama\" (q/k/v/o, GQA) or \"v4\" (DeepSeek-V4: low-rank q, shared kv head, sinks)"},
+      {"q_lora_rank", "v4: rank of the low-rank q (q_a_proj, q_b_proj)"},
+      {"qk_rope_head_dim", "v4: last channels of each q/kv head that get RoPE (interleaved pairs); even, <= head_dim"},
+      {"sliding_window", "v4: a query sees its W most recent keys (itself included); 0 = all"},
+      {"o_groups", "v4: groups of heads of the output projection o_a_proj (H % o_groups == 0)"},
+      {"o_lora_rank", "v4: output width of one o_a_proj group; o_b_proj is (d, o_groups * o_lora_rank)"},
   };
   return h;
 }

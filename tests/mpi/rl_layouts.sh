@@ -82,6 +82,29 @@ done
 grep -q '"grad_norm":0.0,' "$dir/rl_live_1_1_0/metrics.jsonl" && { echo "FAIL: zero gradient"; exit 1; }
 echo "on-policy: ratio exactly 1, no clipping, at (1,1) and (4,4)"
 
+# DeepSeek-V4 attention (MODEL.md section 12: shared kv head, sinks, sliding window 8 <
+# seq_len): the same model otherwise; RL at (1,1) and (2,2) gives the same bytes, and
+# on-policy ratios are exactly 1 (the KV-cache decode equals the forward).
+sed -e 's/"initializer_range": 0.1}/"initializer_range": 0.1, "attention_type": "v4", "q_lora_rank": 16,\
+           "qk_rope_head_dim": 4, "sliding_window": 8, "o_groups": 2, "o_lora_rank": 8}/' \
+    "$dir/run.json" > "$dir/run_v4.json"
+grep -q '"attention_type": "v4"' "$dir/run_v4.json" || { echo "FAIL: run_v4.json"; exit 1; }
+"$moetune" init --config "$dir/run_v4.json" --out "$dir/base_v4" --tokenizer byte > /dev/null
+"$moetune" sft --init-from "$dir/base_v4" --data "$dir/data/sft.jsonl" --out "$dir/sft_v4" \
+    --config "$dir/run_v4.json" --set train.steps=10 --set train.save_every=0 --peak-gflops 10 --quiet
+ref_h=""
+for layout in "1 1" "2 2"; do
+  set -- $layout
+  out="$dir/rl_v4attn_$1_$2"
+  run "$1" rl --init-from "$dir/sft_v4/step-00000010" --prompts "$dir/data/train_prompts.jsonl" --out "$out" \
+      --config "$dir/run_v4.json" --set parallel.ep="$2" --peak-gflops 10 --quiet
+  h=$(hash_ckpt "$out/step-00000003")
+  if [[ -z $ref_h ]]; then ref_h=$h; else [[ $h == "$ref_h" ]] || { echo "FAIL: v4 attention: checkpoint differs at W=$1 ep=$2"; exit 1; }; fi
+  n=$(grep -c "\"ratio_max\":1.0," "$out/metrics.jsonl" || true); m=$(grep -c "\"ratio_min\":1.0," "$out/metrics.jsonl" || true)
+  [[ $n == 3 && $m == 3 ]] || { echo "FAIL: v4 attention: on-policy ratios not exactly 1"; cat "$out/metrics.jsonl"; exit 1; }
+done
+echo "v4 attention: RL identical at (1,1) and (2,2), on-policy ratios exactly 1"
+
 # Batch invariance (MODEL.md section 13): the rollout's decode steps computed pi_old's
 # logits bit for bit, so its routing and log-probabilities match the update's forward
 # exactly, at every layout and in every mode.

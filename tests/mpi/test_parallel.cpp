@@ -400,7 +400,9 @@ TEST(ExpertParallel, LossAndGradientsAreBitIdenticalToOneRank) {
       const StepResult r = t.accumulate(batch);
       EXPECT_EQ(std::memcmp(&r.total_loss, &rr.total_loss, sizeof(double)), 0) << "ep " << ep;
       EXPECT_EQ(std::memcmp(&r.mtp_loss, &rr.mtp_loss, sizeof(double)), 0) << "ep " << ep;
-      if (cfg.mtp()) EXPECT_GT(r.mtp_loss, 0.0);
+      if (cfg.mtp()) {
+        EXPECT_GT(r.mtp_loss, 0.0);
+      }
       EXPECT_EQ(std::memcmp(&r.grad_norm, &rr.grad_norm, sizeof(double)), 0) << "ep " << ep;
       EXPECT_EQ(r.expert_counts, rr.expert_counts);
       for (const auto& tn : t.model().layout().tensors())

@@ -9,7 +9,7 @@ moetune=$1 tests=$2 dir=$3
 src=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 rm -rf "$dir" && mkdir -p "$dir"
 trap 'rm -rf "$dir"' EXIT
-for case in parity_sigmoid parity_softmax parity_v4routing parity_mhc parity_mhc_mtp; do
+for case in parity_sigmoid parity_softmax parity_v4routing parity_v4attn parity_mhc parity_mhc_mtp; do
   mkdir -p "$dir/$case"
   cp "$src/tests/fixtures/$case/batch.json" "$dir/$case/"
   "$moetune" init --config "$src/tests/fixtures/$case/config.json" --seed 39 --out "$dir/$case/ckpt"

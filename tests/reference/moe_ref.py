@@ -1,6 +1,7 @@
 """PyTorch (float64) reference of the moetune model: MODEL.md sections 1-5 and 8, and the
 DeepSeek-V4 parts of section 12 (sqrtsoftplus scores, hash-routed layers, swiglu_limit,
-mHC hyper-connections, the MTP block).
+mHC hyper-connections, the MTP block, and attention_type "v4": low-rank q, shared kv head,
+partial interleaved RoPE, sinks, sliding window, grouped output projection).
 
 Written to be read, not to be fast: every formula of the spec appears once, in the
 order the spec gives it, and autograd provides the gradients. The C++ implementation
@@ -64,6 +65,12 @@ class Config:
     hc_eps: float = 1e-6
     num_nextn_predict_layers: int = 0  # MODEL.md 12: 1 = one MTP block predicting token t+2
     mtp_loss_weight: float = 0.3
+    attention_type: str = "llama"      # MODEL.md 12: "llama" (section 2) or "v4"; the keys below are V4's
+    q_lora_rank: int = 128
+    qk_rope_head_dim: int = 32
+    sliding_window: int = 0            # 0 = every earlier key of the document
+    o_groups: int = 2
+    o_lora_rank: int = 128
 
     # Keys Hugging Face config files carry that mean nothing to the model.
     IGNORED_KEYS = ("model_type", "architectures", "torch_dtype", "transformers_version",
@@ -149,6 +156,20 @@ class Config:
             bad("num_nextn_predict_layers", "must be 0 or 1")
         if not self.mtp_loss_weight >= 0:
             bad("mtp_loss_weight", "must be >= 0")
+        if self.attention_type not in ("llama", "v4"):
+            bad("attention_type", 'must be "llama" or "v4"')
+        if self.sliding_window < 0:
+            bad("sliding_window", "must be >= 0")
+        if self.attention_type != "v4" and self.sliding_window != 0:
+            bad("sliding_window", 'applies to attention_type "v4" only')
+        if self.attention_type == "v4":
+            for key in ("q_lora_rank", "o_lora_rank", "o_groups"):
+                if getattr(self, key) <= 0:
+                    bad(key, "must be positive")
+            if self.qk_rope_head_dim < 0 or self.qk_rope_head_dim % 2 or self.qk_rope_head_dim > self.head_dim:
+                bad("qk_rope_head_dim", "must be even and in [0, head_dim]")
+            if self.num_attention_heads % self.o_groups:
+                bad("o_groups", "must divide num_attention_heads")
 
     def is_moe_layer(self, l):
         return l == MTP or l >= self.first_k_dense_replace
@@ -192,12 +213,23 @@ def param_shapes(cfg):
                          (f"{prefix}.scale", (3,))] if n > 1 else []
     def block(l):
         out = hc(layer_name(l, "attn_hc"))
-        out += [(layer_name(l, "input_layernorm.weight"), (d,)),
-                (layer_name(l, "self_attn.q_proj.weight"), (q, d)),
-                (layer_name(l, "self_attn.k_proj.weight"), (kv, d)),
-                (layer_name(l, "self_attn.v_proj.weight"), (kv, d)),
-                (layer_name(l, "self_attn.o_proj.weight"), (d, q)),
-                (layer_name(l, "post_attention_layernorm.weight"), (d,))]
+        out.append((layer_name(l, "input_layernorm.weight"), (d,)))
+        if cfg.attention_type == "v4":   # transformers' deepseek_v4 names (MODEL.md 12)
+            qr, G, r = cfg.q_lora_rank, cfg.o_groups, cfg.o_lora_rank
+            out += [(layer_name(l, "self_attn.q_a_proj.weight"), (qr, d)),
+                    (layer_name(l, "self_attn.q_a_norm.weight"), (qr,)),
+                    (layer_name(l, "self_attn.q_b_proj.weight"), (q, qr)),
+                    (layer_name(l, "self_attn.kv_proj.weight"), (hd, d)),
+                    (layer_name(l, "self_attn.kv_norm.weight"), (hd,)),
+                    (layer_name(l, "self_attn.o_a_proj.weight"), (G * r, q // G)),
+                    (layer_name(l, "self_attn.o_b_proj.weight"), (d, G * r)),
+                    (layer_name(l, "self_attn.sinks"), (cfg.num_attention_heads,))]
+        else:
+            out += [(layer_name(l, "self_attn.q_proj.weight"), (q, d)),
+                    (layer_name(l, "self_attn.k_proj.weight"), (kv, d)),
+                    (layer_name(l, "self_attn.v_proj.weight"), (kv, d)),
+                    (layer_name(l, "self_attn.o_proj.weight"), (d, q))]
+        out.append((layer_name(l, "post_attention_layernorm.weight"), (d,)))
         out += hc(layer_name(l, "ffn_hc"))
         if not cfg.is_moe_layer(l):
             I = cfg.intermediate_size
@@ -376,10 +408,13 @@ class MicroBatch:
                 pos[r, t] = t - start
         return pos
 
-    def attention_mask(self):
-        """(R, S, S) bool: query i may attend key j iff j <= i and both are in the same document."""
+    def attention_mask(self, window=0):
+        """(R, S, S) bool: query i may attend key j iff j <= i and both are in the same document
+        (and, window W > 0, i - j < W: the W most recent keys, the query's own included)."""
         doc = self.doc_ids.view(self.rows, self.seq_len)
         causal = torch.ones(self.seq_len, self.seq_len, dtype=torch.bool).tril()
+        if window > 0:
+            causal = causal & ~torch.ones(self.seq_len, self.seq_len, dtype=torch.bool).tril(-window)
         same_doc = doc[:, :, None] == doc[:, None, :]
         return causal[None] & same_doc
 
@@ -427,6 +462,49 @@ def attention(cfg, params, l, a, mb):
     out = torch.softmax(scores, dim=-1) @ v                          # (R, H, S, hd)
     out = out.transpose(1, 2).reshape(R, S, H * hd)
     return out @ W("o_proj").T
+
+
+def rope_interleaved(x, positions, rd, theta, sign=1):
+    """x (R, nh, S, hd): the last rd channels rotated in adjacent pairs (2f, 2f+1) by the angle
+    sign * pos * theta^(-2f/rd) (DeepSeek-V4, MODEL.md 12); the first hd - rd are left alone.
+    sign = -1 is the inverse rotation (position -pos)."""
+    if rd == 0:
+        return x
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rd, 2, dtype=DTYPE) / rd))     # (rd/2,)
+    angles = sign * positions.to(DTYPE)[..., None] * inv_freq                   # (R, S, rd/2)
+    cos, sin = angles.cos()[:, None], angles.sin()[:, None]                     # (R, 1, S, rd/2)
+    nope, rope = x[..., :-rd], x[..., -rd:]
+    x0, x1 = rope[..., 0::2], rope[..., 1::2]
+    rotated = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
+    return torch.cat((nope, rotated), dim=-1)
+
+
+def attention_v4(cfg, params, l, a, mb):
+    """DeepSeek-V4 attention (MODEL.md 12), a (R, S, d) normalised input -> (R, S, d)."""
+    R, S, _ = a.shape
+    H, hd, rd, eps = cfg.num_attention_heads, cfg.head_dim, cfg.qk_rope_head_dim, cfg.rms_norm_eps
+    G, r = cfg.o_groups, cfg.o_lora_rank
+    P = lambda name: params[layer_name(l, f"self_attn.{name}")]
+    qa = rms_norm(a @ P("q_a_proj.weight").T, P("q_a_norm.weight"), eps)        # (R, S, qr)
+    q = (qa @ P("q_b_proj.weight").T).view(R, S, H, hd)
+    q = q / torch.sqrt(q.pow(2).mean(-1, keepdim=True) + eps)                    # per head, no weight
+    q = q.transpose(1, 2)                                                        # (R, H, S, hd)
+    kv = rms_norm(a @ P("kv_proj.weight").T, P("kv_norm.weight"), eps)[:, None]  # (R, 1, S, hd)
+
+    pos = mb.positions()
+    q = rope_interleaved(q, pos, rd, cfg.rope_theta)
+    kv = rope_interleaved(kv, pos, rd, cfg.rope_theta)
+
+    scores = q @ kv.transpose(-1, -2) * hd ** -0.5                              # (R, H, S, S)
+    scores = scores.masked_fill(~mb.attention_mask(cfg.sliding_window)[:, None], float("-inf"))
+    sink = P("sinks").view(1, H, 1, 1).expand(R, H, S, 1)                       # denominator only
+    probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
+    out = rope_interleaved(probs @ kv, pos, rd, cfg.rope_theta, sign=-1)        # (R, H, S, hd)
+
+    out = out.transpose(1, 2).reshape(R, S, G, H * hd // G)                    # heads in o_groups groups
+    w_a = P("o_a_proj.weight").view(G, r, H * hd // G)                          # group g: rows g*r..(g+1)*r
+    o = torch.einsum("rsgi,goi->rsgo", out, w_a).reshape(R, S, G * r)
+    return o @ P("o_b_proj.weight").T
 
 
 def swiglu(u, gate, up, down, limit=0.0):
@@ -691,7 +769,8 @@ def forward(cfg, params, biases, mb, replay=None):
     def attn_block(l):
         def block(h):   # (T, d) -> (T, d)
             a = rms_norm(h, params[layer_name(l, "input_layernorm.weight")], eps)
-            return attention(cfg, params, l, a.view(R, S, d), mb).reshape(T, d)
+            attn = attention_v4 if cfg.attention_type == "v4" else attention
+            return attn(cfg, params, l, a.view(R, S, d), mb).reshape(T, d)
         return block
 
     def ffn_block(l):
@@ -1001,11 +1080,11 @@ def init_tid2eid(cfg, seed, l):
 
 def init_params(cfg, seed):
     """{name: float32 tensor}: matrices initializer_range * counter_normal, RMSNorm weights and
-    mHC scales 1, mHC biases (.base, .hc_base) 0."""
+    mHC scales 1, mHC biases (.base, .hc_base) and V4 attention sinks 0."""
     params = {}
     for name, shape in param_shapes(cfg):
         if len(shape) == 1:
-            zero = name.endswith(".base") or name.endswith(".hc_base")
+            zero = name.endswith(".base") or name.endswith(".hc_base") or name.endswith(".sinks")
             params[name] = (torch.zeros if zero else torch.ones)(shape, dtype=torch.float32)
         else:
             n = math.prod(shape)

@@ -143,6 +143,56 @@ def naive_attention(cfg, params, l, a, doc_ids):
     return out @ W("o_proj").T
 
 
+def naive_attention_v4(cfg, params, l, a, doc_ids, sinks=None):
+    """DeepSeek-V4 attention (MODEL.md 12) in loops over rows, heads, queries, keys.
+    sinks: per-head sink logits (default the model's), None entries mean no sink."""
+    R, S, _ = a.shape
+    H, hd, rd, eps, W = cfg.num_attention_heads, cfg.head_dim, cfg.qk_rope_head_dim, cfg.rms_norm_eps, cfg.sliding_window
+    G, r = cfg.o_groups, cfg.o_lora_rank
+    P = lambda n: params[ref.layer_name(l, f"self_attn.{n}")]
+    if sinks is None:
+        sinks = P("sinks").tolist()
+
+    def rms(x, w=None):
+        y = x / math.sqrt(float((x * x).mean()) + eps)
+        return y if w is None else y * w
+
+    def rope(x, pos, sign=1):   # x (hd,): pairs (hd-rd+2f, hd-rd+2f+1) by sign * pos * theta^(-2f/rd)
+        y = x.clone()
+        for f in range(rd // 2):
+            ang = sign * pos * cfg.rope_theta ** (-2.0 * f / rd)
+            c, s_ = math.cos(ang), math.sin(ang)
+            i0, i1 = hd - rd + 2 * f, hd - rd + 2 * f + 1
+            y[i0] = x[i0] * c - x[i1] * s_
+            y[i1] = x[i1] * c + x[i0] * s_
+        return y
+
+    out = torch.zeros(R, S, H * hd, dtype=D)
+    for b in range(R):
+        pos, start = [], 0
+        for t in range(S):
+            if t > 0 and doc_ids[b][t] != doc_ids[b][t - 1]:
+                start = t
+            pos.append(t - start)
+        kv = [rope(rms(a[b, j] @ P("kv_proj.weight").T, P("kv_norm.weight")), pos[j]) for j in range(S)]
+        for i in range(S):
+            qa = rms(a[b, i] @ P("q_a_proj.weight").T, P("q_a_norm.weight"))
+            qi = qa @ P("q_b_proj.weight").T
+            for h in range(H):
+                q = rope(rms(qi[h * hd:(h + 1) * hd]), pos[i])
+                keys = [j for j in range(i + 1) if doc_ids[b][j] == doc_ids[b][i] and (W == 0 or i - j < W)]
+                e = [math.exp(float(q @ kv[j]) / math.sqrt(hd)) for j in keys]
+                z = sum(e) + (0.0 if sinks[h] is None else math.exp(sinks[h]))
+                o = sum(e[n] / z * kv[j] for n, j in enumerate(keys))
+                out[b, i, h * hd:(h + 1) * hd] = rope(o, pos[i], -1)
+    res = torch.zeros(R, S, G * r, dtype=D)
+    w_a = P("o_a_proj.weight")
+    ig = H * hd // G
+    for g in range(G):
+        res[..., g * r:(g + 1) * r] = out[..., g * ig:(g + 1) * ig] @ w_a[g * r:(g + 1) * r].T
+    return res @ P("o_b_proj.weight").T
+
+
 # ------------------------------------------------------------------------------------------
 
 class SafetensorsTest(unittest.TestCase):
@@ -477,6 +527,9 @@ class GradientTest(unittest.TestCase):
     def test_softmax_fixture_config(self):
         self.check("parity_softmax", 11)
 
+    def test_v4attn_fixture_config(self):
+        self.check("parity_v4attn", 13)
+
 
 class V4RoutingTest(unittest.TestCase):
     """MODEL.md section 12: sqrtsoftplus scores, hash-routed layers, swiglu_limit."""
@@ -559,6 +612,88 @@ class V4RoutingTest(unittest.TestCase):
         for f in range(6):
             if bool((gv[:, f] > c).all()):
                 self.assertEqual(float(gate.grad[f].abs().sum()), 0.0)
+
+
+class V4AttentionTest(unittest.TestCase):
+    """MODEL.md section 12: attention_type "v4"."""
+
+    def model(self, seed, **overrides):
+        cfg = fixture_config("parity_v4attn", **overrides)
+        params, biases = random_model(cfg, seed, bias_scale=0.05)
+        for l in range(cfg.num_hidden_layers):   # sinks of both signs
+            params[ref.layer_name(l, "self_attn.sinks")] = torch.tensor([0.5, -1.0, 1.5, 0.0], dtype=D)
+        return cfg, params, biases
+
+    def test_matches_naive_loops_with_window_documents_and_sinks(self):
+        for window in (6, 0, 2):
+            cfg, params, _ = self.model(20, sliding_window=window)
+            mb = fixture_batches("parity_v4attn", cfg)[0][0]
+            a = torch.randn(mb.rows, mb.seq_len, cfg.hidden_size, dtype=D, generator=torch.Generator().manual_seed(3))
+            got = ref.attention_v4(cfg, params, 0, a, mb)
+            want = naive_attention_v4(cfg, params, 0, a, mb.doc_ids.view(mb.rows, mb.seq_len).tolist())
+            self.assertTrue(torch.allclose(got, want, rtol=1e-11, atol=1e-13), f"window {window}")
+
+    def test_sinks_minus_infinity_is_the_plain_softmax(self):
+        cfg, params, _ = self.model(21)
+        mb = fixture_batches("parity_v4attn", cfg)[0][0]
+        a = torch.randn(mb.rows, mb.seq_len, cfg.hidden_size, dtype=D, generator=torch.Generator().manual_seed(4))
+        p2 = dict(params)
+        p2[ref.layer_name(0, "self_attn.sinks")] = torch.full((4,), float("-inf"), dtype=D)
+        got = ref.attention_v4(cfg, p2, 0, a, mb)
+        want = naive_attention_v4(cfg, params, 0, a, mb.doc_ids.view(mb.rows, mb.seq_len).tolist(), [None] * 4)
+        self.assertTrue(torch.allclose(got, want, rtol=1e-11, atol=1e-13))
+        # A finite sink takes probability mass away: the output changes.
+        self.assertFalse(torch.allclose(got, ref.attention_v4(cfg, params, 0, a, mb), rtol=1e-6, atol=1e-8))
+
+    def test_window_at_least_the_rows_is_no_window(self):
+        cfg, params, biases = self.model(22, sliding_window=16)
+        full = fixture_config("parity_v4attn", sliding_window=0)
+        mbs, _ = fixture_batches("parity_v4attn", cfg)
+        with torch.no_grad():
+            self.assertTrue(torch.equal(ref.forward(cfg, params, biases, mbs[0]).logits,
+                                        ref.forward(full, params, biases, mbs[0]).logits))
+
+    def test_inverse_rope_undoes_rope_and_leaves_the_first_channels(self):
+        x = torch.randn(2, 3, 5, 8, dtype=D)
+        pos = torch.tensor([[0, 1, 2, 3, 9], [4, 0, 1, 7, 2]])
+        y = ref.rope_interleaved(x, pos, 4, 10000.0)
+        self.assertTrue(torch.equal(y[..., :4], x[..., :4]))
+        self.assertTrue(torch.equal(y[0, :, 0], x[0, :, 0]))           # position 0: identity
+        self.assertTrue(torch.allclose(ref.rope_interleaved(y, pos, 4, 10000.0, sign=-1), x, rtol=0, atol=1e-14))
+        self.assertTrue(torch.equal(ref.rope_interleaved(x, pos, 0, 10000.0), x))
+        # A score between a rotated query and key depends only on the distance of positions.
+        q, k = torch.randn(1, 1, 1, 4, dtype=D), torch.randn(1, 1, 1, 4, dtype=D)
+        rot = lambda v, p: ref.rope_interleaved(v, torch.tensor([[p]]), 4, 10000.0)
+        self.assertAlmostEqual(float((rot(q, 7) * rot(k, 3)).sum()), float((rot(q, 5) * rot(k, 1)).sum()), delta=1e-13)
+
+    def test_packed_document_equals_document_alone(self):
+        cfg, params, biases = self.model(23, sliding_window=3)
+        doc = [5, 9, 2, 33, 7, 7, 1, 40, 12]
+        packed = ref.MicroBatch.from_dict(single_row([3, 4, 8, 1, 2] + doc + [0, 0], [0] * 5 + [1] * 9 + [2] * 2), cfg)
+        alone = ref.MicroBatch.from_dict(single_row(doc + [11] * 7, [0] * 9 + [1] * 7), cfg)
+        with torch.no_grad():
+            lp = ref.forward(cfg, params, biases, packed).logits[5:14]
+            la = ref.forward(cfg, params, biases, alone).logits[0:9]
+        self.assertTrue(torch.allclose(lp, la, rtol=1e-10, atol=1e-12))
+
+    def test_names_shapes_and_init(self):
+        cfg = fixture_config("parity_v4attn")
+        shapes = dict(ref.param_shapes(cfg))
+        self.assertEqual(shapes[ref.layer_name(0, "self_attn.o_a_proj.weight")], (16, 16))
+        self.assertEqual(shapes[ref.layer_name(0, "self_attn.o_b_proj.weight")], (32, 16))
+        self.assertEqual(shapes[ref.layer_name(0, "self_attn.kv_proj.weight")], (8, 32))
+        self.assertNotIn(ref.layer_name(0, "self_attn.q_proj.weight"), shapes)
+        p = ref.init_params(cfg, 1)
+        self.assertTrue(torch.equal(p[ref.layer_name(1, "self_attn.sinks")], torch.zeros(4)))
+        self.assertTrue(torch.equal(p[ref.layer_name(1, "self_attn.kv_norm.weight")], torch.ones(8)))
+        for bad, key in (({"qk_rope_head_dim": 3}, "qk_rope_head_dim"), ({"qk_rope_head_dim": 10}, "qk_rope_head_dim"),
+                         ({"o_groups": 3}, "o_groups"), ({"q_lora_rank": 0}, "q_lora_rank"),
+                         ({"o_lora_rank": 0}, "o_lora_rank"), ({"attention_type": "mla"}, "attention_type"),
+                         ({"sliding_window": -1}, "sliding_window")):
+            with self.assertRaisesRegex(ValueError, f"key '{key}'"):
+                fixture_config("parity_v4attn", **bad)
+        with self.assertRaisesRegex(ValueError, "key 'sliding_window'"):
+            fixture_config("parity_v4routing", sliding_window=4)
 
 
 class TrainingTest(unittest.TestCase):
@@ -706,6 +841,16 @@ class FixtureTest(unittest.TestCase):
         mbs, _ = fixture_batches("parity_v4routing", cfg)
         want = sum(torch.bincount(table.long()[mb.input_ids].reshape(-1), minlength=8) for mb in mbs)
         self.assertEqual(t["expert_counts.0"].long().tolist(), want.tolist())
+
+    def test_parity_v4attn(self):
+        cfg, t, size = self.run_fixture("parity_v4attn", FIXTURE_SEED)
+        self.check_common(cfg, t, size)
+        self.assertEqual(cfg.attention_type, "v4")
+        self.assertLess(cfg.sliding_window, 16)
+        for l in range(cfg.num_hidden_layers):   # the sinks start at 0 and are trained
+            name = ref.layer_name(l, "self_attn.sinks")
+            self.assertGreater(float(t["grad." + name].abs().min()), 0)
+            self.assertGreater(float(t["final." + name].abs().min()), 0)
 
     def test_parity_mhc(self):
         cfg, t, size = self.run_fixture("parity_mhc", FIXTURE_SEED)

@@ -422,6 +422,29 @@ def build():
              "key 'swiglu_limit': must be a finite number >= 0", "negative SwiGLU clamp")
     cfg_case("swiglu_limit_string", lambda j: j.update(swiglu_limit="7"),
              "key 'swiglu_limit': expected a number, got \"7\"", "a clamp given as a string", command=SFT)
+    # DeepSeek-V4 attention keys (MODEL.md section 12); the base model has H = 2 heads of dim 2.
+    v4 = dict(attention_type="v4", q_lora_rank=4, qk_rope_head_dim=2, o_groups=1, o_lora_rank=4)
+    cfg_case("attention_type_unknown", lambda j: j.update(attention_type="mla"),
+             "key 'attention_type': must be \"llama\" or \"v4\", got \"mla\"", "unknown attention type")
+    cfg_case("v4_rope_odd", lambda j: j.update(v4, qk_rope_head_dim=1),
+             "key 'qk_rope_head_dim': must be even and in [0, head_dim = 2], got 1", "odd RoPE width")
+    cfg_case("v4_rope_gt_head_dim", lambda j: j.update(v4, qk_rope_head_dim=4),
+             "key 'qk_rope_head_dim': must be even and in [0, head_dim = 2], got 4", "RoPE wider than the head",
+             command=INIT_FROM)
+    cfg_case("v4_o_groups", lambda j: j.update(v4, o_groups=3),
+             "key 'o_groups': num_attention_heads (2) must be divisible by o_groups (3)",
+             "output groups that do not divide the heads")
+    cfg_case("v4_q_lora_rank_zero", lambda j: j.update(v4, q_lora_rank=0), "key 'q_lora_rank': must be positive, got 0",
+             "no q rank", command=SFT)
+    cfg_case("v4_o_lora_rank_negative", lambda j: j.update(v4, o_lora_rank=-4),
+             "key 'o_lora_rank': must be positive, got -4", "negative output rank")
+    cfg_case("sliding_window_negative", lambda j: j.update(v4, sliding_window=-1),
+             "key 'sliding_window': must be >= 0", "negative sliding window")
+    cfg_case("sliding_window_llama", lambda j: j.update(sliding_window=8),
+             "key 'sliding_window': applies to attention_type \"v4\" only", "a window for the default attention")
+    cfg_case("v4_on_llama_weights", lambda j: j.update(v4),
+             "model.safetensors: missing tensor 'model.layers.0.self_attn.q_a_proj.weight' (expected shape (4, 4))",
+             "a valid V4-attention config over weights of the default attention", command=INIT_FROM)
     cfg_case("dense_gt_layers", lambda j: j.update(first_k_dense_replace=3),
              "key 'first_k_dense_replace': must be in [0, num_hidden_layers]", "more dense layers than layers")
     cfg_case("shape_mismatch", lambda j: j.update(hidden_size=16),
