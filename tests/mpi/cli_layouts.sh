@@ -2,8 +2,9 @@
 # End-to-end layout invariance of `moetune train` under mpirun: 20 training steps of
 # the same config and global batch at (W, ep) in {(1,1), (2,1), (2,2), (4,1), (4,2),
 # (4,4)} (and ZeRO-1 at (4,2)) must give identical loss curves and byte-identical
-# final checkpoints (also for a DeepSeek-V4 routing config at three layouts), and so must
-# Muon at six layouts (with a resume at another layout);
+# final checkpoints, and so must Muon at six layouts (with a resume at another layout)
+# and the whole DeepSeek-V4 shape with Muon at (1,1), (2,2), (4,2), (4,4) with ZeRO-1 off
+# and on; parallel.reduction = "fp32" must repeat its bytes on one layout;
 # impossible layouts must fail fast with one message and exit 1.
 # usage: cli_layouts.sh <moetune binary> <scratch dir>
 set -euo pipefail
@@ -70,28 +71,49 @@ if out=$("$moetune" train --config "$dir/run.json" --out "$dir/muon_switch" --re
 fi
 grep -q "optim.name" <<<"$out" || { echo "FAIL: the optimizer switch error does not name optim.name: $out"; exit 1; }
 
-# DeepSeek-V4 routing (MODEL.md section 12): no dense layer, layer 0 hash-routed (its
-# tid2eid table travels in the checkpoint), sqrtsoftplus, clamped experts.
-v4=(--set model.first_k_dense_replace=0 --set model.num_hash_layers=1 --set model.scoring_func=sqrtsoftplus
-    --set model.swiglu_limit=0.5 --set train.steps=10)
+# The whole DeepSeek-V4 shape (MODEL.md section 12) with Muon: V4 attention (sinks, a
+# sliding window shorter than the rows, grouped output projection), no dense layer,
+# layer 0 hash-routed (its tid2eid table travels in the checkpoint), sqrtsoftplus,
+# clamped experts, mHC with two streams and the MTP block (its experts sharded like any);
+# at (1,1), (2,2), (4,2), (4,4), ZeRO-1 off and on: the same loss curve and bytes.
+v4=(--set model.q_lora_rank=16 --set model.qk_rope_head_dim=4 --set model.o_groups=2 --set model.o_lora_rank=8
+    --set model.attention_type=v4 --set model.sliding_window=16 --set model.first_k_dense_replace=0
+    --set model.num_hash_layers=1 --set model.scoring_func=sqrtsoftplus --set model.swiglu_limit=0.5
+    --set model.n_shared_experts=1 --set model.hc_mult=2 --set model.num_nextn_predict_layers=1
+    --set optim.name=muon --set train.steps=10)
 ref=""
-for layout in "1 1 0" "2 2 0" "4 2 1"; do
+for layout in "1 1 0" "1 1 1" "2 2 0" "2 2 1" "4 2 0" "4 2 1" "4 4 0" "4 4 1"; do
   set -- $layout
   out="$dir/v4_$1_$2_$3"
   run "$1" train --config "$dir/run.json" --out "$out" --set parallel.ep="$2" --set parallel.zero_stage="$3" \
       "${v4[@]}" --peak-gflops 10 --quiet
   curve=$(grep -o '"loss":[^,]*' "$out/metrics.jsonl" | tr '\n' ' ')
+  mtp=$(grep -o '"mtp_loss":[^,]*' "$out/metrics.jsonl" | tr '\n' ' ')
   hash=$(cat "$out"/step-00000010/model-*.safetensors "$out"/step-00000010/optimizer-*.safetensors | sha256sum | cut -d' ' -f1)
   grep -q '"model.layers.0.mlp.gate.tid2eid":{"dtype":"I32","shape":\[64,2\]' "$out"/step-00000010/model-00001-*.safetensors ||
     { echo "FAIL: no I32 (64, 2) tid2eid in the V4 checkpoint"; exit 1; }
-  echo "V4 W=$1 ep=$2 zero=$3 final $(grep -o '"loss":[^,]*' "$out/metrics.jsonl" | tail -1) sha256 $hash"
+  grep -q '"mtp.0.self_attn.sinks"' "$out"/step-00000010/model-00001-*.safetensors ||
+    { echo "FAIL: no MTP block with V4 attention in the V4 checkpoint"; exit 1; }
+  [[ -n $mtp ]] || { echo "FAIL: no mtp_loss in metrics.jsonl"; exit 1; }
+  echo "V4+Muon W=$1 ep=$2 zero=$3 final $(grep -o '"loss":[^,]*' "$out/metrics.jsonl" | tail -1) sha256 $hash"
   if [[ -z $ref ]]; then
-    ref_curve=$curve ref=$hash
+    ref_curve=$curve ref_mtp=$mtp ref=$hash
   else
     [[ $curve == "$ref_curve" ]] || { echo "FAIL: V4 loss curve differs at W=$1 ep=$2 zero=$3"; exit 1; }
+    [[ $mtp == "$ref_mtp" ]] || { echo "FAIL: V4 MTP loss curve differs at W=$1 ep=$2 zero=$3"; exit 1; }
     [[ $hash == "$ref" ]] || { echo "FAIL: V4 checkpoint differs at W=$1 ep=$2 zero=$3"; exit 1; }
   fi
 done
+
+# parallel.reduction = "fp32": deterministic for a given layout (two runs, the same bytes).
+for rep in 1 2; do
+  run 2 train --config "$dir/run.json" --out "$dir/fp32_$rep" --set parallel.ep=2 --set parallel.reduction=fp32 \
+      --set train.steps=6 --set train.save_every=6 --peak-gflops 10 --quiet
+done
+h1=$(cat "$dir"/fp32_1/step-00000006/model-*.safetensors | sha256sum | cut -d' ' -f1)
+h2=$(cat "$dir"/fp32_2/step-00000006/model-*.safetensors | sha256sum | cut -d' ' -f1)
+[[ $h1 == "$h2" ]] || { echo "FAIL: parallel.reduction=fp32 gave different bytes on the same layout"; exit 1; }
+echo "fp32 reduction: the same bytes twice at W=2 ep=2"
 
 # Bad layouts: non-zero exit, one message naming the key, within seconds.
 check_bad() {
