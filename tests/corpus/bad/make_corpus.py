@@ -445,6 +445,20 @@ def build():
     cfg_case("v4_on_llama_weights", lambda j: j.update(v4),
              "model.safetensors: missing tensor 'model.layers.0.self_attn.q_a_proj.weight' (expected shape (4, 4))",
              "a valid V4-attention config over weights of the default attention", command=INIT_FROM)
+    # mHC and MTP keys (MODEL.md section 12).
+    cfg_case("hc_mult_zero", lambda j: j.update(hc_mult=0),
+             "key 'hc_mult': must be >= 1 (1 = no hyper-connections), got 0", "no residual stream")
+    cfg_case("hc_sinkhorn_iters_zero", lambda j: j.update(hc_mult=2, hc_sinkhorn_iters=0),
+             "key 'hc_sinkhorn_iters': must be >= 1, got 0", "no Sinkhorn round", command=SFT)
+    cfg_case("hc_eps_negative", lambda j: j.update(hc_mult=2, hc_eps=-1e-6),
+             "key 'hc_eps': must be a finite number >= 0", "negative mHC epsilon", command=INIT_FROM)
+    cfg_case("mtp_two_layers", lambda j: j.update(num_nextn_predict_layers=2),
+             "key 'num_nextn_predict_layers': must be 0 or 1 (one MTP block), got 2", "two MTP blocks")
+    cfg_case("mtp_loss_weight_negative", lambda j: j.update(num_nextn_predict_layers=1, mtp_loss_weight=-0.3),
+             "key 'mtp_loss_weight': must be a finite number >= 0", "negative MTP loss weight", command=INIT_FROM)
+    cfg_case("hc_on_plain_weights", lambda j: j.update(hc_mult=2),
+             "model.safetensors: missing tensor 'model.layers.0.attn_hc.fn'",
+             "a valid mHC config over weights without hyper-connections", command=INIT_FROM)
     cfg_case("dense_gt_layers", lambda j: j.update(first_k_dense_replace=3),
              "key 'first_k_dense_replace': must be in [0, num_hidden_layers]", "more dense layers than layers")
     cfg_case("shape_mismatch", lambda j: j.update(hidden_size=16),
