@@ -130,7 +130,22 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"v4_attention_full_rope_window_3",
              {{"attention_type", "v4"}, {"num_attention_heads", 4}, {"head_dim", 4}, {"q_lora_rank", 4},
               {"qk_rope_head_dim", 4}, {"o_groups", 4}, {"o_lora_rank", 2}, {"sliding_window", 3},
-              {"tie_word_embeddings", true}}}),
+              {"tie_word_embeddings", true}}},
+        // The whole DeepSeek-V4 shape at once (tests/fixtures/parity_v4 at FD size): V4
+        // attention (low-rank q, shared kv head, sinks, partial RoPE, a window of 2 over
+        // rows of 6, 2 output groups), every layer MoE, layer 0 hash-routed, sqrtsoftplus +
+        // noaux_tc bias, clamped SwiGLU, a shared expert, 2 mHC streams and an MTP block
+        // (whose MoE layer is live-routed), with every balance loss. (Step 3e-5, reached
+        // 5.2e-6: at 1e-5 layer 0's and the MTP block's attn_hc.fn miss by 1.3e-5, at 3e-6
+        // a dozen tensors by up to 4.9e-5: round-off, which falls as the step grows.)
+        Case{"v4_everything",
+             {{"attention_type", "v4"}, {"q_lora_rank", 6}, {"qk_rope_head_dim", 2}, {"o_groups", 2},
+              {"o_lora_rank", 3}, {"sliding_window", 2}, {"first_k_dense_replace", 0}, {"num_hash_layers", 1},
+              {"scoring_func", "sqrtsoftplus"}, {"swiglu_limit", 0.5}, {"n_shared_experts", 1},
+              {"routed_scaling_factor", 1.5}, {"hc_mult", 2}, {"hc_sinkhorn_iters", 3}, {"hc_eps", 0.01},
+              {"num_nextn_predict_layers", 1}, {"mtp_loss_weight", 0.7}, {"aux_loss_coeff", 0.05},
+              {"seq_aux_loss_coeff", 0.05}, {"z_loss_coeff", 0.01}},
+             3e-5}),
     [](const auto& info) { return std::string(info.param.name); });
 
 // 1 micro-batch of 8 rows and 4 micro-batches of 2 rows give the same gradient when

@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <regex>
 
 #include "dist/parallel_trainer.hpp"
 #include "io/checkpoint.hpp"
@@ -92,9 +93,13 @@ double tensor_err(const T* a, const std::vector<double>& b, double floor = 1e-30
 template <class T>
 // grad_floor (default 0): a gradient tensor is compared relative to at least grad_floor
 // times the largest gradient of the model (for a tensor whose whole gradient cancels to
-// nearly 0, so that its own scale is float noise).
+// nearly 0, so that its own scale is float noise). loose (a regex, default none): the
+// weights after the steps of the tensors it matches are held to tol_loose instead of
+// tol_final (tensors whose gradient has exactly cancelling elements or directions, named
+// at the call), so that every other tensor keeps the tight bound.
 void check_fixture(const std::string& name, double tol_loss, double tol_tensor, bool parallel = false,
-                   double tol_final = 0, double grad_floor = 0) {
+                   double tol_final = 0, double grad_floor = 0, const std::string& loose = "",
+                   double tol_loose = 0) {
   if (tol_final <= 0) tol_final = tol_tensor;
   Fixture f = load_fixture(name);
   dist::Comm self = dist::Comm::self();
@@ -188,8 +193,15 @@ void check_fixture(const std::string& name, double tol_loss, double tol_tensor, 
       close(s.mtp_loss, expected_scalar(f, "step" + std::to_string(k) + ".mtp_loss"), "step mtp_loss");
     close(s.grad_norm, expected_scalar(f, "step" + std::to_string(k) + ".grad_norm"), "step grad_norm");
   }
+  const std::regex loose_re(loose.empty() ? std::string("$^") : loose);
+  double worst_loose = 0;
   for (const auto& t : model.layout().tensors()) {
     const double err = tensor_err(model.params().data() + t.offset, expected(f, "final." + t.name));
+    if (!loose.empty() && std::regex_match(t.name, loose_re)) {
+      worst_loose = std::max(worst_loose, err);
+      EXPECT_LT(err, tol_loose) << name << " final." << t.name << " (loose)";
+      continue;
+    }
     worst_final = std::max(worst_final, err);
     EXPECT_LT(err, tol_final) << name << " final." << t.name;
   }
@@ -197,6 +209,8 @@ void check_fixture(const std::string& name, double tol_loss, double tol_tensor, 
               "steps %.2e\n",
               name.c_str(), sizeof(T) == 8 ? "double" : "float", parallel ? ", trainer path" : "", worst_loss,
               worst_tensor, f.steps, worst_final);
+  if (!loose.empty())
+    std::printf("[ parity ] %s: weights of the tensors matching %s: %.2e\n", name.c_str(), loose.c_str(), worst_loose);
   for (int j = 0; j < f.cfg.num_moe_layers(); ++j) {
     if (f.cfg.is_hash_moe_layer(j)) {  // no bias, and the table is never trained
       EXPECT_TRUE(model.expert_bias()[j].empty());
@@ -276,6 +290,42 @@ TEST(Parity, MuonDouble) {
 TEST(Parity, MuonFloat) {
   check_fixture<float>("parity_muon", 2e-5, 2e-5);
   check_fixture<float>("parity_muon", 2e-5, 2e-5, true);
+}
+// The whole DeepSeek-V4 shape at once (MODEL.md section 12): V4 attention (sliding window
+// 6 over rows of 16, sinks, 2 output groups), every layer MoE, layer 0 hash-routed,
+// sqrtsoftplus + noaux_tc bias, swiglu_limit, a shared expert, 2 mHC streams and an MTP
+// block, 3 AdamW steps; both C++ paths.
+TEST(Parity, V4EverythingDouble) {
+  check_fixture<double>("parity_v4", 1e-10, 1e-9);
+  check_fixture<double>("parity_v4", 1e-10, 1e-9, true);
+}
+// Float: losses, logits, gradients and the weights of every tensor but the mHC
+// connections keep 2e-5. The connections of the blocks whose input streams are n equal
+// copies (layer 0's and the MTP block's attn_hc) have gradient elements that cancel
+// exactly: comb's (the copies' mix is comb's column sums, 1 after Sinkhorn) and nearly
+// pre's (u = sum_j pre_j x is only rescaled, and the RMSNorm after it undoes a scale):
+// 6e-12 and 1e-18 in double against 2e-2 for post. AdamW turns float noise there into
+// steps of up to O(lr): 3.3e-2 of attn_hc.base's largest value (reached; tolerance 1e-1).
+const char* const kV4EqualCopyHc = R"((model\.layers\.0|mtp\.0)\.attn_hc\..*)";
+TEST(Parity, V4EverythingFloat) {
+  check_fixture<float>("parity_v4", 2e-5, 2e-5, false, 2e-5, 0, kV4EqualCopyHc, 1e-1);
+  check_fixture<float>("parity_v4", 2e-5, 2e-5, true, 2e-5, 0, kV4EqualCopyHc, 1e-1);
+}
+// The same model, checkpoint and batch with optim.name = "muon" (parity_muon's settings).
+TEST(Parity, V4EverythingMuonDouble) {
+  check_fixture<double>("parity_v4_muon", 1e-10, 1e-9);
+  check_fixture<double>("parity_v4_muon", 1e-10, 1e-9, true);
+}
+// Float under Muon: the same, and the other mHC matrices too: Newton-Schulz maps every
+// singular direction of the momentum to an O(1) one whatever its size, and the gradients
+// of the connections' fn are rank-deficient by the same cancellation (layer 1's
+// ffn_hc.fn: singular values 4e-2 ... 2.6e-3, then 5.6e-9, 1.9e-18, 1.1e-18), so float
+// noise in those directions becomes an O(lr) update. Every tensor outside the mHC
+// connections (attention, experts, router, MTP projections) keeps 2e-5.
+const char* const kHc = R"(.*(_hc|hc_head)\..*)";
+TEST(Parity, V4EverythingMuonFloat) {
+  check_fixture<float>("parity_v4_muon", 2e-5, 2e-5, false, 2e-5, 0, kHc, 1e-1);
+  check_fixture<float>("parity_v4_muon", 2e-5, 2e-5, true, 2e-5, 0, kHc, 1e-1);
 }
 TEST(Parity, TrainerPathDouble) {
   check_fixture<double>("parity_sigmoid", 1e-10, 1e-9, true);

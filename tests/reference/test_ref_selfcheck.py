@@ -32,6 +32,7 @@ from safetensors_io import (SafetensorsError, load_checkpoint_tensors, read_safe
 D = torch.float64
 # Seed of the fixture checkpoints (README.md): routing stays > 1e-4 away from ties with it.
 FIXTURE_SEED = 39
+V4_FIXTURE_SEED = 41   # parity_v4 (and parity_v4_muon, which shares its checkpoint)
 
 
 def fixture_config(name, **overrides):
@@ -869,6 +870,60 @@ class FixtureTest(unittest.TestCase):
         b = t["final." + ref.bias_name(ref.MTP)]     # the MTP block's bias moves with its counts
         self.assertGreater(float(b.abs().sum()), 0)
         self.assertGreater(float(t["step1.mtp_loss"]), float(t["step3.mtp_loss"]))
+
+    def test_parity_v4(self):
+        # The whole V4 shape at once (seed 41: 39 puts a clamp 3e-5 from swiglu_limit).
+        cfg, t, size = self.run_fixture("parity_v4", V4_FIXTURE_SEED)
+        self.check_common(cfg, t, size)
+        self.assertEqual((cfg.attention_type, cfg.first_k_dense_replace, cfg.num_hash_layers, cfg.scoring_func,
+                          cfg.n_shared_experts, cfg.hc_mult, cfg.num_nextn_predict_layers),
+                         ("v4", 0, 1, "sqrtsoftplus", 1, 2, 1))
+        self.assertLess(cfg.sliding_window, 16)
+        self.assertEqual(cfg.moe_layers(), [0, 1, ref.MTP])
+        self.assertGreater(float(t["clamped_values"]), 10)   # swiglu_limit bites
+        self.assertTrue(torch.equal(t["tid2eid.0"].to(torch.int32), ref.init_tid2eid(cfg, V4_FIXTURE_SEED, 0)))
+        self.assertNotIn("final." + ref.bias_name(0), t)     # the hash layer has no bias
+        mbs, _ = fixture_batches("parity_v4", cfg)
+        want = sum(torch.bincount(t["tid2eid.0"].long()[mb.input_ids].reshape(-1), minlength=4) for mb in mbs)
+        self.assertEqual(t["expert_counts.0"].long().tolist(), want.tolist())
+        for l in (1, ref.MTP):
+            self.assertGreater(float(t["final." + ref.bias_name(l)].abs().sum()), 0)
+        for name in ("model.layers.0.self_attn.sinks", "model.layers.1.self_attn.o_a_proj.weight",
+                     "mtp.0.self_attn.sinks", "mtp.0.attn_hc.fn", "mtp.0.e_proj.weight", "model.hc_head.hc_fn",
+                     "model.layers.0.mlp.shared_experts.up_proj.weight"):
+            self.assertGreater(float(t["grad." + name].abs().sum()), 0, name)
+            self.assertGreater(float(t["final." + name].abs().sum()), 0, name)
+        self.assertGreater(float(t["step1.mtp_loss"]), float(t["step3.mtp_loss"]))
+
+    def test_committed_v4_fixtures_are_reproduced(self):
+        # parity_v4 (AdamW) and parity_v4_muon (its checkpoint, optim.name = "muon"): the
+        # committed checkpoint is what --make-ckpt writes, and make_fixture.py on it
+        # reproduces the committed expected.safetensors.
+        ckpt = os.path.join(FIXTURES, "parity_v4", "ckpt")
+        tmp = tempfile.mkdtemp()
+        subprocess.run([sys.executable, os.path.join(HERE, "make_fixture.py"), "--make-ckpt", tmp, "--config",
+                        os.path.join(FIXTURES, "parity_v4", "config.json"), "--seed", str(V4_FIXTURE_SEED)],
+                       check=True, capture_output=True)
+        mine, committed = load_checkpoint_tensors(tmp), load_checkpoint_tensors(ckpt)
+        self.assertEqual(sorted(mine), sorted(committed))
+        for k in mine:
+            self.assertTrue(torch.equal(mine[k], committed[k]), k)
+        for name in ("parity_v4", "parity_v4_muon"):
+            out = os.path.join(tmp, name + ".safetensors")
+            subprocess.run([sys.executable, os.path.join(HERE, "make_fixture.py"), "--ckpt", ckpt, "--batch",
+                            os.path.join(FIXTURES, name, "batch.json"), "--out", out], check=True, capture_output=True)
+            got, want = read_safetensors(out), read_safetensors(os.path.join(FIXTURES, name, "expected.safetensors"))
+            self.assertEqual(sorted(got), sorted(want), name)
+            for key, v in got.items():
+                self.assertTrue(torch.allclose(v, want[key], rtol=1e-12, atol=1e-14), f"{name} {key}")
+            self.assertGreater(float(got["min_margin"]), 1e-4, name)
+        with open(os.path.join(FIXTURES, "parity_v4_muon", "batch.json")) as f:
+            spec = json.load(f)
+        self.assertEqual((spec["ckpt"], spec["optim"]["name"]), ("../parity_v4/ckpt", "muon"))
+        adamw, muon = (read_safetensors(os.path.join(FIXTURES, n, "expected.safetensors"))
+                       for n in ("parity_v4", "parity_v4_muon"))
+        self.assertEqual(float(adamw["loss.total"]), float(muon["loss.total"]))   # same model and batch
+        self.assertFalse(torch.allclose(adamw["final.mtp.0.e_proj.weight"], muon["final.mtp.0.e_proj.weight"]))
 
     def test_mtp_inputs_and_targets(self):
         cfg = ref.Config.from_dict({"vocab_size": 16, "hidden_size": 8, "num_attention_heads": 2,
