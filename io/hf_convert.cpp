@@ -161,7 +161,7 @@ ModelConfig config_from_hf_json(const json& in, const std::string& where) {
     } else if (k == "layer_types") {
       if (!v.is_array()) bad(k, "expected an array");
       for (size_t i = 0; i < v.size(); ++i)
-        if (v[i] != "sliding_attention" && v[i] != "full_attention")
+        if (v[i] != "sliding_attention")
           bad(k, "entry " + std::to_string(i) + " is " + v[i].dump() +
                      ": compressed attention (CSA/HCA) is not implemented");
     } else if (k == "mlp_layer_types") {

@@ -75,7 +75,8 @@ template <class T>
 void muon_update(T* p, const T* g, T* momentum, int64_t rows, int64_t cols, const MuonConfig& cfg, double lr_t,
                  std::vector<T>& work) {
   const int64_t n = rows * cols;
-  std::vector<T> o(static_cast<size_t>(n));
+  static thread_local std::vector<T> o;  // reused: no allocation per step
+  o.resize(static_cast<size_t>(n));
   const T mu = static_cast<T>(cfg.momentum);
   for (int64_t i = 0; i < n; ++i) {
     const T m = mu * momentum[i] + g[i];

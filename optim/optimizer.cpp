@@ -70,6 +70,8 @@ Optimizer<T>::Optimizer(const ParamLayout& layout, OptimizerConfig cfg)
       m_(layout.total(), T(0)),
       v_(second_moment_count(cfg_, layout, 0, layout.total()), T(0)) {
   validate(cfg_);
+  for (size_t i = 0; i < layout.tensors().size(); ++i)
+    if (uses_muon(cfg_, layout.tensors()[i])) muon_tensors_.push_back(i);
 }
 
 template <class T>
@@ -104,12 +106,25 @@ void Optimizer<T>::step(std::vector<T>& params, const std::vector<T>& grads, dou
                 std::to_string(grads.size()) + ", state " + std::to_string(m_.size()) + "/" +
                 std::to_string(v_.size()) + ") do not match the layout (" + std::to_string(n) + ")");
   ++t_;
+  // AdamW tensors one after the other, each update parallel over its elements.
   size_t vo = 0;  // into the packed second moments
   for (const TensorInfo& ti : layout_->tensors()) {
-    const bool muon = uses_muon(cfg_, ti);
+    if (uses_muon(cfg_, ti)) continue;
     optimizer_update(cfg_, ti, 0, ti.numel, params.data() + ti.offset, grads.data() + ti.offset, m_.data() + ti.offset,
-                     muon ? nullptr : v_.data() + vo, t_, lr, work_);
-    if (!muon) vo += ti.numel;
+                     v_.data() + vo, t_, lr, work_);
+    vo += ti.numel;
+  }
+  // Muon matrices are independent of each other: threads take whole matrices, whose
+  // Newton-Schulz GEMMs then run alone on their thread with the same bits
+  // (kernels/gemm.hpp), so the result does not depend on who took which.
+  const auto& tensors = layout_->tensors();
+  const int64_t nt = int64_t(muon_tensors_.size());
+#pragma omp parallel for schedule(dynamic, 1) if (nt > 1)
+  for (int64_t k = 0; k < nt; ++k) {
+    static thread_local std::vector<T> work;
+    const TensorInfo& ti = tensors[muon_tensors_[size_t(k)]];
+    optimizer_update(cfg_, ti, 0, ti.numel, params.data() + ti.offset, grads.data() + ti.offset, m_.data() + ti.offset,
+                     static_cast<T*>(nullptr), t_, lr, work);
   }
 }
 

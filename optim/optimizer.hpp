@@ -89,6 +89,7 @@ class Optimizer {
   const ParamLayout* layout_;
   OptimizerConfig cfg_;
   std::vector<T> m_, v_, work_;  // v_: packed second moments
+  std::vector<size_t> muon_tensors_;  // indices (layout order) of the tensors Muon updates
   int64_t t_ = 0;
 };
 
