@@ -7,6 +7,7 @@
 #include <limits>
 #include <sstream>
 #include <string>
+#include <type_traits>
 
 #include "moe/error.hpp"
 
@@ -123,9 +124,36 @@ void load_fixed(std::span<T> out, std::span<const int128> acc) {
   for (std::int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(from_fixed(acc[i]));
 }
 
+template <class T>
+std::size_t round_trip_fixed(std::span<T> values) {
+  // Below `exact`, to_fixed may truncate (see the header): those values take the slow path.
+  constexpr double exact = std::is_same_v<T, float> ? 0x1p-77 : 0x1p-48;
+  const std::int64_t n = static_cast<std::int64_t>(values.size());
+  T* v = values.data();
+  std::int64_t bad = 0;
+#pragma omp parallel for schedule(static) reduction(+ : bad)
+  for (std::int64_t i = 0; i < n; ++i) {
+    const double x = static_cast<double>(v[i]);
+    const double a = std::fabs(x);
+    if (a >= exact && a < kRange) continue;  // NaN fails both compares
+    if (!std::isfinite(x)) {
+      v[i] = static_cast<T>(from_fixed(saturate(x)));
+      ++bad;
+    } else if (a >= kRange) {
+      v[i] = T(0);
+      ++bad;
+    } else {
+      v[i] = static_cast<T>(from_fixed(to_fixed_unchecked(x)));
+    }
+  }
+  return static_cast<std::size_t>(bad);
+}
+
 template std::size_t add_fixed<float>(std::span<int128>, std::span<const float>);
 template std::size_t add_fixed<double>(std::span<int128>, std::span<const double>);
 template void load_fixed<float>(std::span<float>, std::span<const int128>);
 template void load_fixed<double>(std::span<double>, std::span<const int128>);
+template std::size_t round_trip_fixed<float>(std::span<float>);
+template std::size_t round_trip_fixed<double>(std::span<double>);
 
 }  // namespace moetune::dist

@@ -65,4 +65,17 @@ std::size_t add_fixed(std::span<int128> acc, std::span<const T> values);
 template <class T>
 void load_fixed(std::span<T> out, std::span<const int128> acc);
 
+// values[i] = T(from_fixed(to_fixed(values[i]))) in place, OpenMP parallel: what
+// add_fixed into a zero accumulator followed by load_fixed gives, without the 16 bytes
+// per element of the accumulator (the trainer uses it when every element has exactly
+// one leaf: one rank, one micro-batch). Bit for bit the same as that pair, also for the
+// values it cannot sum: a non-finite value becomes from_fixed of its sentinel, a finite
+// value out of range becomes 0 (add_fixed leaves its slot at zero). Returns how many
+// values were non-finite or out of range (add_fixed counts the first and throws for the
+// second; here both are counted, so the caller treats them alike). The common case
+// costs one compare: a float with 2^-77 <= |v| < 2^26 (a double with 2^-48 <= |v|)
+// converts exactly and comes back unchanged.
+template <class T>
+std::size_t round_trip_fixed(std::span<T> values);
+
 }  // namespace moetune::dist

@@ -96,7 +96,8 @@ ParallelTrainer<T>::ParallelTrainer(const ModelConfig& cfg, ProcessGrid& grid, c
   model_ = std::make_unique<Model<T>>(cfg, grid.expert_begin, grid.expert_end);
   const ParamLayout& lay = model_->layout();
   opt_ = std::make_unique<Optimizer<T>>(lay, oc);
-  if (reduction_ == Reduction::exact) acc_.assign(lay.total(), int128(0));
+  // acc_ (exact reduction) is allocated by the first step that has more than one leaf
+  // per element (see sole_leaf_).
   // Segments: maximal runs of dense or of expert tensors, in layout order.
   for (const auto& t : lay.tensors()) {
     const bool ex = ParamLayout::is_expert_tensor(t.name);
@@ -138,6 +139,10 @@ void ParallelTrainer<T>::flush_leaf(size_t begin, size_t end) {
   if (reduction_ == Reduction::fp32) return;  // the leaves just add up in the model's buffer
   profile::Scope ps(profile::Phase::grad_accum);
   auto& g = model_->grads();
+  if (sole_leaf_) {  // the leaf is the sum: its fixed-point round trip, in place
+    nonfinite_ += round_trip_fixed(std::span<T>(g.data() + begin, end - begin));
+    return;
+  }
   try {
     nonfinite_ += add_fixed(std::span<int128>(acc_.data() + begin, end - begin),
                             std::span<const T>(g.data() + begin, end - begin));
@@ -161,7 +166,16 @@ StepResult ParallelTrainer<T>::accumulate(const std::vector<MicroBatch>& batch, 
   profile::Scope ps(profile::Phase::grad_accum);
   if (stage_) stage_->stats.reset();
   model_->zero_grad();
-  std::fill(acc_.begin(), acc_.end(), int128(0));  // (empty under fp32)
+  // One rank and one micro-batch: every element of the gradient has exactly one leaf,
+  // whose fixed-point round trip (round_trip_fixed) is the exact sum, bit for bit;
+  // no accumulator is needed. Otherwise the leaves are summed in acc_.
+  sole_leaf_ = reduction_ == Reduction::exact && W == 1 && A == 1;
+  if (reduction_ == Reduction::exact && !sole_leaf_) {
+    if (acc_.empty())
+      acc_.assign(model_->layout().total(), int128(0));
+    else
+      std::fill(acc_.begin(), acc_.end(), int128(0));
+  }
   nonfinite_ = 0;
   // Per local micro-batch: ce, aux, seq, z, targets, tokens, dropped, mtp.
   constexpr int kStats = 8;
@@ -221,7 +235,8 @@ StepResult ParallelTrainer<T>::accumulate(const std::vector<MicroBatch>& batch, 
     }
   }
   stats.reduce_s += since(t0);
-  if (reduction_ == Reduction::exact) load_fixed(std::span<T>(model_->grads()), std::span<const int128>(acc_));
+  if (reduction_ == Reduction::exact && !sole_leaf_)
+    load_fixed(std::span<T>(model_->grads()), std::span<const int128>(acc_));
 
   // Loss terms summed in global micro-batch order; expert loads are exact integers.
   std::vector<double> all(size_t(M) * kStats);

@@ -101,6 +101,10 @@ class ParallelTrainer {
   // Install full moments (from a checkpoint) into this rank's (possibly sharded) state.
   void set_optimizer_state(const std::vector<T>& exp_avg, const std::vector<T>& exp_avg_sq, int64_t step);
 
+  // Bytes of the int128 gradient accumulator this rank holds (0 until a step needs it:
+  // exact reduction with more than one rank or micro-batch).
+  int64_t accumulator_bytes() const { return int64_t(acc_.size() * sizeof(int128)); }
+
   ParallelStats stats;
 
  private:
@@ -117,7 +121,8 @@ class ParallelTrainer {
   std::unique_ptr<Model<T>> model_;
   std::unique_ptr<Optimizer<T>> opt_;
   std::unique_ptr<AllToAllExpertStage<T>> stage_;
-  std::vector<int128> acc_;  // exact reduction only
+  std::vector<int128> acc_;  // exact reduction only, allocated when first needed
+  bool sole_leaf_ = false;    // this step: one leaf per element, no acc_ (accumulate)
   std::vector<Segment> segments_;
   int zero_ = 0;
   Reduction reduction_ = Reduction::exact;

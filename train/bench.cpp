@@ -210,7 +210,7 @@ json bench_impl(const RunConfig& rc, const BenchOptions& opt) {
                          {"grad_bytes", int64_t(total * sizeof(T))},
                          {"optimizer_bytes", trainer.optimizer_state_bytes()},
                          {"activation_bytes", trainer.model().activation_bytes()},
-                         {"grad_accumulator_bytes", int64_t(total * sizeof(dist::int128))}};
+                         {"grad_accumulator_bytes", trainer.accumulator_bytes()}};
   if (root && !opt.json_path.empty()) {
     std::ofstream out(opt.json_path);
     out << res.dump(2) << "\n";

@@ -14,6 +14,7 @@
 #include <random>
 #include <set>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "dist/comm.hpp"
@@ -681,6 +682,60 @@ TEST(FixedPoint, SumIsOrderIndependentWhileDoubleSumIsNot) {
     EXPECT_SAME(fixed_sum(r), reference);
   }
   EXPECT_GT(double_sums.size(), 1u);  // the double sum depends on the order
+}
+
+// round_trip_fixed must be bit for bit add_fixed into zeros followed by load_fixed, for
+// every kind of value: in range, below the exact range, denormal, zero, out of range,
+// non-finite, at every boundary.
+template <class T>
+void check_round_trip_equals_the_accumulator() {
+  const T inf = std::numeric_limits<T>::infinity(), nan = std::numeric_limits<T>::quiet_NaN();
+  const T exact = std::is_same_v<T, float> ? T(0x1p-77) : T(0x1p-48);
+  std::vector<T> v{T(0), -T(0), T(1), T(-1), inf, -inf, nan, T(0x1p26), -T(0x1p26), T(1e30), T(0x1p-100),
+                   T(0x1p-101), T(-1.75 * 0x1p-100), std::numeric_limits<T>::denorm_min(),
+                   std::numeric_limits<T>::min(), exact, -exact};
+  for (T b : {T(0x1p26), exact, T(0x1p-100)})
+    for (T x : {std::nextafter(b, T(0)), std::nextafter(b, T(1e30))}) {
+      v.push_back(x);
+      v.push_back(-x);
+    }
+  std::mt19937_64 rng(5);
+  std::uniform_real_distribution<double> mant(0.5, 1.0);
+  std::uniform_int_distribution<int> expo(-130, 30);  // across the whole range and beyond
+  for (int k = 0; k < 100000; ++k) {
+    const T x = static_cast<T>(std::ldexp(mant(rng), expo(rng)));
+    v.push_back(k % 2 ? -x : x);
+  }
+  std::vector<int128> acc(v.size(), 0);
+  try {
+    dist::add_fixed<T>(acc, v);  // throws (after the loop) for the values out of range
+  } catch (const Error&) {
+  }
+  std::vector<T> want(v.size());
+  dist::load_fixed<T>(want, acc);
+  size_t out_of_range = 0, below = 0, nonfinite = 0;
+  for (T x : v) {
+    nonfinite += !std::isfinite(x);
+    out_of_range += std::isfinite(x) && std::fabs(x) >= T(0x1p26);
+    below += std::isfinite(x) && x != 0 && std::fabs(x) < exact;
+  }
+  ASSERT_GT(out_of_range, 10u);
+  ASSERT_GT(below, 1000u);  // the slow path is exercised
+  std::vector<T> got = v;
+  EXPECT_EQ(dist::round_trip_fixed<T>(got), nonfinite + out_of_range);
+  for (size_t i = 0; i < v.size(); ++i)
+    ASSERT_EQ(std::memcmp(&got[i], &want[i], sizeof(T)), 0) << "value " << v[i] << ": " << got[i] << " vs " << want[i];
+  // Idempotent on what it can sum: a value in range comes back as a fixed-point value.
+  std::vector<T> again = got;
+  dist::round_trip_fixed<T>(again);
+  for (size_t i = 0; i < v.size(); ++i)
+    if (std::isfinite(v[i]) && std::fabs(v[i]) < T(0x1p26))
+      ASSERT_EQ(std::memcmp(&again[i], &got[i], sizeof(T)), 0) << v[i];
+}
+
+TEST(FixedPoint, RoundTripIsTheAccumulatorOfOneLeaf) {
+  check_round_trip_equals_the_accumulator<float>();
+  check_round_trip_equals_the_accumulator<double>();
 }
 
 TEST(FixedPoint, LoadFixedAndSizeChecks) {
