@@ -43,7 +43,10 @@ class AllToAllExpertStage : public ExpertStage<T> {
     auto t0 = clock::now();
     auto& c = cache_[layer];
     // 1. per-expert counts to the owners: block q of the send vector = q's experts.
-    std::vector<int64_t> send_counts(E_), recv_counts(E_);
+    auto& send_counts = send_counts_;
+    auto& recv_counts = c.recv_counts;
+    send_counts.resize(E_);
+    recv_counts.resize(E_);
     for (int e = 0; e < E_; ++e) send_counts[e] = perm.offsets[e + 1] - perm.offsets[e];
     comm_.alltoall(std::span<const int64_t>(send_counts), std::span<int64_t>(recv_counts));
     // recv_counts[q*local + j] = rows source q sends for local expert j.
@@ -54,7 +57,6 @@ class AllToAllExpertStage : public ExpertStage<T> {
         c.send_rows[q] += send_counts[q * local_ + j];
         c.recv_rows[q] += recv_counts[q * local_ + j];
       }
-    c.recv_counts = recv_counts;
     int64_t total_recv = 0;
     for (auto r : c.recv_rows) total_recv += r;
     // 2. token rows.
@@ -63,7 +65,8 @@ class AllToAllExpertStage : public ExpertStage<T> {
     stats.dispatch_s += seconds_since(t0);
     // 3. local experts, one source at a time.
     ps.next(profile::Phase::experts);
-    std::vector<T> y(total_recv * d_);
+    auto& y = rows_a_;
+    y.resize(total_recv * d_);
     c.mlp.resize(ep_);
     int64_t row = 0;
     for (int q = 0; q < ep_; ++q) {
@@ -84,7 +87,9 @@ class AllToAllExpertStage : public ExpertStage<T> {
     // Backward of combine = dispatch of the output gradient.
     profile::Scope ps(profile::Phase::combine_bwd);
     auto t0 = clock::now();
-    std::vector<T> dy(total_recv * d_), dx(total_recv * d_);
+    auto &dy = rows_a_, &dx = rows_b_;
+    dy.resize(total_recv * d_);
+    dx.resize(total_recv * d_);
     exchange(dyp, c.send_rows, dy.data(), c.recv_rows, stats.combine_bytes);
     stats.combine_s += seconds_since(t0);
     ps.next(profile::Phase::experts_bwd);
@@ -131,8 +136,9 @@ class AllToAllExpertStage : public ExpertStage<T> {
     std::vector<T> x;                          // received rows, by source then local expert
     std::vector<MlpCache<T>> mlp;              // per source
   };
-  std::vector<int64_t> source_offsets(const Cache& c, int q) const {
-    std::vector<int64_t> offs(local_ + 1, 0);
+  const std::vector<int64_t>& source_offsets(const Cache& c, int q) {
+    auto& offs = offsets_;
+    offs.assign(local_ + 1, 0);
     for (int j = 0; j < local_; ++j) offs[j + 1] = offs[j] + c.recv_counts[q * local_ + j];
     return offs;
   }
@@ -140,7 +146,9 @@ class AllToAllExpertStage : public ExpertStage<T> {
   // d values each); `recv` gets recv_rows[q] rows from each rank q.
   void exchange(const T* send, const std::vector<int64_t>& send_rows, T* recv, const std::vector<int64_t>& recv_rows,
                 int64_t& bytes) {
-    std::vector<int64_t> sc(ep_), rc(ep_);
+    auto &sc = sc_, &rc = rc_;
+    sc.resize(ep_);
+    rc.resize(ep_);
     int64_t ns = 0, nr = 0;
     for (int q = 0; q < ep_; ++q) {
       sc[q] = send_rows[q] * d_;
@@ -158,6 +166,11 @@ class AllToAllExpertStage : public ExpertStage<T> {
   ViewFn views_;
   std::unordered_map<int, Cache> cache_;
   std::vector<T> scratch_;
+  // Reused from call to call (no allocation in the steady state): the per-expert send
+  // counts, the owner's output rows (forward) or gradient rows (backward), the offsets
+  // of one source's rows, the exchange's counts.
+  std::vector<int64_t> send_counts_, offsets_, sc_, rc_;
+  std::vector<T> rows_a_, rows_b_;
 };
 
 }  // namespace moetune::dist

@@ -3,11 +3,13 @@
 // one checked MPI call.
 #include "dist/comm.hpp"
 
+#include <algorithm>
 #include <climits>
 #include <string>
 #include <utility>
 
 #include "dist/check.hpp"
+#include "dist/int128.hpp"
 #include "moe/error.hpp"
 
 namespace moetune::dist {
@@ -264,14 +266,18 @@ void Comm::reduce_scatter_sum(std::span<const std::type_identity_t<T>> send, std
               sum_op<T>(), comm_);
 }
 
-template <MpiOrderedElement T>
-void Comm::allreduce_sum_rank_order(std::span<T> inout) const {
-  require_valid("Comm::allreduce_sum_rank_order");
-  if (size_ == 1) return;
+// Reduce-scatter by alltoallv, combine(recv (W, len) rows, len, mine) per block, then
+// all-gather; in pieces of at most 2^24 elements. The buffers are the calling thread's,
+// reused from call to call.
+template <class T, class Combine>
+void Comm::block_allreduce(std::span<T> inout, Combine&& combine) const {
   constexpr std::size_t kPiece = std::size_t(1) << 24;
   const auto W = static_cast<std::size_t>(size_), me = static_cast<std::size_t>(rank_);
-  std::vector<std::int64_t> send_counts(W), recv_counts(W), block(W);
-  std::vector<T> recv, mine;
+  static thread_local std::vector<std::int64_t> send_counts, recv_counts, block;
+  static thread_local std::vector<T> recv, mine;
+  send_counts.resize(W);
+  recv_counts.resize(W);
+  block.resize(W);
   for (std::size_t p0 = 0; p0 < inout.size(); p0 += kPiece) {
     const std::size_t n = std::min(kPiece, inout.size() - p0);
     for (std::size_t r = 0; r < W; ++r) block[r] = std::int64_t(n * (r + 1) / W - n * r / W);
@@ -281,12 +287,35 @@ void Comm::allreduce_sum_rank_order(std::span<T> inout) const {
       recv_counts[r] = std::int64_t(len);
     }
     recv.resize(W * len);
+    mine.resize(len);
     alltoallv<T>(std::span<const T>(inout.data() + p0, n), send_counts, std::span<T>(recv), recv_counts);
-    mine.assign(recv.begin(), recv.begin() + std::ptrdiff_t(len));
-    for (std::size_t r = 1; r < W; ++r)
-      for (std::size_t i = 0; i < len; ++i) mine[i] += recv[r * len + i];
+    combine(recv.data(), len, mine.data());
     allgatherv<T>(std::span<const T>(mine), std::span<T>(inout.data() + p0, n), block);
   }
+}
+
+template <MpiOrderedElement T>
+void Comm::allreduce_sum_rank_order(std::span<T> inout) const {
+  require_valid("Comm::allreduce_sum_rank_order");
+  if (size_ == 1) return;
+  const auto W = static_cast<std::size_t>(size_);
+  block_allreduce(inout, [W](const T* recv, std::size_t len, T* mine) {
+    std::copy(recv, recv + len, mine);
+    for (std::size_t r = 1; r < W; ++r)
+      for (std::size_t i = 0; i < len; ++i) mine[i] += recv[r * len + i];
+  });
+}
+
+template <MpiOrderedElement T>
+std::size_t Comm::allreduce_sum_fixed(std::span<T> inout) const {
+  require_valid("Comm::allreduce_sum_fixed");
+  const auto W = static_cast<std::size_t>(size_);
+  if (W == 1) return round_trip_fixed(inout);
+  std::size_t bad = 0;
+  block_allreduce(inout, [W, &bad](const T* recv, std::size_t len, T* mine) {
+    bad += sum_fixed_rows(recv, W, len, len, mine);
+  });
+  return bad;
 }
 
 bool Comm::all_true(bool local) const {
@@ -379,6 +408,8 @@ MOETUNE_COMM_INSTANTIATE_ORDERED(float)
 MOETUNE_COMM_INSTANTIATE_ORDERED(double)
 template void Comm::allreduce_sum_rank_order<float>(std::span<float>) const;
 template void Comm::allreduce_sum_rank_order<double>(std::span<double>) const;
+template std::size_t Comm::allreduce_sum_fixed<float>(std::span<float>) const;
+template std::size_t Comm::allreduce_sum_fixed<double>(std::span<double>) const;
 
 #undef MOETUNE_COMM_INSTANTIATE_ALL
 #undef MOETUNE_COMM_INSTANTIATE_ORDERED

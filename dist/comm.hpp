@@ -117,6 +117,16 @@ class Comm {
   template <MpiOrderedElement T>
   void allreduce_sum_rank_order(std::span<T> inout) const;
 
+  // COLLECTIVE, in place, float / double: inout[i] = the exact sum of the ranks' values
+  // in int128 fixed point (dist/int128.hpp sum_fixed_rows), bit for bit what add_fixed
+  // of each rank's value, allreduce_sum<int128> and load_fixed give, whatever the rank
+  // count; the same reduce-scatter + all-gather as above, so 4 bytes per element go
+  // each way instead of an all-reduce of 16. Returns how many non-finite or out-of-range
+  // values this rank met in the block it summed (combine the verdict over ranks).
+  // The exact gradient reduction when each rank holds one leaf per element.
+  template <MpiOrderedElement T>
+  std::size_t allreduce_sum_fixed(std::span<T> inout) const;
+
   // COLLECTIVE: logical AND of `local` over ranks (a verdict combiner: "did every rank
   // succeed?").
   bool all_true(bool local) const;
@@ -139,6 +149,9 @@ class Comm {
  private:
   Comm(MPI_Comm comm, bool owned);
   void require_valid(const char* call) const;
+  // The reduce-scatter + all-gather both allreduce_sum_* share (dist/comm.cpp).
+  template <class T, class Combine>
+  void block_allreduce(std::span<T> inout, Combine&& combine) const;
 
   MPI_Comm comm_ = MPI_COMM_NULL;
   bool owned_ = false;

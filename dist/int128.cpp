@@ -149,11 +149,54 @@ std::size_t round_trip_fixed(std::span<T> values) {
   return static_cast<std::size_t>(bad);
 }
 
+template <class T>
+std::size_t sum_fixed_rows(const T* rows, std::size_t W, std::size_t stride, std::size_t len, T* out) {
+  constexpr double exact = std::is_same_v<T, float> ? 0x1p-77 : 0x1p-48;
+  const auto n = static_cast<std::int64_t>(len);
+  std::int64_t bad = 0;
+#pragma omp parallel for schedule(static) reduction(+ : bad) if (n > 16384)
+  for (std::int64_t i = 0; i < n; ++i) {
+    // Fast path: each value converts exactly (zero too) and the double sum rounds nowhere, so it is
+    // the exact sum, which from_fixed would return unchanged (|sum| < W * 2^26 < 2^127).
+    bool fast = true;
+    double sum = 0;
+    for (std::size_t r = 0; r < W && fast; ++r) {
+      const double x = static_cast<double>(rows[r * stride + std::size_t(i)]);
+      const double a = std::fabs(x);
+      const double t = sum + x;
+      const double xv = t - sum;  // TwoSum: t + err = sum + x exactly
+      const double err = (sum - (t - xv)) + (x - xv);
+      fast = (a >= exact || a == 0.0) && a < kRange && err == 0.0;
+      sum = t;
+    }
+    if (fast) {
+      out[i] = static_cast<T>(sum);
+      continue;
+    }
+    int128 acc = 0;
+    for (std::size_t r = 0; r < W; ++r) {
+      const double x = static_cast<double>(rows[r * stride + std::size_t(i)]);
+      if (!std::isfinite(x)) {
+        acc = fixed_add(acc, saturate(x));
+        ++bad;
+      } else if (std::fabs(x) >= kRange) {
+        ++bad;  // add_fixed adds nothing for it
+      } else {
+        acc = fixed_add(acc, to_fixed_unchecked(x));
+      }
+    }
+    out[i] = static_cast<T>(from_fixed(acc));
+  }
+  return static_cast<std::size_t>(bad);
+}
+
 template std::size_t add_fixed<float>(std::span<int128>, std::span<const float>);
 template std::size_t add_fixed<double>(std::span<int128>, std::span<const double>);
 template void load_fixed<float>(std::span<float>, std::span<const int128>);
 template void load_fixed<double>(std::span<double>, std::span<const int128>);
 template std::size_t round_trip_fixed<float>(std::span<float>);
+template std::size_t sum_fixed_rows<float>(const float*, std::size_t, std::size_t, std::size_t, float*);
+template std::size_t sum_fixed_rows<double>(const double*, std::size_t, std::size_t, std::size_t, double*);
 template std::size_t round_trip_fixed<double>(std::span<double>);
 
 }  // namespace moetune::dist

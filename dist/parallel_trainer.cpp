@@ -135,21 +135,93 @@ ParallelTrainer<T>::ParallelTrainer(const ModelConfig& cfg, ProcessGrid& grid, c
 }
 
 template <class T>
+void ParallelTrainer<T>::plan_leaves(int micro_batches) {
+  // Exact reduction (MODEL.md section 13): every element's value is
+  // T(from_fixed(sum of to_fixed(leaf)) over all its leaves on all ranks). The three
+  // ways below compute exactly that; they differ only in memory traffic.
+  bool need_acc = false;
+  size_t slots = 0;
+  for (auto& seg : segments_) {
+    const Comm& c = seg.expert ? grid_.edp_comm : grid_.world;
+    seg.leaves = micro_batches * (seg.expert ? grid_.ep : 1);
+    if (force_fixed_) {
+      seg.sum = LeafSum::fixed;
+      need_acc = true;
+    } else if (seg.leaves == 1) {
+      seg.sum = LeafSum::single;
+    } else if (c.size() == 1 && size_t(seg.leaves) * sizeof(T) <= sizeof(int128)) {
+      seg.sum = LeafSum::floats;
+      seg.slots = slots;
+      slots += size_t(seg.leaves) * (seg.end - seg.begin);
+    } else {
+      seg.sum = LeafSum::fixed;
+      need_acc = true;
+    }
+  }
+  if (leaves_.size() < slots) leaves_.resize(slots);
+  regions_.clear();
+  if (need_acc && acc_.empty()) acc_.resize(model_->layout().total());
+  for (const auto& seg : segments_)
+    if (seg.sum == LeafSum::fixed) std::fill(acc_.begin() + seg.begin, acc_.begin() + seg.end, int128(0));
+}
+
+template <class T>
 void ParallelTrainer<T>::flush_leaf(size_t begin, size_t end) {
   if (reduction_ == Reduction::fp32) return;  // the leaves just add up in the model's buffer
   profile::Scope ps(profile::Phase::grad_accum);
   auto& g = model_->grads();
-  if (sole_leaf_) {  // the leaf is the sum: its fixed-point round trip, in place
-    nonfinite_ += round_trip_fixed(std::span<T>(g.data() + begin, end - begin));
+  size_t si = 0;
+  while (!(segments_[si].begin <= begin && end <= segments_[si].end)) ++si;  // always inside one
+  const Segment& seg = segments_[si];
+  if (seg.sum == LeafSum::single) {
+    // The rank's only leaf of these elements: it stays in the model's buffer for
+    // allreduce_sum_fixed, or is the whole sum on one rank (its fixed-point round trip).
+    const Comm& c = seg.expert ? grid_.edp_comm : grid_.world;
+    if (c.size() == 1) nonfinite_ += round_trip_fixed(std::span<T>(g.data() + begin, end - begin));
     return;
   }
-  try {
-    nonfinite_ += add_fixed(std::span<int128>(acc_.data() + begin, end - begin),
-                            std::span<const T>(g.data() + begin, end - begin));
-  } catch (const Error&) {
-    ++nonfinite_;  // a gradient beyond the fixed-point range (2^26): treated like inf
+  if (seg.sum == LeafSum::floats) {
+    size_t k = 0;
+    while (k < regions_.size() && regions_[k].begin != begin) ++k;
+    if (k == regions_.size()) regions_.push_back({si, begin, end, 0});
+    Region& r = regions_[k];
+    if (r.end != end || r.count == seg.leaves)
+      throw Error("internal error: gradient leaves of elements [" + std::to_string(begin) + ", " +
+                  std::to_string(end) + ") do not follow the plan of " + std::to_string(seg.leaves) + " leaves");
+    const size_t len = seg.end - seg.begin;
+    std::copy(g.begin() + begin, g.begin() + end, leaves_.begin() + seg.slots + size_t(r.count) * len + (begin - seg.begin));
+    ++r.count;
+  } else {
+    try {
+      nonfinite_ += add_fixed(std::span<int128>(acc_.data() + begin, end - begin),
+                              std::span<const T>(g.data() + begin, end - begin));
+    } catch (const Error&) {
+      ++nonfinite_;  // a gradient beyond the fixed-point range (2^26): treated like inf
+    }
   }
   std::fill(g.begin() + begin, g.begin() + end, T(0));
+}
+
+template <class T>
+void ParallelTrainer<T>::sum_float_leaves(const Segment& seg, size_t si) {
+  // Each flushed range: the exact sum of its leaves. A range that got fewer leaves than
+  // planned sums those it got; elements never flushed are 0, as load_fixed of an
+  // untouched accumulator gives.
+  auto& g = model_->grads();
+  const size_t len = seg.end - seg.begin;
+  size_t covered = 0;
+  for (const Region& r : regions_) {
+    if (r.segment != si) continue;
+    nonfinite_ += sum_fixed_rows(leaves_.data() + seg.slots + (r.begin - seg.begin), size_t(r.count), len,
+                                 r.end - r.begin, g.data() + r.begin);
+    covered += r.end - r.begin;
+  }
+  if (covered == len) return;
+  std::vector<uint8_t> hit(len, 0);  // (rare: some range was never flushed)
+  for (const Region& r : regions_)
+    if (r.segment == si) std::fill(hit.begin() + (r.begin - seg.begin), hit.begin() + (r.end - seg.begin), 1);
+  for (size_t i = 0; i < len; ++i)
+    if (!hit[i]) g[seg.begin + i] = T(0);
 }
 
 template <class T>
@@ -166,16 +238,7 @@ StepResult ParallelTrainer<T>::accumulate(const std::vector<MicroBatch>& batch, 
   profile::Scope ps(profile::Phase::grad_accum);
   if (stage_) stage_->stats.reset();
   model_->zero_grad();
-  // One rank and one micro-batch: every element of the gradient has exactly one leaf,
-  // whose fixed-point round trip (round_trip_fixed) is the exact sum, bit for bit;
-  // no accumulator is needed. Otherwise the leaves are summed in acc_.
-  sole_leaf_ = reduction_ == Reduction::exact && W == 1 && A == 1;
-  if (reduction_ == Reduction::exact && !sole_leaf_) {
-    if (acc_.empty())
-      acc_.assign(model_->layout().total(), int128(0));
-    else
-      std::fill(acc_.begin(), acc_.end(), int128(0));
-  }
+  if (reduction_ == Reduction::exact) plan_leaves(A);
   nonfinite_ = 0;
   // Per local micro-batch: ce, aux, seq, z, targets, tokens, dropped, mtp.
   constexpr int kStats = 8;
@@ -226,7 +289,10 @@ StepResult ParallelTrainer<T>::accumulate(const std::vector<MicroBatch>& batch, 
   for (const auto& s : segments_) {
     const Comm& c = s.expert ? grid_.edp_comm : grid_.world;
     if (c.size() == 1) continue;
-    if (reduction_ == Reduction::exact) {
+    if (reduction_ == Reduction::exact && s.sum == LeafSum::single) {
+      nonfinite_ += c.allreduce_sum_fixed(std::span<T>(model_->grads().data() + s.begin, s.end - s.begin));
+      stats.reduce_bytes += int64_t(s.end - s.begin) * int64_t(sizeof(T));
+    } else if (reduction_ == Reduction::exact) {
       c.allreduce_sum(std::span<int128>(acc_.data() + s.begin, s.end - s.begin));
       stats.reduce_bytes += int64_t(s.end - s.begin) * int64_t(sizeof(int128));
     } else {
@@ -235,8 +301,14 @@ StepResult ParallelTrainer<T>::accumulate(const std::vector<MicroBatch>& batch, 
     }
   }
   stats.reduce_s += since(t0);
-  if (reduction_ == Reduction::exact && !sole_leaf_)
-    load_fixed(std::span<T>(model_->grads()), std::span<const int128>(acc_));
+  if (reduction_ == Reduction::exact)
+    for (size_t si = 0; si < segments_.size(); ++si) {
+      const Segment& seg = segments_[si];
+      if (seg.sum == LeafSum::floats) sum_float_leaves(seg, si);
+      if (seg.sum == LeafSum::fixed)
+        load_fixed(std::span<T>(model_->grads().data() + seg.begin, seg.end - seg.begin),
+                   std::span<const int128>(acc_.data() + seg.begin, seg.end - seg.begin));
+    }
 
   // Loss terms summed in global micro-batch order; expert loads are exact integers.
   std::vector<double> all(size_t(M) * kStats);

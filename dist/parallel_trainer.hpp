@@ -105,14 +105,35 @@ class ParallelTrainer {
   // exact reduction with more than one rank or micro-batch).
   int64_t accumulator_bytes() const { return int64_t(acc_.size() * sizeof(int128)); }
 
+  // For tests: sum every leaf in the int128 accumulator (LeafSum::fixed), the plain
+  // form the faster ways must match bit for bit.
+  void force_fixed_leaf_sum(bool on) { force_fixed_ = on; }
+
   ParallelStats stats;
 
  private:
+  // How the exact reduction sums a segment's leaves this step (plan_leaves). Each
+  // element of a segment gets the same number of leaves on this rank: one per local
+  // micro-batch, times the ep source ranks for an expert segment.
+  enum class LeafSum {
+    single,  // one leaf: it stays in the model's buffer (round_trip_fixed / allreduce_sum_fixed)
+    floats,  // 2..4 leaves and no other rank: kept as T in leaves_, summed by sum_fixed_rows
+    fixed,   // otherwise: added into the int128 acc_ (add_fixed), all-reduced, load_fixed
+  };
   struct Segment {  // a contiguous run of the flat buffer reduced over one communicator
     size_t begin, end;
     bool expert;
+    LeafSum sum = LeafSum::fixed;
+    int leaves = 0;       // leaves per element on this rank, this step
+    size_t slots = 0;     // LeafSum::floats: offset of its `leaves` rows in leaves_
   };
+  struct Region {  // a flushed range of a LeafSum::floats segment, and its leaves so far
+    size_t segment, begin, end;
+    int count;
+  };
+  void plan_leaves(int micro_batches);
   void flush_leaf(size_t begin, size_t end);
+  void sum_float_leaves(const Segment& seg, size_t si);
   double global_grad_norm_exact();
   void zero_step(double lr);
 
@@ -122,7 +143,9 @@ class ParallelTrainer {
   std::unique_ptr<Optimizer<T>> opt_;
   std::unique_ptr<AllToAllExpertStage<T>> stage_;
   std::vector<int128> acc_;  // exact reduction only, allocated when first needed
-  bool sole_leaf_ = false;    // this step: one leaf per element, no acc_ (accumulate)
+  std::vector<T> leaves_;      // LeafSum::floats: the leaves, row after row per segment
+  std::vector<Region> regions_;  // LeafSum::floats: the ranges flushed this step
+  bool force_fixed_ = false;
   std::vector<Segment> segments_;
   int zero_ = 0;
   Reduction reduction_ = Reduction::exact;

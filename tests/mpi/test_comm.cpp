@@ -366,6 +366,67 @@ TEST(CommRankOrder, SumIsTheSerialSumInRankOrder) {
   EXPECT_EQ(d[1], 0.5 * p);
 }
 
+template <class T>
+void check_fixed_allreduce_is_the_accumulator() {
+  // The exact reduction of one leaf per rank: bit for bit add_fixed of every rank's
+  // values, allreduce_sum<int128>, load_fixed, for values of every magnitude (many sums
+  // that double arithmetic rounds, so both paths of sum_fixed_rows run), zeros, values
+  // below the exact range, out of range and non-finite, and lengths that do not divide
+  // by the rank count.
+  const Comm world = Comm::world();
+  const int p = world.size(), me = world.rank();
+  auto values_of = [](int r, int n) {
+    std::mt19937_64 rng(7 + r);
+    std::uniform_real_distribution<double> mant(-1.0, 1.0);
+    std::uniform_int_distribution<int> expo(-110, 27);
+    std::vector<T> v(static_cast<size_t>(n));
+    for (int i = 0; i < n; ++i) {
+      const int kind = int(rng() % 64);
+      v[size_t(i)] = kind == 0   ? T(0)
+                     : kind == 1 ? std::numeric_limits<T>::infinity()
+                     : kind == 2 ? -std::numeric_limits<T>::infinity()
+                     : kind == 3 ? std::numeric_limits<T>::quiet_NaN()
+                     : kind < 40 ? static_cast<T>(std::ldexp(mant(rng), int(rng() % 8) - 4))  // similar magnitudes
+                                 : static_cast<T>(std::ldexp(mant(rng), expo(rng)));
+    }
+    return v;
+  };
+  for (int n : {0, 1, 3, 1000, 40001}) {
+    std::vector<T> x = values_of(me, n);
+    const size_t bad = world.allreduce_sum_fixed<T>(x);
+    std::vector<int128> acc(size_t(n), 0);
+    size_t want_bad = 0;
+    for (int r = 0; r < p; ++r) {
+      const std::vector<T> v = values_of(r, n);
+      std::vector<int128> leaf(size_t(n), 0);
+      try {
+        dist::add_fixed<T>(leaf, v);
+      } catch (const Error&) {
+      }
+      for (int i = 0; i < n; ++i) {
+        acc[size_t(i)] = dist::fixed_add(acc[size_t(i)], leaf[size_t(i)]);
+        want_bad += !std::isfinite(v[size_t(i)]) || std::fabs(v[size_t(i)]) >= T(0x1p26);
+      }
+    }
+    std::vector<T> want(static_cast<size_t>(n));
+    dist::load_fixed<T>(want, acc);
+    ASSERT_EQ(x.size(), size_t(n));
+    if (n > 0) {
+      for (int i = 0; i < n; ++i)
+        ASSERT_EQ(std::memcmp(&x[size_t(i)], &want[size_t(i)], sizeof(T)), 0)
+            << "element " << i << " of " << n << ", -np " << p << ": " << x[size_t(i)] << " vs " << want[size_t(i)];
+    }
+    std::vector<std::int64_t> total{std::int64_t(bad)};
+    world.allreduce_sum(std::span<std::int64_t>(total));
+    EXPECT_EQ(size_t(total[0]), want_bad) << "n = " << n;  // every bad value counted once, by its block's rank
+  }
+}
+
+TEST(CommFixedSum, ExactSumOfOneLeafPerRankIsTheInt128Reduction) {
+  check_fixed_allreduce_is_the_accumulator<float>();
+  check_fixed_allreduce_is_the_accumulator<double>();
+}
+
 // ---- environment -----------------------------------------------------------------------
 
 TEST(CommEnvironment, NestedEnvironmentDoesNotOwnMpi) {
@@ -729,8 +790,9 @@ void check_round_trip_equals_the_accumulator() {
   std::vector<T> again = got;
   dist::round_trip_fixed<T>(again);
   for (size_t i = 0; i < v.size(); ++i)
-    if (std::isfinite(v[i]) && std::fabs(v[i]) < T(0x1p26))
+    if (std::isfinite(v[i]) && std::fabs(v[i]) < T(0x1p26)) {
       ASSERT_EQ(std::memcmp(&again[i], &got[i], sizeof(T)), 0) << v[i];
+    }
 }
 
 TEST(FixedPoint, RoundTripIsTheAccumulatorOfOneLeaf) {

@@ -80,11 +80,12 @@ OptimizerConfig muon_config() {
 // unless `optimizer` is given.
 RunResult train(const ModelConfig& cfg, ProcessGrid& grid, int steps, int M, int zero, const std::string& resume = "",
                 int first = 1, const std::string& save = "", const OptimizerConfig* optimizer = nullptr,
-                Reduction reduction = Reduction::exact) {
+                Reduction reduction = Reduction::exact, bool force_fixed = false) {
   OptimizerConfig oc;
   oc.adamw.weight_decay = 0.1;
   if (optimizer) oc = *optimizer;
   ParallelTrainer<float> t(cfg, grid, oc, zero, reduction);
+  t.force_fixed_leaf_sum(force_fixed);
   t.model().init(7);
   if (!resume.empty()) {  // weights, routing bias and AdamW state of another layout's checkpoint
     load_model_weights(resume, cfg, t.model().layout(), t.model().params(), t.model().expert_bias(),
@@ -268,6 +269,56 @@ TEST(ExpertParallel, TrainingIsBitIdenticalToOneRank) {
       }
       EXPECT_GT(compared, 0);
       EXPECT_EQ(got.bias, ref.bias);
+    }
+}
+
+// One micro-batch per rank (M = W): each rank holds one leaf of every dense element
+// (and of every expert element at ep = 1), summed by Comm::allreduce_sum_fixed with no
+// int128 accumulator; still the same bits as one rank summing the W micro-batches in it.
+TEST(ExpertParallel, OneMicroBatchPerRankIsBitIdenticalToOneRank) {
+  Comm world = Comm::world();
+  if (world.size() == 1) GTEST_SKIP() << "needs 2+ ranks (FixedPoint.RoundTripIsTheAccumulatorOfOneLeaf covers one)";
+  const auto cfg = tiny_config();
+  const int W = world.size(), steps = 6;
+  Comm self = Comm::self();
+  ProcessGrid one = ProcessGrid::create(self, 1, cfg);
+  const RunResult ref = train(cfg, one, steps, W, 0);
+  for (int ep : valid_eps(W, cfg.E()))
+    for (int zero : {0, 1}) {
+      ProcessGrid grid = ProcessGrid::create(world, ep, cfg);
+      const RunResult got = train(cfg, grid, steps, W, zero);
+      for (int s = 0; s < steps; ++s) {
+        ASSERT_EQ(std::memcmp(&got.losses[s], &ref.losses[s], sizeof(double)), 0)
+            << "W=" << W << " ep=" << ep << " zero=" << zero << " step " << s + 1;
+        ASSERT_EQ(std::memcmp(&got.norms[s], &ref.norms[s], sizeof(double)), 0) << "grad norm, step " << s + 1;
+      }
+      for (const auto& t : got.layout->tensors()) {
+        const auto& rt = ref.layout->at(t.name);
+        ASSERT_EQ(std::memcmp(got.params.data() + t.offset, ref.params.data() + rt.offset, t.numel * sizeof(float)),
+                  0)
+            << t.name << " differs at W=" << W << " ep=" << ep << " zero=" << zero;
+      }
+      EXPECT_EQ(got.bias, ref.bias);
+    }
+}
+
+// The ways of summing the leaves (one leaf left in place, 2-4 leaves kept as floats, the
+// int128 accumulator) are one function: at every layout and 1-5 micro-batches per rank
+// the default run equals the run that sums every leaf in int128, bit for bit.
+TEST(ExpertParallel, LeafSumsEqualTheInt128Accumulator) {
+  Comm world = Comm::world();
+  const auto cfg = tiny_config();
+  const int W = world.size(), steps = 3;
+  for (int ep : valid_eps(W, cfg.E()))
+    for (int A : {1, 2, 3, 4, 5}) {
+      ProcessGrid grid = ProcessGrid::create(world, ep, cfg);
+      const RunResult fixed = train(cfg, grid, steps, A * W, 0, "", 1, "", nullptr, Reduction::exact, true);
+      const RunResult fast = train(cfg, grid, steps, A * W, 0);
+      ASSERT_EQ(fast.params.size(), fixed.params.size());
+      ASSERT_EQ(std::memcmp(fast.params.data(), fixed.params.data(), fast.params.size() * sizeof(float)), 0)
+          << "W=" << W << " ep=" << ep << " micro-batches per rank " << A;
+      for (int s = 0; s < steps; ++s)
+        ASSERT_EQ(std::memcmp(&fast.norms[s], &fixed.norms[s], sizeof(double)), 0) << "grad norm, step " << s + 1;
     }
 }
 
