@@ -159,6 +159,13 @@ void pack_b(T* Bp, const T* B, int64_t ldb, bool trans, int64_t j0, int64_t nc, 
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// The calling thread's packing buffers of A (which = 0) and B (1); they only grow.
+template <class T>
+std::vector<T>& pack_buffer(int which) {
+  static thread_local std::vector<T> buf[2];
+  return buf[which];
+}
+
 template <class T>
 void gemm_impl(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
                T* C, int64_t ldc, bool accumulate) {
@@ -178,7 +185,8 @@ void gemm_impl(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, in
   // nested in a parallel region runs alone on its thread) and only ever grow.
   const int64_t Mp = round_up(M, mr), Np = round_up(N, nr);
   const int64_t pa = Mp / mr, pb = Np / nr, nkb = (K + kGemmKc - 1) / kGemmKc;
-  static thread_local std::vector<T> abuf, bbuf;
+  std::vector<T>& abuf = pack_buffer<T>(0);
+  std::vector<T>& bbuf = pack_buffer<T>(1);
   if (int64_t(abuf.size()) < Mp * K) abuf.resize(Mp * K);
   if (int64_t(bbuf.size()) < Np * K) bbuf.resize(Np * K);
   T* const ap = abuf.data();
@@ -294,6 +302,14 @@ void gemm_tn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* 
 }
 
 template <class T>
+void gemm_reserve(int64_t elements) {
+  for (int which : {0, 1}) {
+    std::vector<T>& b = pack_buffer<T>(which);
+    if (int64_t(b.size()) < elements) b.resize(size_t(elements));
+  }
+}
+
+template <class T>
 void gemm_reference(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
                     int64_t ldb, T* C, int64_t ldc, bool accumulate) {
   for (int64_t i = 0; i < M; ++i)
@@ -316,6 +332,7 @@ void gemm_reference(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
   template void gemm_nt<T>(int64_t, int64_t, int64_t, const T*, int64_t, const T*, int64_t, T*, int64_t, bool);     \
   template void gemm_nn<T>(int64_t, int64_t, int64_t, const T*, int64_t, const T*, int64_t, T*, int64_t, bool);     \
   template void gemm_tn<T>(int64_t, int64_t, int64_t, const T*, int64_t, const T*, int64_t, T*, int64_t, bool);     \
+  template void gemm_reserve<T>(int64_t);                                                                           \
   template void gemm_reference<T>(bool, bool, int64_t, int64_t, int64_t, const T*, int64_t, const T*, int64_t, T*, \
                                   int64_t, bool);
 MOETUNE_GEMM_INSTANTIATE(float)

@@ -60,6 +60,13 @@ template <class T>
 void gemm_tn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
              bool accumulate);
 
+// Grows the calling thread's packing buffers to hold `elements` values of each operand
+// (a product needs round_up(M, mr) * K of A and round_up(N, nr) * K of B). For callers
+// that run GEMMs on several threads at once (experts_forward), so that which thread
+// happens to take the largest product never decides whether a step allocates.
+template <class T>
+void gemm_reserve(int64_t elements);
+
 // The naive triple loop with exactly the arithmetic order described above: the
 // reference the tests compare the kernels with, bit for bit.
 template <class T>

@@ -30,14 +30,14 @@ void mlp_forward(T* out, T* g, T* u, T* a, const T* x, const T* wg, const T* wu,
   ops::linear_forward(out, a, wd, N, F, d);
 }
 
-// dx (N,d) += (may be null), dwg, dwu (F,d) +=, dwd (d,F) +=; dout (N,d). scratch: 3*N*F.
+// dx (N,d) += (may be null), dwg, dwu (F,d) +=, dwd (d,F) +=; dout (N,d). scratch: 3*N*F
+// values (overwritten).
 template <class T>
 void mlp_backward(T* dx, T* dwg, T* dwu, T* dwd, const T* dout, const T* x, const T* g, const T* u, const T* a,
-                  const T* wg, const T* wu, const T* wd, int64_t N, int64_t d, int64_t F, std::vector<T>& scratch,
+                  const T* wg, const T* wu, const T* wd, int64_t N, int64_t d, int64_t F, T* scratch,
                   double limit = 0) {
   if (N == 0) return;
-  scratch.resize(3 * N * F);
-  T* da = scratch.data();
+  T* da = scratch;
   T* dg = da + N * F;
   T* du = dg + N * F;
   std::fill_n(da, N * F, T(0));
@@ -45,6 +45,15 @@ void mlp_backward(T* dx, T* dwg, T* dwu, T* dwd, const T* dout, const T* x, cons
   ops::swiglu_backward(dg, du, da, g, u, N * F, limit);
   ops::linear_backward(dx, dwg, dg, x, wg, N, d, F);
   ops::linear_backward(dx, dwu, du, x, wu, N, d, F);
+}
+// The same, with the scratch in a vector that grows to 3*N*F as needed.
+template <class T>
+void mlp_backward(T* dx, T* dwg, T* dwu, T* dwd, const T* dout, const T* x, const T* g, const T* u, const T* a,
+                  const T* wg, const T* wu, const T* wd, int64_t N, int64_t d, int64_t F, std::vector<T>& scratch,
+                  double limit = 0) {
+  if (N == 0) return;
+  scratch.resize(3 * N * F);
+  mlp_backward(dx, dwg, dwu, dwd, dout, x, g, u, a, wg, wu, wd, N, d, F, scratch.data(), limit);
 }
 
 }  // namespace moetune

@@ -4,10 +4,14 @@
 // stage below computes them in-process; dist/ has the all-to-all stage that sends the
 // slices to the ranks owning the experts and gets the outputs back.
 #pragma once
+#include <omp.h>
+
+#include <algorithm>
 #include <functional>
 #include <unordered_map>
 #include <vector>
 
+#include "kernels/gemm.hpp"
 #include "moe/dispatch.hpp"
 #include "moe/mlp.hpp"
 #include "moe/profile.hpp"
@@ -35,17 +39,54 @@ struct ExpertViews {
   double swiglu_limit = 0;  // the config's swiglu_limit (0 = off), applied by every expert
 };
 
+// The order in which experts_forward / experts_backward run the experts, and whether
+// they run them in parallel, one expert per thread (each expert's GEMMs then run alone
+// on their thread): when there are at least twice as many non-empty experts as
+// threads. Otherwise one expert at a time, each GEMM parallel over its tiles. Either
+// way every number is the same (the GEMM and the SwiGLU are thread-invariant, and the
+// experts write disjoint rows and gradients): only the speed differs. Largest first,
+// so that the dynamic schedule balances.
+inline bool experts_in_parallel(const std::vector<int64_t>& offsets, std::vector<int>& order) {
+  order.clear();
+  for (size_t e = 0; e + 1 < offsets.size(); ++e)
+    if (offsets[e + 1] > offsets[e]) order.push_back(int(e));
+  const int threads = omp_in_parallel() ? 1 : omp_get_max_threads();
+  if (threads < 2 || int(order.size()) < 2 * threads) return false;
+  std::sort(order.begin(), order.end(), [&](int a, int b) {  // (stable_sort would allocate)
+    const int64_t na = offsets[a + 1] - offsets[a], nb = offsets[b + 1] - offsets[b];
+    return na != nb ? na > nb : a < b;
+  });
+  return true;
+}
+
+// In a parallel run, each thread's GEMM packing buffers hold the largest product an
+// expert can need (M or K up to all the rows, the other up to max(d,F)): a bound that
+// does not change from step to step, so no step allocates for them once warm.
+template <class T>
+void reserve_expert_gemm(const std::vector<int64_t>& offsets, int64_t d, int64_t F) {
+  kernels::gemm_reserve<T>((offsets.back() + 32) * (std::max(d, F) + 32));
+}
+
 // Experts on their slices. offsets (n_experts+1) delimit the rows of each expert in
 // xp (rows,d); yp (rows,d) out; cache (rows,F).
 template <class T>
 void experts_forward(T* yp, MlpCache<T>& cache, const T* xp, const ExpertViews<T>& w,
                      const std::vector<int64_t>& offsets, int64_t d, int64_t F) {
   cache.resize(offsets.back(), F);
-  for (size_t e = 0; e + 1 < offsets.size(); ++e) {
-    const int64_t b = offsets[e], n = offsets[e + 1] - b;
-    if (n == 0) continue;
-    mlp_forward(yp + b * d, cache.g.data() + b * F, cache.u.data() + b * F, cache.a.data() + b * F, xp + b * d,
-                w.wg[e], w.wu[e], w.wd[e], n, d, F, w.swiglu_limit);
+  static thread_local std::vector<int> order;
+  const bool par = experts_in_parallel(offsets, order);
+  const int64_t n_run = int64_t(order.size());
+  const int* run = order.data();  // this thread's list (the workers' thread_local is another)
+#pragma omp parallel if (par)
+  {
+    if (par) reserve_expert_gemm<T>(offsets, d, F);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t k = 0; k < n_run; ++k) {
+      const int e = run[k];
+      const int64_t b = offsets[e], n = offsets[e + 1] - b;
+      mlp_forward(yp + b * d, cache.g.data() + b * F, cache.u.data() + b * F, cache.a.data() + b * F, xp + b * d,
+                  w.wg[e], w.wu[e], w.wd[e], n, d, F, w.swiglu_limit);
+    }
   }
 }
 // dxp (rows,d) (overwritten), expert weight grads +=; dyp (rows,d).
@@ -53,12 +94,23 @@ template <class T>
 void experts_backward(T* dxp, const T* dyp, const T* xp, const MlpCache<T>& cache, const ExpertViews<T>& w,
                       const std::vector<int64_t>& offsets, int64_t d, int64_t F, std::vector<T>& scratch) {
   std::fill_n(dxp, offsets.back() * d, T(0));
-  for (size_t e = 0; e + 1 < offsets.size(); ++e) {
-    const int64_t b = offsets[e], n = offsets[e + 1] - b;
-    if (n == 0) continue;
-    mlp_backward(dxp + b * d, w.dwg[e], w.dwu[e], w.dwd[e], dyp + b * d, xp + b * d, cache.g.data() + b * F,
-                 cache.u.data() + b * F, cache.a.data() + b * F, w.wg[e], w.wu[e], w.wd[e], n, d, F, scratch,
-                 w.swiglu_limit);
+  static thread_local std::vector<int> order;
+  const bool par = experts_in_parallel(offsets, order);
+  const int64_t n_run = int64_t(order.size());
+  const int* run = order.data();  // this thread's list (the workers' thread_local is another)
+  scratch.resize(3 * offsets.back() * F);  // expert e uses the rows of its own slice
+  T* sc = scratch.data();
+#pragma omp parallel if (par)
+  {
+    if (par) reserve_expert_gemm<T>(offsets, d, F);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t k = 0; k < n_run; ++k) {
+      const int e = run[k];
+      const int64_t b = offsets[e], n = offsets[e + 1] - b;
+      mlp_backward(dxp + b * d, w.dwg[e], w.dwu[e], w.dwd[e], dyp + b * d, xp + b * d, cache.g.data() + b * F,
+                   cache.u.data() + b * F, cache.a.data() + b * F, w.wg[e], w.wu[e], w.wd[e], n, d, F,
+                   sc + 3 * b * F, w.swiglu_limit);
+    }
   }
 }
 
