@@ -96,8 +96,7 @@ ParallelTrainer<T>::ParallelTrainer(const ModelConfig& cfg, ProcessGrid& grid, c
   model_ = std::make_unique<Model<T>>(cfg, grid.expert_begin, grid.expert_end);
   const ParamLayout& lay = model_->layout();
   opt_ = std::make_unique<Optimizer<T>>(lay, oc);
-  // acc_ (exact reduction) is allocated by the first step that has more than one leaf
-  // per element (see sole_leaf_).
+  // acc_ (exact reduction) is allocated by the first step that needs it (plan_leaves).
   // Segments: maximal runs of dense or of expert tensors, in layout order.
   for (const auto& t : lay.tensors()) {
     const bool ex = ParamLayout::is_expert_tensor(t.name);
@@ -189,7 +188,8 @@ void ParallelTrainer<T>::flush_leaf(size_t begin, size_t end) {
       throw Error("internal error: gradient leaves of elements [" + std::to_string(begin) + ", " +
                   std::to_string(end) + ") do not follow the plan of " + std::to_string(seg.leaves) + " leaves");
     const size_t len = seg.end - seg.begin;
-    std::copy(g.begin() + begin, g.begin() + end, leaves_.begin() + seg.slots + size_t(r.count) * len + (begin - seg.begin));
+    const size_t slot = seg.slots + size_t(r.count) * len + (begin - seg.begin);
+    std::copy(g.begin() + begin, g.begin() + end, leaves_.begin() + slot);
     ++r.count;
   } else {
     try {

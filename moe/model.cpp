@@ -376,6 +376,20 @@ inline hc::HcShape hc_shape(const ModelConfig& c, bool head) {
   return hc::HcShape{c.hc_mult, c.d(), c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps, head};
 }
 
+// A sub-block's output y (n,d) joins the residual stream(s) h: with mHC (st non-null)
+// its expansion into the streams (hc::leave_forward, into `spare`, then swapped in),
+// else h += y.
+template <class T>
+void leave_sub_block(std::vector<T>& h, std::vector<T>& spare, const T* y, const hc::HcState<T>* st, int64_t n,
+                     int64_t d, const hc::HcShape& hs) {
+  if (st) {
+    hc::leave_forward(spare.data(), y, h.data(), *st, n, hs);
+    std::swap(h, spare);
+  } else {
+    for (int64_t i = 0; i < n * d; ++i) h[i] += y[i];
+  }
+}
+
 }  // namespace
 
 template <class T>
@@ -475,13 +489,8 @@ MicroStats Model<T>::forward(const MicroBatch& mb, const LossNorm& norm, const F
                              mb.doc_ids.data(), B, S, H, Hkv, hd);
       ops::linear_forward(tmp.data(), L.ctx.data(), P + W.o, N, qd, d);
     }
-    if (hc) {
-      if (opt.train) L.y_attn = tmp;
-      hc::leave_forward(I.xs2.data(), tmp.data(), h.data(), L.hs_attn, N, hs);
-      std::swap(h, I.xs2);
-    } else {
-      for (int64_t i = 0; i < N * d; ++i) h[i] += tmp[i];
-    }
+    if (hc && opt.train) L.y_attn = tmp;
+    leave_sub_block(h, I.xs2, tmp.data(), hc ? &L.hs_attn : nullptr, N, d, hs);
     pl.next(profile::Phase::dense_ffn);
     in = h.data();
     if (hc) {
@@ -502,13 +511,8 @@ MicroStats Model<T>::forward(const MicroBatch& mb, const LossNorm& norm, const F
       st.dropped_pairs += Lm.moe_cache.routing.dropped;
       ++moe_j;
     });
-    if (hc) {
-      if (opt.train) L.y_ffn = tmp;
-      hc::leave_forward(I.xs2.data(), tmp.data(), h.data(), L.hs_ffn, N, hs);
-      std::swap(h, I.xs2);
-    } else {
-      for (int64_t i = 0; i < N * d; ++i) h[i] += tmp[i];
-    }
+    if (hc && opt.train) L.y_ffn = tmp;
+    leave_sub_block(h, I.xs2, tmp.data(), hc ? &L.hs_ffn : nullptr, N, d, hs);
   };
   // The final hidden state (N,d) of the streams in h: h itself, or with mHC the
   // collapse by the head `hco` (its streams kept in xs, its state in hst).
@@ -847,12 +851,7 @@ void Model<T>::extend(KvCache<T>& kv, const int32_t* row, const int32_t* tokens,
                             kv.capacity, H, Hkv, hd);
       ops::linear_forward(tmp.data(), L.ctx.data(), P + W.o, n, qd, d);
     }
-    if (hc) {
-      hc::leave_forward(I.xs2.data(), tmp.data(), h.data(), L.hs_attn, n, hs);
-      std::swap(h, I.xs2);
-    } else {
-      for (int64_t i = 0; i < n * d; ++i) h[i] += tmp[i];
-    }
+    leave_sub_block(h, I.xs2, tmp.data(), hc ? &L.hs_attn : nullptr, n, d, hs);
     in = h.data();
     if (hc) {
       hc::enter_forward(I.u.data(), L.hs_ffn, h.data(), W.hc_ffn.weights(P), n, hs);
@@ -865,12 +864,7 @@ void Model<T>::extend(KvCache<T>& kv, const int32_t* row, const int32_t* tokens,
                   BalanceScales{}, route_control(fo, moe_j, tid2eid_, tokens));
       ++moe_j;
     });
-    if (hc) {
-      hc::leave_forward(I.xs2.data(), tmp.data(), h.data(), L.hs_ffn, n, hs);
-      std::swap(h, I.xs2);
-    } else {
-      for (int64_t i = 0; i < n * d; ++i) h[i] += tmp[i];
-    }
+    leave_sub_block(h, I.xs2, tmp.data(), hc ? &L.hs_ffn : nullptr, n, d, hs);
   }
   for (int64_t i = 0; i < n; ++i) kv.len[row[i]] = std::max(kv.len[row[i]], I.pos[i] + 1);
   // Final norm and LM head of the last new token of each row only (with mHC, after the
