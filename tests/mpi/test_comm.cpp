@@ -800,6 +800,35 @@ TEST(FixedPoint, RoundTripIsTheAccumulatorOfOneLeaf) {
   check_round_trip_equals_the_accumulator<double>();
 }
 
+// sum_fixed_rows on hand-picked columns, against add_fixed of each row + load_fixed:
+// sums the double fast path does exactly, sums it rounds, a total of 2^27 or more (which
+// wraps in int128, and must wrap the same way), and a value out of range.
+TEST(FixedPoint, SumOfRowsIsTheAccumulatorColumnByColumn) {
+  const float big = 0x1.fp25f, tiny = 0x1p-60f;
+  // Column j: rows[0][j], rows[1][j], rows[2][j].
+  const std::vector<std::vector<float>> cols = {
+      {1.0f, 2.0f, 3.0f},         {1.0f, 0x1p-30f, -1.0f},  {big, big, big},  {big, big, -big},
+      {-big, -big, -big},         {tiny, 1.0f, tiny},       {1e8f, 1.0f, 0},  {0.1f, 0.2f, 0.3f},
+      {0x1p24f, 1.0f, -0x1p24f}};
+  const size_t W = 3, n = cols.size();
+  std::vector<float> rows(W * n);
+  for (size_t j = 0; j < n; ++j)
+    for (size_t r = 0; r < W; ++r) rows[r * n + j] = cols[j][r];
+  std::vector<int128> acc(n, 0);
+  for (size_t r = 0; r < W; ++r) {
+    try {
+      dist::add_fixed<float>(acc, std::span<const float>(rows.data() + r * n, n));
+    } catch (const Error&) {
+    }
+  }
+  std::vector<float> want(n), got(n);
+  dist::load_fixed<float>(want, acc);
+  EXPECT_EQ(dist::sum_fixed_rows(rows.data(), W, n, n, got.data()), 1u);  // the 1e8
+  for (size_t j = 0; j < n; ++j)
+    EXPECT_EQ(std::memcmp(&got[j], &want[j], sizeof(float)), 0) << "column " << j << ": " << got[j] << " vs " << want[j];
+  EXPECT_NE(want[2], 3.0f * big);  // the wrapped total really is another number
+}
+
 TEST(FixedPoint, LoadFixedAndSizeChecks) {
   const std::vector<float> vals{0.25f, -3.5f, 1e-6f};
   std::vector<int128> acc(3, 0);
