@@ -61,6 +61,12 @@ Environment::Environment(int* argc, char*** argv) {
     // keeps its name and tests/sanitizers/lsan.supp can name it (absent: no matter).
     dlopen("libpmix.so.2", RTLD_LAZY | RTLD_NODELETE);
 #endif
+    // A process started without mpirun (a singleton) would fork an Open MPI daemon
+    // (orted) only to support MPI_Comm_spawn, which moetune never calls; that fork
+    // failed once in CI under load ("Unable to start a daemon on the local node").
+    // Unless the user set it, Open MPI is told not to start one. Under mpirun or another
+    // launcher the singleton component is not used and the setting changes nothing.
+    setenv("OMPI_MCA_ess_singleton_isolated", "1", 0);
     const UntrackedAllocations open_mpi_internals;
     MOETUNE_MPI(MPI_Init_thread, argc, argv, MPI_THREAD_FUNNELED, &thread_level_);
     owns_ = true;
