@@ -217,7 +217,7 @@ int64_t Model<T>::activation_bytes() const {
   const auto add_layer = [&](const typename Impl::Layer& L) {
     add(L.h_in, L.a_in, L.rstd1, L.q_act, L.k_act, L.v_act, L.attn_stats, L.ctx, L.h_mid, L.f_in, L.rstd2);
     b += L.v4_cache.bytes();
-    add(L.dense.g, L.dense.u, L.dense.a, L.moe_cache.shared.g, L.moe_cache.shared.u, L.moe_cache.shared.a);
+    add(L.dense.gu, L.dense.a, L.moe_cache.shared.gu, L.moe_cache.shared.a);
     const auto& m = L.moe_cache;
     add(m.logits, m.xp, m.yp, m.routing.scores, m.routing.idx, m.routing.weight, m.routing.kept);
     add(L.x_in, L.x_mid, L.y_attn, L.y_ffn);
@@ -368,8 +368,7 @@ void ffn_forward(T* out, Buf& L, const Wts& W, const T* P, const T* h, int64_t N
   // shared experts, as transformers' deepseek_v4 does); the dense FFN is never clamped.
   const int64_t Fi = c.intermediate_size;
   L.dense.resize(N, Fi);
-  mlp_forward(out, L.dense.g.data(), L.dense.u.data(), L.dense.a.data(), L.f_in.data(), P + W.dg, P + W.du, P + W.dd,
-              N, d, Fi);
+  mlp_forward(out, L.dense.gu.data(), L.dense.a.data(), L.f_in.data(), P + W.dg, P + W.du, P + W.dd, N, d, Fi);
 }
 
 inline hc::HcShape hc_shape(const ModelConfig& c, bool head) {
@@ -630,8 +629,8 @@ void Model<T>::backward(const T* dlogits) {
     std::fill(dx.begin(), dx.end(), T(0));
     if (!c.is_moe_layer(l)) {
       const int64_t Fi = c.intermediate_size;
-      mlp_backward(dx.data(), G + L.dg, G + L.du, G + L.dd, dh.data(), L.f_in.data(), L.dense.g.data(),
-                   L.dense.u.data(), L.dense.a.data(), P + L.dg, P + L.du, P + L.dd, N, d, Fi, I.scratch.mlp);
+      mlp_backward(dx.data(), G + L.dg, G + L.du, G + L.dd, dh.data(), L.f_in.data(), L.dense.gu.data(),
+                   L.dense.a.data(), P + L.dg, P + L.du, P + L.dd, N, d, Fi, I.scratch.mlp);
     } else {
       MoeGrads<T> g;
       moe_views(g, G, L.moe_off);

@@ -84,8 +84,8 @@ void experts_forward(T* yp, MlpCache<T>& cache, const T* xp, const ExpertViews<T
     for (int64_t k = 0; k < n_run; ++k) {
       const int e = run[k];
       const int64_t b = offsets[e], n = offsets[e + 1] - b;
-      mlp_forward(yp + b * d, cache.g.data() + b * F, cache.u.data() + b * F, cache.a.data() + b * F, xp + b * d,
-                  w.wg[e], w.wu[e], w.wd[e], n, d, F, w.swiglu_limit);
+      mlp_forward(yp + b * d, cache.gu.data() + 2 * b * F, cache.a.data() + b * F, xp + b * d, w.wg[e], w.wu[e],
+                  w.wd[e], n, d, F, w.swiglu_limit);
     }
   }
 }
@@ -107,9 +107,8 @@ void experts_backward(T* dxp, const T* dyp, const T* xp, const MlpCache<T>& cach
     for (int64_t k = 0; k < n_run; ++k) {
       const int e = run[k];
       const int64_t b = offsets[e], n = offsets[e + 1] - b;
-      mlp_backward(dxp + b * d, w.dwg[e], w.dwu[e], w.dwd[e], dyp + b * d, xp + b * d, cache.g.data() + b * F,
-                   cache.u.data() + b * F, cache.a.data() + b * F, w.wg[e], w.wu[e], w.wd[e], n, d, F,
-                   sc + 3 * b * F, w.swiglu_limit);
+      mlp_backward(dxp + b * d, w.dwg[e], w.dwu[e], w.dwd[e], dyp + b * d, xp + b * d, cache.gu.data() + 2 * b * F,
+                   cache.a.data() + b * F, w.wg[e], w.wu[e], w.wd[e], n, d, F, sc + 3 * b * F, w.swiglu_limit);
     }
   }
 }
@@ -218,8 +217,7 @@ void moe_forward(T* out, MoeCache<T>& c, const T* x, const MoeWeights<T>& w, Exp
   ps.next(profile::Phase::shared);
   if (w.sg) {
     c.shared.resize(N, S);
-    mlp_forward(out, c.shared.g.data(), c.shared.u.data(), c.shared.a.data(), x, w.sg, w.su, w.sd, N, d, S,
-                cfg.swiglu_limit);
+    mlp_forward(out, c.shared.gu.data(), c.shared.a.data(), x, w.sg, w.su, w.sd, N, d, S, cfg.swiglu_limit);
   } else {
     std::fill_n(out, N * d, T(0));
   }
@@ -241,8 +239,8 @@ void moe_backward(T* dx, const MoeGrads<T>& g, const T* dout, const T* x, const 
   const int64_t N = int64_t(rows) * seq_len, d = cfg.d(), E = cfg.E(), S = cfg.shared_width();
   profile::Scope ps(profile::Phase::shared_bwd);
   if (w.sg)
-    mlp_backward(dx, g.sg, g.su, g.sd, dout, x, c.shared.g.data(), c.shared.u.data(), c.shared.a.data(), w.sg, w.su,
-                 w.sd, N, d, S, s.mlp, cfg.swiglu_limit);
+    mlp_backward(dx, g.sg, g.su, g.sd, dout, x, c.shared.gu.data(), c.shared.a.data(), w.sg, w.su, w.sd, N, d, S,
+                 s.mlp, cfg.swiglu_limit);
   // combine^T = dispatch of the gradient
   ps.next(profile::Phase::combine_bwd);
   s.dyp.resize(c.perm.pairs() * d);

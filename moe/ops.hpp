@@ -102,34 +102,50 @@ void linear_backward(T* dinp, T* dw, const T* dout, const T* inp, const T* w, in
 }
 
 // ---------------------------------------------------------------- SwiGLU
-// out (N,F) = silu(g) * u; g, u (N,F). limit c > 0 (swiglu_limit, MODEL.md section 12)
-// first clamps g = min(g, c) and u = clamp(u, -c, c); 0 = off.
+// out (rows,cols) = silu(g) * u, where g and u are (rows,cols) with row stride ld (the
+// MLP's g and u are the two halves of one (rows,2F) buffer; ld = cols for plain
+// arrays); out is contiguous. limit c > 0 (swiglu_limit, MODEL.md section 12) first
+// clamps g = min(g, c) and u = clamp(u, -c, c); 0 = off.
 template <class T>
-void swiglu_forward(T* out, const T* g, const T* u, int64_t n, double limit = 0) {
+void swiglu_forward(T* out, const T* g, const T* u, int64_t rows, int64_t cols, int64_t ld, double limit = 0) {
   const T c = T(limit);
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    const T gi = c > 0 ? std::min(g[i], c) : g[i];
-    const T ui = c > 0 ? std::clamp(u[i], -c, c) : u[i];
-    const T sg = T(1) / (T(1) + std::exp(-gi));
-    out[i] = gi * sg * ui;
+#pragma omp parallel for schedule(static) if (rows > 1)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* gr = g + r * ld;
+    const T* ur = u + r * ld;
+    T* o = out + r * cols;
+    for (int64_t i = 0; i < cols; ++i) {
+      const T gi = c > 0 ? std::min(gr[i], c) : gr[i];
+      const T ui = c > 0 ? std::clamp(ur[i], -c, c) : ur[i];
+      const T sg = T(1) / (T(1) + std::exp(-gi));
+      o[i] = gi * sg * ui;
+    }
   }
 }
-// dg, du (N,F) = (overwritten, not accumulated: they are scratch) from dout (N,F); g, u
-// are the unclamped inputs. Under a limit the gradient is 0 where a value was clamped
-// (torch.clamp's convention: it passes at the bound itself).
+// dg, du (overwritten, not accumulated: they are scratch; row stride ld, as g and u)
+// from dout (rows,cols, contiguous); g, u are the unclamped inputs. Under a limit the
+// gradient is 0 where a value was clamped (torch.clamp's convention: it passes at the
+// bound itself).
 template <class T>
-void swiglu_backward(T* dg, T* du, const T* dout, const T* g, const T* u, int64_t n, double limit = 0) {
+void swiglu_backward(T* dg, T* du, const T* dout, const T* g, const T* u, int64_t rows, int64_t cols, int64_t ld,
+                     double limit = 0) {
   const T c = T(limit);
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    const bool g_in = !(c > 0) || g[i] <= c, u_in = !(c > 0) || (u[i] >= -c && u[i] <= c);
-    const T gi = g_in ? g[i] : c;
-    const T ui = u_in ? u[i] : std::clamp(u[i], -c, c);
-    const T sg = T(1) / (T(1) + std::exp(-gi));
-    const T silu = gi * sg;
-    du[i] = u_in ? dout[i] * silu : T(0);
-    dg[i] = g_in ? dout[i] * ui * sg * (T(1) + gi * (T(1) - sg)) : T(0);
+#pragma omp parallel for schedule(static) if (rows > 1)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* gr = g + r * ld;
+    const T* ur = u + r * ld;
+    const T* dr = dout + r * cols;
+    T* dgr = dg + r * ld;
+    T* dur = du + r * ld;
+    for (int64_t i = 0; i < cols; ++i) {
+      const bool g_in = !(c > 0) || gr[i] <= c, u_in = !(c > 0) || (ur[i] >= -c && ur[i] <= c);
+      const T gi = g_in ? gr[i] : c;
+      const T ui = u_in ? ur[i] : std::clamp(ur[i], -c, c);
+      const T sg = T(1) / (T(1) + std::exp(-gi));
+      const T silu = gi * sg;
+      dur[i] = u_in ? dr[i] * silu : T(0);
+      dgr[i] = g_in ? dr[i] * ui * sg * (T(1) + gi * (T(1) - sg)) : T(0);
+    }
   }
 }
 

@@ -4,6 +4,9 @@
 // differences of L. Tolerances are per op (ggml test-backend-ops style).
 #include <gtest/gtest.h>
 
+#include <cstring>
+#include <random>
+
 #include "moe/dispatch.hpp"
 #include "moe/hc.hpp"
 #include "moe/init.hpp"
@@ -66,17 +69,17 @@ TEST(OpsGrad, Linear) {
   EXPECT_LT(check_grad(f, w, dw), 1e-6);
 }
 
+// The MLP's layout: g and u are the two halves of each row of one (rows, 2F) buffer.
 TEST(OpsGrad, SwiGLU) {
-  const int64_t n = 20;
-  auto g = randn(n, 9, 2.0), u = randn(n, 10), R = randn(n, 11);
-  std::vector<double> out(n), dg(n), du(n);
+  const int64_t rows = 4, F = 5, ld = 2 * F;
+  auto gu = randn(rows * ld, 9, 2.0), R = randn(rows * F, 11);
+  std::vector<double> out(rows * F), dgu(rows * ld, -7.0);
   auto f = [&] {
-    ops::swiglu_forward(out.data(), g.data(), u.data(), n);
+    ops::swiglu_forward(out.data(), gu.data(), gu.data() + F, rows, F, ld);
     return dot(out, R);
   };
-  ops::swiglu_backward(dg.data(), du.data(), R.data(), g.data(), u.data(), n);
-  EXPECT_LT(check_grad(f, g, dg), 1e-6);
-  EXPECT_LT(check_grad(f, u, du), 1e-6);
+  ops::swiglu_backward(dgu.data(), dgu.data() + F, R.data(), gu.data(), gu.data() + F, rows, F, ld);
+  EXPECT_LT(check_grad(f, gu, dgu), 1e-6);  // every element written: none is left at -7
 }
 
 // swiglu_limit c: values on both sides of the clamps (none within the FD step of a
@@ -100,10 +103,10 @@ TEST(OpsGrad, SwiGLUClampedAwayFromTheBound) {
   ASSERT_LT(u_clamped, n - 3);
   std::vector<double> out(n), dg(n), du(n);
   auto f = [&] {
-    ops::swiglu_forward(out.data(), g.data(), u.data(), n, c);
+    ops::swiglu_forward(out.data(), g.data(), u.data(), 1, n, n, c);
     return dot(out, R);
   };
-  ops::swiglu_backward(dg.data(), du.data(), R.data(), g.data(), u.data(), n, c);
+  ops::swiglu_backward(dg.data(), du.data(), R.data(), g.data(), u.data(), 1, n, n, c);
   EXPECT_LT(check_grad(f, g, dg), 1e-6);
   EXPECT_LT(check_grad(f, u, du), 1e-6);
   f();  // out at the unperturbed inputs
@@ -125,13 +128,13 @@ TEST(OpsGrad, SwiGLUClampedAtTheBound) {
   std::vector<double> g = {c, 0.1, c, -2.0}, u = {0.3, c, -c, c}, R = {1.0, -0.5, 0.7, 2.0};
   const int64_t n = 4;
   std::vector<double> out(n), dg(n), du(n);
-  ops::swiglu_backward(dg.data(), du.data(), R.data(), g.data(), u.data(), n, c);
+  ops::swiglu_backward(dg.data(), du.data(), R.data(), g.data(), u.data(), 1, n, n, c);
   // One-sided differences from inside the clamp range.
   const double h = 1e-6;
   for (int64_t i = 0; i < n; ++i) {
     auto val = [&](double gi, double ui) {
       double o;
-      ops::swiglu_forward(&o, &gi, &ui, 1, c);
+      ops::swiglu_forward(&o, &gi, &ui, 1, 1, 1, c);
       return o * R[i];
     };
     const double dg_in = (val(g[i], u[i]) - val(g[i] - h, u[i])) / h;
@@ -144,7 +147,7 @@ TEST(OpsGrad, SwiGLUClampedAtTheBound) {
   }
   // Just past the bound the gradient is 0.
   std::vector<double> g2 = {c + 1e-9}, u2 = {c + 1e-9}, dg2(1), du2(1), r2 = {1.0};
-  ops::swiglu_backward(dg2.data(), du2.data(), r2.data(), g2.data(), u2.data(), 1, c);
+  ops::swiglu_backward(dg2.data(), du2.data(), r2.data(), g2.data(), u2.data(), 1, 1, 1, c);
   EXPECT_EQ(dg2[0], 0.0);
   EXPECT_EQ(du2[0], 0.0);
 }
@@ -248,23 +251,88 @@ TEST(OpsGrad, CrossEntropy) {
   for (int64_t j = 0; j < V; ++j) EXPECT_EQ(dx[1 * V + j], 0.0);  // ignored row
 }
 
+// Gate and up weights in separate buffers (two GEMMs each way) and in one buffer (the
+// parameter layout's [gate; up]: the fused GEMMs).
 TEST(OpsGrad, MLP) {
   const int64_t N = 4, d = 6, F = 5;
-  auto x = randn(N * d, 19), wg = randn(F * d, 20, 0.5), wu = randn(F * d, 21, 0.5), wd = randn(d * F, 22, 0.5);
-  auto R = randn(N * d, 23);
-  std::vector<double> out(N * d), g(N * F), u(N * F), a(N * F), scratch;
-  auto f = [&] {
-    mlp_forward(out.data(), g.data(), u.data(), a.data(), x.data(), wg.data(), wu.data(), wd.data(), N, d, F);
-    return dot(out, R);
-  };
-  f();
-  std::vector<double> dx(N * d, 0.0), dwg(F * d, 0.0), dwu(F * d, 0.0), dwd(d * F, 0.0);
-  mlp_backward(dx.data(), dwg.data(), dwu.data(), dwd.data(), R.data(), x.data(), g.data(), u.data(), a.data(),
-               wg.data(), wu.data(), wd.data(), N, d, F, scratch);
-  EXPECT_LT(check_grad(f, x, dx), 1e-6);
-  EXPECT_LT(check_grad(f, wg, dwg), 1e-6);
-  EXPECT_LT(check_grad(f, wu, dwu), 1e-6);
-  EXPECT_LT(check_grad(f, wd, dwd), 1e-6);
+  for (bool adjacent : {false, true}) {
+    SCOPED_TRACE(adjacent ? "adjacent gate/up" : "separate gate/up");
+    auto x = randn(N * d, 19), wgu = randn(2 * F * d, 20, 0.5), wd = randn(d * F, 22, 0.5);
+    auto R = randn(N * d, 23);
+    std::vector<double> wg(wgu.begin(), wgu.begin() + F * d), wu(wgu.begin() + F * d, wgu.end());
+    std::vector<double> out(N * d), gu(2 * N * F), a(N * F), scratch;
+    std::vector<double> dx(N * d, 0.0), dwgu(2 * F * d, 0.0), dwd(d * F, 0.0), dwg(F * d, 0.0), dwu(F * d, 0.0);
+    double* pg = adjacent ? wgu.data() : wg.data();
+    double* pu = adjacent ? wgu.data() + F * d : wu.data();
+    double* pdg = adjacent ? dwgu.data() : dwg.data();
+    double* pdu = adjacent ? dwgu.data() + F * d : dwu.data();
+    auto f = [&] {
+      mlp_forward(out.data(), gu.data(), a.data(), x.data(), pg, pu, wd.data(), N, d, F);
+      return dot(out, R);
+    };
+    f();
+    mlp_backward(dx.data(), pdg, pdu, dwd.data(), R.data(), x.data(), gu.data(), a.data(), pg, pu, wd.data(), N, d,
+                 F, scratch);
+    EXPECT_LT(check_grad(f, x, dx), 1e-6);
+    if (adjacent) {
+      EXPECT_LT(check_grad(f, wgu, dwgu), 1e-6);
+    } else {
+      EXPECT_LT(check_grad(f, wg, dwg), 1e-6);
+      EXPECT_LT(check_grad(f, wu, dwu), 1e-6);
+    }
+    EXPECT_LT(check_grad(f, wd, dwd), 1e-6);
+  }
+}
+
+// The fused gate/up GEMMs give the bits of two separate ones (mlp.hpp): F a multiple of
+// the GEMM's K block (one 2F-long reduction for dx) and not (two GEMMs for dx), with
+// swiglu_limit on, in float, at every thread count the test can run.
+TEST(OpsGrad, MlpFusedGateUpChangesNoBit) {
+  const int64_t N = 37, d = 48;
+  for (int64_t F : {int64_t(kernels::kGemmKc), int64_t(80)}) {
+    SCOPED_TRACE("F=" + std::to_string(F));
+    std::mt19937_64 rng(static_cast<uint64_t>(F));
+    std::normal_distribution<float> nd(0.f, 1.f);
+    auto fill = [&](int64_t n, float scale) {
+      std::vector<float> v(static_cast<size_t>(n));
+      for (float& x : v) x = nd(rng) * scale;
+      return v;
+    };
+    const auto x = fill(N * d, 1.f), wgu = fill(2 * F * d, 0.2f), wd = fill(d * F, 0.1f), dout = fill(N * d, 1.f);
+    const std::vector<float> wg(wgu.begin(), wgu.begin() + F * d), wu(wgu.begin() + F * d, wgu.end());
+    struct Run {
+      std::vector<float> out, gu, a, dx, dwg, dwu, dwd;
+    };
+    auto run = [&](bool adjacent) {
+      Run r{std::vector<float>(N * d), std::vector<float>(2 * N * F), std::vector<float>(N * F),
+            std::vector<float>(N * d, 0.5f), {}, {}, std::vector<float>(d * F, 0.25f)};
+      std::vector<float> dwgu(2 * F * d, 0.125f), dwg(F * d, 0.125f), dwu(F * d, 0.125f), scratch;
+      const float* pg = adjacent ? wgu.data() : wg.data();
+      const float* pu = adjacent ? wgu.data() + F * d : wu.data();
+      float* pdg = adjacent ? dwgu.data() : dwg.data();
+      float* pdu = adjacent ? dwgu.data() + F * d : dwu.data();
+      mlp_forward(r.out.data(), r.gu.data(), r.a.data(), x.data(), pg, pu, wd.data(), N, d, F, 1.5);
+      mlp_backward(r.dx.data(), pdg, pdu, r.dwd.data(), dout.data(), x.data(), r.gu.data(), r.a.data(), pg, pu,
+                   wd.data(), N, d, F, scratch, 1.5);
+      r.dwg.assign(pdg, pdg + F * d);
+      r.dwu.assign(pdu, pdu + F * d);
+      return r;
+    };
+    const Run sep = run(false), fused = run(true);
+    auto same = [](const std::vector<float>& p, const std::vector<float>& q) {
+      return p.size() == q.size() && std::memcmp(p.data(), q.data(), p.size() * sizeof(float)) == 0;
+    };
+    EXPECT_TRUE(same(sep.out, fused.out));
+    EXPECT_TRUE(same(sep.gu, fused.gu));
+    EXPECT_TRUE(same(sep.a, fused.a));
+    EXPECT_TRUE(same(sep.dx, fused.dx));
+    EXPECT_TRUE(same(sep.dwg, fused.dwg));
+    EXPECT_TRUE(same(sep.dwu, fused.dwu));
+    EXPECT_TRUE(same(sep.dwd, fused.dwd));
+    int clamped = 0;  // the limit bites
+    for (float v : fused.gu) clamped += std::fabs(v) > 1.5f;
+    EXPECT_GT(clamped, 0);
+  }
 }
 
 // Router: L = sum(weight * R) + balance losses, gradient with respect to the logits.
@@ -469,9 +537,10 @@ TEST_P(MoeLayerGrad, AllInputsAndWeights) {
   }
   if (cfg.swiglu_limit > 0) {  // the limit must bite in both the routed and the shared experts
     const double c = cfg.swiglu_limit;
-    auto clamped = [&](const MlpCache<double>& m) {
+    auto clamped = [&](const MlpCache<double>& m, int64_t width) {  // gu rows: width g, then width u
       int n = 0;
-      for (size_t i = 0; i < m.g.size(); ++i) n += (m.g[i] > c) + (std::fabs(m.u[i]) > c);
+      for (size_t i = 0; i < m.gu.size(); ++i)
+        n += int64_t(i) % (2 * width) < width ? m.gu[i] > c : std::fabs(m.gu[i]) > c;
       return n;
     };
     int routed = 0;  // gate/up values of the routed pairs beyond the limit
@@ -489,7 +558,7 @@ TEST_P(MoeLayerGrad, AllInputsAndWeights) {
       }
     EXPECT_GT(routed, 0);
     if (Sh > 0) {
-      EXPECT_GT(clamped(cache.shared), 0);
+      EXPECT_GT(clamped(cache.shared, Sh), 0);
     }
   }
   EXPECT_LT(check_grad(f, x, dx, 100), 1e-5);
