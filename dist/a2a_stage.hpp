@@ -7,6 +7,16 @@
 // The backward of dispatch is a combine and vice versa: the gradient rows travel
 // the same way. Gate weights and the combine weights stay on the source rank.
 //
+// Overlap: the MoE layer hands each call work that needs no expert output (the shared
+// expert forward while the outputs come back; the router backward and the gate's weight
+// gradient while the output gradient goes out, the shared expert backward while the
+// input gradient comes back: the exchanges after the experts are where a rank waits for
+// slower ones). With `overlap` on (parallel.overlap_a2a, the default) that
+// exchange is an MPI_Ialltoallv, the work runs, and then the exchange is waited for, so
+// the work fills what would be waiting for the other ranks. Off: a blocking exchange,
+// then the work. The work touches no buffer of the exchange, so either way every bit is
+// the same; stats says how long the exchanges took and how much work ran in flight.
+//
 // Determinism: the owner computes each source's slice separately, on exactly the
 // rows (and in the order) that rank 1 would use for that micro-batch, and hands each
 // source's expert-gradient contribution to `after_source` as its own leaf, so the
@@ -25,7 +35,8 @@ namespace moetune::dist {
 
 struct ExchangeStats {
   int64_t dispatch_bytes = 0, combine_bytes = 0;  // sent to other ranks (forward + backward)
-  double dispatch_s = 0, combine_s = 0;           // time in the exchanges
+  double dispatch_s = 0, combine_s = 0;           // time in the exchanges (posting + waiting), not in their overlap
+  double overlap_s = 0;                           // time of the layer's work run while an exchange was in flight
   void reset() { *this = ExchangeStats{}; }
 };
 
@@ -38,7 +49,11 @@ class AllToAllExpertStage : public ExpertStage<T> {
   AllToAllExpertStage(const Comm& ep_comm, int E, int64_t d, int64_t F, ViewFn views)
       : comm_(ep_comm), E_(E), ep_(ep_comm.size()), local_(E / ep_comm.size()), d_(d), F_(F), views_(std::move(views)) {}
 
-  void forward(int layer, const Permutation& perm, const T* xp, T* yp) override {
+  // See the header: run the work in flight, or after a blocking exchange.
+  bool overlap = true;
+
+  void forward(int layer, const Permutation& perm, const T* xp, T* yp, Work to_experts,
+               Work from_experts) override {
     profile::Scope ps(profile::Phase::dispatch);
     auto t0 = clock::now();
     auto& c = cache_[layer];
@@ -59,10 +74,10 @@ class AllToAllExpertStage : public ExpertStage<T> {
       }
     int64_t total_recv = 0;
     for (auto r : c.recv_rows) total_recv += r;
+    stats.dispatch_s += seconds_since(t0);
     // 2. token rows.
     c.x.resize(total_recv * d_);
-    exchange(xp, c.send_rows, c.x.data(), c.recv_rows, stats.dispatch_bytes);
-    stats.dispatch_s += seconds_since(t0);
+    exchange(xp, c.send_rows, c.x.data(), c.recv_rows, stats.dispatch_bytes, stats.dispatch_s, to_experts);
     // 3. local experts, one source at a time.
     ps.next(profile::Phase::experts);
     auto& y = rows_a_;
@@ -75,23 +90,20 @@ class AllToAllExpertStage : public ExpertStage<T> {
     }
     // 4. outputs back to the sources.
     ps.next(profile::Phase::combine);
-    t0 = clock::now();
-    exchange(y.data(), c.recv_rows, yp, c.send_rows, stats.combine_bytes);
-    stats.combine_s += seconds_since(t0);
+    exchange(y.data(), c.recv_rows, yp, c.send_rows, stats.combine_bytes, stats.combine_s, from_experts);
   }
 
-  void backward(int layer, const Permutation& perm, const T* dyp, T* dxp) override {
+  void backward(int layer, const Permutation& perm, const T* dyp, T* dxp, Work to_experts,
+                Work from_experts) override {
     auto& c = cache_[layer];
     int64_t total_recv = 0;
     for (auto r : c.recv_rows) total_recv += r;
     // Backward of combine = dispatch of the output gradient.
     profile::Scope ps(profile::Phase::combine_bwd);
-    auto t0 = clock::now();
     auto &dy = rows_a_, &dx = rows_b_;
     dy.resize(total_recv * d_);
     dx.resize(total_recv * d_);
-    exchange(dyp, c.send_rows, dy.data(), c.recv_rows, stats.combine_bytes);
-    stats.combine_s += seconds_since(t0);
+    exchange(dyp, c.send_rows, dy.data(), c.recv_rows, stats.combine_bytes, stats.combine_s, to_experts);
     ps.next(profile::Phase::experts_bwd);
     int64_t row = 0;
     for (int q = 0; q < ep_; ++q) {
@@ -102,9 +114,7 @@ class AllToAllExpertStage : public ExpertStage<T> {
     }
     // Backward of dispatch = combine of the input gradient.
     ps.next(profile::Phase::dispatch_bwd);
-    t0 = clock::now();
-    exchange(dx.data(), c.recv_rows, dxp, c.send_rows, stats.dispatch_bytes);
-    stats.dispatch_s += seconds_since(t0);
+    exchange(dx.data(), c.recv_rows, dxp, c.send_rows, stats.dispatch_bytes, stats.dispatch_s, from_experts);
   }
 
   // Called after one source rank's expert-gradient contribution of `layer` is
@@ -143,9 +153,11 @@ class AllToAllExpertStage : public ExpertStage<T> {
     return offs;
   }
   // Row exchange: `send` holds rows for each rank in rank order (send_rows[q] rows of
-  // d values each); `recv` gets recv_rows[q] rows from each rank q.
+  // d values each); `recv` gets recv_rows[q] rows from each rank q. `work` runs in
+  // flight (overlap) or after; `seconds` gets the time of the exchange itself.
   void exchange(const T* send, const std::vector<int64_t>& send_rows, T* recv, const std::vector<int64_t>& recv_rows,
-                int64_t& bytes) {
+                int64_t& bytes, double& seconds, Work work) {
+    auto t0 = clock::now();
     auto &sc = sc_, &rc = rc_;
     sc.resize(ep_);
     rc.resize(ep_);
@@ -157,7 +169,23 @@ class AllToAllExpertStage : public ExpertStage<T> {
       nr += rc[q];
       if (q != comm_.rank()) bytes += sc[q] * int64_t(sizeof(T));
     }
-    comm_.alltoallv(std::span<const T>(send, ns), sc, std::span<T>(recv, nr), rc);
+    const std::span<const T> s(send, ns);
+    const std::span<T> r(recv, nr);
+    if (overlap && work) {
+      comm_.ialltoallv(s, sc, r, rc, request_);
+      request_.test();  // Open MPI moves data only inside MPI calls: start the transfer now
+      seconds += seconds_since(t0);
+      const auto t1 = clock::now();
+      work();
+      stats.overlap_s += seconds_since(t1);
+      t0 = clock::now();
+      request_.wait();
+      seconds += seconds_since(t0);
+    } else {
+      comm_.alltoallv(s, sc, r, rc);
+      seconds += seconds_since(t0);
+      work();
+    }
   }
 
   const Comm& comm_;
@@ -171,6 +199,7 @@ class AllToAllExpertStage : public ExpertStage<T> {
   // of one source's rows, the exchange's counts.
   std::vector<int64_t> send_counts_, offsets_, sc_, rc_;
   std::vector<T> rows_a_, rows_b_;
+  Request request_;  // the exchange in flight
 };
 
 }  // namespace moetune::dist

@@ -252,6 +252,51 @@ void Comm::alltoallv(std::span<const std::type_identity_t<T>> send,
 }
 
 template <MpiElement T>
+void Comm::ialltoallv(std::span<const std::type_identity_t<T>> send, const std::vector<std::int64_t>& send_counts,
+                      std::span<T> recv, const std::vector<std::int64_t>& recv_counts, Request& req) const {
+  constexpr const char* call = "Comm::ialltoallv (MPI_Ialltoallv)";
+  require_valid(call);
+  if (req.pending()) fail(call, "the request is still pending (wait() for it first)");
+  const std::int64_t send_total = counts_and_displs(send_counts, size_, call, "send_counts", req.sc_, req.sd_);
+  const std::int64_t recv_total = counts_and_displs(recv_counts, size_, call, "recv_counts", req.rc_, req.rd_);
+  check_size(call, "send", send.size(), send_total, "sum of send_counts");
+  check_size(call, "recv", recv.size(), recv_total, "sum of recv_counts");
+  MOETUNE_MPI(MPI_Ialltoallv, send.data(), req.sc_.data(), req.sd_.data(), mpi_datatype<T>(), recv.data(),
+              req.rc_.data(), req.rd_.data(), mpi_datatype<T>(), comm_, &req.req_);
+}
+
+Request::~Request() {
+  if (pending() && mpi_running()) MPI_Wait(&req_, MPI_STATUS_IGNORE);
+}
+Request::Request(Request&& other) noexcept
+    : req_(std::exchange(other.req_, MPI_REQUEST_NULL)),
+      sc_(std::move(other.sc_)),
+      sd_(std::move(other.sd_)),
+      rc_(std::move(other.rc_)),
+      rd_(std::move(other.rd_)) {}
+Request& Request::operator=(Request&& other) noexcept {
+  if (this != &other) {
+    if (pending() && mpi_running()) MPI_Wait(&req_, MPI_STATUS_IGNORE);
+    req_ = std::exchange(other.req_, MPI_REQUEST_NULL);
+    sc_ = std::move(other.sc_);
+    sd_ = std::move(other.sd_);
+    rc_ = std::move(other.rc_);
+    rd_ = std::move(other.rd_);
+  }
+  return *this;
+}
+bool Request::test() {
+  if (!pending()) return true;
+  int done = 0;
+  MOETUNE_MPI(MPI_Test, &req_, &done, MPI_STATUS_IGNORE);
+  return done != 0;
+}
+void Request::wait() {
+  if (!pending()) return;
+  MOETUNE_MPI(MPI_Wait, &req_, MPI_STATUS_IGNORE);
+}
+
+template <MpiElement T>
 void Comm::reduce_scatter_sum(std::span<const std::type_identity_t<T>> send, std::span<T> recv,
                               const std::vector<std::int64_t>& counts) const {
   constexpr const char* call = "Comm::reduce_scatter_sum (MPI_Reduce_scatter)";
@@ -385,6 +430,8 @@ void Comm::sendrecv(std::span<const std::type_identity_t<T>> send_data, int dest
   template void Comm::alltoall<T>(std::span<const T>, std::span<T>) const;                     \
   template void Comm::alltoallv<T>(std::span<const T>, const std::vector<std::int64_t>&,       \
                                    std::span<T>, const std::vector<std::int64_t>&) const;      \
+  template void Comm::ialltoallv<T>(std::span<const T>, const std::vector<std::int64_t>&,      \
+                                    std::span<T>, const std::vector<std::int64_t>&, Request&) const; \
   template void Comm::reduce_scatter_sum<T>(std::span<const T>, std::span<T>,                  \
                                             const std::vector<std::int64_t>&) const;           \
   template void Comm::send<T>(std::span<const T>, int, int) const;                             \

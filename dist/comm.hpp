@@ -30,6 +30,30 @@
 
 namespace moetune::dist {
 
+// A nonblocking collective in flight (Comm::ialltoallv). wait() completes it and checks
+// MPI's return code; the destructor waits for one still pending (without throwing).
+// The buffers given to the call must stay alive and untouched until it completes.
+// Reusable: its count arrays are kept from call to call, so a steady loop of
+// post / wait allocates nothing here. Move-only.
+class Request {
+ public:
+  Request() = default;
+  ~Request();
+  Request(Request&& other) noexcept;
+  Request& operator=(Request&& other) noexcept;
+  Request(const Request&) = delete;
+  Request& operator=(const Request&) = delete;
+  bool pending() const noexcept { return req_ != MPI_REQUEST_NULL; }
+  void wait();
+  // Lets MPI progress the exchange (MPI_Test) without blocking; true once complete.
+  bool test();
+
+ private:
+  friend class Comm;
+  MPI_Request req_ = MPI_REQUEST_NULL;
+  std::vector<int> sc_, sd_, rc_, rd_;  // counts and displacements: MPI reads them until completion
+};
+
 class Comm {
  public:
   // A null communicator (what a moved-from Comm or split(MPI_UNDEFINED, ...) gives).
@@ -101,6 +125,12 @@ class Comm {
   void alltoallv(std::span<const std::type_identity_t<T>> send,
                  const std::vector<std::int64_t>& send_counts, std::span<T> recv,
                  const std::vector<std::int64_t>& recv_counts) const;
+
+  // COLLECTIVE, nonblocking: alltoallv started (MPI_Ialltoallv); req.wait() completes it.
+  // The same arguments, checks and results as alltoallv. `req` must not be pending.
+  template <MpiElement T>
+  void ialltoallv(std::span<const std::type_identity_t<T>> send, const std::vector<std::int64_t>& send_counts,
+                  std::span<T> recv, const std::vector<std::int64_t>& recv_counts, Request& req) const;
 
   // COLLECTIVE (MPI_Reduce_scatter): the element-wise sum over ranks of send
   // (sum counts) is split into blocks of counts[r] elements; rank r gets block r in recv

@@ -280,6 +280,7 @@ StepResult ParallelTrainer<T>::accumulate(const std::vector<MicroBatch>& batch, 
     stats.exchange.combine_bytes += stage_->stats.combine_bytes;
     stats.exchange.dispatch_s += stage_->stats.dispatch_s;
     stats.exchange.combine_s += stage_->stats.combine_s;
+    stats.exchange.overlap_s += stage_->stats.overlap_s;
   }
 
   // Reduction of the gradient leaves: exact (int128), or in rank order (fp32). Under

@@ -107,6 +107,11 @@ class ParallelTrainer {
 
   // For tests: sum every leaf in the int128 accumulator (LeafSum::fixed), the plain
   // form the faster ways must match bit for bit.
+  // parallel.overlap_a2a: run the MoE layers' expert-independent work while the tokens
+  // are in flight (dist/a2a_stage.hpp; the same bits either way). No effect at ep = 1.
+  void set_overlap_a2a(bool on) {
+    if (stage_) stage_->overlap = on;
+  }
   void force_fixed_leaf_sum(bool on) { force_fixed_ = on; }
 
   ParallelStats stats;

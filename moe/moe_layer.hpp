@@ -13,6 +13,7 @@
 
 #include "kernels/gemm.hpp"
 #include "moe/dispatch.hpp"
+#include "moe/function_ref.hpp"
 #include "moe/mlp.hpp"
 #include "moe/profile.hpp"
 #include "moe/router.hpp"
@@ -67,61 +68,67 @@ void reserve_expert_gemm(const std::vector<int64_t>& offsets, int64_t d, int64_t
   kernels::gemm_reserve<T>((offsets.back() + 32) * (std::max(d, F) + 32));
 }
 
+// Runs fn(e, b, n) for every expert e with n > 0 rows starting at row b of the slices
+// offsets delimit: in parallel, one expert per thread, or one after the other (see
+// experts_in_parallel).
+template <class T, class Fn>
+void for_each_expert(const std::vector<int64_t>& offsets, int64_t d, int64_t F, Fn&& fn) {
+  static thread_local std::vector<int> order;
+  const bool par = experts_in_parallel(offsets, order);
+  const int64_t n_run = int64_t(order.size());
+  const int* run = order.data();  // this thread's list (the workers' thread_local is another)
+#pragma omp parallel if (par)
+  {
+    if (par) reserve_expert_gemm<T>(offsets, d, F);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t k = 0; k < n_run; ++k) {
+      const int e = run[k];
+      fn(e, offsets[e], offsets[e + 1] - offsets[e]);
+    }
+  }
+}
+
 // Experts on their slices. offsets (n_experts+1) delimit the rows of each expert in
 // xp (rows,d); yp (rows,d) out; cache (rows,F).
 template <class T>
 void experts_forward(T* yp, MlpCache<T>& cache, const T* xp, const ExpertViews<T>& w,
                      const std::vector<int64_t>& offsets, int64_t d, int64_t F) {
   cache.resize(offsets.back(), F);
-  static thread_local std::vector<int> order;
-  const bool par = experts_in_parallel(offsets, order);
-  const int64_t n_run = int64_t(order.size());
-  const int* run = order.data();  // this thread's list (the workers' thread_local is another)
-#pragma omp parallel if (par)
-  {
-    if (par) reserve_expert_gemm<T>(offsets, d, F);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t k = 0; k < n_run; ++k) {
-      const int e = run[k];
-      const int64_t b = offsets[e], n = offsets[e + 1] - b;
-      mlp_forward(yp + b * d, cache.gu.data() + 2 * b * F, cache.a.data() + b * F, xp + b * d, w.wg[e], w.wu[e],
-                  w.wd[e], n, d, F, w.swiglu_limit);
-    }
-  }
+  for_each_expert<T>(offsets, d, F, [&](int e, int64_t b, int64_t n) {
+    mlp_forward(yp + b * d, cache.gu.data() + 2 * b * F, cache.a.data() + b * F, xp + b * d, w.wg[e], w.wu[e],
+                w.wd[e], n, d, F, w.swiglu_limit);
+  });
 }
 // dxp (rows,d) (overwritten), expert weight grads +=; dyp (rows,d).
 template <class T>
 void experts_backward(T* dxp, const T* dyp, const T* xp, const MlpCache<T>& cache, const ExpertViews<T>& w,
                       const std::vector<int64_t>& offsets, int64_t d, int64_t F, std::vector<T>& scratch) {
   std::fill_n(dxp, offsets.back() * d, T(0));
-  static thread_local std::vector<int> order;
-  const bool par = experts_in_parallel(offsets, order);
-  const int64_t n_run = int64_t(order.size());
-  const int* run = order.data();  // this thread's list (the workers' thread_local is another)
   scratch.resize(3 * offsets.back() * F);  // expert e uses the rows of its own slice
   T* sc = scratch.data();
-#pragma omp parallel if (par)
-  {
-    if (par) reserve_expert_gemm<T>(offsets, d, F);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t k = 0; k < n_run; ++k) {
-      const int e = run[k];
-      const int64_t b = offsets[e], n = offsets[e + 1] - b;
-      mlp_backward(dxp + b * d, w.dwg[e], w.dwu[e], w.dwd[e], dyp + b * d, xp + b * d, cache.gu.data() + 2 * b * F,
-                   cache.a.data() + b * F, w.wg[e], w.wu[e], w.wd[e], n, d, F, sc + 3 * b * F, w.swiglu_limit);
-    }
-  }
+  for_each_expert<T>(offsets, d, F, [&](int e, int64_t b, int64_t n) {
+    mlp_backward(dxp + b * d, w.dwg[e], w.dwu[e], w.dwd[e], dyp + b * d, xp + b * d, cache.gu.data() + 2 * b * F,
+                 cache.a.data() + b * F, w.wg[e], w.wu[e], w.wd[e], n, d, F, sc + 3 * b * F, w.swiglu_limit);
+  });
 }
 
-// Where the routed experts of each MoE layer run.
+// Where the routed experts of each MoE layer run. Each call also takes work of the MoE
+// layer that does not depend on the experts (the shared expert, the router's weight
+// gradient): a stage that exchanges tokens runs it while they are in flight, the local
+// stage just runs it. That work writes none of the stage's inputs or outputs, so where
+// it runs changes no bit.
 template <class T>
 class ExpertStage {
  public:
   virtual ~ExpertStage() = default;
   // xp (P,d): the dispatched rows, grouped by expert as perm.offsets says. yp (P,d) out.
-  virtual void forward(int layer, const Permutation& perm, const T* xp, T* yp) = 0;
+  // to_experts / from_experts: run while the rows travel to / from the experts.
+  virtual void forward(int layer, const Permutation& perm, const T* xp, T* yp, Work to_experts,
+                       Work from_experts) = 0;
   // dyp (P,d) in, dxp (P,d) out (overwritten); expert weight gradients accumulate.
-  virtual void backward(int layer, const Permutation& perm, const T* dyp, T* dxp) = 0;
+  // to_experts / from_experts: run while the gradient rows travel to / from the experts.
+  virtual void backward(int layer, const Permutation& perm, const T* dyp, T* dxp, Work to_experts,
+                        Work from_experts) = 0;
 };
 
 // All E experts in this process.
@@ -130,15 +137,21 @@ class LocalExpertStage : public ExpertStage<T> {
  public:
   using ViewFn = std::function<const ExpertViews<T>&(int layer)>;  // must outlive the call
   LocalExpertStage(int64_t d, int64_t F, ViewFn views) : d_(d), F_(F), views_(std::move(views)) {}
-  void forward(int layer, const Permutation& perm, const T* xp, T* yp) override {
+  void forward(int layer, const Permutation& perm, const T* xp, T* yp, Work to_experts,
+               Work from_experts) override {
+    to_experts();
     auto& c = cache_[layer];
     c.xp = xp;
     experts_forward(yp, c.mlp, xp, views_(layer), perm.offsets, d_, F_);
+    from_experts();
   }
-  void backward(int layer, const Permutation& perm, const T* dyp, T* dxp) override {
+  void backward(int layer, const Permutation& perm, const T* dyp, T* dxp, Work to_experts,
+                Work from_experts) override {
+    to_experts();
     auto& c = cache_[layer];
     experts_backward(dxp, dyp, c.xp, c.mlp, views_(layer), perm.offsets, d_, F_, scratch_);
     if (after_backward) after_backward(layer);
+    from_experts();
   }
   // Called after each layer's expert gradients of one micro-batch are complete
   // (the trainer's deterministic gradient accumulation hooks in here).
@@ -210,17 +223,19 @@ void moe_forward(T* out, MoeCache<T>& c, const T* x, const MoeWeights<T>& w, Exp
   c.xp.resize(c.perm.pairs() * d);
   c.yp.resize(c.perm.pairs() * d);
   dispatch_forward(c.xp.data(), x, c.perm, d);
-  // 3. experts
+  // 3. experts, with the shared expert computed while their outputs travel back
   ps.next(profile::Phase::experts);
-  experts.forward(layer, c.perm, c.xp.data(), c.yp.data());
-  // 4. combine (+ shared expert)
-  ps.next(profile::Phase::shared);
-  if (w.sg) {
-    c.shared.resize(N, S);
-    mlp_forward(out, c.shared.gu.data(), c.shared.a.data(), x, w.sg, w.su, w.sd, N, d, S, cfg.swiglu_limit);
-  } else {
-    std::fill_n(out, N * d, T(0));
-  }
+  auto shared = [&] {
+    profile::Scope pss(profile::Phase::shared);
+    if (w.sg) {
+      c.shared.resize(N, S);
+      mlp_forward(out, c.shared.gu.data(), c.shared.a.data(), x, w.sg, w.su, w.sd, N, d, S, cfg.swiglu_limit);
+    } else {
+      std::fill_n(out, N * d, T(0));
+    }
+  };
+  experts.forward(layer, c.perm, c.xp.data(), c.yp.data(), Work(), Work(shared));
+  // 4. combine (out = shared expert + the weighted expert outputs)
   ps.next(profile::Phase::combine);
   combine_forward(out, c.yp.data(), c.routing.weight.data(), c.perm, d);
 }
@@ -237,26 +252,34 @@ void moe_backward(T* dx, const MoeGrads<T>& g, const T* dout, const T* x, const 
                   ExpertStage<T>& experts, int layer, const MoeCache<T>& c, const ModelConfig& cfg, int rows,
                   int seq_len, const BalanceScales& sc, MoeScratch<T>& s) {
   const int64_t N = int64_t(rows) * seq_len, d = cfg.d(), E = cfg.E(), S = cfg.shared_width();
-  profile::Scope ps(profile::Phase::shared_bwd);
-  if (w.sg)
-    mlp_backward(dx, g.sg, g.su, g.sd, dout, x, c.shared.gu.data(), c.shared.a.data(), w.sg, w.su, w.sd, N, d, S,
-                 s.mlp, cfg.swiglu_limit);
   // combine^T = dispatch of the gradient
-  ps.next(profile::Phase::combine_bwd);
+  profile::Scope ps(profile::Phase::combine_bwd);
   s.dyp.resize(c.perm.pairs() * d);
   s.dxp.resize(c.perm.pairs() * d);
   s.dweight.resize(N * cfg.K());
   combine_backward(s.dyp.data(), s.dweight.data(), dout, c.yp.data(), c.routing.weight.data(), c.perm, d);
+  // While the gradient rows travel to the experts: the router's backward and the gate's
+  // weight gradient. While they travel back: the shared expert (dx += its input gradient
+  // first). The dispatch's part of dx follows, then the gate's, in that fixed order.
+  auto shared = [&] {
+    profile::Scope pss(profile::Phase::shared_bwd);
+    if (w.sg)
+      mlp_backward(dx, g.sg, g.su, g.sd, dout, x, c.shared.gu.data(), c.shared.a.data(), w.sg, w.su, w.sd, N, d, S,
+                   s.mlp, cfg.swiglu_limit);
+  };
+  auto router = [&] {
+    profile::Scope psr(profile::Phase::router_bwd);
+    s.dlogits.resize(N * E);
+    router_backward(s.dlogits.data(), s.dweight.data(), c.logits.data(), c.routing, cfg, rows, seq_len, sc);
+    ops::linear_backward(static_cast<T*>(nullptr), g.gate, s.dlogits.data(), x, w.gate, N, d, E);
+  };
   ps.next(profile::Phase::experts_bwd);
-  experts.backward(layer, c.perm, s.dyp.data(), s.dxp.data());
+  experts.backward(layer, c.perm, s.dyp.data(), s.dxp.data(), Work(router), Work(shared));
   // dispatch^T = combine (scatter-add) of the gradient
   ps.next(profile::Phase::dispatch_bwd);
   dispatch_backward(dx, s.dxp.data(), c.perm, d);
-  // router
   ps.next(profile::Phase::router_bwd);
-  s.dlogits.resize(N * E);
-  router_backward(s.dlogits.data(), s.dweight.data(), c.logits.data(), c.routing, cfg, rows, seq_len, sc);
-  ops::linear_backward(dx, g.gate, s.dlogits.data(), x, w.gate, N, d, E);
+  ops::linear_backward_input(dx, s.dlogits.data(), w.gate, N, d, E);
 }
 
 }  // namespace moetune

@@ -100,6 +100,11 @@ void linear_backward(T* dinp, T* dw, const T* dout, const T* inp, const T* w, in
   if (dinp) kernels::gemm_nn(N, I, O, dout, O, w, I, dinp, I, true);
   kernels::gemm_tn(O, I, N, dout, O, inp, I, dw, I, true);
 }
+// Its input-gradient half alone: dinp (N,I) += dout (N,O) w.
+template <class T>
+void linear_backward_input(T* dinp, const T* dout, const T* w, int64_t N, int64_t I, int64_t O) {
+  if (N > 0) kernels::gemm_nn(N, I, O, dout, O, w, I, dinp, I, true);
+}
 
 // ---------------------------------------------------------------- SwiGLU
 // out (rows,cols) = silu(g) * u, where g and u are (rows,cols) with row stride ld (the

@@ -88,7 +88,7 @@ json bench_impl(const RunConfig& rc, const BenchOptions& opt) {
   std::vector<double> step_s, tok_s;
   std::vector<std::array<double, profile::kPhases>> phases;
   std::vector<double> other_s;
-  std::vector<double> a2a_dispatch_s, a2a_combine_s, reduce_s;
+  std::vector<double> a2a_dispatch_s, a2a_combine_s, a2a_overlap_s, reduce_s;
   std::vector<double> a2a_dispatch_b, a2a_combine_b, reduce_b;
   int64_t tokens_per_step = 0, skipped = 0;
   double first_loss = 0, last_loss = 0;
@@ -107,7 +107,7 @@ json bench_impl(const RunConfig& rc, const BenchOptions& opt) {
     const double own_dt = dt;
     grid.world.allreduce_max(std::span<double>(&dt, 1));
     std::vector<double> comm = {trainer.stats.exchange.dispatch_s, trainer.stats.exchange.combine_s,
-                                trainer.stats.reduce_s};
+                                trainer.stats.reduce_s, trainer.stats.exchange.overlap_s};
     grid.world.allreduce_max(std::span<double>(comm));
     std::vector<int64_t> bytes = {trainer.stats.exchange.dispatch_bytes, trainer.stats.exchange.combine_bytes,
                                   trainer.stats.reduce_bytes};
@@ -124,6 +124,7 @@ json bench_impl(const RunConfig& rc, const BenchOptions& opt) {
     a2a_dispatch_s.push_back(comm[0]);
     a2a_combine_s.push_back(comm[1]);
     reduce_s.push_back(comm[2]);
+    a2a_overlap_s.push_back(comm[3]);
     a2a_dispatch_b.push_back(double(bytes[0]));
     a2a_combine_b.push_back(double(bytes[1]));
     reduce_b.push_back(double(bytes[2]));
@@ -201,8 +202,10 @@ json bench_impl(const RunConfig& rc, const BenchOptions& opt) {
   res["per_rank"] = per_rank;
   res["all_to_all"] = {{"dispatch_bytes", median(a2a_dispatch_b)}, {"combine_bytes", median(a2a_combine_b)},
                        {"dispatch_s", median(a2a_dispatch_s)}, {"combine_s", median(a2a_combine_s)},
+                       {"overlap", rc.parallel.overlap_a2a}, {"overlap_s", median(a2a_overlap_s)},
                        {"note", "per step, bytes sent to other ranks summed over ranks, seconds max over ranks "
-                                "(forward + backward)"}};
+                                "(forward + backward); dispatch_s and combine_s are the exchanges' own time (posting "
+                                "and waiting), overlap_s the layers' work that ran while one was in flight"}};
   res["grad_reduce"] = {{"bytes", median(reduce_b)}, {"s", median(reduce_s)}};
   // Rank 0's buffers (the same sizes on every rank of a layout with ep = 1).
   res["memory_rank0"] = {{"peak_rss_bytes", int64_t(all[profile::kPhases + 1])},
@@ -301,10 +304,11 @@ std::string format_bench_table(const json& r) {
   }
   const auto& a = r["all_to_all"];
   std::snprintf(buf, sizeof buf,
-                "all-to-all per step: dispatch %.2f MiB %.2f ms, combine %.2f MiB %.2f ms | gradient reduction %.2f "
-                "MiB %.2f ms\n",
+                "all-to-all per step: dispatch %.2f MiB %.2f ms, combine %.2f MiB %.2f ms, overlap %s (%.2f ms of work "
+                "in flight) | gradient reduction %.2f MiB %.2f ms\n",
                 mib(a["dispatch_bytes"].get<double>()), 1e3 * a["dispatch_s"].get<double>(),
                 mib(a["combine_bytes"].get<double>()), 1e3 * a["combine_s"].get<double>(),
+                a["overlap"].get<bool>() ? "on" : "off", 1e3 * a["overlap_s"].get<double>(),
                 mib(r["grad_reduce"]["bytes"].get<double>()), 1e3 * r["grad_reduce"]["s"].get<double>());
   out += buf;
   const auto& m = r["memory_rank0"];

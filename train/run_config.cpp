@@ -206,6 +206,10 @@ const std::vector<KeyDef>& keys() {
           "at every layout and thread count; \"fp32\" = in the parameters' precision, all-reduced in rank order: "
           "faster and deterministic for a given layout, but the bits depend on the layout (docs/parallel.md)",
           one_of({"exact", "fp32"})),
+      key("parallel", &RunConfig::parallel, "overlap_a2a", &P::overlap_a2a,
+          "at ep > 1, compute what does not need the experts (the shared expert, the router backward) while the "
+          "all-to-all exchanges are in flight (MPI_Ialltoallv); false = blocking exchanges. The same bits either "
+          "way (docs/parallel.md)"),
 
       key("rl", &RunConfig::rl, "prompts_per_step", &R::prompts_per_step, "B: prompts per RL step",
           positive<int>()),

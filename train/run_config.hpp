@@ -40,6 +40,7 @@ struct ParallelConfig {
   int ep = 1;          // expert-parallel group size (divides the number of ranks and n_routed_experts)
   int zero_stage = 0;  // 1: shard AdamW moments of replicated tensors over their data-parallel group
   std::string reduction = "exact";  // "exact" (int128, layout-invariant) | "fp32" (docs/parallel.md)
+  bool overlap_a2a = true;          // shared expert / router backward while tokens are in flight (ep > 1)
 };
 
 struct OptimConfig {

@@ -369,8 +369,11 @@ int apply_threads(const RunConfig& rc) {
 template <class T>
 std::unique_ptr<dist::ParallelTrainer<T>> make_trainer(const ModelConfig& cfg, dist::ProcessGrid& grid,
                                                        const RunConfig& rc) {
-  return std::make_unique<dist::ParallelTrainer<T>>(cfg, grid, rc.optimizer_config(), rc.parallel.zero_stage,
-                                                    dist::parse_reduction(rc.parallel.reduction, "parallel.reduction"));
+  auto t = std::make_unique<dist::ParallelTrainer<T>>(
+      cfg, grid, rc.optimizer_config(), rc.parallel.zero_stage,
+      dist::parse_reduction(rc.parallel.reduction, "parallel.reduction"));
+  t->set_overlap_a2a(rc.parallel.overlap_a2a);
+  return t;
 }
 template std::unique_ptr<dist::ParallelTrainer<float>> make_trainer(const ModelConfig&, dist::ProcessGrid&,
                                                                     const RunConfig&);

@@ -80,12 +80,13 @@ OptimizerConfig muon_config() {
 // unless `optimizer` is given.
 RunResult train(const ModelConfig& cfg, ProcessGrid& grid, int steps, int M, int zero, const std::string& resume = "",
                 int first = 1, const std::string& save = "", const OptimizerConfig* optimizer = nullptr,
-                Reduction reduction = Reduction::exact, bool force_fixed = false) {
+                Reduction reduction = Reduction::exact, bool force_fixed = false, bool overlap = true) {
   OptimizerConfig oc;
   oc.adamw.weight_decay = 0.1;
   if (optimizer) oc = *optimizer;
   ParallelTrainer<float> t(cfg, grid, oc, zero, reduction);
   t.force_fixed_leaf_sum(force_fixed);
+  t.set_overlap_a2a(overlap);
   t.model().init(7);
   if (!resume.empty()) {  // weights, routing bias and AdamW state of another layout's checkpoint
     load_model_weights(resume, cfg, t.model().layout(), t.model().params(), t.model().expert_bias(),
@@ -113,6 +114,26 @@ RunResult train(const ModelConfig& cfg, ProcessGrid& grid, int steps, int M, int
   r.bias = t.model().expert_bias();
   r.layout = std::make_unique<ParamLayout>(t.model().layout());
   return r;
+}
+
+// A run at some layout against the one-rank run `ref`, bit for bit: every step's loss
+// and gradient norm, every tensor (by name: the layouts differ), the routing biases.
+void expect_same_run(const RunResult& got, const RunResult& ref, const std::string& label) {
+  ASSERT_EQ(got.losses.size(), ref.losses.size()) << label;
+  for (size_t s = 0; s < ref.losses.size(); ++s) {
+    ASSERT_EQ(std::memcmp(&got.losses[s], &ref.losses[s], sizeof(double)), 0)
+        << label << " step " << s + 1 << ": " << got.losses[s] << " vs " << ref.losses[s];
+    ASSERT_EQ(std::memcmp(&got.norms[s], &ref.norms[s], sizeof(double)), 0) << label << " grad norm, step " << s + 1;
+  }
+  int64_t compared = 0;
+  for (const auto& t : got.layout->tensors()) {
+    const auto& rt = ref.layout->at(t.name);
+    ASSERT_EQ(std::memcmp(got.params.data() + t.offset, ref.params.data() + rt.offset, t.numel * sizeof(float)), 0)
+        << t.name << " differs at " << label;
+    compared += int64_t(t.numel);
+  }
+  EXPECT_GT(compared, 0);
+  EXPECT_EQ(got.bias, ref.bias) << label;
 }
 
 }  // namespace
@@ -162,37 +183,49 @@ TEST(ExpertParallel, DispatchCombineRoundTrip) {
     Permutation p = make_permutation(r);
     std::vector<double> x(N * d);
     for (auto& v : x) v = double(g() % 1000) / 1000.0;
-    std::vector<double> xp(p.pairs() * d), yp(p.pairs() * d), y(N * d, 0.0);
+    std::vector<double> xp(p.pairs() * d), yp(p.pairs() * d);
     dispatch_forward(xp.data(), x.data(), p, d);
     for (int64_t i = 0; i < p.pairs(); ++i) {  // tag rows: source rank, expert
       xp[i * d] = grid.ep_rank;
       xp[i * d + 1] = r.idx[p.pair_token[i] * cfg.K() + p.pair_slot[i]];
     }
-    IdentityStage stage(grid.ep_comm, cfg.E(), d, cfg.F(), [](int) -> const ExpertViews<double>& {
-      static const ExpertViews<double> none;
-      return none;
-    });
-    stage.d = d;
-    stage.forward(0, p, xp.data(), yp.data());
-    EXPECT_FALSE(stage.wrong) << "a row reached the wrong owner at ep " << ep;
-    int64_t got = stage.received, sent = p.pairs();
-    grid.ep_comm.allreduce_sum(std::span<int64_t>(&got, 1));
-    grid.ep_comm.allreduce_sum(std::span<int64_t>(&sent, 1));
-    EXPECT_EQ(got, sent);
-    EXPECT_EQ(yp, xp);
-    dispatch_forward(xp.data(), x.data(), p, d);  // untagged rows for the combine
-    combine_forward(y.data(), xp.data(), r.weight.data(), p, d);
-    for (int64_t i = 0; i < N * d; ++i) ASSERT_NEAR(y[i], x[i], 1e-12);
-    // Gradient: combine^T, exchange back and forth, dispatch^T returns dy.
-    std::vector<double> dy(N * d), dyp(p.pairs() * d), dxp(p.pairs() * d), dw(N * cfg.K()), dx(N * d, 0.0);
-    for (auto& v : dy) v = double(g() % 1000) / 1000.0;
-    combine_backward(dyp.data(), dw.data(), dy.data(), xp.data(), r.weight.data(), p, d);
-    stage.backward(0, p, dyp.data(), dxp.data());
-    EXPECT_EQ(dxp, dyp);
-    dispatch_backward(dx.data(), dxp.data(), p, d);
-    for (int64_t i = 0; i < N * d; ++i) ASSERT_NEAR(dx[i], dy[i], 1e-12);
-    if (ep > 1) {
-      EXPECT_GT(stage.stats.dispatch_bytes + stage.stats.combine_bytes, 0);
+    for (bool overlap : {true, false}) {
+      SCOPED_TRACE(overlap ? "overlap on" : "overlap off");
+      IdentityStage stage(grid.ep_comm, cfg.E(), d, cfg.F(), [](int) -> const ExpertViews<double>& {
+        static const ExpertViews<double> none;
+        return none;
+      });
+      stage.d = d;
+      stage.overlap = overlap;
+      int work = 0;  // the in-flight work runs once per exchange that has some
+      auto count = [&] { ++work; };
+      stage.forward(0, p, xp.data(), yp.data(), Work(count), Work(count));
+      EXPECT_EQ(work, 2);
+      EXPECT_FALSE(stage.wrong) << "a row reached the wrong owner at ep " << ep;
+      int64_t got = stage.received, sent = p.pairs();
+      grid.ep_comm.allreduce_sum(std::span<int64_t>(&got, 1));
+      grid.ep_comm.allreduce_sum(std::span<int64_t>(&sent, 1));
+      EXPECT_EQ(got, sent);
+      EXPECT_EQ(yp, xp);
+      std::vector<double> xu(p.pairs() * d), y(N * d, 0.0);
+      dispatch_forward(xu.data(), x.data(), p, d);  // untagged rows for the combine
+      combine_forward(y.data(), xu.data(), r.weight.data(), p, d);
+      for (int64_t i = 0; i < N * d; ++i) ASSERT_NEAR(y[i], x[i], 1e-12);
+      // Gradient: combine^T, exchange back and forth, dispatch^T returns dy.
+      std::vector<double> dy(N * d), dyp(p.pairs() * d), dxp(p.pairs() * d), dw(N * cfg.K()), dx(N * d, 0.0);
+      for (auto& v : dy) v = double(g() % 1000) / 1000.0;
+      combine_backward(dyp.data(), dw.data(), dy.data(), xu.data(), r.weight.data(), p, d);
+      stage.backward(0, p, dyp.data(), dxp.data(), Work(count), Work(count));
+      EXPECT_EQ(work, 4);
+      EXPECT_EQ(dxp, dyp);
+      dispatch_backward(dx.data(), dxp.data(), p, d);
+      for (int64_t i = 0; i < N * d; ++i) ASSERT_NEAR(dx[i], dy[i], 1e-12);
+      if (ep > 1) {
+        EXPECT_GT(stage.stats.dispatch_bytes + stage.stats.combine_bytes, 0);
+        if (!overlap) {
+          EXPECT_EQ(stage.stats.overlap_s, 0.0);  // nothing ran in flight
+        }
+      }
     }
   }
 }
@@ -253,22 +286,8 @@ TEST(ExpertParallel, TrainingIsBitIdenticalToOneRank) {
     for (int zero : {0, 1}) {
       ProcessGrid grid = ProcessGrid::create(world, ep, cfg);
       const RunResult got = train(cfg, grid, steps, M, zero);
-      for (int s = 0; s < steps; ++s) {
-        ASSERT_EQ(std::memcmp(&got.losses[s], &ref.losses[s], sizeof(double)), 0)
-            << "W=" << W << " ep=" << ep << " zero=" << zero << " step " << s + 1 << ": " << got.losses[s]
-            << " vs " << ref.losses[s];
-        ASSERT_EQ(std::memcmp(&got.norms[s], &ref.norms[s], sizeof(double)), 0) << "grad norm, step " << s + 1;
-      }
-      int64_t compared = 0;
-      for (const auto& t : got.layout->tensors()) {
-        const auto& rt = ref.layout->at(t.name);
-        ASSERT_EQ(std::memcmp(got.params.data() + t.offset, ref.params.data() + rt.offset, t.numel * sizeof(float)),
-                  0)
-            << t.name << " differs at W=" << W << " ep=" << ep << " zero=" << zero;
-        compared += int64_t(t.numel);
-      }
-      EXPECT_GT(compared, 0);
-      EXPECT_EQ(got.bias, ref.bias);
+      ASSERT_NO_FATAL_FAILURE(expect_same_run(
+          got, ref, "W=" + std::to_string(W) + " ep=" + std::to_string(ep) + " zero=" + std::to_string(zero)));
     }
 }
 
@@ -287,18 +306,27 @@ TEST(ExpertParallel, OneMicroBatchPerRankIsBitIdenticalToOneRank) {
     for (int zero : {0, 1}) {
       ProcessGrid grid = ProcessGrid::create(world, ep, cfg);
       const RunResult got = train(cfg, grid, steps, W, zero);
-      for (int s = 0; s < steps; ++s) {
-        ASSERT_EQ(std::memcmp(&got.losses[s], &ref.losses[s], sizeof(double)), 0)
-            << "W=" << W << " ep=" << ep << " zero=" << zero << " step " << s + 1;
-        ASSERT_EQ(std::memcmp(&got.norms[s], &ref.norms[s], sizeof(double)), 0) << "grad norm, step " << s + 1;
-      }
-      for (const auto& t : got.layout->tensors()) {
-        const auto& rt = ref.layout->at(t.name);
-        ASSERT_EQ(std::memcmp(got.params.data() + t.offset, ref.params.data() + rt.offset, t.numel * sizeof(float)),
-                  0)
-            << t.name << " differs at W=" << W << " ep=" << ep << " zero=" << zero;
-      }
-      EXPECT_EQ(got.bias, ref.bias);
+      ASSERT_NO_FATAL_FAILURE(expect_same_run(
+          got, ref, "W=" + std::to_string(W) + " ep=" + std::to_string(ep) + " zero=" + std::to_string(zero)));
+    }
+}
+
+// Running the shared expert and the router backward while the tokens are in flight
+// (parallel.overlap_a2a, on in every other test here) changes no bit: the same training
+// run with the overlap off, at every layout and with 1 and 2 micro-batches per rank.
+TEST(ExpertParallel, OverlapOfTheAllToAllChangesNoBit) {
+  Comm world = Comm::world();
+  const auto cfg = tiny_config();
+  const int W = world.size(), steps = 3;
+  for (int ep : valid_eps(W, cfg.E()))
+    for (int A : {1, 2}) {
+      ProcessGrid grid = ProcessGrid::create(world, ep, cfg);
+      const RunResult on = train(cfg, grid, steps, A * W, 0);
+      const RunResult off = train(cfg, grid, steps, A * W, 0, "", 1, "", nullptr, Reduction::exact, false, false);
+      ASSERT_EQ(on.params.size(), off.params.size());
+      ASSERT_EQ(std::memcmp(on.params.data(), off.params.data(), on.params.size() * sizeof(float)), 0)
+          << "W=" << W << " ep=" << ep << " micro-batches per rank " << A;
+      EXPECT_EQ(on.bias, off.bias);
     }
 }
 
