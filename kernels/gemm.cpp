@@ -32,6 +32,7 @@ UkernelSet generic_kernels() {
 
 namespace {
 
+using detail::PackCopy;
 using detail::PackRows;
 using detail::UkernelDesc;
 using detail::UkernelSet;
@@ -102,15 +103,17 @@ const UkernelDesc<double>& desc_of<double>(const UkernelSet& s) {
   return s.f64;
 }
 
-// A(r, k) of the logical (M, K) operand; trans: stored as (K, M). `rows` is the ISA's
-// transposing pack (PackRows), or null for the loops below.
+// A(r, k) of the logical (M, K) operand; trans: stored as (K, M). rows_fn / copy_fn are
+// the ISA's transposing and plain packs (PackRows, PackCopy), or null for the loops below.
 template <class T>
 void pack_a(T* Ap, const T* A, int64_t lda, bool trans, int64_t i0, int64_t mc, int64_t k0, int64_t kc, int mr,
-            PackRows<T> rows_fn) {
+            PackRows<T> rows_fn, PackCopy<T> copy_fn) {
   for (int64_t p = 0; p * mr < mc; ++p) {
     T* dst = Ap + p * mr * kc;
     const int64_t r0 = i0 + p * mr, rows = std::min<int64_t>(mr, mc - p * mr);
-    if (trans) {
+    if (trans && copy_fn) {
+      copy_fn(dst, A + k0 * lda + r0, lda, int(rows), kc, mr);
+    } else if (trans) {
       for (int64_t k = 0; k < kc; ++k) {
         const T* src = A + (k0 + k) * lda + r0;
         T* d = dst + k * mr;
@@ -133,12 +136,14 @@ void pack_a(T* Ap, const T* A, int64_t lda, bool trans, int64_t i0, int64_t mc, 
 // B(k, c) of the logical (K, N) operand; trans: stored as (N, K).
 template <class T>
 void pack_b(T* Bp, const T* B, int64_t ldb, bool trans, int64_t j0, int64_t nc, int64_t k0, int64_t kc, int nr,
-            PackRows<T> rows_fn) {
+            PackRows<T> rows_fn, PackCopy<T> copy_fn) {
   for (int64_t p = 0; p * nr < nc; ++p) {
     T* dst = Bp + p * nr * kc;
     const int64_t c0 = j0 + p * nr, cols = std::min<int64_t>(nr, nc - p * nr);
     if (trans && rows_fn) {
       rows_fn(dst, B + c0 * ldb + k0, ldb, int(cols), kc, nr);
+    } else if (!trans && copy_fn) {
+      copy_fn(dst, B + k0 * ldb + c0, ldb, int(cols), kc, nr);
     } else if (trans) {
       for (int64_t j = 0; j < cols; ++j) {
         const T* src = B + (c0 + j) * ldb + k0;
@@ -207,13 +212,13 @@ void gemm_impl(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, in
     for (int64_t x = 0; x < nkb * pa; ++x) {
       const int64_t k0 = (x / pa) * kGemmKc, kc = std::min(kGemmKc, K - k0), p = x % pa;
       pack_a(ap + k0 * Mp + p * mr * kc, A, lda, ta, p * mr, std::min<int64_t>(mr, M - p * mr), k0, kc, mr,
-             uk.pack_rows);
+             uk.pack_rows, uk.pack_copy);
     }
 #pragma omp for schedule(static)
     for (int64_t x = 0; x < nkb * pb; ++x) {
       const int64_t k0 = (x / pb) * kGemmKc, kc = std::min(kGemmKc, K - k0), p = x % pb;
       pack_b(bp + k0 * Np + p * nr * kc, B, ldb, tb, p * nr, std::min<int64_t>(nr, N - p * nr), k0, kc, nr,
-             uk.pack_rows);
+             uk.pack_rows, uk.pack_copy);
     }
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < nt; ++t) {

@@ -94,11 +94,27 @@ void pack_rows_f32(float* dst, const float* src, int64_t ld, int rows, int64_t k
   }
 }
 
+// PackCopy (gemm_ukernel.hpp) for panels of w <= 16 (kMr, kNr): each row of kc as up to
+// two masked vectors of 8 (the lanes past `cols` load as 0, the stores stop at w).
+void pack_copy_f32(float* dst, const float* src, int64_t ld, int cols, int64_t kc, int w) {
+  const __m256i l0 = first_lanes(cols), s0 = first_lanes(w), l1 = first_lanes(cols - 8), s1 = first_lanes(w - 8);
+  if (w <= 8) {
+    for (int64_t k = 0; k < kc; ++k) _mm256_maskstore_ps(dst + k * w, s0, _mm256_maskload_ps(src + k * ld, l0));
+    return;
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    const float* r = src + k * ld;
+    float* d = dst + k * w;
+    _mm256_maskstore_ps(d, s0, _mm256_maskload_ps(r, l0));
+    _mm256_maskstore_ps(d + 8, s1, _mm256_maskload_ps(r + 8, l1));
+  }
+}
+
 }  // namespace
 
 UkernelSet avx2_kernels() {
   UkernelSet s;
-  s.f32 = {kMr, kNr, &ukernel_f32, &pack_rows_f32};
+  s.f32 = {kMr, kNr, &ukernel_f32, &pack_rows_f32, &pack_copy_f32};
   s.f64 = {4, 8, &ukernel_generic<double, 4, 8>};
   return s;
 }

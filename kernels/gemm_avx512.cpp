@@ -101,11 +101,28 @@ void pack_rows_f32(float* dst, const float* src, int64_t ld, int rows, int64_t k
   }
 }
 
+// PackCopy (gemm_ukernel.hpp) for panels of w <= 32 (kMr, kNr): each row of kc as up to
+// two masked vectors (the lanes past `cols` load as 0, the stores stop at w).
+void pack_copy_f32(float* dst, const float* src, int64_t ld, int cols, int64_t kc, int w) {
+  const auto first = [](int n) { return __mmask16(n >= 16 ? 0xFFFFu : (1u << std::max(n, 0)) - 1u); };
+  const __mmask16 l0 = first(cols), s0 = first(w), l1 = first(cols - 16), s1 = first(w - 16);
+  if (w <= 16) {
+    for (int64_t k = 0; k < kc; ++k) _mm512_mask_storeu_ps(dst + k * w, s0, _mm512_maskz_loadu_ps(l0, src + k * ld));
+    return;
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    const float* r = src + k * ld;
+    float* d = dst + k * w;
+    _mm512_mask_storeu_ps(d, s0, _mm512_maskz_loadu_ps(l0, r));
+    _mm512_mask_storeu_ps(d + 16, s1, _mm512_maskz_loadu_ps(l1, r + 16));
+  }
+}
+
 }  // namespace
 
 UkernelSet avx512_kernels() {
   UkernelSet s;
-  s.f32 = {kMr, kNr, &ukernel_f32, &pack_rows_f32};
+  s.f32 = {kMr, kNr, &ukernel_f32, &pack_rows_f32, &pack_copy_f32};
   s.f64 = {8, 16, &ukernel_generic<double, 8, 16>};
   return s;
 }

@@ -20,11 +20,18 @@ using Ukernel = void (*)(int64_t kc, const T* Ap, const T* Bp, T* C, int64_t ldc
 template <class T>
 using PackRows = void (*)(T* dst, const T* src, int64_t ld, int rows, int64_t kc, int w);
 
+// The plain pack (A stored (K, M), B stored (K, N)): for kc rows of `cols` <= w
+// contiguous elements (leading dimension ld), dst[k*w + j] = src[k*ld + j] for j < cols,
+// and 0 for cols <= j < w. Pure data movement, like PackRows.
+template <class T>
+using PackCopy = void (*)(T* dst, const T* src, int64_t ld, int cols, int64_t kc, int w);
+
 template <class T>
 struct UkernelDesc {
   int mr = 0, nr = 0;
   Ukernel<T> fn = nullptr;
   PackRows<T> pack_rows = nullptr;  // null: gemm.cpp's scalar loops
+  PackCopy<T> pack_copy = nullptr;  // null: gemm.cpp's scalar loops
 };
 
 struct UkernelSet {
