@@ -50,7 +50,8 @@ struct Model<T>::Impl {
     HcOffsets hc_attn, hc_ffn;           // mHC (hc_mult > 1): the connections of both sub-blocks
     MoeWeights<T> moe;                    // pointers resolved per call (params may move)
     // activations of the last forward
-    std::vector<T> h_in, a_in, rstd1, q_act, k_act, v_act, attn_stats, ctx, h_mid, f_in, rstd2;
+    // qkv (N, (H + 2 Hkv) hd): each row holds q, then k, then v (qkv_layout)
+    std::vector<T> h_in, a_in, rstd1, qkv, attn_stats, ctx, h_mid, f_in, rstd2;
     AttentionV4Cache<T> v4_cache;
     MlpCache<T> dense;
     MoeCache<T> moe_cache;
@@ -95,7 +96,7 @@ struct Model<T>::Impl {
   MoeScratch<T> scratch;
   AttentionV4Scratch<T> v4_scratch;
   // work buffers reused across calls: hidden state, branch output and their gradients
-  std::vector<T> h, tmp, dh, dx, dq, dk, dv, dctx;
+  std::vector<T> h, tmp, dh, dx, dqkv, dctx;  // dqkv: the gradient of qkv, in its layout
   int rows = 0, seq_len = 0;
 };
 
@@ -215,7 +216,7 @@ int64_t Model<T>::activation_bytes() const {
   int64_t b = 0;
   const auto add = [&b](const auto&... v) { ((b += int64_t(v.capacity() * sizeof(v[0]))), ...); };
   const auto add_layer = [&](const typename Impl::Layer& L) {
-    add(L.h_in, L.a_in, L.rstd1, L.q_act, L.k_act, L.v_act, L.attn_stats, L.ctx, L.h_mid, L.f_in, L.rstd2);
+    add(L.h_in, L.a_in, L.rstd1, L.qkv, L.attn_stats, L.ctx, L.h_mid, L.f_in, L.rstd2);
     b += L.v4_cache.bytes();
     add(L.dense.gu, L.dense.a, L.moe_cache.shared.gu, L.moe_cache.shared.a);
     const auto& m = L.moe_cache;
@@ -225,7 +226,7 @@ int64_t Model<T>::activation_bytes() const {
   };
   for (const auto& L : I.layers) add_layer(L);
   add_layer(I.work);
-  add(I.h_final, I.x_final, I.rstd_final, I.logits, I.dlogits, I.h, I.tmp, I.dh, I.dx, I.dq, I.dk, I.dv, I.dctx);
+  add(I.h_final, I.x_final, I.rstd_final, I.logits, I.dlogits, I.h, I.tmp, I.dh, I.dx, I.dqkv, I.dctx);
   add(I.xs_final, I.xs2, I.u, I.dxs, I.dxs2, I.du, I.hs_head.mix, I.hs_head.rstd, I.hs_head.pre);
   add(I.hc_work.dpre, I.hc_work.dpost, I.hc_work.dcomb, I.hc_work.da, I.hc_work.dmix);
   const auto& M = I.mtp;
@@ -333,22 +334,69 @@ void attention_norm(Buf& L, const Wts& W, const T* P, const T* h, int64_t N, con
   L.rstd1.resize(N);
   ops::rmsnorm_forward(L.a_in.data(), L.rstd1.data(), h, P + W.ln1, N, d, c.rms_norm_eps);
 }
+// The fused Q/K/V projection of the default attention. The parameter layout stores
+// q_proj, k_proj, v_proj one after the other (ParamLayout), so they are one
+// ((H + 2 Hkv) hd, d) matrix and qkv = a W^T one GEMM whose row holds q, k, v. Every
+// element is the dot product of the three separate GEMMs in the same order
+// (kernels/gemm.hpp), so fusing changes no bit; attention and RoPE read q, k and v in
+// place through their row stride. The backward fuses the weight gradient the same way,
+// and the input gradient when qd and kvd are multiples of the GEMM's K block (else
+// three GEMMs, the same order as before the fusion).
+struct QkvLayout {
+  int64_t qd, kvd, ld;  // widths of q and of k (= v), and the row length qd + 2 kvd
+  int64_t k_at() const { return qd; }
+  int64_t v_at() const { return qd + kvd; }
+};
+inline QkvLayout qkv_layout(const ModelConfig& c) {
+  const int64_t qd = int64_t(c.H()) * c.hd(), kvd = int64_t(c.Hkv()) * c.hd();
+  return {qd, kvd, qd + 2 * kvd};
+}
+template <class T>
+void qkv_forward(T* qkv, const T* a, const T* P, size_t q, size_t k, size_t v, int64_t N, int64_t d,
+                 const QkvLayout& Q) {
+  if (k == q + size_t(Q.qd * d) && v == k + size_t(Q.kvd * d)) {
+    kernels::gemm_nt(N, Q.ld, d, a, d, P + q, d, qkv, Q.ld, false);
+  } else {
+    kernels::gemm_nt(N, Q.qd, d, a, d, P + q, d, qkv, Q.ld, false);
+    kernels::gemm_nt(N, Q.kvd, d, a, d, P + k, d, qkv + Q.k_at(), Q.ld, false);
+    kernels::gemm_nt(N, Q.kvd, d, a, d, P + v, d, qkv + Q.v_at(), Q.ld, false);
+  }
+}
+// dx (N,d) += dqkv W; dW += dqkv^T a, for the weights at offsets q, k, v of P and G.
+template <class T>
+void qkv_backward(T* dx, T* G, const T* dqkv, const T* a, const T* P, size_t q, size_t k, size_t v, int64_t N,
+                  int64_t d, const QkvLayout& Q) {
+  if (N == 0) return;
+  const bool adjacent = k == q + size_t(Q.qd * d) && v == k + size_t(Q.kvd * d);
+  if (adjacent && Q.qd % kernels::kGemmKc == 0 && Q.kvd % kernels::kGemmKc == 0) {
+    kernels::gemm_nn(N, d, Q.ld, dqkv, Q.ld, P + q, d, dx, d, true);
+  } else {
+    kernels::gemm_nn(N, d, Q.qd, dqkv, Q.ld, P + q, d, dx, d, true);
+    kernels::gemm_nn(N, d, Q.kvd, dqkv + Q.k_at(), Q.ld, P + k, d, dx, d, true);
+    kernels::gemm_nn(N, d, Q.kvd, dqkv + Q.v_at(), Q.ld, P + v, d, dx, d, true);
+  }
+  if (adjacent) {
+    kernels::gemm_tn(Q.ld, d, N, dqkv, Q.ld, a, d, G + q, d, true);
+  } else {
+    kernels::gemm_tn(Q.qd, d, N, dqkv, Q.ld, a, d, G + q, d, true);
+    kernels::gemm_tn(Q.kvd, d, N, dqkv + Q.k_at(), Q.ld, a, d, G + k, d, true);
+    kernels::gemm_tn(Q.kvd, d, N, dqkv + Q.v_at(), Q.ld, a, d, G + v, d, true);
+  }
+}
+
 // Shared by forward() and extend(): the attention inputs of one layer, a = RMSNorm(h)
-// and q, k, v with RoPE at pos (N tokens), into the buffers L with the weights W (the
-// default attention; V4's are attention_v4_project).
+// and qkv with RoPE on q and k at pos (N tokens), into the buffers L with the weights W
+// (the default attention; V4's are attention_v4_project).
 template <class T, class Buf, class Wts>
 void attention_inputs(Buf& L, const Wts& W, const T* P, const T* h, const int32_t* pos, int64_t N,
                       const ModelConfig& c) {
-  const int64_t d = c.d(), hd = c.hd(), qd = int64_t(c.H()) * hd, kvd = int64_t(c.Hkv()) * hd;
+  const int64_t d = c.d(), hd = c.hd();
+  const QkvLayout Q = qkv_layout(c);
   attention_norm(L, W, P, h, N, c);
-  L.q_act.resize(N * qd);
-  L.k_act.resize(N * kvd);
-  L.v_act.resize(N * kvd);
-  ops::linear_forward(L.q_act.data(), L.a_in.data(), P + W.q, N, d, qd);
-  ops::linear_forward(L.k_act.data(), L.a_in.data(), P + W.k, N, d, kvd);
-  ops::linear_forward(L.v_act.data(), L.a_in.data(), P + W.v, N, d, kvd);
-  ops::rope_apply(L.q_act.data(), pos, N, c.H(), hd, c.rope_theta, +1);
-  ops::rope_apply(L.k_act.data(), pos, N, c.Hkv(), hd, c.rope_theta, +1);
+  L.qkv.resize(N * Q.ld);
+  qkv_forward(L.qkv.data(), L.a_in.data(), P, W.q, W.k, W.v, N, d, Q);
+  ops::rope_apply(L.qkv.data(), pos, N, c.H(), hd, c.rope_theta, +1, Q.ld);
+  ops::rope_apply(L.qkv.data() + Q.k_at(), pos, N, c.Hkv(), hd, c.rope_theta, +1, Q.ld);
 }
 
 // The FFN sub-block of layer l: f_in = RMSNorm(h), out (N,d) = the dense MLP of a dense
@@ -484,8 +532,10 @@ MicroStats Model<T>::forward(const MicroBatch& mb, const LossNorm& norm, const F
       attention_inputs(L, W, P, in, I.pos.data(), N, c);
       L.attn_stats.resize(int64_t(B) * H * S * 2);
       L.ctx.resize(N * qd);
-      ops::attention_forward(L.ctx.data(), L.attn_stats.data(), L.q_act.data(), L.k_act.data(), L.v_act.data(),
-                             mb.doc_ids.data(), B, S, H, Hkv, hd);
+      const QkvLayout Q = qkv_layout(c);
+      ops::attention_forward(L.ctx.data(), L.attn_stats.data(), L.qkv.data(), L.qkv.data() + Q.k_at(),
+                             L.qkv.data() + Q.v_at(), mb.doc_ids.data(), B, S, H, Hkv, hd,
+                             static_cast<const T*>(nullptr), int64_t(0), Q.ld, Q.ld);
       ops::linear_forward(tmp.data(), L.ctx.data(), P + W.o, N, qd, d);
     }
     if (hc && opt.train) L.y_attn = tmp;
@@ -591,16 +641,15 @@ void Model<T>::backward(const T* dlogits) {
   const ModelConfig& c = cfg_;
   const int B = I.rows, S = I.seq_len;
   const int64_t N = int64_t(B) * S, d = c.d(), V = c.vocab_size, H = c.H(), Hkv = c.Hkv(), hd = c.hd();
-  const int64_t qd = H * hd, kvd = Hkv * hd;
+  const int64_t qd = H * hd;
   const T* P = params_.data();
   T* G = grads_.data();
-  auto &dh = I.dh, &dx = I.dx, &dq = I.dq, &dk = I.dk, &dv = I.dv, &dctx = I.dctx;
+  auto &dh = I.dh, &dx = I.dx, &dqkv = I.dqkv, &dctx = I.dctx;
+  const QkvLayout Q = qkv_layout(c);
   dh.assign(N * d, T(0));
   dx.assign(N * d, T(0));
   if (!c.v4_attention()) {
-    dq.resize(N * qd);
-    dk.resize(N * kvd);
-    dv.resize(N * kvd);
+    dqkv.resize(N * Q.ld);
     dctx.resize(N * qd);
   }
   profile::Scope ps(profile::Phase::lm_head_bwd);
@@ -656,17 +705,15 @@ void Model<T>::backward(const T* dlogits) {
     } else {
       std::fill(dctx.begin(), dctx.end(), T(0));
       ops::linear_backward(dctx.data(), G + L.o, dh.data(), L.ctx.data(), P + L.o, N, qd, d);
-      std::fill(dq.begin(), dq.end(), T(0));
-      std::fill(dk.begin(), dk.end(), T(0));
-      std::fill(dv.begin(), dv.end(), T(0));
-      ops::attention_backward(dq.data(), dk.data(), dv.data(), dctx.data(), L.attn_stats.data(), L.q_act.data(),
-                              L.k_act.data(), L.v_act.data(), I.doc.data(), B, S, H, Hkv, hd);
-      ops::rope_apply(dq.data(), I.pos.data(), N, H, hd, c.rope_theta, -1);
-      ops::rope_apply(dk.data(), I.pos.data(), N, Hkv, hd, c.rope_theta, -1);
+      std::fill(dqkv.begin(), dqkv.end(), T(0));
+      const T* qkv = L.qkv.data();
+      ops::attention_backward(dqkv.data(), dqkv.data() + Q.k_at(), dqkv.data() + Q.v_at(), dctx.data(),
+                              L.attn_stats.data(), qkv, qkv + Q.k_at(), qkv + Q.v_at(), I.doc.data(), B, S, H, Hkv,
+                              hd, static_cast<const T*>(nullptr), static_cast<T*>(nullptr), int64_t(0), Q.ld, Q.ld);
+      ops::rope_apply(dqkv.data(), I.pos.data(), N, H, hd, c.rope_theta, -1, Q.ld);
+      ops::rope_apply(dqkv.data() + Q.k_at(), I.pos.data(), N, Hkv, hd, c.rope_theta, -1, Q.ld);
       std::fill(dx.begin(), dx.end(), T(0));
-      ops::linear_backward(dx.data(), G + L.q, dq.data(), L.a_in.data(), P + L.q, N, d, qd);
-      ops::linear_backward(dx.data(), G + L.k, dk.data(), L.a_in.data(), P + L.k, N, d, kvd);
-      ops::linear_backward(dx.data(), G + L.v, dv.data(), L.a_in.data(), P + L.v, N, d, kvd);
+      qkv_backward(dx.data(), G, dqkv.data(), L.a_in.data(), P, L.q, L.k, L.v, N, d, Q);
     }
     ops::rmsnorm_backward(dsub, G + L.ln1, dx.data(), L.h_in.data(), P + L.ln1, L.rstd1.data(), N, d);
     if (hc) {
@@ -840,14 +887,15 @@ void Model<T>::extend(KvCache<T>& kv, const int32_t* row, const int32_t* tokens,
       attention_v4_output(tmp.data(), A, W.v4, P, I.pos.data(), n, c);
     } else {
       attention_inputs(L, W, P, in, I.pos.data(), n, c);
+      const QkvLayout Q = qkv_layout(c);
       for (int64_t i = 0; i < n; ++i) {
         const int64_t at = (int64_t(row[i]) * kv.capacity + I.pos[i]) * kvd;
-        std::copy_n(L.k_act.data() + i * kvd, kvd, kv.k[l].data() + at);
-        std::copy_n(L.v_act.data() + i * kvd, kvd, kv.v[l].data() + at);
+        std::copy_n(L.qkv.data() + i * Q.ld + Q.k_at(), kvd, kv.k[l].data() + at);
+        std::copy_n(L.qkv.data() + i * Q.ld + Q.v_at(), kvd, kv.v[l].data() + at);
       }
       L.ctx.resize(n * qd);
-      ops::attention_cached(L.ctx.data(), L.q_act.data(), kv.k[l].data(), kv.v[l].data(), row, I.pos.data(), n,
-                            kv.capacity, H, Hkv, hd);
+      ops::attention_cached(L.ctx.data(), L.qkv.data(), kv.k[l].data(), kv.v[l].data(), row, I.pos.data(), n,
+                            kv.capacity, H, Hkv, hd, static_cast<const T*>(nullptr), int64_t(0), Q.ld);
       ops::linear_forward(tmp.data(), L.ctx.data(), P + W.o, n, qd, d);
     }
     leave_sub_block(h, I.xs2, tmp.data(), hc ? &L.hs_attn : nullptr, n, d, hs);

@@ -190,9 +190,11 @@ inline const RopeTable& rope_table(double theta, int64_t hd, int64_t positions) 
 // The rotation itself, on the rd channels [hd - rd, hd) of each head of x (N, nh, hd):
 // frequency f (angle pos * theta^(-2f/rd)) rotates the pair (f, f + rd/2) (rotate_half,
 // Llama) or, `interleaved`, the adjacent pair (2f, 2f + 1) (DeepSeek-V4, MODEL.md 12).
+// ld: the row stride of x (0 = nh*hd; the fused Q/K/V buffer has longer rows).
 template <class T>
 void rope_rotate(T* x, const int32_t* pos, int64_t N, int64_t nh, int64_t hd, int64_t rd, bool interleaved,
-                 double theta, int sign) {
+                 double theta, int sign, int64_t ld = 0) {
+  if (ld == 0) ld = nh * hd;
   const int64_t half = rd / 2, off = hd - rd;
   if (half == 0 || N == 0) return;
   int64_t positions = 0;
@@ -206,7 +208,7 @@ void rope_rotate(T* x, const int32_t* pos, int64_t N, int64_t nh, int64_t hd, in
       const T c = T(ct[f]), s = T(sign * st[f]);
       const int64_t ja = off + (interleaved ? 2 * f : f), jb = off + (interleaved ? 2 * f + 1 : f + half);
       for (int64_t h = 0; h < nh; ++h) {
-        T* v = x + (i * nh + h) * hd;
+        T* v = x + i * ld + h * hd;
         const T a = v[ja], b = v[jb];
         v[ja] = a * c - b * s;
         v[jb] = b * c + a * s;
@@ -215,8 +217,9 @@ void rope_rotate(T* x, const int32_t* pos, int64_t N, int64_t nh, int64_t hd, in
   }
 }
 template <class T>
-void rope_apply(T* x, const int32_t* pos, int64_t N, int64_t nh, int64_t hd, double theta, int sign) {
-  rope_rotate(x, pos, N, nh, hd, hd, false, theta, sign);
+void rope_apply(T* x, const int32_t* pos, int64_t N, int64_t nh, int64_t hd, double theta, int sign,
+                int64_t ld = 0) {
+  rope_rotate(x, pos, N, nh, hd, hd, false, theta, sign, ld);
 }
 
 // ---------------------------------------------------------------- attention
@@ -296,11 +299,13 @@ inline T attn_sink(const T* sinks, int64_t h) {
 // q (B*S, H*hd), k, v (B*S, Hkv*hd) (q, k already rotated; k and v may be the same
 // buffer, as V4's shared key/value head); doc (B*S); sinks (H) or null (none);
 // window W > 0: query i sees only keys [i - W + 1, i] of its document (0 = all).
+// ldq, ldk: the row strides of q and of k, v (0 = H*hd, Hkv*hd; the fused Q/K/V buffer
+// of the default attention holds all three in rows of (H + 2 Hkv)*hd). out is contiguous.
 template <class T>
 void attention_forward(T* out, T* stats, const T* q, const T* k, const T* v, const int32_t* doc, int64_t B,
-                       int64_t S, int64_t H, int64_t Hkv, int64_t hd, const T* sinks = nullptr,
-                       int64_t window = 0) {
-  const int64_t qs = H * hd, ks = Hkv * hd, rep = H / Hkv;
+                       int64_t S, int64_t H, int64_t Hkv, int64_t hd, const T* sinks = nullptr, int64_t window = 0,
+                       int64_t ldq = 0, int64_t ldk = 0) {
+  const int64_t os = H * hd, qs = ldq ? ldq : os, ks = ldk ? ldk : Hkv * hd, rep = H / Hkv;
   const T scale = T(1) / std::sqrt(T(hd));
 #pragma omp parallel for collapse(2) schedule(dynamic, 1)
   for (int64_t b = 0; b < B; ++b)
@@ -324,21 +329,22 @@ void attention_forward(T* out, T* stats, const T* q, const T* k, const T* v, con
             std::fill(pr, pr + a, T(0));
             attention_softmax_row(pr + a, i - k0 - a + 1, nk - a, scale, stats + ((b * H + h) * S + i) * 2, sink);
           }
-          kernels::gemm_nn(m, hd, nk, sc.data(), nk, V, ks, out + (b * S + i0) * qs + h * hd, qs, false);
+          kernels::gemm_nn(m, hd, nk, sc.data(), nk, V, ks, out + (b * S + i0) * os + h * hd, os, false);
         }
       }
     }
 }
 // dq (B*S,H*hd) +=, dk, dv (B*S,Hkv*hd) += (dk and dv may be the same buffer when k and
 // v are); dsinks (H) += when sinks is given; dout (B*S,H*hd); stats, q, k, v, doc,
-// sinks, window as forward. Parallel over (row, kv head), so that each dk/dv slice has
+// sinks, window, ldq, ldk as forward (dq has q's row stride, dk and dv k's). Parallel over (row, kv head), so that each dk/dv slice has
 // one writer; its query heads, documents and tiles are added in that fixed order. The
 // sinks' gradient is summed afterwards over rows and positions in order.
 template <class T>
 void attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* stats, const T* q, const T* k, const T* v,
                         const int32_t* doc, int64_t B, int64_t S, int64_t H, int64_t Hkv, int64_t hd,
-                        const T* sinks = nullptr, T* dsinks = nullptr, int64_t window = 0) {
-  const int64_t qs = H * hd, ks = Hkv * hd, rep = H / Hkv;
+                        const T* sinks = nullptr, T* dsinks = nullptr, int64_t window = 0, int64_t ldq = 0,
+                        int64_t ldk = 0) {
+  const int64_t os = H * hd, qs = ldq ? ldq : os, ks = ldk ? ldk : Hkv * hd, rep = H / Hkv;
   const T scale = T(1) / std::sqrt(T(hd));
   // d loss / d sink of each (row, head, query), (B,H,S): scratch of the calling thread,
   // bound to a reference because the loop's threads share it.
@@ -358,7 +364,7 @@ void attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* stats, cons
             const int64_t k0 = detail::attn_key_start(ds, i0, window);
             const int64_t i1 = std::min(de, i0 + kAttnTile), m = i1 - i0, nk = i1 - k0;
             const int64_t kv0 = (b * S + k0) * ks + kh * hd;
-            const int64_t q0 = (b * S + i0) * qs + h * hd;
+            const int64_t q0 = (b * S + i0) * qs + h * hd, o0 = (b * S + i0) * os + h * hd;
             if (int64_t(p.size()) < m * nk) p.resize(m * nk);
             if (int64_t(dp.size()) < m * nk) dp.resize(m * nk);
             kernels::gemm_nt(m, nk, hd, q + q0, qs, k + kv0, ks, p.data(), nk, false);
@@ -368,8 +374,8 @@ void attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* stats, cons
               std::fill(pr, pr + a, T(0));
               attention_probs_row(pr + a, i - k0 - a + 1, nk - a, scale, stats + ((b * H + h) * S + i) * 2);
             }
-            kernels::gemm_tn(nk, hd, m, p.data(), nk, dout + q0, qs, dv + kv0, ks, true);
-            kernels::gemm_nt(m, nk, hd, dout + q0, qs, v + kv0, ks, dp.data(), nk, false);
+            kernels::gemm_tn(nk, hd, m, p.data(), nk, dout + o0, os, dv + kv0, ks, true);
+            kernels::gemm_nt(m, nk, hd, dout + o0, os, v + kv0, ks, dp.data(), nk, false);
             for (int64_t r = 0; r < m; ++r) {
               const int64_t i = i0 + r, a = detail::attn_key_first(ds, i, window) - k0, n = i - k0 + 1;
               const T* pr = p.data() + r * nk;
@@ -399,7 +405,7 @@ void attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* stats, cons
 }
 
 // Attention of n new queries against a KV cache (decoding, MODEL.md section 10).
-// out (n, H*hd); q (n, H*hd) rotated; kc, vc (rows*cap, Hkv*hd): cache row r's
+// out (n, H*hd); q (n, H*hd) rotated, row stride ldq (0 = H*hd); kc, vc (rows*cap, Hkv*hd): cache row r's
 // position p at (r*cap + p) (kc = vc for V4's shared head). Query i sees positions
 // [0, pos[i]] of cache row row[i] (its own key included, already written), or the last
 // `window` of them. A cache row is one document from position 0, and the arithmetic is
@@ -409,8 +415,8 @@ void attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* stats, cons
 template <class T>
 void attention_cached(T* out, const T* q, const T* kc, const T* vc, const int32_t* row, const int32_t* pos, int64_t n,
                       int64_t cap, int64_t H, int64_t Hkv, int64_t hd, const T* sinks = nullptr,
-                      int64_t window = 0) {
-  const int64_t qs = H * hd, ks = Hkv * hd, rep = H / Hkv;
+                      int64_t window = 0, int64_t ldq = 0) {
+  const int64_t os = H * hd, qs = ldq ? ldq : os, ks = Hkv * hd, rep = H / Hkv;
   const T scale = T(1) / std::sqrt(T(hd));
 #pragma omp parallel for collapse(2) schedule(dynamic, 1)
   for (int64_t i = 0; i < n; ++i)
@@ -425,7 +431,7 @@ void attention_cached(T* out, const T* q, const T* kc, const T* vc, const int32_
       kernels::gemm_nt(int64_t(1), len, hd, q + i * qs + h * hd, qs, kc + kv0, ks, p.data(), len, false);
       std::fill(p.data(), p.data() + a, T(0));
       attention_softmax_row(p.data() + a, len - a, len - a, scale, stat, detail::attn_sink(sinks, h));
-      kernels::gemm_nn(int64_t(1), hd, len, p.data(), len, vc + kv0, ks, out + i * qs + h * hd, qs, false);
+      kernels::gemm_nn(int64_t(1), hd, len, p.data(), len, vc + kv0, ks, out + i * os + h * hd, os, false);
     }
 }
 

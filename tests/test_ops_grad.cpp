@@ -240,6 +240,66 @@ TEST(OpsGrad, AttentionAcrossTilesAndDocuments) {
   EXPECT_LT(check_grad(f, v, dv, 150), 1e-6);
 }
 
+// The default attention reads q, k, v in place from the fused Q/K/V rows (model.cpp's
+// qkv_layout): RoPE, the forward, the backward and the decode against a KV cache, with
+// row strides, give the bits of the same calls on contiguous copies (float; two
+// documents, several query tiles).
+TEST(OpsGrad, AttentionReadsFusedQkvRowsInPlace) {
+  const int64_t B = 1, S = 150, H = 4, Hkv = 2, hd = 8, N = B * S, qd = H * hd, kvd = Hkv * hd, ld = qd + 2 * kvd;
+  std::mt19937_64 rng(31);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<float> qkv(N * ld), dout(N * qd);
+  for (float& x : qkv) x = nd(rng);
+  for (float& x : dout) x = nd(rng);
+  std::vector<int32_t> doc(S, 0), pos(S), row(S, 0);
+  for (int64_t i = 0; i < S; ++i) pos[i] = int32_t(i);
+  for (int64_t i = 90; i < S; ++i) doc[i] = 1;
+  auto part = [&](const std::vector<float>& src, int64_t at, int64_t w) {
+    std::vector<float> v(N * w);
+    for (int64_t i = 0; i < N; ++i) std::copy_n(src.data() + i * ld + at, w, v.data() + i * w);
+    return v;
+  };
+  auto same = [](const std::vector<float>& a, const std::vector<float>& b) {
+    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+  };
+  // RoPE on q and k in place in the rows equals RoPE on contiguous copies.
+  std::vector<float> q = part(qkv, 0, qd), k = part(qkv, qd, kvd), v = part(qkv, qd + kvd, kvd);
+  ops::rope_apply(q.data(), pos.data(), N, H, hd, 10000.0, +1);
+  ops::rope_apply(k.data(), pos.data(), N, Hkv, hd, 10000.0, +1);
+  ops::rope_apply(qkv.data(), pos.data(), N, H, hd, 10000.0, +1, ld);
+  ops::rope_apply(qkv.data() + qd, pos.data(), N, Hkv, hd, 10000.0, +1, ld);
+  EXPECT_TRUE(same(q, part(qkv, 0, qd)));
+  EXPECT_TRUE(same(k, part(qkv, qd, kvd)));
+  EXPECT_TRUE(same(v, part(qkv, qd + kvd, kvd)));  // v untouched
+  std::vector<float> out_c(N * qd), out_f(N * qd), st_c(B * H * S * 2), st_f(B * H * S * 2);
+  ops::attention_forward(out_c.data(), st_c.data(), q.data(), k.data(), v.data(), doc.data(), B, S, H, Hkv, hd);
+  ops::attention_forward(out_f.data(), st_f.data(), qkv.data(), qkv.data() + qd, qkv.data() + qd + kvd, doc.data(), B,
+                         S, H, Hkv, hd, static_cast<const float*>(nullptr), int64_t(0), ld, ld);
+  EXPECT_TRUE(same(out_c, out_f));
+  EXPECT_TRUE(same(st_c, st_f));
+  std::vector<float> dq(N * qd, 0.f), dk(N * kvd, 0.f), dv(N * kvd, 0.f), dqkv(N * ld, 0.f);
+  ops::attention_backward(dq.data(), dk.data(), dv.data(), dout.data(), st_c.data(), q.data(), k.data(), v.data(),
+                          doc.data(), B, S, H, Hkv, hd);
+  ops::attention_backward(dqkv.data(), dqkv.data() + qd, dqkv.data() + qd + kvd, dout.data(), st_f.data(),
+                          qkv.data(), qkv.data() + qd, qkv.data() + qd + kvd, doc.data(), B, S, H, Hkv, hd,
+                          static_cast<const float*>(nullptr), static_cast<float*>(nullptr), int64_t(0), ld, ld);
+  ops::rope_apply(dq.data(), pos.data(), N, H, hd, 10000.0, -1);
+  ops::rope_apply(dk.data(), pos.data(), N, Hkv, hd, 10000.0, -1);
+  ops::rope_apply(dqkv.data(), pos.data(), N, H, hd, 10000.0, -1, ld);
+  ops::rope_apply(dqkv.data() + qd, pos.data(), N, Hkv, hd, 10000.0, -1, ld);
+  EXPECT_TRUE(same(dq, part(dqkv, 0, qd)));
+  EXPECT_TRUE(same(dk, part(dqkv, qd, kvd)));
+  EXPECT_TRUE(same(dv, part(dqkv, qd + kvd, kvd)));
+  // Decoding the first document's queries against a cache of its keys (cache row 0).
+  const int64_t n = 90;
+  std::vector<float> dec_c(n * qd), dec_f(n * qd);
+  ops::attention_cached(dec_c.data(), q.data(), k.data(), v.data(), row.data(), pos.data(), n, S, H, Hkv, hd);
+  ops::attention_cached(dec_f.data(), qkv.data(), k.data(), v.data(), row.data(), pos.data(), n, S, H, Hkv, hd,
+                        static_cast<const float*>(nullptr), int64_t(0), ld);
+  EXPECT_TRUE(same(dec_c, dec_f));
+  EXPECT_TRUE(std::equal(dec_c.begin(), dec_c.end(), out_c.begin()));  // = the full forward's first document
+}
+
 TEST(OpsGrad, CrossEntropy) {
   const int64_t N = 5, V = 7;
   auto x = randn(N * V, 18);
@@ -286,7 +346,7 @@ TEST(OpsGrad, MLP) {
 
 // The fused gate/up GEMMs give the bits of two separate ones (mlp.hpp): F a multiple of
 // the GEMM's K block (one 2F-long reduction for dx) and not (two GEMMs for dx), with
-// swiglu_limit on, in float, at every thread count the test can run.
+// swiglu_limit on, in float.
 TEST(OpsGrad, MlpFusedGateUpChangesNoBit) {
   const int64_t N = 37, d = 48;
   for (int64_t F : {int64_t(kernels::kGemmKc), int64_t(80)}) {
