@@ -914,8 +914,13 @@ class FixtureTest(unittest.TestCase):
                             os.path.join(FIXTURES, name, "batch.json"), "--out", out], check=True, capture_output=True)
             got, want = read_safetensors(out), read_safetensors(os.path.join(FIXTURES, name, "expected.safetensors"))
             self.assertEqual(sorted(got), sorted(want), name)
+            # Double precision, but not bit for bit across machines: the fixtures were made
+            # on another CPU, where OpenBLAS picked another kernel (other roundings in the
+            # last bits), and three AdamW/Muon steps amplify those on elements whose
+            # gradient is near 0 (seen on an AMD Zen 5: 5e-12 absolute on attn_hc.fn,
+            # values about 0.4). Anything wrong in the model moves values by far more.
             for key, v in got.items():
-                self.assertTrue(torch.allclose(v, want[key], rtol=1e-12, atol=1e-14), f"{name} {key}")
+                self.assertTrue(torch.allclose(v, want[key], rtol=1e-9, atol=1e-10), f"{name} {key}")
             self.assertGreater(float(got["min_margin"]), 1e-4, name)
         with open(os.path.join(FIXTURES, "parity_v4_muon", "batch.json")) as f:
             spec = json.load(f)
