@@ -15,14 +15,57 @@
 // decode step against the KV cache equals the full forward.
 #pragma once
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "kernels/gemm.hpp"
+#include "kernels/multiversion.hpp"
 
 namespace moetune::ops {
+
+// ---------------------------------------------------------------- exp
+// exp in float from +, -, *, comparisons and exponent-bit arithmetic only, so a loop of
+// it vectorizes (libm's expf is a call per element: about a tenth of a small model's
+// step went to it in SwiGLU and the attention softmax) and gives the same bits on every
+// ISA and in every lane: the build contracts no multiply-add (CMakeLists.txt), so SSE2,
+// AVX2, AVX-512 and scalar code evaluate the same IEEE operations in the same order.
+// Cephes' expf: x = n ln2 + r with n = round(x log2 e), ln2 split in two so n*C1 is
+// exact, |r| <= ln2/2, exp(r) from a degree-6 polynomial, then 2^n applied in two
+// halves (2^n itself overflows the exponent field at n = 128). Within 2 ulp of the
+// correctly rounded result on normal outputs (OpsExp.FloatWithinTwoUlp); below
+// -87.3365 (subnormal results) it returns 0, above 88.7228 +inf; NaN stays NaN.
+inline float exp_f32(float x) {
+  constexpr float kHi = 88.72283935546875f, kLo = -87.33654022216796875f;
+  const float xc = x > kHi ? kHi : (x < kLo ? kLo : (x == x ? x : 0.0f));  // NaN -> 0 here, restored below
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer (round to nearest)
+  const float n = (xc * 1.44269504088896341f + magic) - magic;
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const int32_t ni = static_cast<int32_t>(n), n1 = ni / 2, n2 = ni - n1;  // both in [-63, 64]
+  const float s1 = std::bit_cast<float>((n1 + 127) << 23), s2 = std::bit_cast<float>((n2 + 127) << 23);
+  const float y = (p * s1) * s2;
+  return x > kHi ? std::numeric_limits<float>::infinity() : (x < kLo ? 0.0f : (x == x ? y : x));
+}
+// The exp of the model's loops: exp_f32 in float, std::exp in double (the gradient
+// checks and the PyTorch comparisons in double keep libm's correctly rounded values).
+template <class T>
+inline T exp(T x) {
+  if constexpr (std::is_same_v<T, float>)
+    return exp_f32(x);
+  else
+    return std::exp(x);
+}
 
 // ---------------------------------------------------------------- embedding
 // out (N,d); ids (N); weight (V,d)
@@ -107,6 +150,44 @@ void linear_backward_input(T* dinp, const T* dout, const T* w, int64_t N, int64_
 }
 
 // ---------------------------------------------------------------- SwiGLU
+namespace detail {
+// One row of each, with the limit's clamps compiled in or out; values are loaded once
+// and every branch is a select, so each row is one vectorized loop (ops::exp), built
+// for the widest vectors the CPU has (kernels/multiversion.hpp).
+template <class T, bool kClamp>
+MOETUNE_CPU_CLONES inline void swiglu_forward_row(T* o, const T* gr, const T* ur, int64_t cols, T c) {
+#pragma omp simd  // distinct buffers: no alias check
+  for (int64_t i = 0; i < cols; ++i) {
+    T gi = gr[i], ui = ur[i];
+    if constexpr (kClamp) {
+      gi = c < gi ? c : gi;                         // std::min(g, c)
+      ui = ui < -c ? -c : (c < ui ? c : ui);        // std::clamp(u, -c, c)
+    }
+    const T sg = T(1) / (T(1) + ops::exp(-gi));
+    o[i] = gi * sg * ui;
+  }
+}
+template <class T, bool kClamp>
+MOETUNE_CPU_CLONES inline void swiglu_backward_row(T* dgr, T* dur, const T* dr, const T* gr, const T* ur, int64_t cols, T c) {
+#pragma omp simd  // distinct buffers: no alias check
+  for (int64_t i = 0; i < cols; ++i) {
+    const T g = gr[i], u = ur[i], d = dr[i];
+    bool g_in = true, u_in = true;
+    T gi = g, ui = u;
+    if constexpr (kClamp) {
+      g_in = g <= c;
+      u_in = (u >= -c) & (u <= c);
+      gi = g_in ? g : c;
+      ui = u_in ? u : (u < -c ? -c : (c < u ? c : u));
+    }
+    const T sg = T(1) / (T(1) + ops::exp(-gi));
+    const T silu = gi * sg;
+    dur[i] = u_in ? d * silu : T(0);
+    dgr[i] = g_in ? d * ui * sg * (T(1) + gi * (T(1) - sg)) : T(0);
+  }
+}
+}  // namespace detail
+
 // out (rows,cols) = silu(g) * u, where g and u are (rows,cols) with row stride ld (the
 // MLP's g and u are the two halves of one (rows,2F) buffer; ld = cols for plain
 // arrays); out is contiguous. limit c > 0 (swiglu_limit, MODEL.md section 12) first
@@ -116,15 +197,10 @@ void swiglu_forward(T* out, const T* g, const T* u, int64_t rows, int64_t cols, 
   const T c = T(limit);
 #pragma omp parallel for schedule(static) if (rows > 1)
   for (int64_t r = 0; r < rows; ++r) {
-    const T* gr = g + r * ld;
-    const T* ur = u + r * ld;
-    T* o = out + r * cols;
-    for (int64_t i = 0; i < cols; ++i) {
-      const T gi = c > 0 ? std::min(gr[i], c) : gr[i];
-      const T ui = c > 0 ? std::clamp(ur[i], -c, c) : ur[i];
-      const T sg = T(1) / (T(1) + std::exp(-gi));
-      o[i] = gi * sg * ui;
-    }
+    if (c > 0)
+      detail::swiglu_forward_row<T, true>(out + r * cols, g + r * ld, u + r * ld, cols, c);
+    else
+      detail::swiglu_forward_row<T, false>(out + r * cols, g + r * ld, u + r * ld, cols, c);
   }
 }
 // dg, du (overwritten, not accumulated: they are scratch; row stride ld, as g and u)
@@ -137,20 +213,11 @@ void swiglu_backward(T* dg, T* du, const T* dout, const T* g, const T* u, int64_
   const T c = T(limit);
 #pragma omp parallel for schedule(static) if (rows > 1)
   for (int64_t r = 0; r < rows; ++r) {
-    const T* gr = g + r * ld;
-    const T* ur = u + r * ld;
-    const T* dr = dout + r * cols;
-    T* dgr = dg + r * ld;
-    T* dur = du + r * ld;
-    for (int64_t i = 0; i < cols; ++i) {
-      const bool g_in = !(c > 0) || gr[i] <= c, u_in = !(c > 0) || (ur[i] >= -c && ur[i] <= c);
-      const T gi = g_in ? gr[i] : c;
-      const T ui = u_in ? ur[i] : std::clamp(ur[i], -c, c);
-      const T sg = T(1) / (T(1) + std::exp(-gi));
-      const T silu = gi * sg;
-      dur[i] = u_in ? dr[i] * silu : T(0);
-      dgr[i] = g_in ? dr[i] * ui * sg * (T(1) + gi * (T(1) - sg)) : T(0);
-    }
+    if (c > 0)
+      detail::swiglu_backward_row<T, true>(dg + r * ld, du + r * ld, dout + r * cols, g + r * ld, u + r * ld, cols, c);
+    else
+      detail::swiglu_backward_row<T, false>(dg + r * ld, du + r * ld, dout + r * cols, g + r * ld, u + r * ld, cols,
+                                            c);
   }
 }
 
@@ -256,14 +323,16 @@ inline int64_t doc_end(const int32_t* dr, int64_t ds, int64_t S) {
 // keys), p[n..total) is set to 0. stat = {max, 1/sum} of the scaled scores. `sink`
 // (V4's learned sink logit, MODEL.md 12; -inf = none) joins the max and adds
 // exp(sink - max) to the denominator only, after the keys; with -inf it adds an exact 0.
+// Built for the widest vectors the CPU has (kernels/multiversion.hpp), as the next one.
 template <class T>
-inline void attention_softmax_row(T* p, int64_t n, int64_t total, T scale, T* stat,
+MOETUNE_CPU_CLONES inline void attention_softmax_row(T* p, int64_t n, int64_t total, T scale, T* stat,
                                   T sink = -std::numeric_limits<T>::infinity()) {
   T mx = sink;
   for (int64_t j = 0; j < n; ++j) mx = std::max(mx, p[j] *= scale);
+  for (int64_t j = 0; j < n; ++j) p[j] = ops::exp(p[j] - mx);  // vectorizes
   T sum = 0;
-  for (int64_t j = 0; j < n; ++j) sum += (p[j] = std::exp(p[j] - mx));
-  sum += std::exp(sink - mx);
+  for (int64_t j = 0; j < n; ++j) sum += p[j];  // in key order
+  sum += ops::exp(sink - mx);
   const T inv = T(1) / sum;
   for (int64_t j = 0; j < n; ++j) p[j] *= inv;
   std::fill(p + n, p + total, T(0));
@@ -272,8 +341,8 @@ inline void attention_softmax_row(T* p, int64_t n, int64_t total, T scale, T* st
 }
 // The same probabilities again from the raw dot products and the stats.
 template <class T>
-inline void attention_probs_row(T* p, int64_t n, int64_t total, T scale, const T* stat) {
-  for (int64_t j = 0; j < n; ++j) p[j] = std::exp(p[j] * scale - stat[0]) * stat[1];
+MOETUNE_CPU_CLONES inline void attention_probs_row(T* p, int64_t n, int64_t total, T scale, const T* stat) {
+  for (int64_t j = 0; j < n; ++j) p[j] = ops::exp(p[j] * scale - stat[0]) * stat[1];
   std::fill(p + n, p + total, T(0));
 }
 
@@ -387,7 +456,7 @@ void attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* stats, cons
               std::fill(g + n, g + nk, T(0));
               if (sinks) {  // the sink's probability, times (0 - dot): it carries no value
                 const T* st = stats + ((b * H + h) * S + i) * 2;
-                dsink_q[(b * H + h) * S + i] = -std::exp(sinks[h] - st[0]) * st[1] * dot;
+                dsink_q[(b * H + h) * S + i] = -ops::exp(sinks[h] - st[0]) * st[1] * dot;
               }
             }
             kernels::gemm_nn(m, hd, nk, dp.data(), nk, k + kv0, ks, dq + q0, qs, true);
@@ -457,13 +526,17 @@ double cross_entropy_forward_backward(T* dlogits, const T* logits, const int32_t
     }
     T mx = x[0];
     for (int64_t j = 1; j < V; ++j) mx = std::max(mx, x[j]);
+    static thread_local std::vector<T> e_buf;  // this thread's; grows once
+    std::vector<T>& e = e_buf;
+    if (e.size() < size_t(V)) e.resize(size_t(V));
+    for (int64_t j = 0; j < V; ++j) e[size_t(j)] = ops::exp(x[j] - mx);  // vectorizes
     T sum = 0;
-    for (int64_t j = 0; j < V; ++j) sum += std::exp(x[j] - mx);
+    for (int64_t j = 0; j < V; ++j) sum += e[size_t(j)];  // in vocabulary order
     const T lse = mx + std::log(sum);
     loss[i] = double(lse - x[targets[i]]);
     if (dx) {
       const T gs = T(grad_scale);
-      for (int64_t j = 0; j < V; ++j) dx[j] = std::exp(x[j] - lse) * gs;
+      for (int64_t j = 0; j < V; ++j) dx[j] = ops::exp(x[j] - lse) * gs;
       dx[targets[i]] -= gs;
     }
   }
