@@ -16,6 +16,7 @@
 #include <cmath>
 #include <string>
 
+#include "kernels/multiversion.hpp"
 #include "moe/error.hpp"
 
 namespace moetune {
@@ -35,6 +36,26 @@ AdamW<T>::AdamW(const ParamLayout& layout, AdamWConfig cfg)
   validate(cfg_);
 }
 
+namespace {
+// The elementwise update of n elements, built for the widest vectors the CPU has
+// (kernels/multiversion.hpp): the same IEEE operations per element in every build.
+template <class T>
+MOETUNE_CPU_CLONES void adamw_elements(T* p, const T* g, T* m, T* v, int64_t n, T mul, T lerp_w, T beta2,
+                                       T one_minus_beta2, T bc2_sqrt, T eps, T neg_step_size) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const T gi = g[i];
+    const T pi = p[i] * mul;
+    const T mi = m[i] + lerp_w * (gi - m[i]);
+    const T vi = v[i] * beta2 + one_minus_beta2 * gi * gi;
+    const T denom = std::sqrt(vi) / bc2_sqrt + eps;
+    m[i] = mi;
+    v[i] = vi;
+    p[i] = pi + neg_step_size * mi / denom;
+  }
+}
+}  // namespace
+
 template <class T>
 void adamw_update(T* p, const T* g, T* m, T* v, int64_t n, bool decay, const AdamWConfig& cfg, int64_t step,
                   double lr) {
@@ -50,16 +71,12 @@ void adamw_update(T* p, const T* g, T* m, T* v, int64_t n, bool decay, const Ada
   const T one_minus_beta2 = static_cast<T>(1.0 - cfg.beta2);
   const T eps = static_cast<T>(cfg.eps);
   // Elements are independent: the static split over threads changes nothing.
-#pragma omp parallel for simd schedule(static) if (n > 4096)
-  for (int64_t i = 0; i < n; ++i) {
-    const T gi = g[i];
-    const T pi = p[i] * mul;
-    const T mi = m[i] + lerp_w * (gi - m[i]);
-    const T vi = v[i] * beta2 + one_minus_beta2 * gi * gi;
-    const T denom = std::sqrt(vi) / bc2_sqrt + eps;
-    m[i] = mi;
-    v[i] = vi;
-    p[i] = pi + neg_step_size * mi / denom;
+  constexpr int64_t kChunk = 4096;
+  const int64_t nchunks = (n + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static) if (nchunks > 1)
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const int64_t b = c * kChunk, len = std::min(kChunk, n - b);
+    adamw_elements(p + b, g + b, m + b, v + b, len, mul, lerp_w, beta2, one_minus_beta2, bc2_sqrt, eps, neg_step_size);
   }
 }
 
