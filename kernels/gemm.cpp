@@ -184,17 +184,19 @@ void gemm_impl(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, in
   const int mr = uk.mr, nr = uk.nr;
   const bool nested = omp_in_parallel();
   const int threads = nested ? 1 : omp_get_max_threads();
-  // Both operands are packed once per call into panels, K block by K block: block kb
-  // (k0 = kb*KC, kc columns) of A starts at k0*Mp and holds Mp/mr panels of kc x mr;
-  // the same for B with Np and nr. The buffers belong to the calling thread (a call
-  // nested in a parallel region runs alone on its thread) and only ever grow.
+  // B is packed once per call into panels, K block by K block: block kb (k0 = kb*KC, kc
+  // columns) starts at k0*Np and holds Np/nr panels of kc x nr. A is packed one row
+  // block of a macro tile at a time (all its K blocks, the same layout with the block's
+  // rows), by the thread that computes the tile, into that thread's buffer, and reused
+  // for the next tiles of the same rows: a row block (mc x K) stays in the core's L2,
+  // where packing the whole A up front (megabytes for the FFN and weight-gradient
+  // products) went out to L3 and memory and back. The buffers belong to the calling
+  // threads (a call nested in a parallel region runs alone on its thread) and only
+  // ever grow.
   const int64_t Mp = round_up(M, mr), Np = round_up(N, nr);
-  const int64_t pa = Mp / mr, pb = Np / nr, nkb = (K + kGemmKc - 1) / kGemmKc;
-  std::vector<T>& abuf = pack_buffer<T>(0);
+  const int64_t pb = Np / nr, nkb = (K + kGemmKc - 1) / kGemmKc;
   std::vector<T>& bbuf = pack_buffer<T>(1);
-  if (int64_t(abuf.size()) < Mp * K) abuf.resize(Mp * K);
   if (int64_t(bbuf.size()) < Np * K) bbuf.resize(Np * K);
-  T* const ap = abuf.data();
   T* const bp = bbuf.data();
   // Macro tiles of the output: about 96 rows x 16 panels, cut smaller until every
   // thread has at least two (or they reach 2 x 4 micro-tiles).
@@ -208,26 +210,29 @@ void gemm_impl(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, in
 
 #pragma omp parallel if (parallel)
   {
-#pragma omp for schedule(static) nowait
-    for (int64_t x = 0; x < nkb * pa; ++x) {
-      const int64_t k0 = (x / pa) * kGemmKc, kc = std::min(kGemmKc, K - k0), p = x % pa;
-      pack_a(ap + k0 * Mp + p * mr * kc, A, lda, ta, p * mr, std::min<int64_t>(mr, M - p * mr), k0, kc, mr,
-             uk.pack_rows, uk.pack_copy);
-    }
 #pragma omp for schedule(static)
     for (int64_t x = 0; x < nkb * pb; ++x) {
       const int64_t k0 = (x / pb) * kGemmKc, kc = std::min(kGemmKc, K - k0), p = x % pb;
       pack_b(bp + k0 * Np + p * nr * kc, B, ldb, tb, p * nr, std::min<int64_t>(nr, N - p * nr), k0, kc, nr,
              uk.pack_rows, uk.pack_copy);
     }
+    std::vector<T>& abuf = pack_buffer<T>(0);  // this thread's
+    if (int64_t(abuf.size()) < mc * K) abuf.resize(mc * K);
+    T* const ap = abuf.data();
+    int64_t packed_i0 = -1;  // the row block ap holds
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < nt; ++t) {
       const int64_t i0 = (t / tn) * mc, j0 = (t % tn) * nc;
-      const int64_t m = std::min(mc, M - i0), n = std::min(nc, N - j0);
+      const int64_t m = std::min(mc, M - i0), n = std::min(nc, N - j0), mp = round_up(m, mr);
+      if (i0 != packed_i0) {
+        for (int64_t k0 = 0; k0 < K; k0 += kGemmKc)
+          pack_a(ap + k0 * mp, A, lda, ta, i0, m, k0, std::min(kGemmKc, K - k0), mr, uk.pack_rows, uk.pack_copy);
+        packed_i0 = i0;
+      }
       for (int64_t k0 = 0; k0 < K; k0 += kGemmKc) {
         const int64_t kc = std::min(kGemmKc, K - k0);
         const bool overwrite = !accumulate && k0 == 0;
-        const T* ablk = ap + k0 * Mp + (i0 / mr) * mr * kc;
+        const T* ablk = ap + k0 * mp;
         const T* bblk = bp + k0 * Np + (j0 / nr) * nr * kc;
         for (int64_t jp = 0; jp * nr < n; ++jp) {
           const int nn = int(std::min<int64_t>(nr, n - jp * nr));
