@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "moe/ops.hpp"
 #include "moe/router.hpp"
 
 namespace moetune {
@@ -97,12 +98,11 @@ void combine_backward(T* dyp, T* dweight, const T* dout, const T* yp, const T* w
         continue;
       }
       const T w = weight[t * p.K + k];
-      T dot = 0;
-      for (int64_t j = 0; j < d; ++j) {
-        dyp[row * d + j] = w * dout[t * d + j];
-        dot += dout[t * d + j] * yp[row * d + j];
-      }
-      dweight[t * p.K + k] = dot;
+      const T* g = dout + t * d;
+      const T* y = yp + row * d;
+      T* dy = dyp + row * d;
+      for (int64_t j = 0; j < d; ++j) dy[j] = w * g[j];
+      dweight[t * p.K + k] = ops::row_sum<T>(d, [g, y](int64_t j) { return g[j] * y[j]; });
     }
 }
 

@@ -67,6 +67,29 @@ inline T exp(T x) {
     return std::exp(x);
 }
 
+// ---------------------------------------------------------------- row sums
+// The sum over j < n of term(j), in the one order every per-row reduction of the model
+// uses (RMSNorm, softmax, cross-entropy, the attention and combine backward dots): 16
+// running sums, term j added to sum j % 16 in increasing j, then the 16 combined
+// pairwise (s_l + s_{l+8}, then + 4, + 2, + 1). A row's sum depends on its own values
+// and length only (batch invariance, MODEL.md 13), and the loop vectorizes with the
+// same bits on every ISA (one AVX-512 vector, two AVX2, four SSE2 of lanes; no
+// reassociation, no contraction), where one running sum was a chain of dependent adds,
+// four cycles each.
+template <class T, class Term>
+inline T row_sum(int64_t n, Term term) {
+  constexpr int kLanes = 16;
+  T acc[kLanes] = {};
+  int64_t j0 = 0;
+  for (; j0 + kLanes <= n; j0 += kLanes)
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) acc[l] += term(j0 + l);
+  for (int l = 0; j0 + l < n; ++l) acc[l] += term(j0 + l);
+  for (int w = kLanes / 2; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) acc[l] = acc[l] + acc[l + w];
+  return acc[0];
+}
+
 // ---------------------------------------------------------------- embedding
 // out (N,d); ids (N); weight (V,d)
 template <class T>
@@ -93,8 +116,7 @@ void rmsnorm_forward(T* out, T* rstd, const T* inp, const T* w, int64_t N, int64
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < N; ++i) {
     const T* x = inp + i * d;
-    T ss = 0;
-    for (int64_t j = 0; j < d; ++j) ss += x[j] * x[j];
+    const T ss = row_sum<T>(d, [x](int64_t j) { return x[j] * x[j]; });
     const T r = T(1) / std::sqrt(ss / T(d) + T(eps));
     rstd[i] = r;
     T* o = out + i * d;
@@ -114,19 +136,30 @@ void rmsnorm_backward(T* dinp, T* dw, const T* dout, const T* inp, const T* w, c
     const T* x = inp + i * d;
     const T* g = dout + i * d;
     const T r = rstd[i];
-    T dot = 0;  // mean over j of (g*w)_j * xhat_j
-    for (int64_t j = 0; j < d; ++j) dot += (w ? g[j] * w[j] : g[j]) * x[j] * r;
+    // mean over j of (g*w)_j * xhat_j
+    T dot = w ? row_sum<T>(d, [g, w, x, r](int64_t j) { return g[j] * w[j] * x[j] * r; })
+              : row_sum<T>(d, [g, x, r](int64_t j) { return g[j] * x[j] * r; });
     dot /= T(d);
     T* dx = dinp + i * d;
     for (int64_t j = 0; j < d; ++j) dx[j] += r * ((w ? g[j] * w[j] : g[j]) - x[j] * r * dot);
   }
   if (!dw) return;
-  // dw_j = sum_i g_ij * xhat_ij, parallel over columns, rows summed in order.
+  // dw_j = sum_i g_ij * xhat_ij, rows summed in order, parallel over blocks of columns:
+  // row by row over a block's running sums (contiguous, vectorized) rather than column
+  // by column down the rows (a cache line per term); the same sums in the same order.
+  constexpr int64_t kCols = 64;
 #pragma omp parallel for schedule(static)
-  for (int64_t j = 0; j < d; ++j) {
-    T acc = 0;
-    for (int64_t i = 0; i < N; ++i) acc += dout[i * d + j] * inp[i * d + j] * rstd[i];
-    dw[j] += acc;
+  for (int64_t j0 = 0; j0 < d; j0 += kCols) {
+    const int64_t nj = std::min(kCols, d - j0);
+    T acc[kCols] = {};
+    for (int64_t i = 0; i < N; ++i) {
+      const T* g = dout + i * d + j0;
+      const T* x = inp + i * d + j0;
+      const T r = rstd[i];
+#pragma omp simd
+      for (int64_t j = 0; j < nj; ++j) acc[j] += g[j] * x[j] * r;
+    }
+    for (int64_t j = 0; j < nj; ++j) dw[j0 + j] += acc[j];
   }
 }
 
@@ -271,14 +304,26 @@ void rope_rotate(T* x, const int32_t* pos, int64_t N, int64_t nh, int64_t hd, in
   for (int64_t i = 0; i < N; ++i) {
     const double* ct = tab.cos.data() + int64_t(pos[i]) * half;
     const double* st = tab.sin.data() + int64_t(pos[i]) * half;
-    for (int64_t f = 0; f < half; ++f) {
-      const T c = T(ct[f]), s = T(sign * st[f]);
-      const int64_t ja = off + (interleaved ? 2 * f : f), jb = off + (interleaved ? 2 * f + 1 : f + half);
-      for (int64_t h = 0; h < nh; ++h) {
-        T* v = x + i * ld + h * hd;
-        const T a = v[ja], b = v[jb];
-        v[ja] = a * c - b * s;
-        v[jb] = b * c + a * s;
+    // Head by head, frequencies innermost: the rotate_half pairs (f, f + half) are two
+    // contiguous runs, one vectorized loop (each element's arithmetic is unchanged).
+    for (int64_t h = 0; h < nh; ++h) {
+      T* v = x + i * ld + h * hd + off;
+      if (interleaved) {
+        for (int64_t f = 0; f < half; ++f) {
+          const T c = T(ct[f]), s = T(sign * st[f]);
+          const T a = v[2 * f], b = v[2 * f + 1];
+          v[2 * f] = a * c - b * s;
+          v[2 * f + 1] = b * c + a * s;
+        }
+      } else {
+        T* vb = v + half;
+#pragma omp simd
+        for (int64_t f = 0; f < half; ++f) {
+          const T c = T(ct[f]), s = T(sign * st[f]);
+          const T a = v[f], b = vb[f];
+          v[f] = a * c - b * s;
+          vb[f] = b * c + a * s;
+        }
       }
     }
   }
@@ -330,8 +375,7 @@ MOETUNE_CPU_CLONES inline void attention_softmax_row(T* p, int64_t n, int64_t to
   T mx = sink;
   for (int64_t j = 0; j < n; ++j) mx = std::max(mx, p[j] *= scale);
   for (int64_t j = 0; j < n; ++j) p[j] = ops::exp(p[j] - mx);  // vectorizes
-  T sum = 0;
-  for (int64_t j = 0; j < n; ++j) sum += p[j];  // in key order
+  T sum = row_sum<T>(n, [p](int64_t j) { return p[j]; });
   sum += ops::exp(sink - mx);
   const T inv = T(1) / sum;
   for (int64_t j = 0; j < n; ++j) p[j] *= inv;
@@ -449,8 +493,7 @@ void attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* stats, cons
               const int64_t i = i0 + r, a = detail::attn_key_first(ds, i, window) - k0, n = i - k0 + 1;
               const T* pr = p.data() + r * nk;
               T* g = dp.data() + r * nk;
-              T dot = 0;
-              for (int64_t j = a; j < n; ++j) dot += pr[j] * g[j];
+              const T dot = row_sum<T>(n - a, [pr, g, a](int64_t j) { return pr[a + j] * g[a + j]; });
               std::fill(g, g + a, T(0));
               for (int64_t j = a; j < n; ++j) g[j] = pr[j] * (g[j] - dot) * scale;
               std::fill(g + n, g + nk, T(0));
@@ -530,8 +573,8 @@ double cross_entropy_forward_backward(T* dlogits, const T* logits, const int32_t
     std::vector<T>& e = e_buf;
     if (e.size() < size_t(V)) e.resize(size_t(V));
     for (int64_t j = 0; j < V; ++j) e[size_t(j)] = ops::exp(x[j] - mx);  // vectorizes
-    T sum = 0;
-    for (int64_t j = 0; j < V; ++j) sum += e[size_t(j)];  // in vocabulary order
+    const T* ep = e.data();
+    const T sum = row_sum<T>(V, [ep](int64_t j) { return ep[j]; });
     const T lse = mx + std::log(sum);
     loss[i] = double(lse - x[targets[i]]);
     if (dx) {
