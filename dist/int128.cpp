@@ -10,6 +10,7 @@
 #include <string>
 #include <type_traits>
 
+#include "kernels/multiversion.hpp"
 #include "moe/error.hpp"
 
 namespace moetune::dist {
@@ -164,45 +165,81 @@ std::size_t round_trip_fixed(std::span<T> values) {
   return static_cast<std::size_t>(bad);
 }
 
+namespace {
+// The fast path of sum_fixed_rows for elements [i0, i0 + n) (n <= kSumChunk), row by row
+// over the chunk so that each pass vectorizes (built for the CPU's widest vectors,
+// kernels/multiversion.hpp): out[i] = the plain double sum in row order, and fast[i] = 1
+// where that sum is exact (every value converts exactly, no addition rounded, |sum| <
+// 2^27), the same test as the element-at-a-time loop below. Returns whether any
+// element failed it.
+constexpr std::int64_t kSumChunk = 512;
+template <class T>
+MOETUNE_CPU_CLONES bool sum_rows_fast(const T* rows, std::size_t W, std::size_t stride, std::int64_t i0,
+                                      std::int64_t n, T* out, int* fast) {
+  constexpr double exact = std::is_same_v<T, float> ? 0x1p-77 : 0x1p-48;
+  double sum[kSumChunk];
+  const T* x0 = rows + i0;
+#pragma omp simd
+  for (std::int64_t i = 0; i < n; ++i) {
+    const double x = static_cast<double>(x0[i]);
+    const double a = std::fabs(x);
+    sum[i] = x;
+    fast[i] = int((a >= exact || a == 0.0) && a < kRange);
+  }
+  for (std::size_t r = 1; r < W; ++r) {
+    const T* xr = rows + r * stride + std::size_t(i0);
+#pragma omp simd
+    for (std::int64_t i = 0; i < n; ++i) {
+      const double x = static_cast<double>(xr[i]);
+      const double a = std::fabs(x);
+      const double t = sum[i] + x;
+      const double xv = t - sum[i];  // TwoSum: t + err = sum + x exactly
+      const double err = (sum[i] - (t - xv)) + (x - xv);
+      fast[i] &= int((a >= exact || a == 0.0) && a < kRange && err == 0.0);
+      sum[i] = t;
+    }
+  }
+  int slow = 0;
+#pragma omp simd reduction(| : slow)
+  for (std::int64_t i = 0; i < n; ++i) {
+    fast[i] &= int(std::fabs(sum[i]) < 0x1p27);
+    out[i] = static_cast<T>(sum[i]);
+    slow |= 1 - fast[i];
+  }
+  return slow != 0;
+}
+}  // namespace
+
 template <class T>
 std::size_t sum_fixed_rows(const T* rows, std::size_t W, std::size_t stride, std::size_t len, T* out) {
-  constexpr double exact = std::is_same_v<T, float> ? 0x1p-77 : 0x1p-48;
   const auto n = static_cast<std::int64_t>(len);
+  const std::int64_t nchunks = (n + kSumChunk - 1) / kSumChunk;
   std::int64_t bad = 0;
 #pragma omp parallel for schedule(static) reduction(+ : bad) if (n > 16384)
-  for (std::int64_t i = 0; i < n; ++i) {
+  for (std::int64_t c = 0; c < nchunks; ++c) {
+    const std::int64_t i0 = c * kSumChunk, m = std::min(kSumChunk, n - i0);
     // Fast path: each value converts exactly (zero too) and the double sum rounds nowhere,
-    // so it is the exact sum, which from_fixed would return unchanged.
-    bool fast = true;
-    double sum = 0;
-    for (std::size_t r = 0; r < W && fast; ++r) {
-      const double x = static_cast<double>(rows[r * stride + std::size_t(i)]);
-      const double a = std::fabs(x);
-      const double t = sum + x;
-      const double xv = t - sum;  // TwoSum: t + err = sum + x exactly
-      const double err = (sum - (t - xv)) + (x - xv);
-      fast = (a >= exact || a == 0.0) && a < kRange && err == 0.0;
-      sum = t;
-    }
-    // (A true total of 2^27 or more wraps in int128, see the header: the slow path
-    // reproduces that, so that both paths give the same bits for every input.)
-    if (fast && std::fabs(sum) < 0x1p27) {
-      out[i] = static_cast<T>(sum);
-      continue;
-    }
-    int128 acc = 0;
-    for (std::size_t r = 0; r < W; ++r) {
-      const double x = static_cast<double>(rows[r * stride + std::size_t(i)]);
-      if (!std::isfinite(x)) {
-        acc = fixed_add(acc, saturate(x));
-        ++bad;
-      } else if (std::fabs(x) >= kRange) {
-        ++bad;  // add_fixed adds nothing for it
-      } else {
-        acc = fixed_add(acc, to_fixed_unchecked(x));
+    // so it is the exact sum, which from_fixed would return unchanged. (A true total of
+    // 2^27 or more wraps in int128, see the header: the slow path reproduces that, so
+    // that both paths give the same bits for every input.)
+    int fast[kSumChunk];
+    if (!sum_rows_fast(rows, W, stride, i0, m, out + i0, fast)) continue;
+    for (std::int64_t i = i0; i < i0 + m; ++i) {
+      if (fast[i - i0]) continue;
+      int128 acc = 0;
+      for (std::size_t r = 0; r < W; ++r) {
+        const double x = static_cast<double>(rows[r * stride + std::size_t(i)]);
+        if (!std::isfinite(x)) {
+          acc = fixed_add(acc, saturate(x));
+          ++bad;
+        } else if (std::fabs(x) >= kRange) {
+          ++bad;  // add_fixed adds nothing for it
+        } else {
+          acc = fixed_add(acc, to_fixed_unchecked(x));
+        }
       }
+      out[i] = static_cast<T>(from_fixed(acc));
     }
-    out[i] = static_cast<T>(from_fixed(acc));
   }
   return static_cast<std::size_t>(bad);
 }

@@ -85,7 +85,7 @@ std::size_t round_trip_fixed(std::span<T> values);
 // how many such values it met. OpenMP parallel. A sum that double arithmetic does
 // exactly (every value 0 or 2^-77 <= |v| < 2^26 for float, 2^-48 for double, and no partial
 // sum rounded, checked with Knuth's TwoSum) is taken from the double sum, which is then
-// the same number; every other element is summed in int128.
+// the same number; every other element is summed in int128. out must not overlap rows.
 template <class T>
 std::size_t sum_fixed_rows(const T* rows, std::size_t W, std::size_t stride, std::size_t len, T* out);
 

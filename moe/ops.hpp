@@ -6,7 +6,7 @@
 //
 // Batch invariance (MODEL.md section 13): every value a token gets is reduced in an
 // order fixed by that token's own row alone: GEMMs reduce in fixed blocks, per-row
-// loops (RMSNorm, softmax, cross-entropy) run sequentially within the row, attention
+// loops (RMSNorm, softmax, cross-entropy) sum in row_sum's fixed order within the row, attention
 // reduces over the keys of the token's own document from the document's start (under a
 // sliding window: from the window start of the token's query tile, a position fixed by
 // the token's place in its document), and
