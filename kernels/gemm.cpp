@@ -184,6 +184,20 @@ void gemm_impl(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, in
   const int mr = uk.mr, nr = uk.nr;
   const bool nested = omp_in_parallel();
   const int threads = nested ? 1 : omp_get_max_threads();
+  if (!ta && tb && M <= detail::kSmallM && uk.nt_small) {
+    // Few rows times the weights: B read in place (gemm_ukernel.hpp NtSmall), column
+    // chunks split over threads, each packing its own copy of the few rows of A.
+    const bool par = !nested && threads > 1 && double(M) * double(N) * double(K) >= 65536.0;
+    const int64_t chunks = par ? std::min<int64_t>((N + 47) / 48, 4 * int64_t(threads)) : 1;
+    const int64_t cw = round_up((N + chunks - 1) / chunks, 12);
+#pragma omp parallel for schedule(dynamic, 1) if (par)
+    for (int64_t j0 = 0; j0 < N; j0 += cw) {
+      std::vector<T>& abuf = pack_buffer<T>(0);  // this thread's
+      if (int64_t(abuf.size()) < detail::kSmallM * K) abuf.resize(detail::kSmallM * K);
+      uk.nt_small(M, std::min(cw, N - j0), K, A, lda, B + j0 * ldb, ldb, C + j0, ldc, accumulate, abuf.data());
+    }
+    return;
+  }
   // B is packed once per call into panels, K block by K block: block kb (k0 = kb*KC, kc
   // columns) starts at k0*Np and holds Np/nr panels of kc x nr. A is packed one row
   // block of a macro tile at a time (all its K blocks, the same layout with the block's

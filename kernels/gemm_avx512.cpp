@@ -118,11 +118,71 @@ void pack_copy_f32(float* dst, const float* src, int64_t ld, int cols, int64_t k
   }
 }
 
+// nt with few rows (M <= kSmallM): B, the (N, K) weights, is read in place instead of
+// packed (with 32 rows the transposing pack of the weights was a quarter of the call).
+// SIMD lanes run over rows: A's rows are packed k-major, 32 wide (Ap[k*32 + i], zero
+// past M); each of 12 columns broadcasts B(j, k) straight from its row of B; one
+// accumulator vector per (16-row half, column). Every lane still runs the per-element
+// chain of kernels/gemm.hpp (acc = fma(a_ik, b_jk, acc) over a K block in order, then
+// c = acc or c + acc), so the bits equal the packed path's.
+constexpr int kSmallCols = 12;
+template <int H>
+void nt_small_block(int64_t kc, const float* Ap, const float* const* brow, float* out) {
+  __m512 acc[H][kSmallCols];
+#pragma GCC unroll 12
+  for (int c = 0; c < kSmallCols; ++c)
+    for (int h = 0; h < H; ++h) acc[h][c] = _mm512_setzero_ps();
+  const float *b0 = brow[0], *b1 = brow[1], *b2 = brow[2], *b3 = brow[3], *b4 = brow[4], *b5 = brow[5];
+  const float *b6 = brow[6], *b7 = brow[7], *b8 = brow[8], *b9 = brow[9], *b10 = brow[10], *b11 = brow[11];
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m512 a0 = _mm512_loadu_ps(Ap + k * 32);
+    const __m512 a1 = H == 2 ? _mm512_loadu_ps(Ap + k * 32 + 16) : a0;
+    const float bk[kSmallCols] = {b0[k], b1[k], b2[k], b3[k], b4[k], b5[k], b6[k], b7[k], b8[k], b9[k], b10[k], b11[k]};
+#pragma GCC unroll 12
+    for (int c = 0; c < kSmallCols; ++c) {
+      const __m512 b = _mm512_set1_ps(bk[c]);
+      acc[0][c] = _mm512_fmadd_ps(a0, b, acc[0][c]);
+      if (H == 2) acc[H - 1][c] = _mm512_fmadd_ps(a1, b, acc[H - 1][c]);
+    }
+  }
+  for (int c = 0; c < kSmallCols; ++c)
+    for (int h = 0; h < H; ++h) _mm512_storeu_ps(out + c * 32 + h * 16, acc[h][c]);
+}
+
+void nt_small_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                  int64_t ldc, bool accumulate, float* Ap) {
+  for (int64_t k0 = 0; k0 < K; k0 += kGemmKc) {
+    const int64_t kc = std::min<int64_t>(kGemmKc, K - k0);
+    pack_rows_f32(Ap + k0 * 32, A + k0, lda, int(M), kc, 32);
+  }
+  alignas(64) float out[kSmallCols * 32];
+  for (int64_t j0 = 0; j0 < N; j0 += kSmallCols) {
+    const int nc = int(std::min<int64_t>(kSmallCols, N - j0));
+    for (int64_t k0 = 0; k0 < K; k0 += kGemmKc) {
+      const int64_t kc = std::min<int64_t>(kGemmKc, K - k0);
+      const float* brow[kSmallCols];
+      for (int c = 0; c < kSmallCols; ++c) brow[c] = B + (j0 + std::min(c, nc - 1)) * ldb + k0;  // past N: a copy
+      if (M <= 16)
+        nt_small_block<1>(kc, Ap + k0 * 32, brow, out);
+      else
+        nt_small_block<2>(kc, Ap + k0 * 32, brow, out);
+      const bool overwrite = !accumulate && k0 == 0;
+      for (int64_t i = 0; i < M; ++i) {
+        float* c = C + i * ldc + j0;
+        if (overwrite)
+          for (int j = 0; j < nc; ++j) c[j] = out[j * 32 + i];
+        else
+          for (int j = 0; j < nc; ++j) c[j] = c[j] + out[j * 32 + i];
+      }
+    }
+  }
+}
+
 }  // namespace
 
 UkernelSet avx512_kernels() {
   UkernelSet s;
-  s.f32 = {kMr, kNr, &ukernel_f32, &pack_rows_f32, &pack_copy_f32};
+  s.f32 = {kMr, kNr, &ukernel_f32, &pack_rows_f32, &pack_copy_f32, &nt_small_f32};
   s.f64 = {8, 16, &ukernel_generic<double, 8, 16>};
   return s;
 }

@@ -5,6 +5,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "kernels/gemm.hpp"
+
 namespace moetune::kernels::detail {
 
 // One MR x NR tile: acc(i,j) = fma chain over k < kc of Ap[k*MR + i] * Bp[k*NR + j]
@@ -26,12 +28,21 @@ using PackRows = void (*)(T* dst, const T* src, int64_t ld, int rows, int64_t kc
 template <class T>
 using PackCopy = void (*)(T* dst, const T* src, int64_t ld, int cols, int64_t kc, int w);
 
+// The whole of gemm_nt for M <= kSmallM rows without packing B: C (M,N) (+)= A (M,K)
+// B (N,K)^T with the same per-element arithmetic as the tiled path (bit-identical);
+// Ap is scratch for kSmallM * K values.
+inline constexpr int64_t kSmallM = 32;
+template <class T>
+using NtSmall = void (*)(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                         int64_t ldc, bool accumulate, T* Ap);
+
 template <class T>
 struct UkernelDesc {
   int mr = 0, nr = 0;
   Ukernel<T> fn = nullptr;
   PackRows<T> pack_rows = nullptr;  // null: gemm.cpp's scalar loops
   PackCopy<T> pack_copy = nullptr;  // null: gemm.cpp's scalar loops
+  NtSmall<T> nt_small = nullptr;    // null: the tiled path for every M
 };
 
 struct UkernelSet {
