@@ -50,10 +50,13 @@ std::int64_t counts_and_displs(const std::vector<std::int64_t>& counts, int size
   out_counts.resize(counts.size());
   out_displs.resize(counts.size());
   std::int64_t total = 0;
+  // The entry's name is only built for an error (this runs on every exchange).
+  const auto entry = [&](std::size_t r) { return std::string(name) + "[" + std::to_string(r) + "]"; };
   for (std::size_t r = 0; r < counts.size(); ++r) {
-    const std::string entry = std::string(name) + "[" + std::to_string(r) + "]";
-    out_counts[r] = to_mpi_int(counts[r], call, entry);
-    out_displs[r] = to_mpi_int(total, call, "displacement of " + entry);
+    if (counts[r] < 0 || counts[r] > INT_MAX) to_mpi_int(counts[r], call, entry(r));  // throws
+    if (total > INT_MAX) to_mpi_int(total, call, "displacement of " + entry(r));     // throws
+    out_counts[r] = static_cast<int>(counts[r]);
+    out_displs[r] = static_cast<int>(total);
     total += counts[r];
   }
   return total;
