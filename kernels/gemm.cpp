@@ -184,7 +184,7 @@ void gemm_impl(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, in
   const int mr = uk.mr, nr = uk.nr;
   const bool nested = omp_in_parallel();
   const int threads = nested ? 1 : omp_get_max_threads();
-  if (!ta && tb && M <= detail::kSmallM && uk.nt_small) {
+  if (!ta && tb && M <= uk.small_m && uk.nt_small) {
     // Few rows times the weights: B read in place (gemm_ukernel.hpp NtSmall), column
     // chunks split over threads, each packing its own copy of the few rows of A.
     const bool par = !nested && threads > 1 && double(M) * double(N) * double(K) >= 65536.0;

@@ -61,7 +61,8 @@ void gemm_tn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* 
              bool accumulate);
 
 // Grows the calling thread's packing buffers to hold `elements` values of each operand
-// (a product needs round_up(M, mr) * K of A and round_up(N, nr) * K of B). For callers
+// (a product needs at most round_up(M, mr) * K of A, one row block of it or the few rows
+// of the no-pack nt path, and round_up(N, nr) * K of B). For callers
 // that run GEMMs on several threads at once (experts_forward), so that which thread
 // happens to take the largest product never decides whether a step allocates.
 template <class T>

@@ -5,6 +5,8 @@
 // the compiler vectorises here.
 #include <immintrin.h>
 
+#include <algorithm>
+
 #include "kernels/gemm_ukernel.hpp"
 
 namespace moetune::kernels::detail {
@@ -110,11 +112,65 @@ void pack_copy_f32(float* dst, const float* src, int64_t ld, int cols, int64_t k
   }
 }
 
+// nt with few rows (M <= 16), as gemm_avx512.cpp's: lanes over the rows (two halves of
+// 8), A packed k-major 16 wide, 6 columns broadcast from their rows of B in place; the
+// per-element chain of kernels/gemm.hpp in every lane, so the tiled path's bits.
+constexpr int kSmallCols = 6;
+template <int H>
+void nt_small_block(int64_t kc, const float* Ap, const float* const* brow, float* out) {
+  __m256 acc[H][kSmallCols];
+  for (int c = 0; c < kSmallCols; ++c)
+    for (int h = 0; h < H; ++h) acc[h][c] = _mm256_setzero_ps();
+  const float *b0 = brow[0], *b1 = brow[1], *b2 = brow[2], *b3 = brow[3], *b4 = brow[4], *b5 = brow[5];
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 a0 = _mm256_loadu_ps(Ap + k * 16);
+    const __m256 a1 = H == 2 ? _mm256_loadu_ps(Ap + k * 16 + 8) : a0;
+    const float bk[kSmallCols] = {b0[k], b1[k], b2[k], b3[k], b4[k], b5[k]};
+#pragma GCC unroll 6
+    for (int c = 0; c < kSmallCols; ++c) {
+      const __m256 b = _mm256_set1_ps(bk[c]);
+      acc[0][c] = _mm256_fmadd_ps(a0, b, acc[0][c]);
+      if (H == 2) acc[H - 1][c] = _mm256_fmadd_ps(a1, b, acc[H - 1][c]);
+    }
+  }
+  for (int c = 0; c < kSmallCols; ++c)
+    for (int h = 0; h < H; ++h) _mm256_storeu_ps(out + c * 16 + h * 8, acc[h][c]);
+}
+
+void nt_small_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                  int64_t ldc, bool accumulate, float* Ap) {
+  for (int64_t k0 = 0; k0 < K; k0 += kGemmKc) {
+    const int64_t kc = std::min<int64_t>(kGemmKc, K - k0);
+    pack_rows_f32(Ap + k0 * 16, A + k0, lda, int(M), kc, 16);
+  }
+  alignas(32) float out[kSmallCols * 16];
+  for (int64_t j0 = 0; j0 < N; j0 += kSmallCols) {
+    const int nc = int(std::min<int64_t>(kSmallCols, N - j0));
+    for (int64_t k0 = 0; k0 < K; k0 += kGemmKc) {
+      const int64_t kc = std::min<int64_t>(kGemmKc, K - k0);
+      const float* brow[kSmallCols];
+      for (int c = 0; c < kSmallCols; ++c) brow[c] = B + (j0 + std::min(c, nc - 1)) * ldb + k0;  // past N: a copy
+      if (M <= 8)
+        nt_small_block<1>(kc, Ap + k0 * 16, brow, out);
+      else
+        nt_small_block<2>(kc, Ap + k0 * 16, brow, out);
+      const bool overwrite = !accumulate && k0 == 0;
+      for (int64_t i = 0; i < M; ++i) {
+        float* c = C + i * ldc + j0;
+        if (overwrite)
+          for (int j = 0; j < nc; ++j) c[j] = out[j * 16 + i];
+        else
+          for (int j = 0; j < nc; ++j) c[j] = c[j] + out[j * 16 + i];
+      }
+    }
+  }
+}
+
 }  // namespace
 
 UkernelSet avx2_kernels() {
   UkernelSet s;
-  s.f32 = {kMr, kNr, &ukernel_f32, &pack_rows_f32, &pack_copy_f32};
+  s.f32 = {kMr, kNr, &ukernel_f32, &pack_rows_f32, &pack_copy_f32, &nt_small_f32, 16};
   s.f64 = {4, 8, &ukernel_generic<double, 4, 8>};
   return s;
 }

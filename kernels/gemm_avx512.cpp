@@ -118,7 +118,7 @@ void pack_copy_f32(float* dst, const float* src, int64_t ld, int cols, int64_t k
   }
 }
 
-// nt with few rows (M <= kSmallM): B, the (N, K) weights, is read in place instead of
+// nt with few rows (M <= 32): B, the (N, K) weights, is read in place instead of
 // packed (with 32 rows the transposing pack of the weights was a quarter of the call).
 // SIMD lanes run over rows: A's rows are packed k-major, 32 wide (Ap[k*32 + i], zero
 // past M); each of 12 columns broadcasts B(j, k) straight from its row of B; one
@@ -182,7 +182,7 @@ void nt_small_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, 
 
 UkernelSet avx512_kernels() {
   UkernelSet s;
-  s.f32 = {kMr, kNr, &ukernel_f32, &pack_rows_f32, &pack_copy_f32, &nt_small_f32};
+  s.f32 = {kMr, kNr, &ukernel_f32, &pack_rows_f32, &pack_copy_f32, &nt_small_f32, 32};
   s.f64 = {8, 16, &ukernel_generic<double, 8, 16>};
   return s;
 }

@@ -28,10 +28,10 @@ using PackRows = void (*)(T* dst, const T* src, int64_t ld, int rows, int64_t kc
 template <class T>
 using PackCopy = void (*)(T* dst, const T* src, int64_t ld, int cols, int64_t kc, int w);
 
-// The whole of gemm_nt for M <= kSmallM rows without packing B: C (M,N) (+)= A (M,K)
-// B (N,K)^T with the same per-element arithmetic as the tiled path (bit-identical);
-// Ap is scratch for kSmallM * K values.
-inline constexpr int64_t kSmallM = 32;
+// The whole of gemm_nt for M <= small_m rows (UkernelDesc) without packing B: C (M,N)
+// (+)= A (M,K) B (N,K)^T with the same per-element arithmetic as the tiled path
+// (bit-identical); Ap is scratch for kSmallM * K values.
+inline constexpr int64_t kSmallM = 32;  // the largest small_m of any ISA
 template <class T>
 using NtSmall = void (*)(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
                          int64_t ldc, bool accumulate, T* Ap);
@@ -43,6 +43,7 @@ struct UkernelDesc {
   PackRows<T> pack_rows = nullptr;  // null: gemm.cpp's scalar loops
   PackCopy<T> pack_copy = nullptr;  // null: gemm.cpp's scalar loops
   NtSmall<T> nt_small = nullptr;    // null: the tiled path for every M
+  int64_t small_m = 0;              // nt_small takes M <= small_m (<= kSmallM)
 };
 
 struct UkernelSet {
