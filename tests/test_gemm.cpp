@@ -75,7 +75,7 @@ struct GemmState : ::testing::Test {
 using Gemm = GemmState;
 
 // Shapes around every tile edge of every kernel (MR 4/6/12, NR 8/16/32, KC 256), and of
-// few-rows nt paths (AVX-512: M <= 32 in halves of 16, columns by 12; AVX2: M <= 16 in
+// the few-rows nt paths (AVX-512: M <= 32 in halves of 16, columns by 12; AVX2: M <= 16 in
 // halves of 8, columns by 6).
 const std::vector<std::tuple<int64_t, int64_t, int64_t>> kShapes = {
     {1, 1, 1},     {1, 33, 7},    {5, 1, 300},   {13, 17, 255}, {12, 32, 256}, {25, 65, 257},
