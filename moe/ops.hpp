@@ -6,13 +6,13 @@
 //
 // Batch invariance (MODEL.md section 13): every value a token gets is reduced in an
 // order fixed by that token's own row alone: GEMMs reduce in fixed blocks, per-row
-// loops (RMSNorm, softmax, cross-entropy) sum in row_sum's fixed order within the row, attention
-// reduces over the keys of the token's own document from the document's start (under a
-// sliding window: from the window start of the token's query tile, a position fixed by
-// the token's place in its document), and
-// reductions over tokens (weight gradients) run in token order. So a row's result is
-// the same whatever other rows share the batch, on any number of threads, and a
-// decode step against the KV cache equals the full forward.
+// loops (RMSNorm, softmax, cross-entropy) sum in row_sum's fixed order within the row,
+// attention reduces over the keys of the token's own document from the document's
+// start (under a sliding window: from the window start of the token's query tile, a
+// position fixed by the token's place in its document), and reductions over tokens
+// (weight gradients) run in token order. So a row's result is the same whatever other
+// rows share the batch, on any number of threads, and a decode step against the KV
+// cache equals the full forward.
 #pragma once
 #include <algorithm>
 #include <bit>
@@ -73,9 +73,9 @@ inline T exp(T x) {
 // running sums, term j added to sum j % 16 in increasing j, then the 16 combined
 // pairwise (s_l + s_{l+8}, then + 4, + 2, + 1). A row's sum depends on its own values
 // and length only (batch invariance, MODEL.md 13), and the loop vectorizes with the
-// same bits on every ISA (one AVX-512 vector, two AVX2, four SSE2 of lanes; no
-// reassociation, no contraction), where one running sum was a chain of dependent adds,
-// four cycles each.
+// same bits on every ISA (the 16 sums are one AVX-512 vector, two AVX2 or four SSE2
+// vectors; no reassociation, no contraction), where one running sum was a chain of
+// dependent adds, four cycles each.
 template <class T, class Term>
 inline T row_sum(int64_t n, Term term) {
   constexpr int kLanes = 16;
@@ -201,7 +201,8 @@ MOETUNE_CPU_CLONES inline void swiglu_forward_row(T* o, const T* gr, const T* ur
   }
 }
 template <class T, bool kClamp>
-MOETUNE_CPU_CLONES inline void swiglu_backward_row(T* dgr, T* dur, const T* dr, const T* gr, const T* ur, int64_t cols, T c) {
+MOETUNE_CPU_CLONES inline void swiglu_backward_row(T* dgr, T* dur, const T* dr, const T* gr, const T* ur, int64_t cols,
+                                                    T c) {
 #pragma omp simd  // distinct buffers: no alias check
   for (int64_t i = 0; i < cols; ++i) {
     const T g = gr[i], u = ur[i], d = dr[i];
@@ -449,9 +450,10 @@ void attention_forward(T* out, T* stats, const T* q, const T* k, const T* v, con
 }
 // dq (B*S,H*hd) +=, dk, dv (B*S,Hkv*hd) += (dk and dv may be the same buffer when k and
 // v are); dsinks (H) += when sinks is given; dout (B*S,H*hd); stats, q, k, v, doc,
-// sinks, window, ldq, ldk as forward (dq has q's row stride, dk and dv k's). Parallel over (row, kv head), so that each dk/dv slice has
-// one writer; its query heads, documents and tiles are added in that fixed order. The
-// sinks' gradient is summed afterwards over rows and positions in order.
+// sinks, window, ldq, ldk as forward (dq has q's row stride, dk and dv k's). Parallel
+// over (row, kv head), so that each dk/dv slice has one writer; its query heads,
+// documents and tiles are added in that fixed order. The sinks' gradient is summed
+// afterwards over rows and positions in order.
 template <class T>
 void attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* stats, const T* q, const T* k, const T* v,
                         const int32_t* doc, int64_t B, int64_t S, int64_t H, int64_t Hkv, int64_t hd,
