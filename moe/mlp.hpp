@@ -2,17 +2,12 @@
 // MLP(u) = down_proj( silu(gate_proj(u)) * up_proj(u) ). `limit` is swiglu_limit
 // (MODEL.md section 12; 0 = off): the experts pass it, the dense FFN does not.
 //
-// The gate and up projections run as one GEMM: the parameter layout stores up_proj
-// right after gate_proj (ParamLayout), so [gate; up] is one (2F,d) matrix and
-// gu = x [gate; up]^T one (N,2F) product, whose row n holds g then u. Each element is
-// the same dot product in the same order as with two GEMMs (kernels/gemm.hpp: a
-// column's result never depends on the others), so fusing changes no bit; it packs x
-// once instead of twice and gives the threads twice the tiles. The weight gradient
-// fuses the same way, d[gate; up] += dgu^T x; the input gradient dx += dgu [gate; up]
-// reduces over 2F, which is the two GEMMs' order exactly when F is a multiple of the
-// GEMM's K block, and is two GEMMs otherwise. Weights that are not adjacent (a caller
-// with its own buffers) take two GEMMs everywhere, with the same results.
+// The gate and up projections are one grouped linear layer (ops::grouped_linear_*):
+// the parameter layout stores up_proj right after gate_proj (ParamLayout), so
+// gu = x [gate; up]^T is one (N,2F) product, whose row n holds g then u, with the same
+// bits as two GEMMs; a caller with its own, non-adjacent buffers gets two.
 #pragma once
+#include <array>
 #include <vector>
 
 #include "kernels/gemm.hpp"
@@ -32,34 +27,10 @@ struct MlpCache {
 };
 
 namespace detail {
-// gu (N,2F) = x [wg; wu]^T.
+// The [gate; up] pair as parts of a grouped linear layer (ops::grouped_linear_forward).
 template <class T>
-void gate_up_forward(T* gu, const T* x, const T* wg, const T* wu, int64_t N, int64_t d, int64_t F) {
-  if (wu == wg + F * d) {
-    kernels::gemm_nt(N, 2 * F, d, x, d, wg, d, gu, 2 * F, false);
-  } else {
-    kernels::gemm_nt(N, F, d, x, d, wg, d, gu, 2 * F, false);
-    kernels::gemm_nt(N, F, d, x, d, wu, d, gu + F, 2 * F, false);
-  }
-}
-// dx (N,d) += dgu [wg; wu] (dx may be null); dwg, dwu (F,d) += dgu^T x.
-template <class T>
-void gate_up_backward(T* dx, T* dwg, T* dwu, const T* dgu, const T* x, const T* wg, const T* wu, int64_t N,
-                      int64_t d, int64_t F) {
-  if (dx) {
-    if (wu == wg + F * d && F % kernels::kGemmKc == 0) {
-      kernels::gemm_nn(N, d, 2 * F, dgu, 2 * F, wg, d, dx, d, true);
-    } else {
-      kernels::gemm_nn(N, d, F, dgu, 2 * F, wg, d, dx, d, true);
-      kernels::gemm_nn(N, d, F, dgu + F, 2 * F, wu, d, dx, d, true);
-    }
-  }
-  if (dwu == dwg + F * d) {
-    kernels::gemm_tn(2 * F, d, N, dgu, 2 * F, x, d, dwg, d, true);
-  } else {
-    kernels::gemm_tn(F, d, N, dgu, 2 * F, x, d, dwg, d, true);
-    kernels::gemm_tn(F, d, N, dgu + F, 2 * F, x, d, dwu, d, true);
-  }
+std::array<ops::LinearPart<T>, 2> gate_up_parts(const T* wg, const T* wu, T* dwg, T* dwu, int64_t F) {
+  return {ops::LinearPart<T>{wg, dwg, F}, ops::LinearPart<T>{wu, dwu, F}};
 }
 }  // namespace detail
 
@@ -68,7 +39,7 @@ void gate_up_backward(T* dx, T* dwg, T* dwu, const T* dgu, const T* x, const T* 
 template <class T>
 void mlp_forward(T* out, T* gu, T* a, const T* x, const T* wg, const T* wu, const T* wd, int64_t N, int64_t d,
                  int64_t F, double limit = 0) {
-  detail::gate_up_forward(gu, x, wg, wu, N, d, F);
+  ops::grouped_linear_forward<T, 2>(gu, x, detail::gate_up_parts<T>(wg, wu, nullptr, nullptr, F), N, d);
   ops::swiglu_forward(a, gu, gu + F, N, F, 2 * F, limit);
   ops::linear_forward(out, a, wd, N, F, d);
 }
@@ -84,7 +55,7 @@ void mlp_backward(T* dx, T* dwg, T* dwu, T* dwd, const T* dout, const T* x, cons
   std::fill_n(da, N * F, T(0));
   ops::linear_backward(da, dwd, dout, a, wd, N, F, d);
   ops::swiglu_backward(dgu, dgu + F, da, gu, gu + F, N, F, 2 * F, limit);
-  detail::gate_up_backward(dx, dwg, dwu, dgu, x, wg, wu, N, d, F);
+  ops::grouped_linear_backward<T, 2>(dx, dgu, x, detail::gate_up_parts<T>(wg, wu, dwg, dwu, F), N, d);
 }
 // The same, with the scratch in a vector that grows to 3*N*F as needed.
 template <class T>

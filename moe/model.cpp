@@ -5,6 +5,7 @@
 // (a forward without backward, and extend() over a KV cache) keeps none of them.
 #include "moe/model.hpp"
 
+#include <array>
 #include <stdexcept>
 #include <unordered_map>
 
@@ -334,14 +335,11 @@ void attention_norm(Buf& L, const Wts& W, const T* P, const T* h, int64_t N, con
   L.rstd1.resize(N);
   ops::rmsnorm_forward(L.a_in.data(), L.rstd1.data(), h, P + W.ln1, N, d, c.rms_norm_eps);
 }
-// The fused Q/K/V projection of the default attention. The parameter layout stores
-// q_proj, k_proj, v_proj one after the other (ParamLayout), so they are one
-// ((H + 2 Hkv) hd, d) matrix and qkv = a W^T one GEMM whose row holds q, k, v. Every
-// element is the dot product of the three separate GEMMs in the same order
-// (kernels/gemm.hpp), so fusing changes no bit; attention and RoPE read q, k and v in
-// place through their row stride. The backward fuses the weight gradient the same way,
-// and the input gradient when qd and kvd are multiples of the GEMM's K block (else
-// three GEMMs, the same order as before the fusion).
+// The fused Q/K/V projection of the default attention, one grouped linear layer
+// (ops::grouped_linear_*): the parameter layout stores q_proj, k_proj, v_proj one after
+// the other (ParamLayout), so qkv = a [Wq; Wk; Wv]^T is one GEMM whose row holds q, k,
+// v, with the same bits as three; attention and RoPE read q, k and v in place through
+// their row stride.
 struct QkvLayout {
   int64_t qd, kvd, ld;  // widths of q and of k (= v), and the row length qd + 2 kvd
   int64_t k_at() const { return qd; }
@@ -351,37 +349,13 @@ inline QkvLayout qkv_layout(const ModelConfig& c) {
   const int64_t qd = int64_t(c.H()) * c.hd(), kvd = int64_t(c.Hkv()) * c.hd();
   return {qd, kvd, qd + 2 * kvd};
 }
+// q, k and v as the parts of one grouped linear layer (ops::grouped_linear_*), the
+// weights at offsets q, k, v of P and their gradients at the same offsets of G (null:
+// a forward).
 template <class T>
-void qkv_forward(T* qkv, const T* a, const T* P, size_t q, size_t k, size_t v, int64_t N, int64_t d,
-                 const QkvLayout& Q) {
-  if (k == q + size_t(Q.qd * d) && v == k + size_t(Q.kvd * d)) {
-    kernels::gemm_nt(N, Q.ld, d, a, d, P + q, d, qkv, Q.ld, false);
-  } else {
-    kernels::gemm_nt(N, Q.qd, d, a, d, P + q, d, qkv, Q.ld, false);
-    kernels::gemm_nt(N, Q.kvd, d, a, d, P + k, d, qkv + Q.k_at(), Q.ld, false);
-    kernels::gemm_nt(N, Q.kvd, d, a, d, P + v, d, qkv + Q.v_at(), Q.ld, false);
-  }
-}
-// dx (N,d) += dqkv W; dW += dqkv^T a, for the weights at offsets q, k, v of P and G.
-template <class T>
-void qkv_backward(T* dx, T* G, const T* dqkv, const T* a, const T* P, size_t q, size_t k, size_t v, int64_t N,
-                  int64_t d, const QkvLayout& Q) {
-  if (N == 0) return;
-  const bool adjacent = k == q + size_t(Q.qd * d) && v == k + size_t(Q.kvd * d);
-  if (adjacent && Q.qd % kernels::kGemmKc == 0 && Q.kvd % kernels::kGemmKc == 0) {
-    kernels::gemm_nn(N, d, Q.ld, dqkv, Q.ld, P + q, d, dx, d, true);
-  } else {
-    kernels::gemm_nn(N, d, Q.qd, dqkv, Q.ld, P + q, d, dx, d, true);
-    kernels::gemm_nn(N, d, Q.kvd, dqkv + Q.k_at(), Q.ld, P + k, d, dx, d, true);
-    kernels::gemm_nn(N, d, Q.kvd, dqkv + Q.v_at(), Q.ld, P + v, d, dx, d, true);
-  }
-  if (adjacent) {
-    kernels::gemm_tn(Q.ld, d, N, dqkv, Q.ld, a, d, G + q, d, true);
-  } else {
-    kernels::gemm_tn(Q.qd, d, N, dqkv, Q.ld, a, d, G + q, d, true);
-    kernels::gemm_tn(Q.kvd, d, N, dqkv + Q.k_at(), Q.ld, a, d, G + k, d, true);
-    kernels::gemm_tn(Q.kvd, d, N, dqkv + Q.v_at(), Q.ld, a, d, G + v, d, true);
-  }
+std::array<ops::LinearPart<T>, 3> qkv_parts(const T* P, T* G, size_t q, size_t k, size_t v, const QkvLayout& Q) {
+  return {ops::LinearPart<T>{P + q, G ? G + q : nullptr, Q.qd}, ops::LinearPart<T>{P + k, G ? G + k : nullptr, Q.kvd},
+          ops::LinearPart<T>{P + v, G ? G + v : nullptr, Q.kvd}};
 }
 
 // Shared by forward() and extend(): the attention inputs of one layer, a = RMSNorm(h)
@@ -394,7 +368,7 @@ void attention_inputs(Buf& L, const Wts& W, const T* P, const T* h, const int32_
   const QkvLayout Q = qkv_layout(c);
   attention_norm(L, W, P, h, N, c);
   L.qkv.resize(N * Q.ld);
-  qkv_forward(L.qkv.data(), L.a_in.data(), P, W.q, W.k, W.v, N, d, Q);
+  ops::grouped_linear_forward<T, 3>(L.qkv.data(), L.a_in.data(), qkv_parts<T>(P, nullptr, W.q, W.k, W.v, Q), N, d);
   ops::rope_apply(L.qkv.data(), pos, N, c.H(), hd, c.rope_theta, +1, Q.ld);
   ops::rope_apply(L.qkv.data() + Q.k_at(), pos, N, c.Hkv(), hd, c.rope_theta, +1, Q.ld);
 }
@@ -713,7 +687,8 @@ void Model<T>::backward(const T* dlogits) {
       ops::rope_apply(dqkv.data(), I.pos.data(), N, H, hd, c.rope_theta, -1, Q.ld);
       ops::rope_apply(dqkv.data() + Q.k_at(), I.pos.data(), N, Hkv, hd, c.rope_theta, -1, Q.ld);
       std::fill(dx.begin(), dx.end(), T(0));
-      qkv_backward(dx.data(), G, dqkv.data(), L.a_in.data(), P, L.q, L.k, L.v, N, d, Q);
+      ops::grouped_linear_backward<T, 3>(dx.data(), dqkv.data(), L.a_in.data(), qkv_parts<T>(P, G, L.q, L.k, L.v, Q), N,
+                                         d);
     }
     ops::rmsnorm_backward(dsub, G + L.ln1, dx.data(), L.h_in.data(), P + L.ln1, L.rstd1.data(), N, d);
     if (hc) {

@@ -15,6 +15,7 @@
 // cache equals the full forward.
 #pragma once
 #include <algorithm>
+#include <array>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -180,6 +181,67 @@ void linear_backward(T* dinp, T* dw, const T* dout, const T* inp, const T* w, in
 template <class T>
 void linear_backward_input(T* dinp, const T* dout, const T* w, int64_t N, int64_t I, int64_t O) {
   if (N > 0) kernels::gemm_nn(N, I, O, dout, O, w, I, dinp, I, true);
+}
+
+// ---------------------------------------------------------------- grouped linear
+// Several linear layers of the same input whose outputs sit side by side in one row
+// (the MLP's [gate; up], attention's [q; k; v]): part p is a weight (rows_p, d) with its
+// gradient, and its outputs are the columns [c_p, c_p + rows_p) of out (N, sum rows).
+// When the weights are adjacent in memory (the parameter layout stores them one after
+// the other) the forward is one GEMM over all of them: each column is the same dot
+// product in the same order as with one GEMM per part (kernels/gemm.hpp: a column
+// never depends on the others), so fusing changes no bit; it packs x once instead of
+// once per part and gives the threads more tiles. The weight gradient fuses the same
+// way when the gradients are adjacent too. The input gradient dx += dout [W_0; W_1; ...]
+// reduces over all the parts' rows, which is the per-part GEMMs' order exactly when
+// every part but the last spans whole K blocks (rows_p % kGemmKc == 0), and is one GEMM
+// per part otherwise. Weights that are not adjacent take one GEMM per part everywhere,
+// with the same results.
+template <class T>
+struct LinearPart {
+  const T* w;     // (rows, d)
+  T* dw;          // (rows, d) +=, or null for a forward
+  int64_t rows;
+};
+template <class T, size_t P>
+void grouped_linear_forward(T* out, const T* x, const std::array<LinearPart<T>, P>& parts, int64_t N, int64_t d) {
+  int64_t ld = 0;
+  bool adjacent = true;
+  for (size_t p = 0; p < P; ++p) {
+    if (p > 0 && parts[p].w != parts[p - 1].w + parts[p - 1].rows * d) adjacent = false;
+    ld += parts[p].rows;
+  }
+  if (adjacent) return kernels::gemm_nt(N, ld, d, x, d, parts[0].w, d, out, ld, false);
+  for (int64_t p = 0, c = 0; p < int64_t(P); c += parts[size_t(p)].rows, ++p)
+    kernels::gemm_nt(N, parts[size_t(p)].rows, d, x, d, parts[size_t(p)].w, d, out + c, ld, false);
+}
+// dx (N,d) += dout [W_0; W_1; ...] (dx may be null); dW_p += dout_p^T x. dout (N, sum rows).
+template <class T, size_t P>
+void grouped_linear_backward(T* dx, const T* dout, const T* x, const std::array<LinearPart<T>, P>& parts, int64_t N,
+                             int64_t d) {
+  if (N == 0) return;
+  int64_t ld = 0;
+  bool w_adjacent = true, dw_adjacent = true, whole_blocks = true;
+  for (size_t p = 0; p < P; ++p) {
+    if (p > 0 && parts[p].w != parts[p - 1].w + parts[p - 1].rows * d) w_adjacent = false;
+    if (p > 0 && parts[p].dw != parts[p - 1].dw + parts[p - 1].rows * d) dw_adjacent = false;
+    if (p + 1 < P && parts[p].rows % kernels::kGemmKc != 0) whole_blocks = false;
+    ld += parts[p].rows;
+  }
+  if (dx) {
+    if (w_adjacent && whole_blocks) {
+      kernels::gemm_nn(N, d, ld, dout, ld, parts[0].w, d, dx, d, true);
+    } else {
+      for (int64_t p = 0, c = 0; p < int64_t(P); c += parts[size_t(p)].rows, ++p)
+        kernels::gemm_nn(N, d, parts[size_t(p)].rows, dout + c, ld, parts[size_t(p)].w, d, dx, d, true);
+    }
+  }
+  if (dw_adjacent) {
+    kernels::gemm_tn(ld, d, N, dout, ld, x, d, parts[0].dw, d, true);
+  } else {
+    for (int64_t p = 0, c = 0; p < int64_t(P); c += parts[size_t(p)].rows, ++p)
+      kernels::gemm_tn(parts[size_t(p)].rows, d, N, dout + c, ld, x, d, parts[size_t(p)].dw, d, true);
+  }
 }
 
 // ---------------------------------------------------------------- SwiGLU
