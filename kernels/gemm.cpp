@@ -32,8 +32,6 @@ UkernelSet generic_kernels() {
 
 namespace {
 
-using detail::PackCopy;
-using detail::PackRows;
 using detail::UkernelDesc;
 using detail::UkernelSet;
 
@@ -103,63 +101,56 @@ const UkernelDesc<double>& desc_of<double>(const UkernelSet& s) {
   return s.f64;
 }
 
-// A(r, k) of the logical (M, K) operand; trans: stored as (K, M). rows_fn / copy_fn are
-// the ISA's transposing and plain packs (PackRows, PackCopy), or null for the loops below.
+// PackRows and PackCopy as scalar loops, for kernels without SIMD ones (the generic
+// kernels, double).
 template <class T>
-void pack_a(T* Ap, const T* A, int64_t lda, bool trans, int64_t i0, int64_t mc, int64_t k0, int64_t kc, int mr,
-            PackRows<T> rows_fn, PackCopy<T> copy_fn) {
-  for (int64_t p = 0; p * mr < mc; ++p) {
-    T* dst = Ap + p * mr * kc;
-    const int64_t r0 = i0 + p * mr, rows = std::min<int64_t>(mr, mc - p * mr);
-    if (trans && copy_fn) {
-      copy_fn(dst, A + k0 * lda + r0, lda, int(rows), kc, mr);
-    } else if (trans) {
-      for (int64_t k = 0; k < kc; ++k) {
-        const T* src = A + (k0 + k) * lda + r0;
-        T* d = dst + k * mr;
-        for (int64_t i = 0; i < rows; ++i) d[i] = src[i];
-        for (int64_t i = rows; i < mr; ++i) d[i] = T(0);
-      }
-    } else if (rows_fn) {
-      rows_fn(dst, A + r0 * lda + k0, lda, int(rows), kc, mr);
-    } else {
-      for (int64_t i = 0; i < rows; ++i) {
-        const T* src = A + (r0 + i) * lda + k0;
-        for (int64_t k = 0; k < kc; ++k) dst[k * mr + i] = src[k];
-      }
-      for (int64_t i = rows; i < mr; ++i)
-        for (int64_t k = 0; k < kc; ++k) dst[k * mr + i] = T(0);
-    }
+void pack_rows_scalar(T* dst, const T* src, int64_t ld, int rows, int64_t kc, int w) {
+  for (int r = 0; r < rows; ++r)
+    for (int64_t k = 0; k < kc; ++k) dst[k * w + r] = src[r * ld + k];
+  for (int r = rows; r < w; ++r)
+    for (int64_t k = 0; k < kc; ++k) dst[k * w + r] = T(0);
+}
+template <class T>
+void pack_copy_scalar(T* dst, const T* src, int64_t ld, int cols, int64_t kc, int w) {
+  for (int64_t k = 0; k < kc; ++k) {
+    for (int j = 0; j < cols; ++j) dst[k * w + j] = src[k * ld + j];
+    for (int j = cols; j < w; ++j) dst[k * w + j] = T(0);
   }
 }
 
-// B(k, c) of the logical (K, N) operand; trans: stored as (N, K).
+// The kernels of the moment with both packs (the ISA's, else the scalar loops).
 template <class T>
-void pack_b(T* Bp, const T* B, int64_t ldb, bool trans, int64_t j0, int64_t nc, int64_t k0, int64_t kc, int nr,
-            PackRows<T> rows_fn, PackCopy<T> copy_fn) {
-  for (int64_t p = 0; p * nr < nc; ++p) {
-    T* dst = Bp + p * nr * kc;
-    const int64_t c0 = j0 + p * nr, cols = std::min<int64_t>(nr, nc - p * nr);
-    if (trans && rows_fn) {
-      rows_fn(dst, B + c0 * ldb + k0, ldb, int(cols), kc, nr);
-    } else if (!trans && copy_fn) {
-      copy_fn(dst, B + k0 * ldb + c0, ldb, int(cols), kc, nr);
-    } else if (trans) {
-      for (int64_t j = 0; j < cols; ++j) {
-        const T* src = B + (c0 + j) * ldb + k0;
-        for (int64_t k = 0; k < kc; ++k) dst[k * nr + j] = src[k];
-      }
-      for (int64_t j = cols; j < nr; ++j)
-        for (int64_t k = 0; k < kc; ++k) dst[k * nr + j] = T(0);
-    } else {
-      for (int64_t k = 0; k < kc; ++k) {
-        const T* src = B + (k0 + k) * ldb + c0;
-        T* d = dst + k * nr;
-        for (int64_t j = 0; j < cols; ++j) d[j] = src[j];
-        for (int64_t j = cols; j < nr; ++j) d[j] = T(0);
-      }
-    }
+UkernelDesc<T> kernels_in_use() {
+  UkernelDesc<T> uk = desc_of<T>(active().set);
+  if (!uk.pack_rows) uk.pack_rows = &pack_rows_scalar<T>;
+  if (!uk.pack_copy) uk.pack_copy = &pack_copy_scalar<T>;
+  return uk;
+}
+
+// A(r, k) of the logical (M, K) operand (trans: stored as (K, M)), rows [i0, i0 + mc),
+// columns [k0, k0 + kc), into panels of mr rows.
+template <class T>
+void pack_a(T* Ap, const T* A, int64_t lda, bool trans, int64_t i0, int64_t mc, int64_t k0, int64_t kc,
+            const UkernelDesc<T>& uk) {
+  for (int64_t p = 0; p * uk.mr < mc; ++p) {
+    const int64_t r0 = i0 + p * uk.mr;
+    const int rows = int(std::min<int64_t>(uk.mr, mc - p * uk.mr));
+    if (trans)
+      uk.pack_copy(Ap + p * uk.mr * kc, A + k0 * lda + r0, lda, rows, kc, uk.mr);
+    else
+      uk.pack_rows(Ap + p * uk.mr * kc, A + r0 * lda + k0, lda, rows, kc, uk.mr);
   }
+}
+
+// B(k, c) of the logical (K, N) operand (trans: stored as (N, K)), one panel of nr
+// columns from c0.
+template <class T>
+void pack_b_panel(T* dst, const T* B, int64_t ldb, bool trans, int64_t c0, int cols, int64_t k0, int64_t kc,
+                  const UkernelDesc<T>& uk) {
+  if (trans)
+    uk.pack_rows(dst, B + c0 * ldb + k0, ldb, cols, kc, uk.nr);
+  else
+    uk.pack_copy(dst, B + k0 * ldb + c0, ldb, cols, kc, uk.nr);
 }
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -180,7 +171,7 @@ void gemm_impl(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, in
       for (int64_t i = 0; i < M; ++i) std::fill_n(C + i * ldc, N, T(0));
     return;
   }
-  const UkernelDesc<T> uk = desc_of<T>(active().set);
+  const UkernelDesc<T> uk = kernels_in_use<T>();
   const int mr = uk.mr, nr = uk.nr;
   const bool nested = omp_in_parallel();
   const int threads = nested ? 1 : omp_get_max_threads();
@@ -227,8 +218,8 @@ void gemm_impl(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, in
 #pragma omp for schedule(static)
     for (int64_t x = 0; x < nkb * pb; ++x) {
       const int64_t k0 = (x / pb) * kGemmKc, kc = std::min(kGemmKc, K - k0), p = x % pb;
-      pack_b(bp + k0 * Np + p * nr * kc, B, ldb, tb, p * nr, std::min<int64_t>(nr, N - p * nr), k0, kc, nr,
-             uk.pack_rows, uk.pack_copy);
+      pack_b_panel(bp + k0 * Np + p * nr * kc, B, ldb, tb, p * nr, int(std::min<int64_t>(nr, N - p * nr)), k0, kc,
+                   uk);
     }
     std::vector<T>& abuf = pack_buffer<T>(0);  // this thread's
     if (int64_t(abuf.size()) < mc * K) abuf.resize(mc * K);
@@ -240,7 +231,7 @@ void gemm_impl(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, in
       const int64_t m = std::min(mc, M - i0), n = std::min(nc, N - j0), mp = round_up(m, mr);
       if (i0 != packed_i0) {
         for (int64_t k0 = 0; k0 < K; k0 += kGemmKc)
-          pack_a(ap + k0 * mp, A, lda, ta, i0, m, k0, std::min(kGemmKc, K - k0), mr, uk.pack_rows, uk.pack_copy);
+          pack_a(ap + k0 * mp, A, lda, ta, i0, m, k0, std::min(kGemmKc, K - k0), uk);
         packed_i0 = i0;
       }
       for (int64_t k0 = 0; k0 < K; k0 += kGemmKc) {
@@ -326,6 +317,18 @@ void gemm_tn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* 
 }
 
 template <class T>
+PanelKernel<T> panel_kernel() {
+  const UkernelDesc<T> uk = kernels_in_use<T>();
+  PanelKernel<T> p;
+  p.mr = uk.mr;
+  p.nr = uk.nr;
+  p.tile = uk.fn;
+  p.pack_rows = uk.pack_rows;
+  p.pack_copy = uk.pack_copy;
+  return p;
+}
+
+template <class T>
 void gemm_reserve(int64_t elements) {
   for (int which : {0, 1}) {
     std::vector<T>& b = pack_buffer<T>(which);
@@ -357,6 +360,7 @@ void gemm_reference(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
   template void gemm_nn<T>(int64_t, int64_t, int64_t, const T*, int64_t, const T*, int64_t, T*, int64_t, bool);     \
   template void gemm_tn<T>(int64_t, int64_t, int64_t, const T*, int64_t, const T*, int64_t, T*, int64_t, bool);     \
   template void gemm_reserve<T>(int64_t);                                                                           \
+  template PanelKernel<T> panel_kernel<T>();                                                                        \
   template void gemm_reference<T>(bool, bool, int64_t, int64_t, int64_t, const T*, int64_t, const T*, int64_t, T*, \
                                   int64_t, bool);
 MOETUNE_GEMM_INSTANTIATE(float)

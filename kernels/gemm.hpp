@@ -60,6 +60,29 @@ template <class T>
 void gemm_tn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
              bool accumulate);
 
+// The micro-kernel and packs of the kernels in use, for callers that pack their operands
+// themselves and run many small products over them without a GEMM call each (the
+// attention tiles of moe/attention.cpp). The arithmetic is the GEMM's:
+//   tile(kc, Ap, Bp, C, ldc, m, n, overwrite): for i < m, j < n, acc = fma chain over
+//     k < kc (in order, from 0) of Ap[k*mr + i] * Bp[k*nr + j]; then C(i,j) = acc
+//     (overwrite) or C(i,j) + acc. Ap and Bp are packed panels, zero past m and n.
+//   pack_rows(dst, src, ld, rows, kc, w): dst[k*w + r] = src[r*ld + k] for r < rows
+//     (rows <= w source rows of kc contiguous values), 0 for rows <= r < w.
+//   pack_copy(dst, src, ld, cols, kc, w): dst[k*w + j] = src[k*ld + j] for j < cols, 0
+//     for cols <= j < w.
+// A product that reduces over more than kGemmKc values must call tile once per block
+// of kGemmKc (overwrite on the first block only, as gemm_* do) to give gemm_*'s bits.
+// Valid for the kernels of the moment (set_gemm_isa changes them).
+template <class T>
+struct PanelKernel {
+  int mr = 0, nr = 0;
+  void (*tile)(int64_t kc, const T* Ap, const T* Bp, T* C, int64_t ldc, int m, int n, bool overwrite) = nullptr;
+  void (*pack_rows)(T* dst, const T* src, int64_t ld, int rows, int64_t kc, int w) = nullptr;
+  void (*pack_copy)(T* dst, const T* src, int64_t ld, int cols, int64_t kc, int w) = nullptr;
+};
+template <class T>
+PanelKernel<T> panel_kernel();
+
 // Grows the calling thread's packing buffers to hold `elements` values of each operand
 // (a product needs at most round_up(M, mr) * K of A, one row block of it or the few rows
 // of the no-pack nt path, and round_up(N, nr) * K of B). For callers

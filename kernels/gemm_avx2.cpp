@@ -14,6 +14,12 @@ namespace {
 
 constexpr int kMr = 6, kNr = 16;
 
+// AVX2 lane mask of the first n lanes (none for n <= 0, all 8 for n >= 8).
+inline __m256i first_lanes(int n) {
+  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), idx);
+}
+
 void ukernel_f32(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, int m, int n,
                  bool overwrite) {
   __m256 c0[kMr], c1[kMr];
@@ -30,26 +36,20 @@ void ukernel_f32(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t
       c1[i] = _mm256_fmadd_ps(ai, b1, c1[i]);
     }
   }
-  if (m == kMr && n == kNr) {
+  // Edge tiles (m < kMr or n < kNr) store with masks, lane j of a row only for j < n.
+  const __m256i k0 = first_lanes(n), k1 = first_lanes(n - 8);
 #pragma GCC unroll 6
-    for (int i = 0; i < kMr; ++i) {
-      float* c = C + i * ldc;
-      if (overwrite) {
-        _mm256_storeu_ps(c, c0[i]);
-        _mm256_storeu_ps(c + 8, c1[i]);
-      } else {
-        _mm256_storeu_ps(c, _mm256_add_ps(_mm256_loadu_ps(c), c0[i]));
-        _mm256_storeu_ps(c + 8, _mm256_add_ps(_mm256_loadu_ps(c + 8), c1[i]));
-      }
-    }
-    return;
-  }
-  alignas(32) float acc[kMr * kNr];
   for (int i = 0; i < kMr; ++i) {
-    _mm256_store_ps(acc + i * kNr, c0[i]);
-    _mm256_store_ps(acc + i * kNr + 8, c1[i]);
+    if (i >= m) break;
+    float* c = C + i * ldc;
+    if (overwrite) {
+      _mm256_maskstore_ps(c, k0, c0[i]);
+      _mm256_maskstore_ps(c + 8, k1, c1[i]);
+    } else {
+      _mm256_maskstore_ps(c, k0, _mm256_add_ps(_mm256_maskload_ps(c, k0), c0[i]));
+      _mm256_maskstore_ps(c + 8, k1, _mm256_add_ps(_mm256_maskload_ps(c + 8, k1), c1[i]));
+    }
   }
-  store_tile<float, kMr, kNr>(acc, C, ldc, m, n, overwrite);
 }
 
 // In-register transpose of 8 x 8 floats: v[i] (row i) becomes column i.
@@ -70,12 +70,6 @@ inline void transpose8(__m256 v[8]) {
     v[c] = _mm256_permute2f128_ps(s[c], s[4 + c], 0x20);      // rows 0-7 of column c
     v[c + 4] = _mm256_permute2f128_ps(s[c], s[4 + c], 0x31);  // rows 0-7 of column c + 4
   }
-}
-
-// AVX2 lane mask of the first n (0..8) lanes.
-inline __m256i first_lanes(int n) {
-  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), idx);
 }
 
 // PackRows (gemm_ukernel.hpp) by 8 x 8 blocks: masked loads for the k tail and the

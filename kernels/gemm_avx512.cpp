@@ -34,26 +34,21 @@ void ukernel_f32(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t
       c1[i] = _mm512_fmadd_ps(ai, b1, c1[i]);
     }
   }
-  if (m == kMr && n == kNr) {
+  // Edge tiles (m < kMr or n < kNr) store with masks, lane j of a row only for j < n.
+  const __mmask16 k0 = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u);
+  const __mmask16 k1 = n >= 32 ? __mmask16(0xFFFF) : n <= 16 ? __mmask16(0) : __mmask16((1u << (n - 16)) - 1u);
 #pragma GCC unroll 12
-    for (int i = 0; i < kMr; ++i) {
-      float* c = C + i * ldc;
-      if (overwrite) {
-        _mm512_storeu_ps(c, c0[i]);
-        _mm512_storeu_ps(c + 16, c1[i]);
-      } else {
-        _mm512_storeu_ps(c, _mm512_add_ps(_mm512_loadu_ps(c), c0[i]));
-        _mm512_storeu_ps(c + 16, _mm512_add_ps(_mm512_loadu_ps(c + 16), c1[i]));
-      }
-    }
-    return;
-  }
-  alignas(64) float acc[kMr * kNr];
   for (int i = 0; i < kMr; ++i) {
-    _mm512_store_ps(acc + i * kNr, c0[i]);
-    _mm512_store_ps(acc + i * kNr + 16, c1[i]);
+    if (i >= m) break;
+    float* c = C + i * ldc;
+    if (overwrite) {
+      _mm512_mask_storeu_ps(c, k0, c0[i]);
+      _mm512_mask_storeu_ps(c + 16, k1, c1[i]);
+    } else {
+      _mm512_mask_storeu_ps(c, k0, _mm512_add_ps(_mm512_maskz_loadu_ps(k0, c), c0[i]));
+      _mm512_mask_storeu_ps(c + 16, k1, _mm512_add_ps(_mm512_maskz_loadu_ps(k1, c + 16), c1[i]));
+    }
   }
-  store_tile<float, kMr, kNr>(acc, C, ldc, m, n, overwrite);
 }
 
 // In-register transpose of 16 x 16 floats: v[i] (row i) becomes column i.

@@ -410,14 +410,16 @@ void rope_apply(T* x, const int32_t* pos, int64_t N, int64_t nh, int64_t hd, dou
 // attention_softmax_row, then o = sum_j p_j v_j as one GEMM reduction over the keys
 // from ds. attention_cached runs exactly this for a cache row (ds = 0), so decoding
 // gives the full forward's bits (keys past i carry p = 0, which changes no sum).
+// attention_forward and attention_backward are in moe/attention.cpp: they run each
+// tile's products on the GEMM's micro-kernel over operands packed once per tile.
 inline constexpr int64_t kAttnTile = 64;
 
 namespace detail {
-// The per-thread scratch of the attention loops (grows, never shrinks).
+// The per-thread scratch of attention_cached (grows, never shrinks).
 template <class T>
-std::vector<T>& attn_scratch(int which) {
-  static thread_local std::vector<T> buf[2];
-  return buf[which];
+std::vector<T>& attn_scratch() {
+  static thread_local std::vector<T> buf;
+  return buf;
 }
 // End of the document that starts at ds in a row of S doc ids.
 inline int64_t doc_end(const int32_t* dr, int64_t ds, int64_t S) {
@@ -480,36 +482,7 @@ inline T attn_sink(const T* sinks, int64_t h) {
 template <class T>
 void attention_forward(T* out, T* stats, const T* q, const T* k, const T* v, const int32_t* doc, int64_t B,
                        int64_t S, int64_t H, int64_t Hkv, int64_t hd, const T* sinks = nullptr, int64_t window = 0,
-                       int64_t ldq = 0, int64_t ldk = 0) {
-  const int64_t os = H * hd, qs = ldq ? ldq : os, ks = ldk ? ldk : Hkv * hd, rep = H / Hkv;
-  const T scale = T(1) / std::sqrt(T(hd));
-#pragma omp parallel for collapse(2) schedule(dynamic, 1)
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < H; ++h) {
-      std::vector<T>& sc = detail::attn_scratch<T>(0);
-      const int64_t kh = h / rep;
-      const T sink = detail::attn_sink(sinks, h);
-      const int32_t* dr = doc + b * S;
-      for (int64_t ds = 0, de; ds < S; ds = de) {
-        de = detail::doc_end(dr, ds, S);
-        for (int64_t i0 = ds; i0 < de; i0 += kAttnTile) {
-          const int64_t k0 = detail::attn_key_start(ds, i0, window);
-          const int64_t i1 = std::min(de, i0 + kAttnTile), m = i1 - i0, nk = i1 - k0;
-          const T* K = k + (b * S + k0) * ks + kh * hd;
-          const T* V = v + (b * S + k0) * ks + kh * hd;
-          if (int64_t(sc.size()) < m * nk) sc.resize(m * nk);
-          kernels::gemm_nt(m, nk, hd, q + (b * S + i0) * qs + h * hd, qs, K, ks, sc.data(), nk, false);
-          for (int64_t r = 0; r < m; ++r) {
-            const int64_t i = i0 + r, a = detail::attn_key_first(ds, i, window) - k0;
-            T* pr = sc.data() + r * nk;
-            std::fill(pr, pr + a, T(0));
-            attention_softmax_row(pr + a, i - k0 - a + 1, nk - a, scale, stats + ((b * H + h) * S + i) * 2, sink);
-          }
-          kernels::gemm_nn(m, hd, nk, sc.data(), nk, V, ks, out + (b * S + i0) * os + h * hd, os, false);
-        }
-      }
-    }
-}
+                       int64_t ldq = 0, int64_t ldk = 0);
 // dq (B*S,H*hd) +=, dk, dv (B*S,Hkv*hd) += (dk and dv may be the same buffer when k and
 // v are); dsinks (H) += when sinks is given; dout (B*S,H*hd); stats, q, k, v, doc,
 // sinks, window, ldq, ldk as forward (dq has q's row stride, dk and dv k's). Parallel
@@ -520,65 +493,7 @@ template <class T>
 void attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* stats, const T* q, const T* k, const T* v,
                         const int32_t* doc, int64_t B, int64_t S, int64_t H, int64_t Hkv, int64_t hd,
                         const T* sinks = nullptr, T* dsinks = nullptr, int64_t window = 0, int64_t ldq = 0,
-                        int64_t ldk = 0) {
-  const int64_t os = H * hd, qs = ldq ? ldq : os, ks = ldk ? ldk : Hkv * hd, rep = H / Hkv;
-  const T scale = T(1) / std::sqrt(T(hd));
-  // d loss / d sink of each (row, head, query), (B,H,S): scratch of the calling thread,
-  // bound to a reference because the loop's threads share it.
-  static thread_local std::vector<T> sink_buf;
-  std::vector<T>& dsink_q = sink_buf;
-  if (sinks) dsink_q.assign(B * H * S, T(0));
-#pragma omp parallel for collapse(2) schedule(dynamic, 1)
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t kh = 0; kh < Hkv; ++kh) {
-      std::vector<T>& p = detail::attn_scratch<T>(0);
-      std::vector<T>& dp = detail::attn_scratch<T>(1);
-      const int32_t* dr = doc + b * S;
-      for (int64_t h = kh * rep; h < (kh + 1) * rep; ++h)
-        for (int64_t ds = 0, de; ds < S; ds = de) {
-          de = detail::doc_end(dr, ds, S);
-          for (int64_t i0 = ds; i0 < de; i0 += kAttnTile) {
-            const int64_t k0 = detail::attn_key_start(ds, i0, window);
-            const int64_t i1 = std::min(de, i0 + kAttnTile), m = i1 - i0, nk = i1 - k0;
-            const int64_t kv0 = (b * S + k0) * ks + kh * hd;
-            const int64_t q0 = (b * S + i0) * qs + h * hd, o0 = (b * S + i0) * os + h * hd;
-            if (int64_t(p.size()) < m * nk) p.resize(m * nk);
-            if (int64_t(dp.size()) < m * nk) dp.resize(m * nk);
-            kernels::gemm_nt(m, nk, hd, q + q0, qs, k + kv0, ks, p.data(), nk, false);
-            for (int64_t r = 0; r < m; ++r) {
-              const int64_t i = i0 + r, a = detail::attn_key_first(ds, i, window) - k0;
-              T* pr = p.data() + r * nk;
-              std::fill(pr, pr + a, T(0));
-              attention_probs_row(pr + a, i - k0 - a + 1, nk - a, scale, stats + ((b * H + h) * S + i) * 2);
-            }
-            kernels::gemm_tn(nk, hd, m, p.data(), nk, dout + o0, os, dv + kv0, ks, true);
-            kernels::gemm_nt(m, nk, hd, dout + o0, os, v + kv0, ks, dp.data(), nk, false);
-            for (int64_t r = 0; r < m; ++r) {
-              const int64_t i = i0 + r, a = detail::attn_key_first(ds, i, window) - k0, n = i - k0 + 1;
-              const T* pr = p.data() + r * nk;
-              T* g = dp.data() + r * nk;
-              const T dot = row_sum<T>(n - a, [pr, g, a](int64_t j) { return pr[a + j] * g[a + j]; });
-              std::fill(g, g + a, T(0));
-              for (int64_t j = a; j < n; ++j) g[j] = pr[j] * (g[j] - dot) * scale;
-              std::fill(g + n, g + nk, T(0));
-              if (sinks) {  // the sink's probability, times (0 - dot): it carries no value
-                const T* st = stats + ((b * H + h) * S + i) * 2;
-                dsink_q[(b * H + h) * S + i] = -ops::exp(sinks[h] - st[0]) * st[1] * dot;
-              }
-            }
-            kernels::gemm_nn(m, hd, nk, dp.data(), nk, k + kv0, ks, dq + q0, qs, true);
-            kernels::gemm_tn(nk, hd, m, dp.data(), nk, q + q0, qs, dk + kv0, ks, true);
-          }
-        }
-    }
-  if (sinks)
-    for (int64_t h = 0; h < H; ++h) {
-      T acc = 0;
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t i = 0; i < S; ++i) acc += dsink_q[(b * H + h) * S + i];
-      dsinks[h] += acc;
-    }
-}
+                        int64_t ldk = 0);
 
 // Attention of n new queries against a KV cache (decoding, MODEL.md section 10).
 // out (n, H*hd); q (n, H*hd) rotated, row stride ldq (0 = H*hd); kc, vc (rows*cap, Hkv*hd): cache row r's
@@ -597,7 +512,7 @@ void attention_cached(T* out, const T* q, const T* kc, const T* vc, const int32_
 #pragma omp parallel for collapse(2) schedule(dynamic, 1)
   for (int64_t i = 0; i < n; ++i)
     for (int64_t h = 0; h < H; ++h) {
-      std::vector<T>& p = detail::attn_scratch<T>(0);
+      std::vector<T>& p = detail::attn_scratch<T>();
       const int64_t kh = h / rep, at = pos[i];
       const int64_t k0 = detail::attn_key_start(0, at / kAttnTile * kAttnTile, window);
       const int64_t len = at - k0 + 1, a = detail::attn_key_first(0, at, window) - k0;
