@@ -22,6 +22,7 @@
 // source's expert-gradient contribution to `after_source` as its own leaf, so the
 // fixed-point gradient sum is the same for every layout.
 #pragma once
+#include <algorithm>
 #include <chrono>
 #include <functional>
 #include <unordered_map>
@@ -30,6 +31,7 @@
 #include "dist/comm.hpp"
 #include "moe/moe_layer.hpp"
 #include "moe/profile.hpp"
+#include "moe/scratch.hpp"
 
 namespace moetune::dist {
 
@@ -75,16 +77,21 @@ class AllToAllExpertStage : public ExpertStage<T> {
     int64_t total_recv = 0;
     for (auto r : c.recv_rows) total_recv += r;
     stats.dispatch_s += seconds_since(t0);
-    // 2. token rows.
-    c.x.resize(total_recv * d_);
+    // 2. token rows. The routing moves rows between ranks from step to step, so the
+    // received rows and each source's expert caches are sized once for the most a
+    // source sends (all its pairs, if every source routes as many as this rank): they
+    // never reallocate or touch fresh pages when a rank's share grows (moe/scratch.hpp).
+    const int64_t bound = perm.pairs();
+    grow_scratch(c.x, size_t(std::max(total_recv, ep_ * bound) * d_));
     exchange(xp, c.send_rows, c.x.data(), c.recv_rows, stats.dispatch_bytes, stats.dispatch_s, to_experts);
     // 3. local experts, one source at a time.
     ps.next(profile::Phase::experts);
     auto& y = rows_a_;
-    y.resize(total_recv * d_);
+    grow_scratch(y, size_t(std::max(total_recv, ep_ * bound) * d_));
     c.mlp.resize(ep_);
     int64_t row = 0;
     for (int q = 0; q < ep_; ++q) {
+      c.mlp[q].resize(std::max(c.recv_rows[q], bound), F_);
       local_forward(layer, q, source_offsets(c, q), c.x.data() + row * d_, y.data() + row * d_);
       row += c.recv_rows[q];
     }
@@ -101,8 +108,12 @@ class AllToAllExpertStage : public ExpertStage<T> {
     // Backward of combine = dispatch of the output gradient.
     profile::Scope ps(profile::Phase::combine_bwd);
     auto &dy = rows_a_, &dx = rows_b_;
-    dy.resize(total_recv * d_);
-    dx.resize(total_recv * d_);
+    const int64_t rows = std::max(total_recv, ep_ * perm.pairs());  // as in forward
+    grow_scratch(dy, size_t(rows * d_));
+    grow_scratch(dx, size_t(rows * d_));
+    int64_t per_source = perm.pairs();  // experts_backward's scratch holds one source's rows
+    for (auto r : c.recv_rows) per_source = std::max(per_source, r);
+    grow_scratch(scratch_, size_t(3 * per_source * F_));
     exchange(dyp, c.send_rows, dy.data(), c.recv_rows, stats.combine_bytes, stats.combine_s, to_experts);
     ps.next(profile::Phase::experts_bwd);
     int64_t row = 0;

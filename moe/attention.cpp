@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "moe/ops.hpp"
+#include "moe/scratch.hpp"
 
 namespace moetune::ops {
 namespace {
@@ -42,11 +43,6 @@ template <class T>
 TileBuffers<T>& tile_buffers() {
   static thread_local TileBuffers<T> b;
   return b;
-}
-template <class T>
-T* grow(std::vector<T>& v, int64_t n) {
-  if (int64_t(v.size()) < n) v.resize(size_t(n));
-  return v.data();
 }
 
 // The geometry of one query tile: queries [i0, i1) of a document starting at ds, keys
@@ -156,11 +152,11 @@ void attention_forward(T* out, T* stats, const T* q, const T* k, const T* v, con
           const Tile t(ds, i0, de, window, nr);
           const T* K = k + (b * S + t.k0) * ks + kh * hd;
           const T* V = v + (b * S + t.k0) * ks + kh * hd;
-          T* qa = grow(buf.qa, round_up(t.m, mr) * hd);
-          T* kt = grow(buf.kt, t.ld * hd);
-          T* s = grow(buf.s, t.m * t.ld);
-          T* vn = grow(buf.vn, round_up(hd, nr) * t.nk);
-          T* pa = grow(buf.pa, mr * t.nk);
+          T* qa = grow_scratch(buf.qa, size_t(round_up(t.m, mr) * hd));
+          T* kt = grow_scratch(buf.kt, size_t(t.ld * hd));
+          T* s = grow_scratch(buf.s, size_t(t.m * t.ld));
+          T* vn = grow_scratch(buf.vn, size_t(round_up(hd, nr) * t.nk));
+          T* pa = grow_scratch(buf.pa, size_t(mr * t.nk));
           pack_row_panels(pk, qa, q + (b * S + i0) * qs + h * hd, qs, t.m, hd, mr);
           pack_row_panels(pk, kt, K, ks, t.nk, hd, nr);
           tile_scores(pk, t, hd, qa, kt, s);
@@ -204,17 +200,17 @@ void attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* stats, cons
             const int64_t kv0 = (b * S + t.k0) * ks + kh * hd;
             const T* Q = q + (b * S + i0) * qs + h * hd;
             const T* dO = dout + (b * S + i0) * os + h * hd;
-            T* qa = grow(buf.qa, round_up(t.m, mr) * hd);
-            T* kt = grow(buf.kt, t.ld * hd);
-            T* p = grow(buf.s, t.m * t.ld);
-            T* da = grow(buf.da, round_up(t.m, mr) * hd);
-            T* vt = grow(buf.vt, t.ld * hd);
-            T* g = grow(buf.dp, t.m * t.ld);
-            T* on = grow(buf.on, round_up(hd, nr) * t.m);
-            T* qn = grow(buf.qn, round_up(hd, nr) * t.m);
-            T* kn = grow(buf.kn, round_up(hd, nr) * t.nk);
-            T* pa = grow(buf.pa, mr * t.nk);
-            T* pt = grow(buf.pt, mr * t.m);
+            T* qa = grow_scratch(buf.qa, size_t(round_up(t.m, mr) * hd));
+            T* kt = grow_scratch(buf.kt, size_t(t.ld * hd));
+            T* p = grow_scratch(buf.s, size_t(t.m * t.ld));
+            T* da = grow_scratch(buf.da, size_t(round_up(t.m, mr) * hd));
+            T* vt = grow_scratch(buf.vt, size_t(t.ld * hd));
+            T* g = grow_scratch(buf.dp, size_t(t.m * t.ld));
+            T* on = grow_scratch(buf.on, size_t(round_up(hd, nr) * t.m));
+            T* qn = grow_scratch(buf.qn, size_t(round_up(hd, nr) * t.m));
+            T* kn = grow_scratch(buf.kn, size_t(round_up(hd, nr) * t.nk));
+            T* pa = grow_scratch(buf.pa, size_t(mr * t.nk));
+            T* pt = grow_scratch(buf.pt, size_t(mr * t.m));
             // The probabilities again, from the scores and the forward's stats.
             pack_row_panels(pk, qa, Q, qs, t.m, hd, mr);
             pack_row_panels(pk, kt, k + kv0, ks, t.nk, hd, nr);

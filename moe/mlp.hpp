@@ -12,6 +12,7 @@
 
 #include "kernels/gemm.hpp"
 #include "moe/ops.hpp"
+#include "moe/scratch.hpp"
 
 namespace moetune {
 
@@ -21,8 +22,8 @@ template <class T>
 struct MlpCache {
   std::vector<T> gu, a;
   void resize(int64_t N, int64_t F) {
-    gu.resize(2 * N * F);
-    a.resize(N * F);
+    grow_scratch(gu, size_t(2 * N * F));
+    grow_scratch(a, size_t(N * F));
   }
 };
 
@@ -63,7 +64,7 @@ void mlp_backward(T* dx, T* dwg, T* dwu, T* dwd, const T* dout, const T* x, cons
                   const T* wu, const T* wd, int64_t N, int64_t d, int64_t F, std::vector<T>& scratch,
                   double limit = 0) {
   if (N == 0) return;
-  scratch.resize(3 * N * F);
+  grow_scratch(scratch, size_t(3 * N * F));
   mlp_backward(dx, dwg, dwu, dwd, dout, x, gu, a, wg, wu, wd, N, d, F, scratch.data(), limit);
 }
 

@@ -17,6 +17,7 @@
 #include "moe/mlp.hpp"
 #include "moe/profile.hpp"
 #include "moe/router.hpp"
+#include "moe/scratch.hpp"
 
 namespace moetune {
 
@@ -104,7 +105,7 @@ template <class T>
 void experts_backward(T* dxp, const T* dyp, const T* xp, const MlpCache<T>& cache, const ExpertViews<T>& w,
                       const std::vector<int64_t>& offsets, int64_t d, int64_t F, std::vector<T>& scratch) {
   std::fill_n(dxp, offsets.back() * d, T(0));
-  scratch.resize(3 * offsets.back() * F);  // expert e uses the rows of its own slice
+  grow_scratch(scratch, size_t(3 * offsets.back() * F));  // expert e uses the rows of its own slice
   T* sc = scratch.data();
   for_each_expert<T>(offsets, d, F, [&](int e, int64_t b, int64_t n) {
     mlp_backward(dxp + b * d, w.dwg[e], w.dwu[e], w.dwd[e], dyp + b * d, xp + b * d, cache.gu.data() + 2 * b * F,
@@ -202,7 +203,7 @@ void moe_forward(T* out, MoeCache<T>& c, const T* x, const MoeWeights<T>& w, Exp
   const int64_t N = int64_t(rows) * seq_len, d = cfg.d(), E = cfg.E(), S = cfg.shared_width();
   // 1. route
   profile::Scope ps(profile::Phase::router);
-  c.logits.resize(N * E);
+  grow_scratch(c.logits, size_t(N * E));
   ops::linear_forward(c.logits.data(), x, w.gate, N, d, E);
   if (rc.replay_idx) {
     route_replay(c.routing, c.logits.data(), rc.replay_idx, rc.replay_kept, cfg, N);
@@ -220,8 +221,8 @@ void moe_forward(T* out, MoeCache<T>& c, const T* x, const MoeWeights<T>& w, Exp
   // 2. dispatch
   ps.next(profile::Phase::dispatch);
   make_permutation(c.perm, c.routing);
-  c.xp.resize(c.perm.pairs() * d);
-  c.yp.resize(c.perm.pairs() * d);
+  grow_scratch(c.xp, size_t(c.perm.pairs() * d));
+  grow_scratch(c.yp, size_t(c.perm.pairs() * d));
   dispatch_forward(c.xp.data(), x, c.perm, d);
   // 3. experts, with the shared expert computed while their outputs travel back
   ps.next(profile::Phase::experts);
@@ -254,9 +255,9 @@ void moe_backward(T* dx, const MoeGrads<T>& g, const T* dout, const T* x, const 
   const int64_t N = int64_t(rows) * seq_len, d = cfg.d(), E = cfg.E(), S = cfg.shared_width();
   // combine^T = dispatch of the gradient
   profile::Scope ps(profile::Phase::combine_bwd);
-  s.dyp.resize(c.perm.pairs() * d);
-  s.dxp.resize(c.perm.pairs() * d);
-  s.dweight.resize(N * cfg.K());
+  grow_scratch(s.dyp, size_t(c.perm.pairs() * d));
+  grow_scratch(s.dxp, size_t(c.perm.pairs() * d));
+  grow_scratch(s.dweight, size_t(N * cfg.K()));
   combine_backward(s.dyp.data(), s.dweight.data(), dout, c.yp.data(), c.routing.weight.data(), c.perm, d);
   // While the gradient rows travel to the experts: the router's backward and the gate's
   // weight gradient. While they travel back: the shared expert (dx += its input gradient
@@ -269,7 +270,7 @@ void moe_backward(T* dx, const MoeGrads<T>& g, const T* dout, const T* x, const 
   };
   auto router = [&] {
     profile::Scope psr(profile::Phase::router_bwd);
-    s.dlogits.resize(N * E);
+    grow_scratch(s.dlogits, size_t(N * E));
     router_backward(s.dlogits.data(), s.dweight.data(), c.logits.data(), c.routing, cfg, rows, seq_len, sc);
     ops::linear_backward(static_cast<T*>(nullptr), g.gate, s.dlogits.data(), x, w.gate, N, d, E);
   };
