@@ -8,6 +8,8 @@
 //   ./build/bench/moetune_bench_gemm --benchmark_counters_tabular=true
 //   --benchmark_filter=nt/   (only the forward form), MOETUNE_BENCH_THREADS=1,2 (default)
 #include <benchmark/benchmark.h>
+
+#include <cstdio>
 #include <dlfcn.h>
 #include <omp.h>
 
@@ -152,6 +154,29 @@ int main(int argc, char** argv) {
                                {Form::nt, 512, 2048, 512},  {Form::nt, 512, 256, 1024},  {Form::nn, 512, 512, 512},
                                {Form::nn, 128, 512, 2048},  {Form::tn, 512, 512, 512},   {Form::tn, 2048, 512, 128}};
   const char* form_name[] = {"nt", "nn", "tn"};
+  // MOETUNE_BENCH_SHAPES=nt:1024x512x256,tn:512x256x1024 replaces the shapes above.
+  if (const char* env = std::getenv("MOETUNE_BENCH_SHAPES"); env && *env) {
+    shapes.clear();
+    std::stringstream ss(env);
+    for (std::string item; std::getline(ss, item, ',');) {
+      Shape s{};
+      char form[3] = {0, 0, 0};
+      long long M = 0, N = 0, K = 0;
+      if (std::sscanf(item.c_str(), "%2[a-z]:%lldx%lldx%lld", form, &M, &N, &K) != 4 || M <= 0 || N <= 0 || K <= 0) {
+        std::fprintf(stderr, "MOETUNE_BENCH_SHAPES: '%s' is not FORM:MxNxK (FORM nt, nn or tn; positive sizes)\n",
+                     item.c_str());
+        return 2;
+      }
+      const std::string f = form;
+      if (f != "nt" && f != "nn" && f != "tn") {
+        std::fprintf(stderr, "MOETUNE_BENCH_SHAPES: '%s': unknown form '%s' (nt, nn or tn)\n", item.c_str(), form);
+        return 2;
+      }
+      s.form = f == "nt" ? Form::nt : f == "nn" ? Form::nn : Form::tn;
+      s.M = M, s.N = N, s.K = K;
+      shapes.push_back(s);
+    }
+  }
   for (int threads : bench_threads())
     for (const Shape& s : shapes)
       for (const std::string& lib : libs) {
