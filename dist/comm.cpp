@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <functional>
 #include <string>
 #include <utility>
 
@@ -314,30 +315,55 @@ void Comm::reduce_scatter_sum(std::span<const std::type_identity_t<T>> send, std
               sum_op<T>(), comm_);
 }
 
-// Reduce-scatter by alltoallv, combine(recv (W, len) rows, len, mine) per block, then
-// all-gather; in pieces of at most 2^24 elements. The buffers are the calling thread's,
-// reused from call to call.
+namespace {
+// The two ways of summing the W blocks a rank receives (recv: W rows of len, rank
+// order) into its own block: exactly (int128 fixed point) or in rank order.
+template <class T>
+struct FixedSum {
+  std::size_t W, bad = 0;
+  void operator()(const T* recv, std::size_t len, T* mine) { bad += sum_fixed_rows(recv, W, len, len, mine); }
+};
+template <class T>
+struct RankOrderSum {
+  std::size_t W;
+  void operator()(const T* recv, std::size_t len, T* mine) const {
+    std::copy(recv, recv + len, mine);
+    for (std::size_t r = 1; r < W; ++r)
+      for (std::size_t i = 0; i < len; ++i) mine[i] += recv[r * len + i];
+  }
+};
+}  // namespace
+
+// Reduce-scatter by alltoallv: rank r receives block r (counts[r] elements) of every
+// rank's `in` and combine(recv (W, len) rows, len, out) reduces them. The receive
+// buffer is the calling thread's, reused from call to call.
+template <class T, class Combine>
+void Comm::block_reduce_scatter(std::span<const T> in, const std::vector<std::int64_t>& counts, T* out,
+                                Combine&& combine) const {
+  const auto W = static_cast<std::size_t>(size_), me = static_cast<std::size_t>(rank_);
+  static thread_local std::vector<std::int64_t> recv_counts;
+  static thread_local std::vector<T> recv;
+  const auto len = static_cast<std::size_t>(counts[me]);
+  recv_counts.assign(W, std::int64_t(len));
+  recv.resize(W * len);
+  alltoallv<T>(in, counts, std::span<T>(recv), recv_counts);
+  combine(recv.data(), len, out);
+}
+
+// block_reduce_scatter over equal blocks, then all-gather; in pieces of at most 2^24
+// elements. The buffers are the calling thread's, reused from call to call.
 template <class T, class Combine>
 void Comm::block_allreduce(std::span<T> inout, Combine&& combine) const {
   constexpr std::size_t kPiece = std::size_t(1) << 24;
   const auto W = static_cast<std::size_t>(size_), me = static_cast<std::size_t>(rank_);
-  static thread_local std::vector<std::int64_t> send_counts, recv_counts, block;
-  static thread_local std::vector<T> recv, mine;
-  send_counts.resize(W);
-  recv_counts.resize(W);
+  static thread_local std::vector<std::int64_t> block;
+  static thread_local std::vector<T> mine;
   block.resize(W);
   for (std::size_t p0 = 0; p0 < inout.size(); p0 += kPiece) {
     const std::size_t n = std::min(kPiece, inout.size() - p0);
     for (std::size_t r = 0; r < W; ++r) block[r] = std::int64_t(n * (r + 1) / W - n * r / W);
-    const std::size_t len = std::size_t(block[me]);
-    for (std::size_t r = 0; r < W; ++r) {
-      send_counts[r] = block[r];
-      recv_counts[r] = std::int64_t(len);
-    }
-    recv.resize(W * len);
-    mine.resize(len);
-    alltoallv<T>(std::span<const T>(inout.data() + p0, n), send_counts, std::span<T>(recv), recv_counts);
-    combine(recv.data(), len, mine.data());
+    mine.resize(std::size_t(block[me]));
+    block_reduce_scatter(std::span<const T>(inout.data() + p0, n), block, mine.data(), combine);
     allgatherv<T>(std::span<const T>(mine), std::span<T>(inout.data() + p0, n), block);
   }
 }
@@ -346,12 +372,7 @@ template <MpiOrderedElement T>
 void Comm::allreduce_sum_rank_order(std::span<T> inout) const {
   require_valid("Comm::allreduce_sum_rank_order");
   if (size_ == 1) return;
-  const auto W = static_cast<std::size_t>(size_);
-  block_allreduce(inout, [W](const T* recv, std::size_t len, T* mine) {
-    std::copy(recv, recv + len, mine);
-    for (std::size_t r = 1; r < W; ++r)
-      for (std::size_t i = 0; i < len; ++i) mine[i] += recv[r * len + i];
-  });
+  block_allreduce(inout, RankOrderSum<T>{static_cast<std::size_t>(size_)});
 }
 
 template <MpiOrderedElement T>
@@ -359,11 +380,54 @@ std::size_t Comm::allreduce_sum_fixed(std::span<T> inout) const {
   require_valid("Comm::allreduce_sum_fixed");
   const auto W = static_cast<std::size_t>(size_);
   if (W == 1) return round_trip_fixed(inout);
-  std::size_t bad = 0;
-  block_allreduce(inout, [W, &bad](const T* recv, std::size_t len, T* mine) {
-    bad += sum_fixed_rows(recv, W, len, len, mine);
-  });
-  return bad;
+  FixedSum<T> sum{W};
+  block_allreduce(inout, std::ref(sum));
+  return sum.bad;
+}
+
+namespace {
+// The local checks of reduce_scatter_sum_fixed / _rank_order, before any MPI call.
+void check_reduce_scatter(const char* call, std::size_t in, std::size_t out, const std::vector<std::int64_t>& counts,
+                          int size, int rank) {
+  if (counts.size() != static_cast<std::size_t>(size))
+    fail(call, "counts has " + std::to_string(counts.size()) + " entries, expected " + std::to_string(size));
+  std::int64_t total = 0;
+  for (const std::int64_t c : counts) {
+    if (c < 0) fail(call, "a negative count (" + std::to_string(c) + ")");
+    total += c;
+  }
+  check_size(call, "in", in, total, "sum of counts");
+  check_size(call, "out", out, counts[static_cast<std::size_t>(rank)], "counts[rank()]");
+}
+}  // namespace
+
+template <MpiOrderedElement T>
+std::size_t Comm::reduce_scatter_sum_fixed(std::span<const std::type_identity_t<T>> in, std::span<T> out,
+                                           const std::vector<std::int64_t>& counts) const {
+  constexpr const char* call = "Comm::reduce_scatter_sum_fixed";
+  require_valid(call);
+  check_reduce_scatter(call, in.size(), out.size(), counts, size_, rank_);
+  const auto W = static_cast<std::size_t>(size_);
+  if (W == 1) {
+    std::copy(in.begin(), in.end(), out.begin());
+    return round_trip_fixed(out);
+  }
+  FixedSum<T> sum{W};
+  block_reduce_scatter(in, counts, out.data(), std::ref(sum));
+  return sum.bad;
+}
+
+template <MpiOrderedElement T>
+void Comm::reduce_scatter_sum_rank_order(std::span<const std::type_identity_t<T>> in, std::span<T> out,
+                                         const std::vector<std::int64_t>& counts) const {
+  constexpr const char* call = "Comm::reduce_scatter_sum_rank_order";
+  require_valid(call);
+  check_reduce_scatter(call, in.size(), out.size(), counts, size_, rank_);
+  if (size_ == 1) {
+    std::copy(in.begin(), in.end(), out.begin());
+    return;
+  }
+  block_reduce_scatter(in, counts, out.data(), RankOrderSum<T>{static_cast<std::size_t>(size_)});
 }
 
 bool Comm::all_true(bool local) const {
@@ -460,6 +524,14 @@ template void Comm::allreduce_sum_rank_order<float>(std::span<float>) const;
 template void Comm::allreduce_sum_rank_order<double>(std::span<double>) const;
 template std::size_t Comm::allreduce_sum_fixed<float>(std::span<float>) const;
 template std::size_t Comm::allreduce_sum_fixed<double>(std::span<double>) const;
+template std::size_t Comm::reduce_scatter_sum_fixed<float>(std::span<const float>, std::span<float>,
+                                                           const std::vector<std::int64_t>&) const;
+template std::size_t Comm::reduce_scatter_sum_fixed<double>(std::span<const double>, std::span<double>,
+                                                            const std::vector<std::int64_t>&) const;
+template void Comm::reduce_scatter_sum_rank_order<float>(std::span<const float>, std::span<float>,
+                                                         const std::vector<std::int64_t>&) const;
+template void Comm::reduce_scatter_sum_rank_order<double>(std::span<const double>, std::span<double>,
+                                                          const std::vector<std::int64_t>&) const;
 
 #undef MOETUNE_COMM_INSTANTIATE_ALL
 #undef MOETUNE_COMM_INSTANTIATE_ORDERED

@@ -157,6 +157,20 @@ class Comm {
   template <MpiOrderedElement T>
   std::size_t allreduce_sum_fixed(std::span<T> inout) const;
 
+  // COLLECTIVE, float / double: out = block rank() of the sum over ranks of `in`, as
+  // allreduce_sum_fixed (exact) or allreduce_sum_rank_order (rank order) computes it,
+  // without the all-gather: `in` (sum counts) is cut into blocks of counts[r] elements
+  // in rank order, out (counts[rank()]); counts (size()), the same on every rank. The
+  // gradient reduction of ZeRO-1, where a rank needs the sum of its own shard only.
+  // reduce_scatter_sum_fixed returns the non-finite or out-of-range values met in this
+  // rank's block (combine the verdict over ranks).
+  template <MpiOrderedElement T>
+  std::size_t reduce_scatter_sum_fixed(std::span<const std::type_identity_t<T>> in, std::span<T> out,
+                                       const std::vector<std::int64_t>& counts) const;
+  template <MpiOrderedElement T>
+  void reduce_scatter_sum_rank_order(std::span<const std::type_identity_t<T>> in, std::span<T> out,
+                                     const std::vector<std::int64_t>& counts) const;
+
   // COLLECTIVE: logical AND of `local` over ranks (a verdict combiner: "did every rank
   // succeed?").
   bool all_true(bool local) const;
@@ -179,7 +193,11 @@ class Comm {
  private:
   Comm(MPI_Comm comm, bool owned);
   void require_valid(const char* call) const;
-  // The reduce-scatter + all-gather both allreduce_sum_* share (dist/comm.cpp).
+  // The reduce-scatter of the allreduce_sum_* / reduce_scatter_sum_* pairs, and the
+  // reduce-scatter + all-gather of allreduce_sum_* (dist/comm.cpp).
+  template <class T, class Combine>
+  void block_reduce_scatter(std::span<const T> in, const std::vector<std::int64_t>& counts, T* out,
+                            Combine&& combine) const;
   template <class T, class Combine>
   void block_allreduce(std::span<T> inout, Combine&& combine) const;
 

@@ -14,22 +14,19 @@ namespace {
 using clock_type = std::chrono::steady_clock;
 double since(clock_type::time_point t0) { return std::chrono::duration<double>(clock_type::now() - t0).count(); }
 
-// Sum of squares of one tensor: fixed 4096-element chunks, 8 interleaved double
-// accumulators per chunk, chunks added in order. Depends only on the tensor's values.
+// The gradient norm's sum of squares of a tensor goes chunk by chunk: kSqChunk elements
+// from the tensor's start, 8 interleaved double accumulators per chunk (chunk_sq), the
+// chunks' sums then added in order. It depends only on the tensor's values, and a rank
+// holding some of the chunks (a ZeRO-1 shard) computes exactly their part.
+constexpr size_t kSqChunk = 4096;
 template <class T>
-double tensor_sq(const T* g, size_t n) {
-  constexpr size_t kChunk = 4096;
-  double total = 0;
-  for (size_t b = 0; b < n; b += kChunk) {
-    const size_t e = std::min(n, b + kChunk);
-    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    size_t i = b;
-    for (; i + 8 <= e; i += 8)
-      for (int j = 0; j < 8; ++j) acc[j] += double(g[i + j]) * double(g[i + j]);
-    for (int j = 0; i < e; ++i, ++j) acc[j] += double(g[i]) * double(g[i]);
-    total += ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-  }
-  return total;
+double chunk_sq(const T* g, size_t n) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += double(g[i + j]) * double(g[i + j]);
+  for (int j = 0; i < n; ++i, ++j) acc[j] += double(g[i]) * double(g[i]);
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
 // ZeRO-1 split of n elements over `ranks` ranks: equal contiguous shards (the last
@@ -45,19 +42,23 @@ std::vector<int64_t> shard_sizes(size_t n, int ranks) {
 }
 
 // The ZeRO-1 split of the segment [begin, end) of `lay`: shard_sizes, with every
-// boundary that falls inside a Muon matrix moved to the nearer end of that matrix
-// (ties to its start), so that each Muon matrix lies in one shard. Moving each boundary
-// to the nearer end of the matrix holding it keeps the boundaries in order.
+// boundary that falls inside a tensor moved within that tensor: inside a Muon matrix to
+// the nearer end of the matrix (ties to its start), so that each Muon matrix lies in one
+// shard; inside any other tensor down to a multiple of kSqChunk from the tensor's start,
+// so that each chunk of the gradient norm lies in one shard. Each boundary stays in its
+// tensor and both moves are monotone, so the boundaries stay in order.
 std::vector<int64_t> zero_shard_sizes(const ParamLayout& lay, const OptimizerConfig& oc, size_t begin, size_t end,
                                       int ranks) {
   std::vector<int64_t> sizes = shard_sizes(end - begin, ranks);
-  if (!oc.muon_enabled()) return sizes;
   std::vector<size_t> bound(size_t(ranks) + 1, begin);
   for (int q = 0; q < ranks; ++q) bound[q + 1] = bound[q] + size_t(sizes[q]);
   for (int q = 1; q < ranks; ++q)
     for (const auto& t : lay.tensors())
-      if (uses_muon(oc, t) && t.offset < bound[q] && bound[q] < t.offset + t.numel) {
-        bound[q] = bound[q] - t.offset <= t.offset + t.numel - bound[q] ? t.offset : t.offset + t.numel;
+      if (t.offset < bound[q] && bound[q] < t.offset + t.numel) {
+        if (oc.muon_enabled() && uses_muon(oc, t))
+          bound[q] = bound[q] - t.offset <= t.offset + t.numel - bound[q] ? t.offset : t.offset + t.numel;
+        else
+          bound[q] = t.offset + (bound[q] - t.offset) / kSqChunk * kSqChunk;
         break;
       }
   for (int q = 0; q < ranks; ++q) sizes[q] = int64_t(bound[q + 1] - bound[q]);
@@ -124,6 +125,7 @@ ParallelTrainer<T>::ParallelTrainer(const ModelConfig& cfg, ProcessGrid& grid, c
       for (int q = 0; q < c.rank(); ++q) b += size_t(sizes[q]);
       const size_t len = size_t(sizes[c.rank()]);
       shards_.push_back({s.begin + b, s.begin + b + len, std::move(sizes)});
+      shard_ranges_.emplace_back(s.begin + b, s.begin + b + len);
       total += len;
       total_v += second_moment_count(oc, lay, s.begin + b, s.begin + b + len);
     }
@@ -283,14 +285,24 @@ StepResult ParallelTrainer<T>::accumulate(const std::vector<MicroBatch>& batch, 
     stats.exchange.overlap_s += stage_->stats.overlap_s;
   }
 
+  // A profiled run (moetune bench) waits for the slowest rank first, so that
+  // grad_reduce is the reduction's own time and rank_wait the ranks' imbalance (without
+  // the barrier the first collective absorbs it).
+  if (profile::active() && grid_.world_size > 1) {
+    ps.next(profile::Phase::rank_wait);
+    grid_.world.barrier();
+  }
   // Reduction of the gradient leaves: exact (int128), or in rank order (fp32). Under
   // fp32 a non-finite value propagates through the sums into the gradient norm.
   ps.next(profile::Phase::grad_reduce);
   t0 = clock_type::now();
-  for (const auto& s : segments_) {
+  for (size_t si = 0; si < segments_.size(); ++si) {
+    const Segment& s = segments_[si];
     const Comm& c = s.expert ? grid_.edp_comm : grid_.world;
     if (c.size() == 1) continue;
-    if (reduction_ == Reduction::exact && s.sum == LeafSum::single) {
+    if (zero_ == 1) {
+      reduce_shard(si, c);
+    } else if (reduction_ == Reduction::exact && s.sum == LeafSum::single) {
       nonfinite_ += c.allreduce_sum_fixed(std::span<T>(model_->grads().data() + s.begin, s.end - s.begin));
       stats.reduce_bytes += int64_t(s.end - s.begin) * int64_t(sizeof(T));
     } else if (reduction_ == Reduction::exact) {
@@ -305,6 +317,7 @@ StepResult ParallelTrainer<T>::accumulate(const std::vector<MicroBatch>& batch, 
   if (reduction_ == Reduction::exact)
     for (size_t si = 0; si < segments_.size(); ++si) {
       const Segment& seg = segments_[si];
+      if (zero_ == 1 && (seg.expert ? grid_.edp_comm : grid_.world).size() > 1) continue;  // reduce_shard did it
       if (seg.sum == LeafSum::floats) sum_float_leaves(seg, si);
       if (seg.sum == LeafSum::fixed)
         load_fixed(std::span<T>(model_->grads().data() + seg.begin, seg.end - seg.begin),
@@ -338,25 +351,72 @@ StepResult ParallelTrainer<T>::accumulate(const std::vector<MicroBatch>& batch, 
   return r;
 }
 
+// ZeRO-1: a reduce-scatter of segment si, so that this rank's shard (only) holds the
+// global gradient, the same values as the all-reduce gives there.
+template <class T>
+void ParallelTrainer<T>::reduce_shard(size_t si, const Comm& c) {
+  const Segment& s = segments_[si];
+  const Shard& sh = shards_[si];
+  T* g = model_->grads().data();
+  const size_t n = s.end - s.begin, len = sh.end - sh.begin;
+  if (reduction_ == Reduction::exact && s.sum == LeafSum::fixed) {
+    shard_acc_.resize(len);
+    c.reduce_scatter_sum<int128>(std::span<const int128>(acc_.data() + s.begin, n), std::span<int128>(shard_acc_),
+                                 sh.counts);
+    load_fixed(std::span<T>(g + sh.begin, len), std::span<const int128>(shard_acc_));
+    stats.reduce_bytes += int64_t(n) * int64_t(sizeof(int128));
+    return;
+  }
+  shard_buf_.resize(len);
+  const std::span<const T> in(g + s.begin, n);
+  if (reduction_ == Reduction::exact)
+    nonfinite_ += c.reduce_scatter_sum_fixed<T>(in, std::span<T>(shard_buf_), sh.counts);
+  else
+    c.reduce_scatter_sum_rank_order<T>(in, std::span<T>(shard_buf_), sh.counts);
+  std::copy(shard_buf_.begin(), shard_buf_.end(), g + sh.begin);
+  stats.reduce_bytes += int64_t(n) * int64_t(sizeof(T));
+}
+
 template <class T>
 double ParallelTrainer<T>::global_grad_norm_exact() {
-  // One entry per tensor of the FULL layout, filled by exactly one rank: dense tensors
-  // by world rank 0, an expert's tensors by its owner in EP group 0. The sum of one
-  // value and zeros is exact, and the entries are added in the canonical order.
+  // One entry per chunk (kSqChunk elements) of every tensor of the FULL layout, filled by
+  // exactly one rank: without ZeRO, the ranks holding a tensor (all ranks for a dense
+  // one, its expert-data-parallel group for an expert's) take its chunks in turn; under
+  // ZeRO-1 the rank whose shard holds the chunk does.
+  // The sum of one value and zeros is exact, and the entries are added in the canonical
+  // order (a tensor's chunks first, then the tensors), so the norm does not depend on
+  // the layout or the ZeRO stage.
   const ParamLayout full = ParamLayout::build(cfg_);
-  std::vector<double> sq(full.tensors().size(), 0.0);
+  std::vector<size_t> first(full.tensors().size() + 1, 0);  // each tensor's first entry
+  for (size_t i = 0; i < full.tensors().size(); ++i)
+    first[i + 1] = first[i] + (full.tensors()[i].numel + kSqChunk - 1) / kSqChunk;
+  std::vector<double> sq(first.back(), 0.0);
   const ParamLayout& lay = model_->layout();
   const auto& g = model_->grads();
   for (size_t i = 0; i < full.tensors().size(); ++i) {
     const auto& t = full.tensors()[i];
     if (!lay.contains(t.name)) continue;
     const bool ex = ParamLayout::is_expert_tensor(t.name);
-    if ((ex && grid_.ep_group == 0) || (!ex && grid_.world_rank == 0))
-      sq[i] = tensor_sq(g.data() + lay.at(t.name).offset, t.numel);
+    const size_t at = lay.at(t.name).offset;
+    const Shard* sh = nullptr;  // under ZeRO-1: this rank's shard of the segment holding t
+    if (zero_ == 1)
+      for (size_t si = 0; si < segments_.size(); ++si)
+        if (segments_[si].begin <= at && at < segments_[si].end) sh = &shards_[si];
+    const Comm& holders = ex ? grid_.edp_comm : grid_.world;
+    const size_t H = size_t(holders.size()), me = size_t(holders.rank());
+    for (size_t c = 0; c * kSqChunk < t.numel; ++c) {
+      const size_t b = at + c * kSqChunk;
+      if (sh ? sh->begin <= b && b < sh->end : (first[i] + c) % H == me)
+        sq[first[i] + c] = chunk_sq(g.data() + b, std::min(kSqChunk, t.numel - c * kSqChunk));
+    }
   }
   grid_.world.allreduce_sum(std::span<double>(sq));
   double total = 0;
-  for (double v : sq) total += v;
+  for (size_t i = 0; i < full.tensors().size(); ++i) {
+    double tensor = 0;
+    for (size_t e = first[i]; e < first[i + 1]; ++e) tensor += sq[e];
+    total += tensor;
+  }
   return std::sqrt(total);
 }
 
@@ -396,12 +456,15 @@ StepResult ParallelTrainer<T>::step(const std::vector<MicroBatch>& batch, double
                                     const LossHead<T>* head) {
   StepResult r = accumulate(batch, head);
   profile::Scope ps(profile::Phase::optimizer);
-  finish_step(r, model_->grads(), cfg_, model_->expert_bias(), max_grad_norm, [&] {
-    if (zero_ == 1)
-      zero_step(lr);
-    else
-      opt_->step(model_->params(), model_->grads(), lr);
-  });
+  finish_step(
+      r, model_->grads(), cfg_, model_->expert_bias(), max_grad_norm,
+      [&] {
+        if (zero_ == 1)
+          zero_step(lr);
+        else
+          opt_->step(model_->params(), model_->grads(), lr);
+      },
+      shard_ranges_);
   return r;
 }
 

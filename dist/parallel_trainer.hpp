@@ -82,7 +82,9 @@ class ParallelTrainer {
 
   // Collective. Forward/backward of this rank's share of the global batch and the
   // exact reduction; afterwards model().grads() holds the global gradient of this
-  // rank's tensors (identical on every rank that holds a tensor).
+  // rank's tensors (identical on every rank that holds a tensor). Under ZeRO-1 the
+  // reduction is a reduce-scatter: only this rank's shards hold the global gradient
+  // (the rest of the buffer keeps this rank's own contribution, which nothing reads).
   // `head` replaces the cross-entropy (StepResult::loss is then its loss).
   StepResult accumulate(const std::vector<MicroBatch>& global_batch, const LossHead<T>* head = nullptr);
   // Collective. accumulate + clip + optimizer (AdamW or Muon) + expert-bias update.
@@ -139,6 +141,7 @@ class ParallelTrainer {
   void plan_leaves(int micro_batches);
   void flush_leaf(size_t begin, size_t end);
   void sum_float_leaves(const Segment& seg, size_t si);
+  void reduce_shard(size_t si, const Comm& c);
   double global_grad_norm_exact();
   void zero_step(double lr);
 
@@ -162,8 +165,11 @@ class ParallelTrainer {
     std::vector<int64_t> counts;
   };
   std::vector<Shard> shards_;
+  std::vector<std::pair<size_t, size_t>> shard_ranges_;  // [begin, end) of each shard (empty without ZeRO)
   std::vector<T> work_;  // Newton-Schulz scratch
   std::vector<T> zm_, zv_;  // state of the shards, concatenated (zv_ packed: AdamW tensors only)
+  std::vector<T> shard_buf_;         // ZeRO-1: the reduce-scatter's result for one shard
+  std::vector<int128> shard_acc_;    // the same for a segment summed in the int128 accumulator
   int64_t zstep_ = 0;
 };
 

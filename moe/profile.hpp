@@ -38,6 +38,7 @@ enum class Phase : int {
   shared_bwd,
   lm_head_bwd,
   grad_accum,      // zeroing gradients, fixed-point accumulation of the gradient leaves
+  rank_wait,       // waiting for the slowest rank before the gradient reduction (a barrier, profiled runs only)
   grad_reduce,     // MPI_Allreduce of the 128-bit gradients, back to float, loss gather
   optimizer,       // gradient norm, clipping, AdamW (or ZeRO-1 shards + all-gather), bias update
   count
@@ -50,9 +51,12 @@ inline const char* phase_name(Phase p) {
       "embedding",     "attention",     "dense_ffn",    "router",     "dispatch",    "experts",     "combine",
       "shared_expert", "lm_head_loss",  "embedding_bwd", "attention_bwd", "dense_ffn_bwd", "router_bwd",
       "dispatch_bwd",  "experts_bwd",   "combine_bwd",  "shared_expert_bwd", "lm_head_loss_bwd", "grad_accum",
-      "grad_reduce",   "optimizer"};
+      "rank_wait",     "grad_reduce",   "optimizer"};
   return names[int(p)];
 }
+
+// Whether this thread records phases (an Activate is alive).
+inline bool active();
 
 struct PhaseTimes {
   std::array<double, kPhases> seconds{};  // accumulated exclusive seconds per phase
@@ -73,6 +77,8 @@ struct State {
 };
 inline thread_local State state;
 }  // namespace detail
+
+inline bool active() { return detail::state.times != nullptr; }
 
 // Records phases of this thread into `t` for its lifetime.
 class Activate {

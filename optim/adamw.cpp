@@ -139,6 +139,11 @@ double clip_coefficient(double norm, double max_norm) {
 
 template <class T>
 void scale_grads(std::vector<T>& grads, double coef) {
+  scale_grads(std::span<T>(grads), coef);
+}
+
+template <class T>
+void scale_grads(std::span<T> grads, double coef) {
   if (coef == 1.0) return;  // multiplying by 1 is exact: skip the pass
   const T c = static_cast<T>(coef);
   T* g = grads.data();
@@ -153,5 +158,7 @@ template double global_grad_norm<float>(const std::vector<float>&);
 template double global_grad_norm<double>(const std::vector<double>&);
 template void scale_grads<float>(std::vector<float>&, double);
 template void scale_grads<double>(std::vector<double>&, double);
+template void scale_grads<float>(std::span<float>, double);
+template void scale_grads<double>(std::span<double>, double);
 
 }  // namespace moetune

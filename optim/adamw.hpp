@@ -2,6 +2,7 @@
 // clipping as torch.nn.utils.clip_grad_norm_, over the flat buffers of a ParamLayout.
 #pragma once
 #include <cstdint>
+#include <span>
 #include <vector>
 
 #include "moe/params.hpp"
@@ -58,6 +59,8 @@ double global_grad_norm(const std::vector<T>& grads);
 double clip_coefficient(double norm, double max_norm);
 template <class T>
 void scale_grads(std::vector<T>& grads, double coef);
+template <class T>
+void scale_grads(std::span<T> grads, double coef);
 
 extern template class AdamW<float>;
 extern template class AdamW<double>;

@@ -118,6 +118,7 @@ for line in open(os.path.join(out, "points.txt")):
                                "experts_bwd", "combine_bwd", "shared_expert_bwd", "lm_head_loss_bwd"),
         "a2a_ms": 1e3 * (r["all_to_all"]["dispatch_s"] + r["all_to_all"]["combine_s"]),
         "a2a_mib": (r["all_to_all"]["dispatch_bytes"] + r["all_to_all"]["combine_bytes"]) / 2**20,
+        "rank_wait_ms": 1e3 * ph["rank_wait"]["s"] if "rank_wait" in ph else 0.0,
         "grad_reduce_ms": 1e3 * r["grad_reduce"]["s"], "optimizer_ms": 1e3 * ph["optimizer"]["s"],
         "peak_rss_mib": r["memory_rank0"]["peak_rss_bytes"] / 2**20, "isa": r["isa"],
         "_json": r})

@@ -325,7 +325,7 @@ TEST_F(Cli, BenchReportsEveryPhaseWithinTheStep) {
   const char* phases[] = {"embedding", "attention", "dense_ffn", "router", "dispatch", "experts", "combine",
                           "shared_expert", "lm_head_loss", "embedding_bwd", "attention_bwd", "dense_ffn_bwd",
                           "router_bwd", "dispatch_bwd", "experts_bwd", "combine_bwd", "shared_expert_bwd",
-                          "lm_head_loss_bwd", "grad_accum", "grad_reduce", "optimizer"};
+                          "lm_head_loss_bwd", "grad_accum", "rank_wait", "grad_reduce", "optimizer"};
   double sum = 0;
   for (const char* p : phases) {
     ASSERT_TRUE(j["phases"].contains(p)) << p;

@@ -275,6 +275,7 @@ std::string format_bench_table(const json& r) {
   out += buf;
   for (const auto& [label, key] : std::vector<std::pair<const char*, const char*>>{
            {"gradient accumulation (zero + fixed-point leaves)", "grad_accum"},
+           {"wait for the slowest rank (imbalance)", "rank_wait"},
            {"gradient reduction", "grad_reduce"},
            {"optimizer (+ norm, clip, bias update)", "optimizer"}}) {
     const double s = ph[key]["s"].get<double>();

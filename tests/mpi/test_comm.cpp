@@ -349,6 +349,20 @@ TEST(CommInt128, DistributedFixedSumMatchesSerialSumAtAnyRankCount) {
   for (int i = 0; i < n; ++i) EXPECT_EQ(out[i], dist::from_fixed(serial[i]));
 }
 
+// Uneven blocks of n elements over p ranks: rank r's share grows with r, and the last
+// rank gets none when p > 1 (ZeRO-1 shards can be empty).
+std::vector<std::int64_t> uneven_counts(int n, int p) {
+  std::vector<std::int64_t> counts(size_t(p), 0);
+  const int parts = p > 1 ? (p - 1) * p / 2 : 1;
+  std::int64_t given = 0;
+  for (int r = 0; r < std::max(p - 1, 1); ++r) {
+    counts[size_t(r)] = std::int64_t(n) * (r + 1) / parts;
+    given += counts[size_t(r)];
+  }
+  counts[0] += n - given;
+  return counts;
+}
+
 TEST(CommRankOrder, SumIsTheSerialSumInRankOrder) {
   // parallel.reduction = "fp32": the all-reduced value of every element is, bit for bit,
   // ((v_0 + v_1) + v_2) + ... in rank order, for lengths that do not divide by the rank
@@ -374,6 +388,23 @@ TEST(CommRankOrder, SumIsTheSerialSumInRankOrder) {
     ASSERT_EQ(x.size(), size_t(n));
     if (n > 0) {  // (memcmp of an empty vector's null data() is undefined behaviour)
       ASSERT_EQ(std::memcmp(x.data(), serial.data(), sizeof(float) * size_t(n)), 0) << "n = " << n << ", -np " << p;
+    }
+  }
+  for (int n : {0, 1, 3, 1000, 4099}) {  // reduce_scatter_sum_rank_order: the block of the same sums
+    const std::vector<float> x = values_of(me, n);
+    std::vector<float> serial = values_of(0, n);
+    for (int r = 1; r < p; ++r) {
+      const std::vector<float> v = values_of(r, n);
+      for (int i = 0; i < n; ++i) serial[i] += v[i];
+    }
+    const std::vector<std::int64_t> counts = uneven_counts(n, p);
+    std::int64_t begin = 0;
+    for (int r = 0; r < me; ++r) begin += counts[size_t(r)];
+    std::vector<float> block(static_cast<size_t>(counts[size_t(me)]));
+    world.reduce_scatter_sum_rank_order<float>(x, block, counts);
+    if (!block.empty()) {
+      ASSERT_EQ(std::memcmp(block.data(), serial.data() + begin, sizeof(float) * block.size()), 0)
+          << "reduce-scatter, n = " << n << ", -np " << p;
     }
   }
   std::vector<double> d = {1.0 + me, 0.5};
@@ -435,6 +466,21 @@ void check_fixed_allreduce_is_the_accumulator() {
     std::vector<std::int64_t> total{std::int64_t(bad)};
     world.allreduce_sum(std::span<std::int64_t>(total));
     EXPECT_EQ(size_t(total[0]), want_bad) << "n = " << n;  // every bad value counted once, by its block's rank
+
+    // reduce_scatter_sum_fixed (ZeRO-1): each rank's block of the same exact sum, with
+    // uneven blocks (rank r gets about (r + 1) parts, the last rank none when p > 1).
+    const std::vector<T> mine_in = values_of(me, n);
+    const std::vector<std::int64_t> counts = uneven_counts(n, p);
+    std::int64_t begin = 0;
+    for (int r = 0; r < me; ++r) begin += counts[size_t(r)];
+    std::vector<T> block(static_cast<size_t>(counts[size_t(me)]));
+    const size_t block_bad = world.reduce_scatter_sum_fixed<T>(mine_in, block, counts);
+    for (size_t i = 0; i < block.size(); ++i)
+      ASSERT_EQ(std::memcmp(&block[i], &want[size_t(begin) + i], sizeof(T)), 0)
+          << "reduce-scatter element " << begin + std::int64_t(i) << " of " << n << ", -np " << p;
+    total[0] = std::int64_t(block_bad);
+    world.allreduce_sum(std::span<std::int64_t>(total));
+    EXPECT_EQ(size_t(total[0]), want_bad) << "reduce-scatter, n = " << n;
   }
 }
 
@@ -582,6 +628,14 @@ TEST(CommErrors, SizeMismatchesThrowBeforeMpi) {
                {"MPI_Reduce_scatter", "send"});
   expect_error([&] { world.reduce_scatter_sum<double>(d, a, ones); },
                {"MPI_Reduce_scatter", "recv"});
+  expect_error([&] { world.reduce_scatter_sum_fixed<double>(c, a, ones); },
+               {"reduce_scatter_sum_fixed", "in has"});
+  expect_error([&] { world.reduce_scatter_sum_fixed<double>(d, a, ones); },
+               {"reduce_scatter_sum_fixed", "out has"});
+  expect_error([&] { world.reduce_scatter_sum_rank_order<double>(d, a, short_counts); },
+               {"reduce_scatter_sum_rank_order", "counts has"});
+  expect_error([&] { world.reduce_scatter_sum_rank_order<double>(d, a, negative); },
+               {"reduce_scatter_sum_rank_order", "negative"});
   expect_error([&] { world.broadcast<double>(a, p); }, {"MPI_Bcast", "root"});
   expect_error([&] { world.broadcast<double>(a, -1); }, {"MPI_Bcast", "root"});
   world.barrier();  // everyone is still in step

@@ -311,6 +311,31 @@ TEST(ExpertParallel, OneMicroBatchPerRankIsBitIdenticalToOneRank) {
     }
 }
 
+// ZeRO-1 reduces by a reduce-scatter, so each rank holds the global gradient of its
+// shards only, and computes the gradient norm's sums of squares for the 4096-element
+// chunks its shards hold. With a tied 2000 x 16 embedding (32,000 elements, eight
+// chunks) making up most of the dense segment, the shard boundaries of 2, 3 and 4 ranks
+// fall inside it (moved to chunk boundaries): the run still equals one rank bit for bit
+// (losses, gradient norms, so the clipping, and every weight), with one micro-batch per
+// rank (the float reduce-scatter) and with two (the int128 one).
+TEST(ExpertParallel, ZeroShardsInsideATensorAreBitIdenticalToOneRank) {
+  Comm world = Comm::world();
+  if (world.size() == 1) GTEST_SKIP() << "needs 2+ ranks to shard";
+  const auto cfg = tiny_config({{"vocab_size", 2000}, {"tie_word_embeddings", true}});
+  const int W = world.size(), steps = 3;
+  Comm self = Comm::self();
+  ProcessGrid one = ProcessGrid::create(self, 1, cfg);
+  for (int A : {1, 2}) {
+    const RunResult ref = train(cfg, one, steps, A * W, 0);
+    for (int ep : valid_eps(W, cfg.E())) {
+      ProcessGrid grid = ProcessGrid::create(world, ep, cfg);
+      const RunResult got = train(cfg, grid, steps, A * W, 1);
+      ASSERT_NO_FATAL_FAILURE(expect_same_run(got, ref, "W=" + std::to_string(W) + " ep=" + std::to_string(ep) +
+                                                            " micro-batches per rank " + std::to_string(A)));
+    }
+  }
+}
+
 // Running the shared expert and the router backward while the tokens are in flight
 // (parallel.overlap_a2a, on in every other test here) changes no bit: the same training
 // run with the overlap off, at every layout and with 1 and 2 micro-batches per rank.
