@@ -166,6 +166,94 @@ std::size_t round_trip_fixed(std::span<T> values) {
 }
 
 namespace {
+void check_sizes(const char* call, std::size_t n, std::size_t a, const char* an, std::size_t b, const char* bn) {
+  if (a != n || b != n)
+    throw Error(std::string(call) + ": " + an + " has " + std::to_string(a) + " elements and " + bn + " " +
+                std::to_string(b) + ", expected " + std::to_string(n));
+}
+
+// add_leaf's fast pass over n <= kLeafChunk elements, built for the CPU's widest vectors
+// (kernels/multiversion.hpp): partial[i] += values[i] where that is exact (the value
+// converts exactly, TwoSum shows no rounding, |sum| < 2^26) and the element is still in
+// double; ok[i] says where. Returns whether any element was left for the slow path.
+constexpr std::int64_t kLeafChunk = 512;
+template <class T>
+MOETUNE_CPU_CLONES bool add_leaf_fast(double* partial, const std::uint8_t* in_fixed, const T* values, std::int64_t n,
+                                      int* ok) {
+  constexpr double exact = std::is_same_v<T, float> ? 0x1p-77 : 0x1p-48;
+  int slow = 0;
+#pragma omp simd reduction(| : slow)
+  for (std::int64_t i = 0; i < n; ++i) {
+    const double x = static_cast<double>(values[i]);
+    const double a = std::fabs(x), p = partial[i];
+    const double t = p + x;
+    const double xv = t - p;  // TwoSum: t + err = p + x exactly
+    const double err = (p - (t - xv)) + (x - xv);
+    const int good = int((a >= exact || a == 0.0) && a < kRange && err == 0.0 && std::fabs(t) < kRange) &
+                     int(in_fixed[i] == 0);
+    partial[i] = good ? t : p;
+    ok[i] = good;
+    slow |= 1 - good;
+  }
+  return slow != 0;
+}
+}  // namespace
+
+template <class T>
+std::size_t add_leaf(std::span<double> partial, std::span<std::uint8_t> in_fixed, std::span<int128> acc,
+                     std::span<const T> values) {
+  const std::size_t len = values.size();
+  check_sizes("add_leaf", len, partial.size(), "partial", in_fixed.size(), "in_fixed");
+  check_sizes("add_leaf", len, acc.size(), "acc", len, "values");
+  const auto n = static_cast<std::int64_t>(len);
+  const std::int64_t nchunks = (n + kLeafChunk - 1) / kLeafChunk;
+  std::int64_t nonfinite = 0, first_bad = n;
+#pragma omp parallel for schedule(static) reduction(+ : nonfinite) reduction(min : first_bad) if (n > 16384)
+  for (std::int64_t c = 0; c < nchunks; ++c) {
+    const std::int64_t i0 = c * kLeafChunk, m = std::min(kLeafChunk, n - i0);
+    int ok[kLeafChunk];
+    if (!add_leaf_fast(partial.data() + i0, in_fixed.data() + i0, values.data() + i0, m, ok)) continue;
+    for (std::int64_t i = i0; i < i0 + m; ++i) {
+      if (ok[i - i0]) continue;
+      if (!in_fixed[size_t(i)]) {  // the exact double sum so far moves to int128
+        acc[size_t(i)] = to_fixed_unchecked(partial[size_t(i)]);
+        in_fixed[size_t(i)] = 1;
+      }
+      const double v = static_cast<double>(values[size_t(i)]);  // add_fixed's element
+      if (!std::isfinite(v)) {
+        acc[size_t(i)] = saturate(v);
+        ++nonfinite;
+      } else if (std::fabs(v) >= kRange) {
+        first_bad = std::min(first_bad, i);
+      } else {
+        acc[size_t(i)] = fixed_add(acc[size_t(i)], to_fixed_unchecked(v));
+      }
+    }
+  }
+  if (first_bad < n) throw_out_of_range(static_cast<double>(values[size_t(first_bad)]), " at index " + std::to_string(first_bad));
+  return static_cast<std::size_t>(nonfinite);
+}
+
+void fold_partials(std::span<int128> acc, std::span<const double> partial, std::span<const std::uint8_t> in_fixed) {
+  check_sizes("fold_partials", acc.size(), partial.size(), "partial", in_fixed.size(), "in_fixed");
+  const auto n = static_cast<std::int64_t>(acc.size());
+#pragma omp parallel for schedule(static)
+  for (std::int64_t i = 0; i < n; ++i)
+    if (!in_fixed[size_t(i)]) acc[size_t(i)] = to_fixed_unchecked(partial[size_t(i)]);
+}
+
+template <class T>
+void load_partials(std::span<T> out, std::span<const double> partial, std::span<const std::uint8_t> in_fixed,
+                   std::span<const int128> acc) {
+  check_sizes("load_partials", out.size(), partial.size(), "partial", in_fixed.size(), "in_fixed");
+  check_sizes("load_partials", out.size(), acc.size(), "acc", out.size(), "out");
+  const auto n = static_cast<std::int64_t>(out.size());
+#pragma omp parallel for schedule(static)
+  for (std::int64_t i = 0; i < n; ++i)
+    out[size_t(i)] = in_fixed[size_t(i)] ? static_cast<T>(from_fixed(acc[size_t(i)])) : static_cast<T>(partial[size_t(i)]);
+}
+
+namespace {
 // The fast path of sum_fixed_rows for elements [i0, i0 + n) (n <= kSumChunk), row by row
 // over the chunk so that each pass vectorizes (built for the CPU's widest vectors,
 // kernels/multiversion.hpp): out[i] = the plain double sum in row order, and fast[i] = 1
@@ -252,5 +340,13 @@ template std::size_t round_trip_fixed<float>(std::span<float>);
 template std::size_t sum_fixed_rows<float>(const float*, std::size_t, std::size_t, std::size_t, float*);
 template std::size_t sum_fixed_rows<double>(const double*, std::size_t, std::size_t, std::size_t, double*);
 template std::size_t round_trip_fixed<double>(std::span<double>);
+template std::size_t add_leaf<float>(std::span<double>, std::span<std::uint8_t>, std::span<int128>,
+                                     std::span<const float>);
+template std::size_t add_leaf<double>(std::span<double>, std::span<std::uint8_t>, std::span<int128>,
+                                      std::span<const double>);
+template void load_partials<float>(std::span<float>, std::span<const double>, std::span<const std::uint8_t>,
+                                   std::span<const int128>);
+template void load_partials<double>(std::span<double>, std::span<const double>, std::span<const std::uint8_t>,
+                                    std::span<const int128>);
 
 }  // namespace moetune::dist

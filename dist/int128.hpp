@@ -27,6 +27,7 @@
 // and skip the optimizer step.
 #pragma once
 #include <cstddef>
+#include <cstdint>
 #include <span>
 
 namespace moetune::dist {
@@ -78,6 +79,29 @@ void load_fixed(std::span<T> out, std::span<const int128> acc);
 template <class T>
 std::size_t round_trip_fixed(std::span<T> values);
 
+// The int128 accumulator of many leaves per element, made cheap (the exact gradient sum
+// of several micro-batches per rank): each element's running sum stays in a double,
+// partial[i], for as long as it is exact there (every leaf so far converts exactly, no
+// addition rounded, |partial| < 2^26), and moves to acc[i] in int128 (in_fixed[i] = 1)
+// the first time it would not be. Either way the running sum is the exact sum of the
+// leaves' fixed-point values, so after fold_partials acc holds bit for bit what add_fixed
+// of every leaf into a zero accumulator holds. Start from partial = 0 and in_fixed = 0;
+// acc needs no zeroing (an element's slot is written when it moves). add_leaf returns
+// the non-finite values met and throws, after the loop, for a finite value out of range,
+// as add_fixed does. The common case is one vectorized pass in double per leaf instead
+// of add_fixed's int128 conversion per element.
+template <class T>
+std::size_t add_leaf(std::span<double> partial, std::span<std::uint8_t> in_fixed, std::span<int128> acc,
+                     std::span<const T> values);
+// acc[i] = to_fixed(partial[i]) (exact) where in_fixed[i] == 0: the accumulator add_fixed
+// would hold.
+void fold_partials(std::span<int128> acc, std::span<const double> partial, std::span<const std::uint8_t> in_fixed);
+// out[i] = T(from_fixed(the element's sum)): T(partial[i]) where in_fixed[i] == 0 (exact, so
+// from_fixed would return it unchanged), else T(from_fixed(acc[i])); what fold_partials
+// then load_fixed give.
+template <class T>
+void load_partials(std::span<T> out, std::span<const double> partial, std::span<const std::uint8_t> in_fixed,
+                   std::span<const int128> acc);
 // out[i] = T(from_fixed(sum over r < W of to_fixed(rows[r * stride + i]))) for i < len: the
 // exact sum of W leaves of one element each, what add_fixed of each row into a zero
 // accumulator followed by load_fixed gives, bit for bit, also for a value it cannot sum

@@ -162,8 +162,31 @@ void ParallelTrainer<T>::plan_leaves(int micro_batches) {
   if (leaves_.size() < slots) leaves_.resize(slots);
   regions_.clear();
   if (need_acc && acc_.empty()) acc_.resize(model_->layout().total());
-  for (const auto& seg : segments_)
-    if (seg.sum == LeafSum::fixed) std::fill(acc_.begin() + seg.begin, acc_.begin() + seg.end, int128(0));
+  if (need_acc && !force_fixed_ && partial_.empty()) {
+    partial_.resize(model_->layout().total());
+    in_fixed_.resize(model_->layout().total());
+  }
+  // The leaves of a fixed segment go through add_leaf (a double running sum per element
+  // while exact, int128 from the first leaf that would not be), which needs no zeroed
+  // accumulator; force_fixed_leaf_sum (the tests' reference) adds every leaf in int128.
+  for (const auto& seg : segments_) {
+    if (seg.sum != LeafSum::fixed) continue;
+    if (force_fixed_) {
+      std::fill(acc_.begin() + seg.begin, acc_.begin() + seg.end, int128(0));
+    } else {
+      std::fill(partial_.begin() + seg.begin, partial_.begin() + seg.end, 0.0);
+      std::fill(in_fixed_.begin() + seg.begin, in_fixed_.begin() + seg.end, std::uint8_t(0));
+    }
+  }
+}
+
+// The int128 accumulator of fixed segment `seg` complete (add_leaf's running sums folded in).
+template <class T>
+void ParallelTrainer<T>::fold_fixed(const Segment& seg) {
+  if (force_fixed_) return;
+  const size_t n = seg.end - seg.begin;
+  fold_partials(std::span<int128>(acc_.data() + seg.begin, n), std::span<const double>(partial_.data() + seg.begin, n),
+                std::span<const std::uint8_t>(in_fixed_.data() + seg.begin, n));
 }
 
 template <class T>
@@ -195,8 +218,14 @@ void ParallelTrainer<T>::flush_leaf(size_t begin, size_t end) {
     ++r.count;
   } else {
     try {
-      nonfinite_ += add_fixed(std::span<int128>(acc_.data() + begin, end - begin),
-                              std::span<const T>(g.data() + begin, end - begin));
+      const size_t n = end - begin;
+      const std::span<const T> leaf(g.data() + begin, n);
+      if (force_fixed_)
+        nonfinite_ += add_fixed(std::span<int128>(acc_.data() + begin, n), leaf);
+      else
+        nonfinite_ += add_leaf(std::span<double>(partial_.data() + begin, n),
+                               std::span<std::uint8_t>(in_fixed_.data() + begin, n),
+                               std::span<int128>(acc_.data() + begin, n), leaf);
     } catch (const Error&) {
       ++nonfinite_;  // a gradient beyond the fixed-point range (2^26): treated like inf
     }
@@ -306,6 +335,7 @@ StepResult ParallelTrainer<T>::accumulate(const std::vector<MicroBatch>& batch, 
       nonfinite_ += c.allreduce_sum_fixed(std::span<T>(model_->grads().data() + s.begin, s.end - s.begin));
       stats.reduce_bytes += int64_t(s.end - s.begin) * int64_t(sizeof(T));
     } else if (reduction_ == Reduction::exact) {
+      fold_fixed(s);
       c.allreduce_sum(std::span<int128>(acc_.data() + s.begin, s.end - s.begin));
       stats.reduce_bytes += int64_t(s.end - s.begin) * int64_t(sizeof(int128));
     } else {
@@ -319,9 +349,15 @@ StepResult ParallelTrainer<T>::accumulate(const std::vector<MicroBatch>& batch, 
       const Segment& seg = segments_[si];
       if (zero_ == 1 && (seg.expert ? grid_.edp_comm : grid_.world).size() > 1) continue;  // reduce_shard did it
       if (seg.sum == LeafSum::floats) sum_float_leaves(seg, si);
-      if (seg.sum == LeafSum::fixed)
-        load_fixed(std::span<T>(model_->grads().data() + seg.begin, seg.end - seg.begin),
-                   std::span<const int128>(acc_.data() + seg.begin, seg.end - seg.begin));
+      if (seg.sum != LeafSum::fixed) continue;
+      const size_t n = seg.end - seg.begin;
+      const std::span<T> g(model_->grads().data() + seg.begin, n);
+      const std::span<const int128> acc(acc_.data() + seg.begin, n);
+      if ((seg.expert ? grid_.edp_comm : grid_.world).size() == 1 && !force_fixed_)  // not folded: no exchange
+        load_partials(g, std::span<const double>(partial_.data() + seg.begin, n),
+                      std::span<const std::uint8_t>(in_fixed_.data() + seg.begin, n), acc);
+      else
+        load_fixed(g, acc);
     }
 
   // Loss terms summed in global micro-batch order; expert loads are exact integers.
@@ -360,6 +396,7 @@ void ParallelTrainer<T>::reduce_shard(size_t si, const Comm& c) {
   T* g = model_->grads().data();
   const size_t n = s.end - s.begin, len = sh.end - sh.begin;
   if (reduction_ == Reduction::exact && s.sum == LeafSum::fixed) {
+    fold_fixed(s);
     shard_acc_.resize(len);
     c.reduce_scatter_sum<int128>(std::span<const int128>(acc_.data() + s.begin, n), std::span<int128>(shard_acc_),
                                  sh.counts);

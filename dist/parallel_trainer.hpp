@@ -142,6 +142,7 @@ class ParallelTrainer {
   void flush_leaf(size_t begin, size_t end);
   void sum_float_leaves(const Segment& seg, size_t si);
   void reduce_shard(size_t si, const Comm& c);
+  void fold_fixed(const Segment& seg);
   double global_grad_norm_exact();
   void zero_step(double lr);
 
@@ -151,6 +152,8 @@ class ParallelTrainer {
   std::unique_ptr<Optimizer<T>> opt_;
   std::unique_ptr<AllToAllExpertStage<T>> stage_;
   std::vector<int128> acc_;  // exact reduction only, allocated when first needed
+  std::vector<double> partial_;         // add_leaf's running sums (fixed segments), allocated with acc_
+  std::vector<std::uint8_t> in_fixed_;  // 1 where an element's sum moved to acc_
   std::vector<T> leaves_;      // LeafSum::floats: the leaves, row after row per segment
   std::vector<Region> regions_;  // LeafSum::floats: the ranges flushed this step
   bool force_fixed_ = false;

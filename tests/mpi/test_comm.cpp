@@ -909,6 +909,76 @@ TEST(FixedPoint, SumOfRowsIsTheAccumulatorColumnByColumn) {
   EXPECT_NE(want[2], 3.0f * big);  // the wrapped total really is another number
 }
 
+// add_leaf keeps each element's running sum in a double while that is exact and moves it
+// to int128 otherwise; after fold_partials the accumulator must be bit for bit add_fixed's,
+// and load_partials must give load_fixed's values, for leaves of every kind: similar
+// magnitudes (the double path), magnitudes 2^50 apart (TwoSum sees the rounding), values
+// below 2^-77 (they do not convert exactly), running sums that reach 2^26 (and wrap
+// past 2^27 in int128), non-finite values (sentinels), and finite values out of range
+// (add_fixed throws after its loop and adds nothing for them).
+template <class T>
+void check_add_leaf_is_add_fixed() {
+  constexpr T exact = std::is_same_v<T, float> ? T(0x1p-77) : T(0x1p-48);
+  const size_t n = 3000, leaves = 12;
+  std::mt19937_64 rng(11);
+  std::uniform_real_distribution<double> mant(-1.0, 1.0);
+  std::vector<std::vector<T>> leaf(leaves, std::vector<T>(n));
+  for (size_t l = 0; l < leaves; ++l)
+    for (size_t i = 0; i < n; ++i) {
+      const size_t kind = i % 10;
+      // Kinds 0-4: similar magnitudes, with float's 24-bit mantissas also for T = double
+      // (the gradients of a float run), so that their double sums are exact.
+      T x = static_cast<T>(static_cast<float>(std::ldexp(mant(rng), int(rng() % 8) - 4)));
+      if (kind == 5) x = static_cast<T>(static_cast<float>(std::ldexp(mant(rng), l % 2 ? -50 : 0)));
+      if (kind == 6 && l == 3) x = static_cast<T>(exact / 4);
+      if (kind == 7) x = static_cast<T>(std::ldexp(mant(rng) > 0 ? 1.0 : -1.0, 25));  // sums pass 2^26 and 2^27
+      if (kind == 8 && l == 5 && i % 30 == 8) x = i % 60 == 8 ? std::numeric_limits<T>::quiet_NaN() : -std::numeric_limits<T>::infinity();
+      if (kind == 9 && l == 7 && i % 40 == 9) x = T(0x1p27);  // out of range
+      leaf[l][i] = x;
+    }
+  std::vector<int128> want_acc(n, 0), acc(n, 7);  // acc needs no zeroing
+  std::vector<double> partial(n, 0.0);
+  std::vector<std::uint8_t> in_fixed(n, 0);
+  size_t want_bad = 0, got_bad = 0, throws_want = 0, throws_got = 0;
+  for (size_t l = 0; l < leaves; ++l) {
+    try {
+      want_bad += dist::add_fixed<T>(want_acc, leaf[l]);
+    } catch (const Error&) {
+      ++throws_want;
+    }
+    try {
+      got_bad += dist::add_leaf<T>(partial, in_fixed, acc, leaf[l]);
+    } catch (const Error& e) {
+      ++throws_got;
+      EXPECT_NE(std::string(e.what()).find("out of the fixed-point range"), std::string::npos) << e.what();
+    }
+  }
+  EXPECT_EQ(got_bad, want_bad);
+  EXPECT_GT(want_bad, 0u);
+  EXPECT_EQ(throws_got, throws_want);
+  EXPECT_EQ(throws_want, 1u);
+  size_t moved = 0;
+  for (std::uint8_t f : in_fixed) moved += f;
+  EXPECT_GT(moved, n / 10);      // the int128 path ran (kinds 5-9)
+  EXPECT_LT(moved, n / 2);       // and the double path kept most elements
+  std::vector<T> via_partials(n), want(n), got(n);
+  dist::load_partials<T>(via_partials, partial, in_fixed, acc);
+  dist::fold_partials(acc, partial, in_fixed);
+  for (size_t i = 0; i < n; ++i)
+    ASSERT_TRUE(acc[i] == want_acc[i]) << "element " << i << " (kind " << i % 10 << ")";
+  dist::load_fixed<T>(want, want_acc);
+  for (size_t i = 0; i < n; ++i)
+    ASSERT_EQ(std::memcmp(&via_partials[i], &want[i], sizeof(T)), 0) << "element " << i << ": " << via_partials[i]
+                                                                       << " vs " << want[i];
+  EXPECT_THROW(dist::add_leaf<T>(std::span<double>(partial.data(), n - 1), in_fixed, acc, leaf[0]), Error);
+  EXPECT_THROW(dist::fold_partials(acc, partial, std::span<const std::uint8_t>(in_fixed.data(), 1)), Error);
+}
+
+TEST(FixedPoint, AddLeafIsAddFixed) {
+  check_add_leaf_is_add_fixed<float>();
+  check_add_leaf_is_add_fixed<double>();
+}
+
 TEST(FixedPoint, LoadFixedAndSizeChecks) {
   const std::vector<float> vals{0.25f, -3.5f, 1e-6f};
   std::vector<int128> acc(3, 0);
