@@ -17,6 +17,8 @@
 // term left out is an exact fma(0, x, acc) = acc (x finite) or a block that adds +0,
 // so nothing changes for finite inputs: the KV-cache decode (attention_cached, which
 // reduces over exactly the keys a query sees) still equals the full forward bit for bit.
+#include <omp.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -53,6 +55,16 @@ struct Tile {
   Tile(int64_t ds_, int64_t i0_, int64_t de, int64_t window_, int nr)
       : ds(ds_), i0(i0_), i1(std::min(de, i0_ + kAttnTile)), k0(detail::attn_key_start(ds_, i0_, window_)),
         m(i1 - i0), nk(i1 - k0), ld(round_up(nk, nr)), window(window_) {}
+  // A decode step: the one query at position `at` of a cache row (a document from 0),
+  // with the keys of its tile in the full forward (from attn_key_start of the tile's
+  // first query) up to itself.
+  static Tile decode(int64_t at, int64_t window, int nr) {
+    Tile t(0, at, at + 1, window, nr);
+    t.k0 = detail::attn_key_start(0, at / kAttnTile * kAttnTile, window);
+    t.nk = at + 1 - t.k0;
+    t.ld = round_up(t.nk, nr);
+    return t;
+  }
   // Keys [first_key(r), seen(r)) of the tile are those query row r sees.
   int64_t first_key(int64_t r) const { return detail::attn_key_first(ds, i0 + r, window) - k0; }
   int64_t seen(int64_t r) const { return i0 + r - k0 + 1; }
@@ -258,12 +270,53 @@ void attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* stats, cons
     }
 }
 
+template <class T>
+void attention_cached(T* out, const T* q, const T* kc, const T* vc, const int32_t* row, const int32_t* pos, int64_t n,
+                      int64_t cap, int64_t H, int64_t Hkv, int64_t hd, const T* sinks, int64_t window, int64_t ldq) {
+  const int64_t os = H * hd, qs = ldq ? ldq : os, ks = Hkv * hd, rep = H / Hkv;
+  const T scale = T(1) / std::sqrt(T(hd));
+  const kernels::PanelKernel<T> pk = kernels::panel_kernel<T>();
+  const int mr = pk.mr, nr = pk.nr;
+  // The forward's tile code on a tile of one query: the same products in the same order,
+  // so the same bits (Decode.KvCacheEqualsFullForward*).
+  auto one = [&](int64_t i, int64_t h) {
+    TileBuffers<T>& buf = tile_buffers<T>();
+    const Tile t = Tile::decode(pos[i], window, nr);
+    const int64_t kv0 = (int64_t(row[i]) * cap + t.k0) * ks + (h / rep) * hd;
+    T* qa = grow_scratch(buf.qa, size_t(mr * hd));
+    T* kt = grow_scratch(buf.kt, size_t(t.ld * hd));
+    T* s = grow_scratch(buf.s, size_t(t.ld));
+    T* vn = grow_scratch(buf.vn, size_t(round_up(hd, nr) * t.nk));
+    T* pa = grow_scratch(buf.pa, size_t(mr * t.nk));
+    pack_row_panels(pk, qa, q + i * qs + h * hd, qs, 1, hd, mr);
+    pack_row_panels(pk, kt, kc + kv0, ks, t.nk, hd, nr);
+    tile_scores(pk, t, hd, qa, kt, s);
+    const int64_t a = t.first_key(0);
+    T stat[2];
+    std::fill(s, s + a, T(0));
+    attention_softmax_row(s + a, t.nk - a, t.nk - a, scale, stat, detail::attn_sink(sinks, h));
+    pack_column_panels(pk, vn, vc + kv0, ks, hd, t.nk, nr);
+    tile_rows_times_keys(pk, t, hd, s, vn, pa, out + i * os + h * hd, os, false);
+  };
+  // One (query, head) is a few hundred FMAs: a team of threads pays only for many.
+  if (n * H >= 64 && omp_get_level() == 0 && omp_get_max_threads() > 1) {
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t h = 0; h < H; ++h) one(i, h);
+  } else {
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t h = 0; h < H; ++h) one(i, h);
+  }
+}
+
 #define MOETUNE_ATTENTION_INSTANTIATE(T)                                                                            \
   template void attention_forward<T>(T*, T*, const T*, const T*, const T*, const int32_t*, int64_t, int64_t,       \
                                      int64_t, int64_t, int64_t, const T*, int64_t, int64_t, int64_t);              \
   template void attention_backward<T>(T*, T*, T*, const T*, const T*, const T*, const T*, const T*, const int32_t*, \
                                       int64_t, int64_t, int64_t, int64_t, int64_t, const T*, T*, int64_t, int64_t,  \
-                                      int64_t);
+                                      int64_t);                                                                    \
+  template void attention_cached<T>(T*, const T*, const T*, const T*, const int32_t*, const int32_t*, int64_t, int64_t, \
+                                    int64_t, int64_t, int64_t, const T*, int64_t, int64_t);
 MOETUNE_ATTENTION_INSTANTIATE(float)
 MOETUNE_ATTENTION_INSTANTIATE(double)
 #undef MOETUNE_ATTENTION_INSTANTIATE

@@ -410,17 +410,12 @@ void rope_apply(T* x, const int32_t* pos, int64_t N, int64_t nh, int64_t hd, dou
 // attention_softmax_row, then o = sum_j p_j v_j as one GEMM reduction over the keys
 // from ds. attention_cached runs exactly this for a cache row (ds = 0), so decoding
 // gives the full forward's bits (keys past i carry p = 0, which changes no sum).
-// attention_forward and attention_backward are in moe/attention.cpp: they run each
-// tile's products on the GEMM's micro-kernel over operands packed once per tile.
+// attention_forward, attention_backward and attention_cached are in moe/attention.cpp:
+// they run each tile's products on the GEMM's micro-kernel over operands packed once per
+// tile (a decode step is a tile of one query), with no GEMM call per tile.
 inline constexpr int64_t kAttnTile = 64;
 
 namespace detail {
-// The per-thread scratch of attention_cached (grows, never shrinks).
-template <class T>
-std::vector<T>& attn_scratch() {
-  static thread_local std::vector<T> buf;
-  return buf;
-}
 // End of the document that starts at ds in a row of S doc ids.
 inline int64_t doc_end(const int32_t* dr, int64_t ds, int64_t S) {
   int64_t de = ds + 1;
@@ -506,25 +501,7 @@ void attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* stats, cons
 template <class T>
 void attention_cached(T* out, const T* q, const T* kc, const T* vc, const int32_t* row, const int32_t* pos, int64_t n,
                       int64_t cap, int64_t H, int64_t Hkv, int64_t hd, const T* sinks = nullptr,
-                      int64_t window = 0, int64_t ldq = 0) {
-  const int64_t os = H * hd, qs = ldq ? ldq : os, ks = Hkv * hd, rep = H / Hkv;
-  const T scale = T(1) / std::sqrt(T(hd));
-#pragma omp parallel for collapse(2) schedule(dynamic, 1)
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t h = 0; h < H; ++h) {
-      std::vector<T>& p = detail::attn_scratch<T>();
-      const int64_t kh = h / rep, at = pos[i];
-      const int64_t k0 = detail::attn_key_start(0, at / kAttnTile * kAttnTile, window);
-      const int64_t len = at - k0 + 1, a = detail::attn_key_first(0, at, window) - k0;
-      const int64_t kv0 = (int64_t(row[i]) * cap + k0) * ks + kh * hd;
-      if (int64_t(p.size()) < len) p.resize(len);
-      T stat[2];
-      kernels::gemm_nt(int64_t(1), len, hd, q + i * qs + h * hd, qs, kc + kv0, ks, p.data(), len, false);
-      std::fill(p.data(), p.data() + a, T(0));
-      attention_softmax_row(p.data() + a, len - a, len - a, scale, stat, detail::attn_sink(sinks, h));
-      kernels::gemm_nn(int64_t(1), hd, len, p.data(), len, vc + kv0, ks, out + i * os + h * hd, os, false);
-    }
-}
+                      int64_t window = 0, int64_t ldq = 0);
 
 // ---------------------------------------------------------------- cross-entropy
 // Per-token CE of logits (N,V) against targets (N) (-100 = ignored), and, if dlogits
