@@ -16,6 +16,7 @@
 #include <mutex>
 
 #include "kernels/gemm_ukernel.hpp"
+#include "kernels/parallel.hpp"
 #include "moe/error.hpp"
 
 namespace moetune::kernels {
@@ -173,19 +174,27 @@ void gemm_impl(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, in
   }
   const UkernelDesc<T> uk = kernels_in_use<T>();
   const int mr = uk.mr, nr = uk.nr;
-  const bool nested = omp_in_parallel();
-  const int threads = nested ? 1 : omp_get_max_threads();
+  // A team only for products worth one and never nested (kernels/parallel.hpp): a call
+  // inside a parallel region runs alone on its thread, without any OpenMP call.
+  const bool parallel = use_team(double(M) * double(N) * double(K) >= 65536.0);
+  const int threads = parallel ? omp_get_max_threads() : 1;
   if (!ta && tb && M <= uk.small_m && uk.nt_small) {
     // Few rows times the weights: B read in place (gemm_ukernel.hpp NtSmall), column
     // chunks split over threads, each packing its own copy of the few rows of A.
-    const bool par = !nested && threads > 1 && double(M) * double(N) * double(K) >= 65536.0;
-    const int64_t chunks = par ? std::min<int64_t>((N + 47) / 48, 4 * int64_t(threads)) : 1;
+    const int64_t chunks = parallel ? std::min<int64_t>((N + 47) / 48, 4 * int64_t(threads)) : 1;
     const int64_t cw = round_up((N + chunks - 1) / chunks, 12);
-#pragma omp parallel for schedule(dynamic, 1) if (par)
-    for (int64_t j0 = 0; j0 < N; j0 += cw) {
+    auto chunk = [&](int64_t c) {
+      const int64_t j0 = c * cw;
       std::vector<T>& abuf = pack_buffer<T>(0);  // this thread's
       if (int64_t(abuf.size()) < detail::kSmallM * K) abuf.resize(detail::kSmallM * K);
       uk.nt_small(M, std::min(cw, N - j0), K, A, lda, B + j0 * ldb, ldb, C + j0, ldc, accumulate, abuf.data());
+    };
+    const int64_t nchunks = (N + cw - 1) / cw;
+    if (parallel) {
+#pragma omp parallel for schedule(dynamic, 1)
+      for (int64_t c = 0; c < nchunks; ++c) chunk(c);
+    } else {
+      for (int64_t c = 0; c < nchunks; ++c) chunk(c);
     }
     return;
   }
@@ -211,44 +220,56 @@ void gemm_impl(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, in
   while (tiles() < 2 * threads && nc > 4 * nr) nc = round_up(nc / 2, nr);
   while (tiles() < 2 * threads && mc > 2 * mr) mc = round_up(mc / 2, mr);
   const int64_t tm = (M + mc - 1) / mc, tn = (N + nc - 1) / nc, nt = tm * tn;
-  const bool parallel = !nested && threads > 1 && double(M) * double(N) * double(K) >= 65536.0;
 
-#pragma omp parallel if (parallel)
-  {
-#pragma omp for schedule(static)
-    for (int64_t x = 0; x < nkb * pb; ++x) {
-      const int64_t k0 = (x / pb) * kGemmKc, kc = std::min(kGemmKc, K - k0), p = x % pb;
-      pack_b_panel(bp + k0 * Np + p * nr * kc, B, ldb, tb, p * nr, int(std::min<int64_t>(nr, N - p * nr)), k0, kc,
-                   uk);
+  auto pack_b = [&](int64_t x) {
+    const int64_t k0 = (x / pb) * kGemmKc, kc = std::min(kGemmKc, K - k0), p = x % pb;
+    pack_b_panel(bp + k0 * Np + p * nr * kc, B, ldb, tb, p * nr, int(std::min<int64_t>(nr, N - p * nr)), k0, kc, uk);
+  };
+  // The macro tile t, with this thread's buffer `ap` holding the packed row block
+  // `packed_i0` (-1: none yet).
+  auto tile = [&](int64_t t, T* ap, int64_t& packed_i0) {
+    const int64_t i0 = (t / tn) * mc, j0 = (t % tn) * nc;
+    const int64_t m = std::min(mc, M - i0), n = std::min(nc, N - j0), mp = round_up(m, mr);
+    if (i0 != packed_i0) {
+      for (int64_t k0 = 0; k0 < K; k0 += kGemmKc)
+        pack_a(ap + k0 * mp, A, lda, ta, i0, m, k0, std::min(kGemmKc, K - k0), uk);
+      packed_i0 = i0;
     }
-    std::vector<T>& abuf = pack_buffer<T>(0);  // this thread's
-    if (int64_t(abuf.size()) < mc * K) abuf.resize(mc * K);
-    T* const ap = abuf.data();
-    int64_t packed_i0 = -1;  // the row block ap holds
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < nt; ++t) {
-      const int64_t i0 = (t / tn) * mc, j0 = (t % tn) * nc;
-      const int64_t m = std::min(mc, M - i0), n = std::min(nc, N - j0), mp = round_up(m, mr);
-      if (i0 != packed_i0) {
-        for (int64_t k0 = 0; k0 < K; k0 += kGemmKc)
-          pack_a(ap + k0 * mp, A, lda, ta, i0, m, k0, std::min(kGemmKc, K - k0), uk);
-        packed_i0 = i0;
-      }
-      for (int64_t k0 = 0; k0 < K; k0 += kGemmKc) {
-        const int64_t kc = std::min(kGemmKc, K - k0);
-        const bool overwrite = !accumulate && k0 == 0;
-        const T* ablk = ap + k0 * mp;
-        const T* bblk = bp + k0 * Np + (j0 / nr) * nr * kc;
-        for (int64_t jp = 0; jp * nr < n; ++jp) {
-          const int nn = int(std::min<int64_t>(nr, n - jp * nr));
-          for (int64_t ip = 0; ip * mr < m; ++ip) {
-            const int mm = int(std::min<int64_t>(mr, m - ip * mr));
-            uk.fn(kc, ablk + ip * mr * kc, bblk + jp * nr * kc, C + (i0 + ip * mr) * ldc + j0 + jp * nr, ldc, mm,
-                  nn, overwrite);
-          }
+    for (int64_t k0 = 0; k0 < K; k0 += kGemmKc) {
+      const int64_t kc = std::min(kGemmKc, K - k0);
+      const bool overwrite = !accumulate && k0 == 0;
+      const T* ablk = ap + k0 * mp;
+      const T* bblk = bp + k0 * Np + (j0 / nr) * nr * kc;
+      for (int64_t jp = 0; jp * nr < n; ++jp) {
+        const int nn = int(std::min<int64_t>(nr, n - jp * nr));
+        for (int64_t ip = 0; ip * mr < m; ++ip) {
+          const int mm = int(std::min<int64_t>(mr, m - ip * mr));
+          uk.fn(kc, ablk + ip * mr * kc, bblk + jp * nr * kc, C + (i0 + ip * mr) * ldc + j0 + jp * nr, ldc, mm,
+                nn, overwrite);
         }
       }
     }
+  };
+  auto a_buffer = [&] {
+    std::vector<T>& abuf = pack_buffer<T>(0);  // this thread's
+    if (int64_t(abuf.size()) < mc * K) abuf.resize(mc * K);
+    return abuf.data();
+  };
+  if (parallel) {
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+      for (int64_t x = 0; x < nkb * pb; ++x) pack_b(x);
+      T* const ap = a_buffer();
+      int64_t packed_i0 = -1;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t t = 0; t < nt; ++t) tile(t, ap, packed_i0);
+    }
+  } else {
+    for (int64_t x = 0; x < nkb * pb; ++x) pack_b(x);
+    T* const ap = a_buffer();
+    int64_t packed_i0 = -1;
+    for (int64_t t = 0; t < nt; ++t) tile(t, ap, packed_i0);
   }
 }
 

@@ -25,6 +25,7 @@
 
 #include "kernels/gemm.hpp"
 #include "kernels/multiversion.hpp"
+#include "kernels/parallel.hpp"
 
 namespace moetune::ops {
 
@@ -291,13 +292,12 @@ MOETUNE_CPU_CLONES inline void swiglu_backward_row(T* dgr, T* dur, const T* dr, 
 template <class T>
 void swiglu_forward(T* out, const T* g, const T* u, int64_t rows, int64_t cols, int64_t ld, double limit = 0) {
   const T c = T(limit);
-#pragma omp parallel for schedule(static) if (rows > 1)
-  for (int64_t r = 0; r < rows; ++r) {
+  kernels::parallel_for(rows, [&](int64_t r) {  // no team inside the experts' one-per-thread loop
     if (c > 0)
       detail::swiglu_forward_row<T, true>(out + r * cols, g + r * ld, u + r * ld, cols, c);
     else
       detail::swiglu_forward_row<T, false>(out + r * cols, g + r * ld, u + r * ld, cols, c);
-  }
+  });
 }
 // dg, du (overwritten, not accumulated: they are scratch; row stride ld, as g and u)
 // from dout (rows,cols, contiguous); g, u are the unclamped inputs. Under a limit the
@@ -307,14 +307,13 @@ template <class T>
 void swiglu_backward(T* dg, T* du, const T* dout, const T* g, const T* u, int64_t rows, int64_t cols, int64_t ld,
                      double limit = 0) {
   const T c = T(limit);
-#pragma omp parallel for schedule(static) if (rows > 1)
-  for (int64_t r = 0; r < rows; ++r) {
+  kernels::parallel_for(rows, [&](int64_t r) {
     if (c > 0)
       detail::swiglu_backward_row<T, true>(dg + r * ld, du + r * ld, dout + r * cols, g + r * ld, u + r * ld, cols, c);
     else
       detail::swiglu_backward_row<T, false>(dg + r * ld, du + r * ld, dout + r * cols, g + r * ld, u + r * ld, cols,
                                             c);
-  }
+  });
 }
 
 // ---------------------------------------------------------------- RoPE
