@@ -213,13 +213,25 @@ void gemm_impl(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, in
   if (int64_t(bbuf.size()) < Np * K) bbuf.resize(Np * K);
   T* const bp = bbuf.data();
   // Macro tiles of the output: about 96 rows x 16 panels, cut smaller until every
-  // thread has at least two (or they reach 2 x 4 micro-tiles).
+  // thread has at least two (or they reach 2 x 4 micro-tiles). With several threads the
+  // tile count is then made a multiple of theirs, and the row and column panels are
+  // shared out evenly (tiles differ by at most one panel), so that no thread is left
+  // with the short edge tiles while another still works: 512 rows in blocks of 96 gave
+  // two threads 288 and 224 rows.
   int64_t mc = std::min(Mp, round_up(96, mr));
   int64_t nc = std::min(Np, int64_t(16) * nr);
   auto tiles = [&] { return ((M + mc - 1) / mc) * ((N + nc - 1) / nc); };
   while (tiles() < 2 * threads && nc > 4 * nr) nc = round_up(nc / 2, nr);
   while (tiles() < 2 * threads && mc > 2 * mr) mc = round_up(mc / 2, mr);
-  const int64_t tm = (M + mc - 1) / mc, tn = (N + nc - 1) / nc, nt = tm * tn;
+  const int64_t row_panels = Mp / mr;
+  int64_t tm = (M + mc - 1) / mc;
+  const int64_t tn = (N + nc - 1) / nc;
+  while (threads > 1 && (tm * tn) % threads != 0 && tm < row_panels) ++tm;
+  const int64_t nt = tm * tn;
+  // Tile row block r: panels [r P / tm, (r + 1) P / tm) of the P row panels; columns alike.
+  auto row_at = [&](int64_t r) { return std::min(M, r * row_panels / tm * mr); };
+  auto col_at = [&](int64_t c) { return std::min(N, c * pb / tn * nr); };
+  mc = (row_panels + tm - 1) / tm * mr;  // the largest row block, for the A buffer
 
   auto pack_b = [&](int64_t x) {
     const int64_t k0 = (x / pb) * kGemmKc, kc = std::min(kGemmKc, K - k0), p = x % pb;
@@ -228,8 +240,8 @@ void gemm_impl(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, in
   // The macro tile t, with this thread's buffer `ap` holding the packed row block
   // `packed_i0` (-1: none yet).
   auto tile = [&](int64_t t, T* ap, int64_t& packed_i0) {
-    const int64_t i0 = (t / tn) * mc, j0 = (t % tn) * nc;
-    const int64_t m = std::min(mc, M - i0), n = std::min(nc, N - j0), mp = round_up(m, mr);
+    const int64_t i0 = row_at(t / tn), j0 = col_at(t % tn);
+    const int64_t m = row_at(t / tn + 1) - i0, n = col_at(t % tn + 1) - j0, mp = round_up(m, mr);
     if (i0 != packed_i0) {
       for (int64_t k0 = 0; k0 < K; k0 += kGemmKc)
         pack_a(ap + k0 * mp, A, lda, ta, i0, m, k0, std::min(kGemmKc, K - k0), uk);
