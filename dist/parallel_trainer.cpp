@@ -5,6 +5,7 @@
 #include <cmath>
 #include <limits>
 
+#include "kernels/parallel.hpp"
 #include "moe/error.hpp"
 #include "moe/profile.hpp"
 
@@ -430,6 +431,11 @@ double ParallelTrainer<T>::global_grad_norm_exact() {
   std::vector<double> sq(first.back(), 0.0);
   const ParamLayout& lay = model_->layout();
   const auto& g = model_->grads();
+  // This rank's chunks: (entry, first element, length), then summed over the threads.
+  struct Chunk {
+    size_t entry, begin, len;
+  };
+  std::vector<Chunk> mine;
   for (size_t i = 0; i < full.tensors().size(); ++i) {
     const auto& t = full.tensors()[i];
     if (!lay.contains(t.name)) continue;
@@ -444,9 +450,13 @@ double ParallelTrainer<T>::global_grad_norm_exact() {
     for (size_t c = 0; c * kSqChunk < t.numel; ++c) {
       const size_t b = at + c * kSqChunk;
       if (sh ? sh->begin <= b && b < sh->end : (first[i] + c) % H == me)
-        sq[first[i] + c] = chunk_sq(g.data() + b, std::min(kSqChunk, t.numel - c * kSqChunk));
+        mine.push_back({first[i] + c, b, std::min(kSqChunk, t.numel - c * kSqChunk)});
     }
   }
+  kernels::parallel_for(int64_t(mine.size()), [&](int64_t k) {
+    const Chunk& c = mine[size_t(k)];
+    sq[c.entry] = chunk_sq(g.data() + c.begin, c.len);
+  });
   grid_.world.allreduce_sum(std::span<double>(sq));
   double total = 0;
   for (size_t i = 0; i < full.tensors().size(); ++i) {
