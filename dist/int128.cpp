@@ -189,8 +189,9 @@ MOETUNE_CPU_CLONES bool add_leaf_fast(double* partial, const std::uint8_t* in_fi
     const double t = p + x;
     const double xv = t - p;  // TwoSum: t + err = p + x exactly
     const double err = (p - (t - xv)) + (x - xv);
-    const int good = int((a >= exact || a == 0.0) && a < kRange && err == 0.0 && std::fabs(t) < kRange) &
-                     int(in_fixed[i] == 0);
+    // Bitwise, not short-circuit: branch-free, so the loop vectorizes.
+    const int good = (int(a >= exact) | int(a == 0.0)) & int(a < kRange) & int(err == 0.0) &
+                     int(std::fabs(t) < kRange) & int(in_fixed[i] == 0);
     partial[i] = good ? t : p;
     ok[i] = good;
     slow |= 1 - good;
