@@ -144,7 +144,7 @@ std::size_t round_trip_fixed(std::span<T> values) {
     int slow = 0;
     for (std::int64_t i = b; i < e; ++i) {
       const T a = std::fabs(v[i]);
-      slow |= int(!(a >= T(exact) && a < T(kRange)));  // NaN fails both compares
+      slow |= 1 - (int(a >= T(exact)) & int(a < T(kRange)));  // NaN fails both compares; bitwise: vectorizes
     }
     if (slow == 0) continue;
     for (std::int64_t i = b; i < e; ++i) {
@@ -273,7 +273,7 @@ MOETUNE_CPU_CLONES bool sum_rows_fast(const T* rows, std::size_t W, std::size_t 
     const double x = static_cast<double>(x0[i]);
     const double a = std::fabs(x);
     sum[i] = x;
-    fast[i] = int((a >= exact || a == 0.0) && a < kRange);
+    fast[i] = (int(a >= exact) | int(a == 0.0)) & int(a < kRange);  // bitwise: the loop vectorizes
   }
   for (std::size_t r = 1; r < W; ++r) {
     const T* xr = rows + r * stride + std::size_t(i0);
@@ -284,7 +284,7 @@ MOETUNE_CPU_CLONES bool sum_rows_fast(const T* rows, std::size_t W, std::size_t 
       const double t = sum[i] + x;
       const double xv = t - sum[i];  // TwoSum: t + err = sum + x exactly
       const double err = (sum[i] - (t - xv)) + (x - xv);
-      fast[i] &= int((a >= exact || a == 0.0) && a < kRange && err == 0.0);
+      fast[i] &= (int(a >= exact) | int(a == 0.0)) & int(a < kRange) & int(err == 0.0);
       sum[i] = t;
     }
   }
