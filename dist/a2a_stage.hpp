@@ -78,20 +78,21 @@ class AllToAllExpertStage : public ExpertStage<T> {
     for (auto r : c.recv_rows) total_recv += r;
     stats.dispatch_s += seconds_since(t0);
     // 2. token rows. The routing moves rows between ranks from step to step, so the
-    // received rows and each source's expert caches are sized once for the most a
-    // source sends (all its pairs, if every source routes as many as this rank): they
-    // never reallocate or touch fresh pages when a rank's share grows (moe/scratch.hpp).
-    const int64_t bound = perm.pairs();
-    grow_scratch(c.x, size_t(std::max(total_recv, ep_ * bound) * d_));
+    // received rows and each source's expert caches are sized at once for twice their
+    // mean (a rank receives as many rows as it sends on average, a source sends it
+    // 1/ep of its pairs) and grow from there with headroom (moe/scratch.hpp): they do not
+    // reallocate and touch fresh pages each time a rank's share reaches a new high.
+    const int64_t room = 2 * perm.pairs(), room_source = (room + ep_ - 1) / ep_;
+    grow_scratch(c.x, size_t(std::max(total_recv, room) * d_));
     exchange(xp, c.send_rows, c.x.data(), c.recv_rows, stats.dispatch_bytes, stats.dispatch_s, to_experts);
     // 3. local experts, one source at a time.
     ps.next(profile::Phase::experts);
     auto& y = rows_a_;
-    grow_scratch(y, size_t(std::max(total_recv, ep_ * bound) * d_));
+    grow_scratch(y, size_t(std::max(total_recv, room) * d_));
     c.mlp.resize(ep_);
     int64_t row = 0;
     for (int q = 0; q < ep_; ++q) {
-      c.mlp[q].resize(std::max(c.recv_rows[q], bound), F_);
+      c.mlp[q].resize(std::max(c.recv_rows[q], room_source), F_);
       local_forward(layer, q, source_offsets(c, q), c.x.data() + row * d_, y.data() + row * d_);
       row += c.recv_rows[q];
     }
@@ -108,10 +109,10 @@ class AllToAllExpertStage : public ExpertStage<T> {
     // Backward of combine = dispatch of the output gradient.
     profile::Scope ps(profile::Phase::combine_bwd);
     auto &dy = rows_a_, &dx = rows_b_;
-    const int64_t rows = std::max(total_recv, ep_ * perm.pairs());  // as in forward
+    const int64_t room = 2 * perm.pairs(), rows = std::max(total_recv, room);  // as in forward
     grow_scratch(dy, size_t(rows * d_));
     grow_scratch(dx, size_t(rows * d_));
-    int64_t per_source = perm.pairs();  // experts_backward's scratch holds one source's rows
+    int64_t per_source = (room + ep_ - 1) / ep_;  // experts_backward's scratch holds one source's rows
     for (auto r : c.recv_rows) per_source = std::max(per_source, r);
     grow_scratch(scratch_, size_t(3 * per_source * F_));
     exchange(dyp, c.send_rows, dy.data(), c.recv_rows, stats.combine_bytes, stats.combine_s, to_experts);
