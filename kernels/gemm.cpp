@@ -183,18 +183,28 @@ void gemm_impl(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, in
     // chunks split over threads, each packing its own copy of the few rows of A.
     const int64_t chunks = parallel ? std::min<int64_t>((N + 47) / 48, 4 * int64_t(threads)) : 1;
     const int64_t cw = round_up((N + chunks - 1) / chunks, 12);
-    auto chunk = [&](int64_t c) {
-      const int64_t j0 = c * cw;
+    // Every thread of the team sizes its buffer before the chunks are dealt, so that
+    // which thread draws a chunk never decides whether a warm call allocates.
+    auto a_rows = [&] {
       std::vector<T>& abuf = pack_buffer<T>(0);  // this thread's
       if (int64_t(abuf.size()) < detail::kSmallM * K) abuf.resize(detail::kSmallM * K);
-      uk.nt_small(M, std::min(cw, N - j0), K, A, lda, B + j0 * ldb, ldb, C + j0, ldc, accumulate, abuf.data());
+      return abuf.data();
+    };
+    auto chunk = [&](int64_t c, T* ap) {
+      const int64_t j0 = c * cw;
+      uk.nt_small(M, std::min(cw, N - j0), K, A, lda, B + j0 * ldb, ldb, C + j0, ldc, accumulate, ap);
     };
     const int64_t nchunks = (N + cw - 1) / cw;
     if (parallel) {
-#pragma omp parallel for schedule(dynamic, 1)
-      for (int64_t c = 0; c < nchunks; ++c) chunk(c);
+#pragma omp parallel
+      {
+        T* const ap = a_rows();
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t c = 0; c < nchunks; ++c) chunk(c, ap);
+      }
     } else {
-      for (int64_t c = 0; c < nchunks; ++c) chunk(c);
+      T* const ap = a_rows();
+      for (int64_t c = 0; c < nchunks; ++c) chunk(c, ap);
     }
     return;
   }

@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "kernels/parallel.hpp"
 #include "moe/ops.hpp"
 #include "moe/scratch.hpp"
 
@@ -142,6 +143,61 @@ void tile_keys_times_rows(const kernels::PanelKernel<T>& pk, const Tile& t, int6
   }
 }
 
+// The largest tile of a call: most queries (m) and most keys (nk) of any tile.
+struct TileBound {
+  int64_t m = 1, nk = 1;
+};
+inline TileBound largest_tile(const int32_t* doc, int64_t B, int64_t S, int64_t window) {
+  TileBound t;
+  for (int64_t b = 0; b < B; ++b) {
+    const int32_t* dr = doc + b * S;
+    for (int64_t ds = 0, de; ds < S; ds = de) {
+      de = detail::doc_end(dr, ds, S);
+      for (int64_t i0 = ds; i0 < de; i0 += kAttnTile) {
+        const int64_t i1 = std::min(de, i0 + kAttnTile);
+        t.m = std::max(t.m, i1 - i0);
+        t.nk = std::max(t.nk, i1 - detail::attn_key_start(ds, i0, window));
+      }
+    }
+  }
+  return t;
+}
+
+// This thread's tile buffers sized for tiles up to `t` (the sizes the loops below ask
+// for grow with m and nk).
+template <class T>
+void reserve_tiles(const kernels::PanelKernel<T>& pk, TileBound t, int64_t hd, bool backward) {
+  TileBuffers<T>& buf = tile_buffers<T>();
+  const int64_t mr = pk.mr, nr = pk.nr, ld = round_up(t.nk, nr), mp = round_up(t.m, mr), hp = round_up(hd, nr);
+  for (auto* v : {&buf.qa, &buf.da}) grow_scratch(*v, size_t(mp * hd));
+  for (auto* v : {&buf.kt, &buf.vt}) grow_scratch(*v, size_t(ld * hd));
+  for (auto* v : {&buf.s, &buf.dp}) grow_scratch(*v, size_t(t.m * ld));
+  for (auto* v : {&buf.vn, &buf.kn}) grow_scratch(*v, size_t(hp * t.nk));
+  grow_scratch(buf.pa, size_t(mr * t.nk));
+  if (!backward) return;
+  for (auto* v : {&buf.on, &buf.qn}) grow_scratch(*v, size_t(hp * t.m));
+  grow_scratch(buf.pt, size_t(mr * t.m));
+}
+
+// body(x) for the tasks x < n over a team (dynamic: documents make tasks uneven). Every
+// thread of the team first sizes its tile buffers for the call's largest tile, so that
+// which thread draws which task never decides whether a warm call allocates.
+template <class T, class Body>
+void for_each_task(int64_t n, const kernels::PanelKernel<T>& pk, TileBound t, int64_t hd, bool backward,
+                   Body&& body) {
+  if (kernels::use_team(n > 1)) {
+#pragma omp parallel
+    {
+      reserve_tiles<T>(pk, t, hd, backward);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t x = 0; x < n; ++x) body(x);
+    }
+  } else {
+    reserve_tiles<T>(pk, t, hd, backward);
+    for (int64_t x = 0; x < n; ++x) body(x);
+  }
+}
+
 }  // namespace
 
 template <class T>
@@ -151,39 +207,38 @@ void attention_forward(T* out, T* stats, const T* q, const T* k, const T* v, con
   const T scale = T(1) / std::sqrt(T(hd));
   const kernels::PanelKernel<T> pk = kernels::panel_kernel<T>();
   const int mr = pk.mr, nr = pk.nr;
-#pragma omp parallel for collapse(2) schedule(dynamic, 1)
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < H; ++h) {
-      TileBuffers<T>& buf = tile_buffers<T>();
-      const int64_t kh = h / rep;
-      const T sink = detail::attn_sink(sinks, h);
-      const int32_t* dr = doc + b * S;
-      for (int64_t ds = 0, de; ds < S; ds = de) {
-        de = detail::doc_end(dr, ds, S);
-        for (int64_t i0 = ds; i0 < de; i0 += kAttnTile) {
-          const Tile t(ds, i0, de, window, nr);
-          const T* K = k + (b * S + t.k0) * ks + kh * hd;
-          const T* V = v + (b * S + t.k0) * ks + kh * hd;
-          T* qa = grow_scratch(buf.qa, size_t(round_up(t.m, mr) * hd));
-          T* kt = grow_scratch(buf.kt, size_t(t.ld * hd));
-          T* s = grow_scratch(buf.s, size_t(t.m * t.ld));
-          T* vn = grow_scratch(buf.vn, size_t(round_up(hd, nr) * t.nk));
-          T* pa = grow_scratch(buf.pa, size_t(mr * t.nk));
-          pack_row_panels(pk, qa, q + (b * S + i0) * qs + h * hd, qs, t.m, hd, mr);
-          pack_row_panels(pk, kt, K, ks, t.nk, hd, nr);
-          tile_scores(pk, t, hd, qa, kt, s);
-          for (int64_t r = 0; r < t.m; ++r) {
-            const int64_t a = t.first_key(r);
-            T* pr = s + r * t.ld;
-            std::fill(pr, pr + a, T(0));
-            attention_softmax_row(pr + a, t.seen(r) - a, t.nk - a, scale, stats + ((b * H + h) * S + i0 + r) * 2,
-                                  sink);
-          }
-          pack_column_panels(pk, vn, V, ks, hd, t.nk, nr);
-          tile_rows_times_keys(pk, t, hd, s, vn, pa, out + (b * S + i0) * os + h * hd, os, false);
+  for_each_task<T>(B * H, pk, largest_tile(doc, B, S, window), hd, false, [&](int64_t x) {
+    const int64_t b = x / H, h = x % H;
+    TileBuffers<T>& buf = tile_buffers<T>();
+    const int64_t kh = h / rep;
+    const T sink = detail::attn_sink(sinks, h);
+    const int32_t* dr = doc + b * S;
+    for (int64_t ds = 0, de; ds < S; ds = de) {
+      de = detail::doc_end(dr, ds, S);
+      for (int64_t i0 = ds; i0 < de; i0 += kAttnTile) {
+        const Tile t(ds, i0, de, window, nr);
+        const T* K = k + (b * S + t.k0) * ks + kh * hd;
+        const T* V = v + (b * S + t.k0) * ks + kh * hd;
+        T* qa = grow_scratch(buf.qa, size_t(round_up(t.m, mr) * hd));
+        T* kt = grow_scratch(buf.kt, size_t(t.ld * hd));
+        T* s = grow_scratch(buf.s, size_t(t.m * t.ld));
+        T* vn = grow_scratch(buf.vn, size_t(round_up(hd, nr) * t.nk));
+        T* pa = grow_scratch(buf.pa, size_t(mr * t.nk));
+        pack_row_panels(pk, qa, q + (b * S + i0) * qs + h * hd, qs, t.m, hd, mr);
+        pack_row_panels(pk, kt, K, ks, t.nk, hd, nr);
+        tile_scores(pk, t, hd, qa, kt, s);
+        for (int64_t r = 0; r < t.m; ++r) {
+          const int64_t a = t.first_key(r);
+          T* pr = s + r * t.ld;
+          std::fill(pr, pr + a, T(0));
+          attention_softmax_row(pr + a, t.seen(r) - a, t.nk - a, scale, stats + ((b * H + h) * S + i0 + r) * 2,
+                                sink);
         }
+        pack_column_panels(pk, vn, V, ks, hd, t.nk, nr);
+        tile_rows_times_keys(pk, t, hd, s, vn, pa, out + (b * S + i0) * os + h * hd, os, false);
       }
     }
+  });
 }
 
 template <class T>
@@ -199,68 +254,67 @@ void attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* stats, cons
   static thread_local std::vector<T> sink_buf;
   std::vector<T>& dsink_q = sink_buf;
   if (sinks) dsink_q.assign(size_t(B * H * S), T(0));
-#pragma omp parallel for collapse(2) schedule(dynamic, 1)
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t kh = 0; kh < Hkv; ++kh) {
-      TileBuffers<T>& buf = tile_buffers<T>();
-      const int32_t* dr = doc + b * S;
-      for (int64_t h = kh * rep; h < (kh + 1) * rep; ++h)
-        for (int64_t ds = 0, de; ds < S; ds = de) {
-          de = detail::doc_end(dr, ds, S);
-          for (int64_t i0 = ds; i0 < de; i0 += kAttnTile) {
-            const Tile t(ds, i0, de, window, nr);
-            const int64_t kv0 = (b * S + t.k0) * ks + kh * hd;
-            const T* Q = q + (b * S + i0) * qs + h * hd;
-            const T* dO = dout + (b * S + i0) * os + h * hd;
-            T* qa = grow_scratch(buf.qa, size_t(round_up(t.m, mr) * hd));
-            T* kt = grow_scratch(buf.kt, size_t(t.ld * hd));
-            T* p = grow_scratch(buf.s, size_t(t.m * t.ld));
-            T* da = grow_scratch(buf.da, size_t(round_up(t.m, mr) * hd));
-            T* vt = grow_scratch(buf.vt, size_t(t.ld * hd));
-            T* g = grow_scratch(buf.dp, size_t(t.m * t.ld));
-            T* on = grow_scratch(buf.on, size_t(round_up(hd, nr) * t.m));
-            T* qn = grow_scratch(buf.qn, size_t(round_up(hd, nr) * t.m));
-            T* kn = grow_scratch(buf.kn, size_t(round_up(hd, nr) * t.nk));
-            T* pa = grow_scratch(buf.pa, size_t(mr * t.nk));
-            T* pt = grow_scratch(buf.pt, size_t(mr * t.m));
-            // The probabilities again, from the scores and the forward's stats.
-            pack_row_panels(pk, qa, Q, qs, t.m, hd, mr);
-            pack_row_panels(pk, kt, k + kv0, ks, t.nk, hd, nr);
-            tile_scores(pk, t, hd, qa, kt, p);
-            for (int64_t r = 0; r < t.m; ++r) {
-              const int64_t a = t.first_key(r);
-              T* pr = p + r * t.ld;
-              std::fill(pr, pr + a, T(0));
-              attention_probs_row(pr + a, t.seen(r) - a, t.nk - a, scale, stats + ((b * H + h) * S + i0 + r) * 2);
-            }
-            // dV += P^T dO.
-            pack_column_panels(pk, on, dO, os, hd, t.m, nr);
-            tile_keys_times_rows(pk, t, hd, p, on, pt, dv + kv0, ks);
-            // dP = dO V^T, then dS = P * (dP - sum_j P dP) * scale, row by row.
-            pack_row_panels(pk, da, dO, os, t.m, hd, mr);
-            pack_row_panels(pk, vt, v + kv0, ks, t.nk, hd, nr);
-            tile_scores(pk, t, hd, da, vt, g);
-            for (int64_t r = 0; r < t.m; ++r) {
-              const int64_t a = t.first_key(r), n = t.seen(r);
-              const T* pr = p + r * t.ld;
-              T* gr = g + r * t.ld;
-              const T dot = row_sum<T>(n - a, [pr, gr, a](int64_t j) { return pr[a + j] * gr[a + j]; });
-              std::fill(gr, gr + a, T(0));
-              for (int64_t j = a; j < n; ++j) gr[j] = pr[j] * (gr[j] - dot) * scale;
-              std::fill(gr + n, gr + t.nk, T(0));
-              if (sinks) {  // the sink's probability, times (0 - dot): it carries no value
-                const T* st = stats + ((b * H + h) * S + i0 + r) * 2;
-                dsink_q[size_t((b * H + h) * S + i0 + r)] = -ops::exp(sinks[h] - st[0]) * st[1] * dot;
-              }
-            }
-            // dQ += dS K, dK += dS^T Q.
-            pack_column_panels(pk, kn, k + kv0, ks, hd, t.nk, nr);
-            tile_rows_times_keys(pk, t, hd, g, kn, pa, dq + (b * S + i0) * qs + h * hd, qs, true);
-            pack_column_panels(pk, qn, Q, qs, hd, t.m, nr);
-            tile_keys_times_rows(pk, t, hd, g, qn, pt, dk + kv0, ks);
+  for_each_task<T>(B * Hkv, pk, largest_tile(doc, B, S, window), hd, true, [&](int64_t x) {
+    const int64_t b = x / Hkv, kh = x % Hkv;
+    TileBuffers<T>& buf = tile_buffers<T>();
+    const int32_t* dr = doc + b * S;
+    for (int64_t h = kh * rep; h < (kh + 1) * rep; ++h)
+      for (int64_t ds = 0, de; ds < S; ds = de) {
+        de = detail::doc_end(dr, ds, S);
+        for (int64_t i0 = ds; i0 < de; i0 += kAttnTile) {
+          const Tile t(ds, i0, de, window, nr);
+          const int64_t kv0 = (b * S + t.k0) * ks + kh * hd;
+          const T* Q = q + (b * S + i0) * qs + h * hd;
+          const T* dO = dout + (b * S + i0) * os + h * hd;
+          T* qa = grow_scratch(buf.qa, size_t(round_up(t.m, mr) * hd));
+          T* kt = grow_scratch(buf.kt, size_t(t.ld * hd));
+          T* p = grow_scratch(buf.s, size_t(t.m * t.ld));
+          T* da = grow_scratch(buf.da, size_t(round_up(t.m, mr) * hd));
+          T* vt = grow_scratch(buf.vt, size_t(t.ld * hd));
+          T* g = grow_scratch(buf.dp, size_t(t.m * t.ld));
+          T* on = grow_scratch(buf.on, size_t(round_up(hd, nr) * t.m));
+          T* qn = grow_scratch(buf.qn, size_t(round_up(hd, nr) * t.m));
+          T* kn = grow_scratch(buf.kn, size_t(round_up(hd, nr) * t.nk));
+          T* pa = grow_scratch(buf.pa, size_t(mr * t.nk));
+          T* pt = grow_scratch(buf.pt, size_t(mr * t.m));
+          // The probabilities again, from the scores and the forward's stats.
+          pack_row_panels(pk, qa, Q, qs, t.m, hd, mr);
+          pack_row_panels(pk, kt, k + kv0, ks, t.nk, hd, nr);
+          tile_scores(pk, t, hd, qa, kt, p);
+          for (int64_t r = 0; r < t.m; ++r) {
+            const int64_t a = t.first_key(r);
+            T* pr = p + r * t.ld;
+            std::fill(pr, pr + a, T(0));
+            attention_probs_row(pr + a, t.seen(r) - a, t.nk - a, scale, stats + ((b * H + h) * S + i0 + r) * 2);
           }
+          // dV += P^T dO.
+          pack_column_panels(pk, on, dO, os, hd, t.m, nr);
+          tile_keys_times_rows(pk, t, hd, p, on, pt, dv + kv0, ks);
+          // dP = dO V^T, then dS = P * (dP - sum_j P dP) * scale, row by row.
+          pack_row_panels(pk, da, dO, os, t.m, hd, mr);
+          pack_row_panels(pk, vt, v + kv0, ks, t.nk, hd, nr);
+          tile_scores(pk, t, hd, da, vt, g);
+          for (int64_t r = 0; r < t.m; ++r) {
+            const int64_t a = t.first_key(r), n = t.seen(r);
+            const T* pr = p + r * t.ld;
+            T* gr = g + r * t.ld;
+            const T dot = row_sum<T>(n - a, [pr, gr, a](int64_t j) { return pr[a + j] * gr[a + j]; });
+            std::fill(gr, gr + a, T(0));
+            for (int64_t j = a; j < n; ++j) gr[j] = pr[j] * (gr[j] - dot) * scale;
+            std::fill(gr + n, gr + t.nk, T(0));
+            if (sinks) {  // the sink's probability, times (0 - dot): it carries no value
+              const T* st = stats + ((b * H + h) * S + i0 + r) * 2;
+              dsink_q[size_t((b * H + h) * S + i0 + r)] = -ops::exp(sinks[h] - st[0]) * st[1] * dot;
+            }
+          }
+          // dQ += dS K, dK += dS^T Q.
+          pack_column_panels(pk, kn, k + kv0, ks, hd, t.nk, nr);
+          tile_rows_times_keys(pk, t, hd, g, kn, pa, dq + (b * S + i0) * qs + h * hd, qs, true);
+          pack_column_panels(pk, qn, Q, qs, hd, t.m, nr);
+          tile_keys_times_rows(pk, t, hd, g, qn, pt, dk + kv0, ks);
         }
-    }
+      }
+  });
   if (sinks)
     for (int64_t h = 0; h < H; ++h) {
       T acc = 0;
