@@ -7,7 +7,7 @@
 //   moetune rl       --init-from SFT --prompts F --out DIR ...   RL post-training (docs/rl.md)
 //   moetune generate --ckpt DIR --prompts F --out F.jsonl       completions with a KV cache
 //   moetune eval     --ckpt DIR --prompts F [--samples k]       pass@1 / pass@k on held-out prompts
-//   moetune bench    --config CFG [--steps N] [--json F]         timed training steps, per-phase breakdown
+//   moetune bench    --config CFG [--steps N] [--init-from CKPT]  timed training steps, per-phase breakdown
 // Every user error prints "error: <message naming file/line/key>" and exits 1.
 #include <CLI/CLI.hpp>
 #include <csignal>
@@ -243,6 +243,9 @@ int main(int argc, char** argv) {
   auto* bench_ep_opt = benchc->add_option("--ep", bench_ep, "Expert-parallel group size (= --set parallel.ep=N)");
   auto* bench_threads_opt =
       benchc->add_option("--threads", bench_threads, "OpenMP threads per rank (= --set train.threads=N)");
+  benchc->add_option("--init-from", bopt.init_from,
+                     "Start from this checkpoint (its model section replaces the config's) instead of a fresh "
+                     "init: a trained router's balance, as in post-training");
   benchc->add_option("--json", bopt.json_path, "Also write every number as one JSON object to this file");
   benchc->add_option("--peak-gflops", bopt.peak_gflops,
                      "Vendor peak GFLOP/s per rank: MFU is reported against it too (the measured FMA peak always)");
@@ -400,6 +403,7 @@ int main(int argc, char** argv) {
       run_rl(rc, ropt);
     } else if (*benchc) {
       RunConfig rc = RunConfig::from_file(bench_config);
+      if (!bopt.init_from.empty()) rc.model = load_checkpoint_config(bopt.init_from);
       for (const auto& s : bench_sets) rc.set(s);
       if (bench_ep_opt->count() > 0) {
         if (bench_ep < 1) throw Error("bench: --ep must be >= 1, got " + std::to_string(bench_ep));

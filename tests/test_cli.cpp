@@ -355,6 +355,32 @@ TEST_F(Cli, BenchReportsEveryPhaseWithinTheStep) {
   EXPECT_TRUE(j["config"].contains("model"));
 }
 
+// `moetune bench --init-from`: the checkpoint's weights are the ones timed. A step-0
+// checkpoint of the run config's own seed gives the fresh init's first loss bit for bit,
+// one of another seed does not; a missing checkpoint is named.
+TEST_F(Cli, BenchInitFromLoadsTheCheckpoint) {
+  const std::string cfg = run_config("unused.jsonl");
+  ASSERT_EQ(run("init --config " + cfg + " --out " + (dir / "same").string()).code, 0);
+  ASSERT_EQ(run("init --config " + cfg + " --seed 99 --out " + (dir / "other").string()).code, 0);
+  const auto bench = [&](const std::string& extra, const std::string& name) {
+    const std::string js = (dir / name).string();
+    const Result r = run("bench --config " + cfg + " --steps 1 --warmup 0 --threads 1 --quiet --json " + js + extra);
+    EXPECT_EQ(r.code, 0) << r.out;
+    std::ifstream in(js);
+    return nlohmann::json::parse(in);
+  };
+  const nlohmann::json fresh = bench("", "fresh.json");
+  const nlohmann::json same = bench(" --init-from " + (dir / "same").string(), "same.json");
+  const nlohmann::json other = bench(" --init-from " + (dir / "other").string(), "other.json");
+  EXPECT_EQ(fresh["init_from"].get<std::string>(), "");
+  EXPECT_EQ(same["init_from"].get<std::string>(), (dir / "same").string());
+  EXPECT_EQ(same["first_loss"].get<double>(), fresh["first_loss"].get<double>());
+  EXPECT_NE(other["first_loss"].get<double>(), fresh["first_loss"].get<double>());
+  const Result r = run("bench --config " + cfg + " --init-from " + (dir / "nope").string());
+  EXPECT_EQ(r.code, 1) << r.out;
+  EXPECT_NE(r.out.find("nope"), std::string::npos) << r.out;
+}
+
 TEST_F(Cli, BenchBadArgumentsNameTheFlag) {
   const std::string cfg = run_config("unused.jsonl");
   for (const char* bad : {"--steps 0", "--steps -3", "--warmup -1", "--ep 0", "--threads 0"}) {

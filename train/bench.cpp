@@ -15,6 +15,7 @@
 #include "dist/collective.hpp"
 #include "dist/int128.hpp"
 #include "dist/parallel_trainer.hpp"
+#include "io/checkpoint.hpp"
 #include "kernels/gemm.hpp"
 #include "moe/error.hpp"
 #include "moe/profile.hpp"
@@ -55,7 +56,11 @@ json bench_impl(const RunConfig& rc, const BenchOptions& opt) {
   dist::run_collectively(world, [&] {
     M = global_micro_batches(rc, grid.world_size);
     trainer_holder = make_trainer<T>(cfg, grid, rc);
-    trainer_holder->model().init(rc.train.seed);
+    auto& m = trainer_holder->model();
+    if (!opt.init_from.empty())
+      load_model_weights(opt.init_from, cfg, m.layout(), m.params(), m.expert_bias(), &m.tid2eid());
+    else
+      m.init(rc.train.seed);
     // Synthetic documents (as `moetune gen-data` writes), enough for every step without
     // a second epoch: lengths 8..48, about 28 tokens each.
     const int64_t tokens = int64_t(opt.warmup + opt.steps) * M * rc.train.micro_batch_size * rc.data.seq_len;
@@ -154,6 +159,7 @@ json bench_impl(const RunConfig& rc, const BenchOptions& opt) {
   res["precision"] = rc.train.precision;
   res["isa"] = kernels::isa_name(kernels::gemm_isa());
   res["cpu"] = cpu_model_name();
+  res["init_from"] = opt.init_from;  // "" = a fresh init from train.seed
   res["warmup_steps"] = opt.warmup;
   res["timed_steps"] = opt.steps;
   res["skipped_steps"] = skipped;

@@ -16,6 +16,8 @@ struct BenchOptions {
   int steps = 10;          // timed steps (medians over these)
   double peak_gflops = 0;  // > 0: also report MFU against this vendor peak (GFLOP/s per rank)
   std::string json_path;   // rank 0 writes the result object here ("" = none)
+  std::string init_from;   // a checkpoint to start from (weights + routing bias) instead of
+                           // a fresh init: a trained router spreads tokens as in post-training
   bool table = true;       // rank 0 prints the human table on stdout
 };
 
