@@ -67,6 +67,16 @@ Environment::Environment(int* argc, char*** argv) {
     // Unless the user set it, Open MPI is told not to start one. Under mpirun or another
     // launcher the singleton component is not used and the setting changes nothing.
     setenv("OMPI_MCA_ess_singleton_isolated", "1", 0);
+    // An isolated singleton of Open MPI 4.1 names its session directory after job family
+    // 0, so every such process on a machine creates, and at MPI_Finalize removes, the same
+    // /tmp/ompi.<host>.<uid>/jf.0/1/0: one process's cleanup can delete the tree while
+    // another creates it, and the other's MPI_Init fails ("orte_ess_init failed"; 2 of 240
+    // starts of six concurrent loops here, and once in CI's bad-input corpus). A singleton
+    // has no peer to share memory with and needs no session directory: none is made.
+    // Processes started by a launcher (mpirun sets OMPI_COMM_WORLD_SIZE, PMIx PMIX_RANK)
+    // keep theirs.
+    if (!std::getenv("OMPI_COMM_WORLD_SIZE") && !std::getenv("PMIX_RANK") && !std::getenv("PMI_RANK"))
+      setenv("OMPI_MCA_orte_create_session_dirs", "0", 0);
     const UntrackedAllocations open_mpi_internals;
     MOETUNE_MPI(MPI_Init_thread, argc, argv, MPI_THREAD_FUNNELED, &thread_level_);
     owns_ = true;
