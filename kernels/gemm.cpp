@@ -156,6 +156,9 @@ void pack_b_panel(T* dst, const T* B, int64_t ldb, bool trans, int64_t c0, int c
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// The most rows for which gemm_impl packs B panel by panel inside the tiles.
+constexpr int64_t kBInTileRows = 192;
+
 // The calling thread's packing buffers of A (which = 0) and B (1); they only grow.
 template <class T>
 std::vector<T>& pack_buffer(int which) {
@@ -219,24 +222,41 @@ void gemm_impl(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, in
   // ever grow.
   const int64_t Mp = round_up(M, mr), Np = round_up(N, nr);
   const int64_t pb = Np / nr, nkb = (K + kGemmKc - 1) / kGemmKc;
-  std::vector<T>& bbuf = pack_buffer<T>(1);
-  if (int64_t(bbuf.size()) < Np * K) bbuf.resize(Np * K);
-  T* const bp = bbuf.data();
+  // Up to kBInTileRows rows (and enough column panels for the threads), one tile holds
+  // every row, so each panel of B serves one tile only: it is packed inside that tile,
+  // just before its row panels run over it, into a kc x nr buffer of the computing
+  // thread that stays in L1, instead of all of B up front (for the per-expert products,
+  // megabytes written out to L3 and read back: nn 128x512x2048 ran at 55% of the peak).
+  // Who packs which panel, and when, changes no bit.
+  const bool b_in_tile = M <= kBInTileRows && pb >= 2 * threads;
+  T* bp = nullptr;
+  if (!b_in_tile) {
+    std::vector<T>& bbuf = pack_buffer<T>(1);
+    if (int64_t(bbuf.size()) < Np * K) bbuf.resize(Np * K);
+    bp = bbuf.data();
+  }
   // Macro tiles of the output: about 96 rows x 16 panels, cut smaller until every
   // thread has at least two (or they reach 2 x 4 micro-tiles). With several threads the
   // tile count is then made a multiple of theirs, and the row and column panels are
   // shared out evenly (tiles differ by at most one panel), so that no thread is left
   // with the short edge tiles while another still works: 512 rows in blocks of 96 gave
-  // two threads 288 and 224 rows.
-  int64_t mc = std::min(Mp, round_up(96, mr));
+  // two threads 288 and 224 rows. With B packed in the tiles, only the columns are cut.
+  int64_t mc = b_in_tile ? Mp : std::min(Mp, round_up(96, mr));
   int64_t nc = std::min(Np, int64_t(16) * nr);
   auto tiles = [&] { return ((M + mc - 1) / mc) * ((N + nc - 1) / nc); };
-  while (tiles() < 2 * threads && nc > 4 * nr) nc = round_up(nc / 2, nr);
-  while (tiles() < 2 * threads && mc > 2 * mr) mc = round_up(mc / 2, mr);
+  if (b_in_tile) {
+    while (tiles() < 2 * threads && nc > nr) nc = round_up(nc / 2, nr);
+  } else {
+    while (tiles() < 2 * threads && nc > 4 * nr) nc = round_up(nc / 2, nr);
+    while (tiles() < 2 * threads && mc > 2 * mr) mc = round_up(mc / 2, mr);
+  }
   const int64_t row_panels = Mp / mr;
   int64_t tm = (M + mc - 1) / mc;
-  const int64_t tn = (N + nc - 1) / nc;
-  while (threads > 1 && (tm * tn) % threads != 0 && tm < row_panels) ++tm;
+  int64_t tn = (N + nc - 1) / nc;
+  if (b_in_tile)
+    while (threads > 1 && tn % threads != 0 && tn < pb) ++tn;
+  else
+    while (threads > 1 && (tm * tn) % threads != 0 && tm < row_panels) ++tm;
   const int64_t nt = tm * tn;
   // Tile row block r: panels [r P / tm, (r + 1) P / tm) of the P row panels; columns alike.
   auto row_at = [&](int64_t r) { return std::min(M, r * row_panels / tm * mr); };
@@ -248,8 +268,8 @@ void gemm_impl(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, in
     pack_b_panel(bp + k0 * Np + p * nr * kc, B, ldb, tb, p * nr, int(std::min<int64_t>(nr, N - p * nr)), k0, kc, uk);
   };
   // The macro tile t, with this thread's buffer `ap` holding the packed row block
-  // `packed_i0` (-1: none yet).
-  auto tile = [&](int64_t t, T* ap, int64_t& packed_i0) {
+  // `packed_i0` (-1: none yet) and `bt` one panel of B (b_in_tile).
+  auto tile = [&](int64_t t, T* ap, int64_t& packed_i0, T* bt) {
     const int64_t i0 = row_at(t / tn), j0 = col_at(t % tn);
     const int64_t m = row_at(t / tn + 1) - i0, n = col_at(t % tn + 1) - j0, mp = round_up(m, mr);
     if (i0 != packed_i0) {
@@ -261,13 +281,18 @@ void gemm_impl(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, in
       const int64_t kc = std::min(kGemmKc, K - k0);
       const bool overwrite = !accumulate && k0 == 0;
       const T* ablk = ap + k0 * mp;
-      const T* bblk = bp + k0 * Np + (j0 / nr) * nr * kc;
       for (int64_t jp = 0; jp * nr < n; ++jp) {
         const int nn = int(std::min<int64_t>(nr, n - jp * nr));
+        const T* bpanel;
+        if (b_in_tile) {
+          pack_b_panel(bt, B, ldb, tb, j0 + jp * nr, nn, k0, kc, uk);
+          bpanel = bt;
+        } else {
+          bpanel = bp + k0 * Np + (j0 / nr + jp) * nr * kc;
+        }
         for (int64_t ip = 0; ip * mr < m; ++ip) {
           const int mm = int(std::min<int64_t>(mr, m - ip * mr));
-          uk.fn(kc, ablk + ip * mr * kc, bblk + jp * nr * kc, C + (i0 + ip * mr) * ldc + j0 + jp * nr, ldc, mm,
-                nn, overwrite);
+          uk.fn(kc, ablk + ip * mr * kc, bpanel, C + (i0 + ip * mr) * ldc + j0 + jp * nr, ldc, mm, nn, overwrite);
         }
       }
     }
@@ -277,21 +302,32 @@ void gemm_impl(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, in
     if (int64_t(abuf.size()) < mc * K) abuf.resize(mc * K);
     return abuf.data();
   };
+  auto b_panel_buffer = [&]() -> T* {
+    if (!b_in_tile) return nullptr;
+    std::vector<T>& b = pack_buffer<T>(1);  // this thread's
+    if (int64_t(b.size()) < nr * kGemmKc) b.resize(nr * kGemmKc);
+    return b.data();
+  };
   if (parallel) {
 #pragma omp parallel
     {
+      if (!b_in_tile) {
 #pragma omp for schedule(static)
-      for (int64_t x = 0; x < nkb * pb; ++x) pack_b(x);
+        for (int64_t x = 0; x < nkb * pb; ++x) pack_b(x);
+      }
       T* const ap = a_buffer();
+      T* const bt = b_panel_buffer();
       int64_t packed_i0 = -1;
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t t = 0; t < nt; ++t) tile(t, ap, packed_i0);
+      for (int64_t t = 0; t < nt; ++t) tile(t, ap, packed_i0, bt);
     }
   } else {
-    for (int64_t x = 0; x < nkb * pb; ++x) pack_b(x);
+    if (!b_in_tile)
+      for (int64_t x = 0; x < nkb * pb; ++x) pack_b(x);
     T* const ap = a_buffer();
+    T* const bt = b_panel_buffer();
     int64_t packed_i0 = -1;
-    for (int64_t t = 0; t < nt; ++t) tile(t, ap, packed_i0);
+    for (int64_t t = 0; t < nt; ++t) tile(t, ap, packed_i0, bt);
   }
 }
 

@@ -76,10 +76,11 @@ using Gemm = GemmState;
 
 // Shapes around every tile edge of every kernel (MR 4/6/12, NR 8/16/32, KC 256), and of
 // the few-rows nt paths (AVX-512: M <= 32 in halves of 16, columns by 12; AVX2: M <= 16 in
-// halves of 8, columns by 6).
+// halves of 8, columns by 6), and on both sides of kBInTileRows = 192 (B packed inside
+// the tiles up to 192 rows when there are enough column panels, up front otherwise).
 const std::vector<std::tuple<int64_t, int64_t, int64_t>> kShapes = {
-    {1, 1, 1},     {1, 33, 7},    {5, 1, 300},   {13, 17, 255}, {12, 32, 256}, {25, 65, 257},
-    {97, 40, 513}, {64, 200, 96}, {16, 25, 257}, {17, 13, 40},  {32, 100, 600}, {33, 12, 20}};
+    {1, 1, 1},     {1, 33, 7},    {5, 1, 300},   {13, 17, 255}, {12, 32, 256},  {25, 65, 257}, {97, 40, 513},
+    {64, 200, 96}, {16, 25, 257}, {17, 13, 40},  {32, 100, 600}, {33, 12, 20}, {150, 96, 300}, {200, 70, 300}};
 
 template <class T>
 void expect_matches_reference(Isa isa) {
@@ -142,17 +143,20 @@ TEST_F(Gemm, RowsDoNotDependOnTheRowsSharingTheCall) {
 }
 
 TEST_F(Gemm, ThreadCountChangesNoBit) {
-  for (Mode mode : {Mode::nt, Mode::nn, Mode::tn}) {
-    Problem<float> p(mode, 301, 333, 530, 1, 77);
-    omp_set_num_threads(1);
-    const std::vector<float> one = p.run(true);
-    for (int threads : {2, 3, 7}) {
-      omp_set_num_threads(threads);
-      const std::vector<float> many = p.run(true);
-      EXPECT_EQ(0, std::memcmp(one.data(), many.data(), one.size() * sizeof(float)))
-          << mode_name(mode) << " threads=" << threads;
+  // 301 rows: B packed up front; 150 rows: B packed inside the tiles at 1-3 threads and,
+  // with the AVX-512 kernels (11 column panels of 32), up front at 7.
+  for (Mode mode : {Mode::nt, Mode::nn, Mode::tn})
+    for (int64_t M : {301, 150}) {
+      Problem<float> p(mode, M, 333, 530, 1, 77);
+      omp_set_num_threads(1);
+      const std::vector<float> one = p.run(true);
+      for (int threads : {2, 3, 7}) {
+        omp_set_num_threads(threads);
+        const std::vector<float> many = p.run(true);
+        EXPECT_EQ(0, std::memcmp(one.data(), many.data(), one.size() * sizeof(float)))
+            << mode_name(mode) << " M=" << M << " threads=" << threads;
+      }
     }
-  }
 }
 
 TEST_F(Gemm, IsasAgreeBitForBit) {
