@@ -58,7 +58,7 @@ done
 # prompts are right, and the math reward catches the mistake.
 task=(--task arith --digits 2 --ops + --sft 20000 --train-prompts 2000 --test-prompts 500 --sft-carry-error 0.5)
 pretrain_steps=${DEMO_PRETRAIN_STEPS:-900}  # base model: equations as plain text (8 rows x 128 tokens a step)
-sft_steps=160           # SFT on the noisy demonstrations
+sft_steps=800           # SFT on the noisy demonstrations
 sft_lr=1e-3
 rl_steps=${DEMO_RL_STEPS:-250}   # GRPO
 rl_lr=5e-5

@@ -368,6 +368,15 @@ TEST(ArithTask, CarryErrorAnswersAndNoisyDemonstrations) {
   EXPECT_GT(wrong, 100);
   for (const char* f : {"train_prompts.jsonl", "test_prompts.jsonl", "pretrain.jsonl"})
     EXPECT_EQ(read_text(clean / f), read_text(all / f)) << f;
+  // The pre-training text: every SFT problem once, right answer, one equation a document.
+  std::istringstream pre(read_text(all / "pretrain.jsonl"));
+  size_t docs = 0;
+  while (std::getline(pre, line)) {
+    ASSERT_LT(docs, t.sft.size()) << line;
+    const ArithProblem& p = t.sft[docs++];
+    EXPECT_EQ(nlohmann::json::parse(line).at("text").get<std::string>(), p.text() + p.answer() + "\n") << line;
+  }
+  EXPECT_EQ(docs, t.sft.size());
   cfg.sft_carry_error = 1.5;
   EXPECT_THROW(write_arith_task(cfg, (test_dir() / "bad").string()), Error);
 }

@@ -203,14 +203,15 @@ ArithTaskStats write_arith_task(const ArithTaskConfig& cfg, const std::string& o
   };
   prompts(t.train_prompts, train);
   prompts(t.test_prompts, test);
-  // Plain-text pre-training documents ("12+34=46\n" lines, 16 problems each) of the SFT
-  // problems: a base model that knows the equations but not the chat format.
+  // Plain-text pre-training documents of the SFT problems, one equation ("12+34=46\n") a
+  // document: a base model that knows the equations but not the chat format. One a
+  // document, not a stream of them, because an SFT prompt or an eval prompt is a problem
+  // alone after <|bos|>: a base model that only ever saw equations after other equations
+  // had a held-out loss of 2.06 nats/token on single equations (0.79 when pre-trained on
+  // single ones), and after the same 480 SFT steps the first solved 13.4% of the held-out
+  // problems, the second 80.2% (seed 1).
   std::string pre;
-  for (size_t i = 0; i < t.sft.size(); i += 16) {
-    std::string doc;
-    for (size_t j = i; j < std::min(t.sft.size(), i + 16); ++j) doc += t.sft[j].text() + t.sft[j].answer() + "\n";
-    pre += ojson{{"text", doc}}.dump() + "\n";
-  }
+  for (const ArithProblem& p : t.sft) pre += ojson{{"text", p.text() + p.answer() + "\n"}}.dump() + "\n";
   const fs::path dir(out_dir);
   fsutil::write_file_atomic((dir / "pretrain.jsonl").string(), pre);
   fsutil::write_file_atomic((dir / "sft.jsonl").string(), sft);  // "<name>.tmp", fsync, rename
