@@ -64,7 +64,7 @@ struct ArithTaskStats {
 //                        (with sft_carry_error p: that share of carry problems answered wrongly)
 //   train_prompts.jsonl  {"prompt":"12+34=","answer":"46"}
 //   test_prompts.jsonl   the same format
-//   pretrain.jsonl       {"text":"12+34=46\n..."}: the SFT problems as plain text, 16 per document
+//   pretrain.jsonl       {"text":"12+34=46\n"}: the SFT problems as plain text, one per document
 // Throws moetune::Error as make_arith_task, or naming a file that cannot be written.
 ArithTaskStats write_arith_task(const ArithTaskConfig& cfg, const std::string& out_dir);
 
