@@ -316,55 +316,82 @@ void Comm::reduce_scatter_sum(std::span<const std::type_identity_t<T>> send, std
 }
 
 namespace {
-// The two ways of summing the W blocks a rank receives (recv: W rows of len, rank
-// order) into its own block: exactly (int128 fixed point) or in rank order.
+// The two ways of summing the W blocks of a rank's reduce-scatter (rows: one pointer
+// per rank, in rank order, each to len elements) into its own block, out, which may be
+// one of the rows: exactly (int128 fixed point) or in rank order.
 template <class T>
 struct FixedSum {
-  std::size_t W, bad = 0;
-  void operator()(const T* recv, std::size_t len, T* mine) { bad += sum_fixed_rows(recv, W, len, len, mine); }
+  std::size_t bad = 0;
+  void operator()(std::span<const T* const> rows, std::size_t len, T* out) { bad += sum_fixed_rows(rows, len, out); }
 };
 template <class T>
 struct RankOrderSum {
-  std::size_t W;
-  void operator()(const T* recv, std::size_t len, T* mine) const {
-    std::copy(recv, recv + len, mine);
-    for (std::size_t r = 1; r < W; ++r)
-      for (std::size_t i = 0; i < len; ++i) mine[i] += recv[r * len + i];
+  void operator()(std::span<const T* const> rows, std::size_t len, T* out) const {
+    constexpr std::size_t kChunk = 1024;  // each chunk's rows all read before out is written
+    T sum[kChunk];
+    for (std::size_t i0 = 0; i0 < len; i0 += kChunk) {
+      const std::size_t m = std::min(kChunk, len - i0);
+      std::copy(rows[0] + i0, rows[0] + i0 + m, sum);
+      for (std::size_t r = 1; r < rows.size(); ++r)
+        for (std::size_t i = 0; i < m; ++i) sum[i] += rows[r][i0 + i];
+      std::copy(sum, sum + m, out + i0);
+    }
   }
 };
 }  // namespace
 
 // Reduce-scatter by alltoallv: rank r receives block r (counts[r] elements) of every
-// rank's `in` and combine(recv (W, len) rows, len, out) reduces them. The receive
-// buffer is the calling thread's, reused from call to call.
+// other rank's `in` and combine(rows, len, out) reduces the W blocks, its own read where
+// it lies in `in` (MPI copies no block to itself). out may be in's own block (in place).
+// The receive buffer (W - 1 blocks) is the calling thread's, reused from call to call.
 template <class T, class Combine>
 void Comm::block_reduce_scatter(std::span<const T> in, const std::vector<std::int64_t>& counts, T* out,
                                 Combine&& combine) const {
+  constexpr const char* call = "Comm::block_reduce_scatter (MPI_Alltoallv)";
   const auto W = static_cast<std::size_t>(size_), me = static_cast<std::size_t>(rank_);
-  static thread_local std::vector<std::int64_t> recv_counts;
+  static thread_local std::vector<int> sc, sd, rc, rd;
   static thread_local std::vector<T> recv;
+  static thread_local std::vector<const T*> rows;
+  const std::int64_t total = counts_and_displs(counts, size_, call, "counts", sc, sd);
+  check_size(call, "in", in.size(), total, "sum of counts");
   const auto len = static_cast<std::size_t>(counts[me]);
-  recv_counts.assign(W, std::int64_t(len));
-  recv.resize(W * len);
-  alltoallv<T>(in, counts, std::span<T>(recv), recv_counts);
-  combine(recv.data(), len, out);
+  to_mpi_int(std::int64_t((W - 1) * len), call, "receive buffer");
+  rc.assign(W, int(len));
+  rd.resize(W);
+  rows.resize(W);
+  recv.resize((W - 1) * len);
+  for (std::size_t r = 0, k = 0; r < W; ++r) {
+    if (r == me) continue;
+    rd[r] = int(k * len);
+    rows[r] = recv.data() + k * len;
+    ++k;
+  }
+  sc[me] = 0;
+  rc[me] = 0;
+  rd[me] = 0;
+  rows[me] = in.data() + sd[me];
+  MOETUNE_MPI(MPI_Alltoallv, in.data(), sc.data(), sd.data(), mpi_datatype<T>(), recv.data(), rc.data(), rd.data(),
+              mpi_datatype<T>(), comm_);
+  combine(std::span<const T* const>(rows), len, out);
 }
 
-// block_reduce_scatter over equal blocks, then all-gather; in pieces of at most 2^24
-// elements. The buffers are the calling thread's, reused from call to call.
+// block_reduce_scatter over equal blocks, each rank's sum written in place into its
+// block of inout, then all-gathered in place; in pieces of at most 2^24 elements.
 template <class T, class Combine>
 void Comm::block_allreduce(std::span<T> inout, Combine&& combine) const {
   constexpr std::size_t kPiece = std::size_t(1) << 24;
   const auto W = static_cast<std::size_t>(size_), me = static_cast<std::size_t>(rank_);
   static thread_local std::vector<std::int64_t> block;
-  static thread_local std::vector<T> mine;
+  static thread_local std::vector<int> c, d;
   block.resize(W);
   for (std::size_t p0 = 0; p0 < inout.size(); p0 += kPiece) {
     const std::size_t n = std::min(kPiece, inout.size() - p0);
     for (std::size_t r = 0; r < W; ++r) block[r] = std::int64_t(n * (r + 1) / W - n * r / W);
-    mine.resize(std::size_t(block[me]));
-    block_reduce_scatter(std::span<const T>(inout.data() + p0, n), block, mine.data(), combine);
-    allgatherv<T>(std::span<const T>(mine), std::span<T>(inout.data() + p0, n), block);
+    counts_and_displs(block, size_, "Comm::block_allreduce", "block", c, d);
+    T* piece = inout.data() + p0;
+    block_reduce_scatter(std::span<const T>(piece, n), block, piece + d[me], combine);
+    MOETUNE_MPI(MPI_Allgatherv, MPI_IN_PLACE, 0, mpi_datatype<T>(), piece, c.data(), d.data(), mpi_datatype<T>(),
+                comm_);
   }
 }
 
@@ -372,7 +399,7 @@ template <MpiOrderedElement T>
 void Comm::allreduce_sum_rank_order(std::span<T> inout) const {
   require_valid("Comm::allreduce_sum_rank_order");
   if (size_ == 1) return;
-  block_allreduce(inout, RankOrderSum<T>{static_cast<std::size_t>(size_)});
+  block_allreduce(inout, RankOrderSum<T>{});
 }
 
 template <MpiOrderedElement T>
@@ -380,7 +407,7 @@ std::size_t Comm::allreduce_sum_fixed(std::span<T> inout) const {
   require_valid("Comm::allreduce_sum_fixed");
   const auto W = static_cast<std::size_t>(size_);
   if (W == 1) return round_trip_fixed(inout);
-  FixedSum<T> sum{W};
+  FixedSum<T> sum;
   block_allreduce(inout, std::ref(sum));
   return sum.bad;
 }
@@ -409,10 +436,10 @@ std::size_t Comm::reduce_scatter_sum_fixed(std::span<const std::type_identity_t<
   check_reduce_scatter(call, in.size(), out.size(), counts, size_, rank_);
   const auto W = static_cast<std::size_t>(size_);
   if (W == 1) {
-    std::copy(in.begin(), in.end(), out.begin());
+    if (out.data() != in.data()) std::copy(in.begin(), in.end(), out.begin());
     return round_trip_fixed(out);
   }
-  FixedSum<T> sum{W};
+  FixedSum<T> sum;
   block_reduce_scatter(in, counts, out.data(), std::ref(sum));
   return sum.bad;
 }
@@ -424,10 +451,10 @@ void Comm::reduce_scatter_sum_rank_order(std::span<const std::type_identity_t<T>
   require_valid(call);
   check_reduce_scatter(call, in.size(), out.size(), counts, size_, rank_);
   if (size_ == 1) {
-    std::copy(in.begin(), in.end(), out.begin());
+    if (out.data() != in.data()) std::copy(in.begin(), in.end(), out.begin());
     return;
   }
-  block_reduce_scatter(in, counts, out.data(), RankOrderSum<T>{static_cast<std::size_t>(size_)});
+  block_reduce_scatter(in, counts, out.data(), RankOrderSum<T>{});
 }
 
 bool Comm::all_true(bool local) const {

@@ -160,8 +160,10 @@ class Comm {
   // COLLECTIVE, float / double: out = block rank() of the sum over ranks of `in`, as
   // allreduce_sum_fixed (exact) or allreduce_sum_rank_order (rank order) computes it,
   // without the all-gather: `in` (sum counts) is cut into blocks of counts[r] elements
-  // in rank order, out (counts[rank()]); counts (size()), the same on every rank. The
-  // gradient reduction of ZeRO-1, where a rank needs the sum of its own shard only.
+  // in rank order, out (counts[rank()]); counts (size()), the same on every rank. out
+  // may be in's own block (the counts[rank()] elements at its offset: the sum in place)
+  // but must not overlap `in` otherwise. The gradient reduction of ZeRO-1, where a rank
+  // needs the sum of its own shard only.
   // reduce_scatter_sum_fixed returns the non-finite or out-of-range values met in this
   // rank's block (combine the verdict over ranks).
   template <MpiOrderedElement T>
@@ -194,7 +196,8 @@ class Comm {
   Comm(MPI_Comm comm, bool owned);
   void require_valid(const char* call) const;
   // The reduce-scatter of the allreduce_sum_* / reduce_scatter_sum_* pairs, and the
-  // reduce-scatter + all-gather of allreduce_sum_* (dist/comm.cpp).
+  // reduce-scatter + all-gather of allreduce_sum_* (dist/comm.cpp). No block is copied
+  // to its own rank: a rank sums its own block where it lies, in place if asked.
   template <class T, class Combine>
   void block_reduce_scatter(std::span<const T> in, const std::vector<std::int64_t>& counts, T* out,
                             Combine&& combine) const;

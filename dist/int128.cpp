@@ -260,14 +260,14 @@ namespace {
 // kernels/multiversion.hpp): out[i] = the plain double sum in row order, and fast[i] = 1
 // where that sum is exact (every value converts exactly, no addition rounded, |sum| <
 // 2^27), the same test as the element-at-a-time loop below. Returns whether any
-// element failed it.
+// element failed it. out is the caller's chunk buffer (never a row).
 constexpr std::int64_t kSumChunk = 512;
 template <class T>
-MOETUNE_CPU_CLONES bool sum_rows_fast(const T* rows, std::size_t W, std::size_t stride, std::int64_t i0,
-                                      std::int64_t n, T* out, int* fast) {
+MOETUNE_CPU_CLONES bool sum_rows_fast(const T* const* rows, std::size_t W, std::int64_t i0, std::int64_t n, T* out,
+                                      int* fast) {
   constexpr double exact = std::is_same_v<T, float> ? 0x1p-77 : 0x1p-48;
   double sum[kSumChunk];
-  const T* x0 = rows + i0;
+  const T* x0 = rows[0] + i0;
 #pragma omp simd
   for (std::int64_t i = 0; i < n; ++i) {
     const double x = static_cast<double>(x0[i]);
@@ -276,7 +276,7 @@ MOETUNE_CPU_CLONES bool sum_rows_fast(const T* rows, std::size_t W, std::size_t 
     fast[i] = (int(a >= exact) | int(a == 0.0)) & int(a < kRange);  // bitwise: the loop vectorizes
   }
   for (std::size_t r = 1; r < W; ++r) {
-    const T* xr = rows + r * stride + std::size_t(i0);
+    const T* xr = rows[r] + i0;
 #pragma omp simd
     for (std::int64_t i = 0; i < n; ++i) {
       const double x = static_cast<double>(xr[i]);
@@ -300,7 +300,10 @@ MOETUNE_CPU_CLONES bool sum_rows_fast(const T* rows, std::size_t W, std::size_t 
 }  // namespace
 
 template <class T>
-std::size_t sum_fixed_rows(const T* rows, std::size_t W, std::size_t stride, std::size_t len, T* out) {
+std::size_t sum_fixed_rows(std::span<const T* const> rows, std::size_t len, T* out) {
+  const std::size_t W = rows.size();
+  if (W == 0) throw Error("sum_fixed_rows: no rows");
+  const T* const* row = rows.data();
   const auto n = static_cast<std::int64_t>(len);
   const std::int64_t nchunks = (n + kSumChunk - 1) / kSumChunk;
   std::int64_t bad = 0;
@@ -310,25 +313,30 @@ std::size_t sum_fixed_rows(const T* rows, std::size_t W, std::size_t stride, std
     // Fast path: each value converts exactly (zero too) and the double sum rounds nowhere,
     // so it is the exact sum, which from_fixed would return unchanged. (A true total of
     // 2^27 or more wraps in int128, see the header: the slow path reproduces that, so
-    // that both paths give the same bits for every input.)
+    // that both paths give the same bits for every input.) The chunk's sums go to a
+    // buffer first and to out only when every row of the chunk has been read: out may
+    // be one of the rows.
     int fast[kSumChunk];
-    if (!sum_rows_fast(rows, W, stride, i0, m, out + i0, fast)) continue;
-    for (std::int64_t i = i0; i < i0 + m; ++i) {
-      if (fast[i - i0]) continue;
-      int128 acc = 0;
-      for (std::size_t r = 0; r < W; ++r) {
-        const double x = static_cast<double>(rows[r * stride + std::size_t(i)]);
-        if (!std::isfinite(x)) {
-          acc = fixed_add(acc, saturate(x));
-          ++bad;
-        } else if (std::fabs(x) >= kRange) {
-          ++bad;  // add_fixed adds nothing for it
-        } else {
-          acc = fixed_add(acc, to_fixed_unchecked(x));
+    T sums[kSumChunk];
+    if (sum_rows_fast(row, W, i0, m, sums, fast)) {
+      for (std::int64_t i = i0; i < i0 + m; ++i) {
+        if (fast[i - i0]) continue;
+        int128 acc = 0;
+        for (std::size_t r = 0; r < W; ++r) {
+          const double x = static_cast<double>(row[r][i]);
+          if (!std::isfinite(x)) {
+            acc = fixed_add(acc, saturate(x));
+            ++bad;
+          } else if (std::fabs(x) >= kRange) {
+            ++bad;  // add_fixed adds nothing for it
+          } else {
+            acc = fixed_add(acc, to_fixed_unchecked(x));
+          }
         }
+        sums[i - i0] = static_cast<T>(from_fixed(acc));
       }
-      out[i] = static_cast<T>(from_fixed(acc));
     }
+    std::copy(sums, sums + m, out + i0);
   }
   return static_cast<std::size_t>(bad);
 }
@@ -338,8 +346,8 @@ template std::size_t add_fixed<double>(std::span<int128>, std::span<const double
 template void load_fixed<float>(std::span<float>, std::span<const int128>);
 template void load_fixed<double>(std::span<double>, std::span<const int128>);
 template std::size_t round_trip_fixed<float>(std::span<float>);
-template std::size_t sum_fixed_rows<float>(const float*, std::size_t, std::size_t, std::size_t, float*);
-template std::size_t sum_fixed_rows<double>(const double*, std::size_t, std::size_t, std::size_t, double*);
+template std::size_t sum_fixed_rows<float>(std::span<const float* const>, std::size_t, float*);
+template std::size_t sum_fixed_rows<double>(std::span<const double* const>, std::size_t, double*);
 template std::size_t round_trip_fixed<double>(std::span<double>);
 template std::size_t add_leaf<float>(std::span<double>, std::span<std::uint8_t>, std::span<int128>,
                                      std::span<const float>);

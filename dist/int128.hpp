@@ -102,15 +102,16 @@ void fold_partials(std::span<int128> acc, std::span<const double> partial, std::
 template <class T>
 void load_partials(std::span<T> out, std::span<const double> partial, std::span<const std::uint8_t> in_fixed,
                    std::span<const int128> acc);
-// out[i] = T(from_fixed(sum over r < W of to_fixed(rows[r * stride + i]))) for i < len: the
-// exact sum of W leaves of one element each, what add_fixed of each row into a zero
-// accumulator followed by load_fixed gives, bit for bit, also for a value it cannot sum
-// (a non-finite value adds its sentinel, a finite value out of range adds 0). Returns
-// how many such values it met. OpenMP parallel. A sum that double arithmetic does
-// exactly (every value 0 or 2^-77 <= |v| < 2^26 for float, 2^-48 for double, and no partial
-// sum rounded, checked with Knuth's TwoSum) is taken from the double sum, which is then
-// the same number; every other element is summed in int128. out must not overlap rows.
+// out[i] = T(from_fixed(sum over rows r of to_fixed(rows[r][i]))) for i < len: the exact
+// sum of rows.size() (>= 1) leaves of one element each, what add_fixed of each row into a
+// zero accumulator followed by load_fixed gives, bit for bit, also for a value it cannot
+// sum (a non-finite value adds its sentinel, a finite value out of range adds 0).
+// Returns how many such values it met. OpenMP parallel. A sum that double arithmetic
+// does exactly (every value 0 or 2^-77 <= |v| < 2^26 for float, 2^-48 for double, and no
+// partial sum rounded, checked with Knuth's TwoSum) is taken from the double sum, which
+// is then the same number; every other element is summed in int128. out may be one of
+// the rows (the sum in place); it must not overlap any row otherwise.
 template <class T>
-std::size_t sum_fixed_rows(const T* rows, std::size_t W, std::size_t stride, std::size_t len, T* out);
+std::size_t sum_fixed_rows(std::span<const T* const> rows, std::size_t len, T* out);
 
 }  // namespace moetune::dist

@@ -1,6 +1,7 @@
 // ParallelTrainer: layout-independent data + expert parallel training steps.
 #include "dist/parallel_trainer.hpp"
 
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <limits>
@@ -244,8 +245,10 @@ void ParallelTrainer<T>::sum_float_leaves(const Segment& seg, size_t si) {
   size_t covered = 0;
   for (const Region& r : regions_) {
     if (r.segment != si) continue;
-    nonfinite_ += sum_fixed_rows(leaves_.data() + seg.slots + (r.begin - seg.begin), size_t(r.count), len,
-                                 r.end - r.begin, g.data() + r.begin);
+    std::array<const T*, sizeof(int128) / sizeof(T)> rows{};  // plan_leaves: at most this many leaves
+    for (int k = 0; k < r.count; ++k) rows[size_t(k)] = leaves_.data() + seg.slots + size_t(k) * len + (r.begin - seg.begin);
+    nonfinite_ += sum_fixed_rows(std::span<const T* const>(rows.data(), size_t(r.count)), r.end - r.begin,
+                                 g.data() + r.begin);
     covered += r.end - r.begin;
   }
   if (covered == len) return;
@@ -405,13 +408,13 @@ void ParallelTrainer<T>::reduce_shard(size_t si, const Comm& c) {
     stats.reduce_bytes += int64_t(n) * int64_t(sizeof(int128));
     return;
   }
-  shard_buf_.resize(len);
+  // In place: the shard's sum overwrites this rank's own block of the segment.
   const std::span<const T> in(g + s.begin, n);
+  const std::span<T> out(g + sh.begin, len);
   if (reduction_ == Reduction::exact)
-    nonfinite_ += c.reduce_scatter_sum_fixed<T>(in, std::span<T>(shard_buf_), sh.counts);
+    nonfinite_ += c.reduce_scatter_sum_fixed<T>(in, out, sh.counts);
   else
-    c.reduce_scatter_sum_rank_order<T>(in, std::span<T>(shard_buf_), sh.counts);
-  std::copy(shard_buf_.begin(), shard_buf_.end(), g + sh.begin);
+    c.reduce_scatter_sum_rank_order<T>(in, out, sh.counts);
   stats.reduce_bytes += int64_t(n) * int64_t(sizeof(T));
 }
 

@@ -171,7 +171,6 @@ class ParallelTrainer {
   std::vector<std::pair<size_t, size_t>> shard_ranges_;  // [begin, end) of each shard (empty without ZeRO)
   std::vector<T> work_;  // Newton-Schulz scratch
   std::vector<T> zm_, zv_;  // state of the shards, concatenated (zv_ packed: AdamW tensors only)
-  std::vector<T> shard_buf_;         // ZeRO-1: the reduce-scatter's result for one shard
   std::vector<int128> shard_acc_;    // the same for a segment summed in the int128 accumulator
   int64_t zstep_ = 0;
 };

@@ -481,6 +481,19 @@ void check_fixed_allreduce_is_the_accumulator() {
     total[0] = std::int64_t(block_bad);
     world.allreduce_sum(std::span<std::int64_t>(total));
     EXPECT_EQ(size_t(total[0]), want_bad) << "reduce-scatter, n = " << n;
+
+    // The same in place (the trainer's ZeRO-1): out is this rank's own block of in; the
+    // other blocks of in are left as they were.
+    std::vector<T> inout = values_of(me, n);
+    const size_t inplace_bad = world.reduce_scatter_sum_fixed<T>(
+        inout, std::span<T>(inout.data() + begin, size_t(counts[size_t(me)])), counts);
+    EXPECT_EQ(inplace_bad, block_bad) << "in place, n = " << n;
+    for (int i = 0; i < n; ++i) {
+      const bool own = i >= begin && i < begin + counts[size_t(me)];
+      const T& expect = own ? want[size_t(i)] : mine_in[size_t(i)];
+      ASSERT_EQ(std::memcmp(&inout[size_t(i)], &expect, sizeof(T)), 0)
+          << (own ? "in-place sum" : "untouched") << " element " << i << " of " << n << ", -np " << p;
+    }
   }
 }
 
@@ -903,10 +916,20 @@ TEST(FixedPoint, SumOfRowsIsTheAccumulatorColumnByColumn) {
   }
   std::vector<float> want(n), got(n);
   dist::load_fixed<float>(want, acc);
-  EXPECT_EQ(dist::sum_fixed_rows(rows.data(), W, n, n, got.data()), 1u);  // the 1e8
+  const std::vector<const float*> ptrs = {rows.data(), rows.data() + n, rows.data() + 2 * n};
+  EXPECT_EQ(dist::sum_fixed_rows<float>(ptrs, n, got.data()), 1u);  // the 1e8
   for (size_t j = 0; j < n; ++j)
     EXPECT_EQ(std::memcmp(&got[j], &want[j], sizeof(float)), 0) << "column " << j << ": " << got[j] << " vs " << want[j];
   EXPECT_NE(want[2], 3.0f * big);  // the wrapped total really is another number
+  // In place: the sum written over each of the rows in turn (the slow path must still
+  // read that row's own values, not the fast path's rounded sums).
+  for (size_t k = 0; k < W; ++k) {
+    std::vector<float> copy = rows;
+    const std::vector<const float*> p = {copy.data(), copy.data() + n, copy.data() + 2 * n};
+    EXPECT_EQ(dist::sum_fixed_rows<float>(p, n, copy.data() + k * n), 1u);
+    for (size_t j = 0; j < n; ++j)
+      EXPECT_EQ(std::memcmp(&copy[k * n + j], &want[j], sizeof(float)), 0) << "in place over row " << k << ", column " << j;
+  }
 }
 
 // add_leaf keeps each element's running sum in a double while that is exact and moves it
