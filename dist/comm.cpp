@@ -224,6 +224,17 @@ void Comm::allgatherv(std::span<const std::type_identity_t<T>> send, std::span<T
 }
 
 template <MpiElement T>
+void Comm::allgatherv_in_place(std::span<T> buf, const std::vector<std::int64_t>& counts) const {
+  constexpr const char* call = "Comm::allgatherv_in_place (MPI_Allgatherv)";
+  require_valid(call);
+  static thread_local std::vector<int> c, d;
+  const std::int64_t total = counts_and_displs(counts, size_, call, "counts", c, d);
+  check_size(call, "buf", buf.size(), total, "sum of counts");
+  MOETUNE_MPI(MPI_Allgatherv, MPI_IN_PLACE, 0, mpi_datatype<T>(), buf.data(), c.data(), d.data(), mpi_datatype<T>(),
+              comm_);
+}
+
+template <MpiElement T>
 void Comm::alltoall(std::span<const std::type_identity_t<T>> send, std::span<T> recv) const {
   constexpr const char* call = "Comm::alltoall (MPI_Alltoall)";
   require_valid(call);
@@ -382,16 +393,13 @@ void Comm::block_allreduce(std::span<T> inout, Combine&& combine) const {
   constexpr std::size_t kPiece = std::size_t(1) << 24;
   const auto W = static_cast<std::size_t>(size_), me = static_cast<std::size_t>(rank_);
   static thread_local std::vector<std::int64_t> block;
-  static thread_local std::vector<int> c, d;
   block.resize(W);
   for (std::size_t p0 = 0; p0 < inout.size(); p0 += kPiece) {
     const std::size_t n = std::min(kPiece, inout.size() - p0);
     for (std::size_t r = 0; r < W; ++r) block[r] = std::int64_t(n * (r + 1) / W - n * r / W);
-    counts_and_displs(block, size_, "Comm::block_allreduce", "block", c, d);
-    T* piece = inout.data() + p0;
-    block_reduce_scatter(std::span<const T>(piece, n), block, piece + d[me], combine);
-    MOETUNE_MPI(MPI_Allgatherv, MPI_IN_PLACE, 0, mpi_datatype<T>(), piece, c.data(), d.data(), mpi_datatype<T>(),
-                comm_);
+    const std::span<T> piece(inout.data() + p0, n);
+    block_reduce_scatter(std::span<const T>(piece), block, piece.data() + n * me / W, combine);
+    allgatherv_in_place(piece, block);
   }
 }
 
@@ -521,6 +529,7 @@ void Comm::sendrecv(std::span<const std::type_identity_t<T>> send_data, int dest
   template void Comm::allgather<T>(std::span<const T>, std::span<T>) const;                    \
   template void Comm::allgatherv<T>(std::span<const T>, std::span<T>,                          \
                                     const std::vector<std::int64_t>&) const;                   \
+  template void Comm::allgatherv_in_place<T>(std::span<T>, const std::vector<std::int64_t>&) const; \
   template void Comm::alltoall<T>(std::span<const T>, std::span<T>) const;                     \
   template void Comm::alltoallv<T>(std::span<const T>, const std::vector<std::int64_t>&,       \
                                    std::span<T>, const std::vector<std::int64_t>&) const;      \

@@ -111,6 +111,12 @@ class Comm {
   void allgatherv(std::span<const std::type_identity_t<T>> send, std::span<T> recv,
                   const std::vector<std::int64_t>& counts) const;
 
+  // COLLECTIVE, in place (MPI_IN_PLACE): buf (sum counts) is cut into blocks of counts[r]
+  // elements in rank order; each rank's block r = rank() is sent to every other rank,
+  // where it overwrites block r. counts (size()), the same on every rank.
+  template <MpiElement T>
+  void allgatherv_in_place(std::span<T> buf, const std::vector<std::int64_t>& counts) const;
+
   // COLLECTIVE: equal blocks. send (size() * B) holds block d for rank d; recv (size() * B)
   // receives block s from rank s. send.size() % size() == 0, recv.size() == send.size().
   template <MpiElement T>

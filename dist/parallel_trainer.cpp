@@ -495,8 +495,7 @@ void ParallelTrainer<T>::zero_step(double lr) {
     mo += sh.end - sh.begin;
     const Comm& c = seg.expert ? grid_.edp_comm : grid_.world;
     const size_t n = seg.end - seg.begin;
-    std::vector<T> mine(p.begin() + sh.begin, p.begin() + sh.end);
-    c.allgatherv(std::span<const T>(mine), std::span<T>(p.data() + seg.begin, n), sh.counts);
+    c.allgatherv_in_place(std::span<T>(p.data() + seg.begin, n), sh.counts);
   }
   opt_->set_step_count(zstep_);
 }

@@ -157,6 +157,22 @@ TYPED_TEST(CommTyped, AllgathervUnevenWithZeroCount) {
   EXPECT_EQ(k, recv.size());
 }
 
+TYPED_TEST(CommTyped, AllgathervInPlaceUnevenWithZeroCount) {
+  using T = TypeParam;
+  const Comm world = Comm::world();
+  std::vector<std::int64_t> counts(world.size());
+  for (int r = 0; r < world.size(); ++r) counts[r] = (r + 1) % 3;
+  std::vector<T> buf(std::accumulate(counts.begin(), counts.end(), std::int64_t{0}), val<T>(-1));
+  std::size_t k = 0;  // this rank fills its own block only
+  for (int r = 0; r < world.rank(); ++r) k += std::size_t(counts[r]);
+  for (std::int64_t i = 0; i < counts[world.rank()]; ++i) buf[k + std::size_t(i)] = val<T>(world.rank() * 10 + i);
+  world.allgatherv_in_place<T>(buf, counts);
+  k = 0;
+  for (int r = 0; r < world.size(); ++r)
+    for (std::int64_t i = 0; i < counts[r]; ++i) EXPECT_SAME(buf[k++], val<T>(r * 10 + i));
+  EXPECT_EQ(k, buf.size());
+}
+
 TYPED_TEST(CommTyped, AlltoallEqualBlocks) {
   using T = TypeParam;
   const Comm world = Comm::world();
@@ -637,6 +653,7 @@ TEST(CommErrors, SizeMismatchesThrowBeforeMpi) {
   }
 
   expect_error([&] { world.allgatherv<double>(a, d, ones); }, {"MPI_Allgatherv", "send"});
+  expect_error([&] { world.allgatherv_in_place<double>(b, ones); }, {"allgatherv_in_place", "buf has"});
   expect_error([&] { world.reduce_scatter_sum<double>(c, a, ones); },
                {"MPI_Reduce_scatter", "send"});
   expect_error([&] { world.reduce_scatter_sum<double>(d, a, ones); },
