@@ -214,10 +214,13 @@ void ParallelTrainer<T>::flush_leaf(size_t begin, size_t end) {
     if (r.end != end || r.count == seg.leaves)
       throw Error("internal error: gradient leaves of elements [" + std::to_string(begin) + ", " +
                   std::to_string(end) + ") do not follow the plan of " + std::to_string(seg.leaves) + " leaves");
-    const size_t len = seg.end - seg.begin;
-    const size_t slot = seg.slots + size_t(r.count) * len + (begin - seg.begin);
-    std::copy(g.begin() + begin, g.begin() + end, leaves_.begin() + slot);
     ++r.count;
+    // The last planned leaf stays where the backward put it: sum_float_leaves sums it
+    // there, in place (nothing writes these elements after their last leaf).
+    if (r.count == seg.leaves) return;
+    const size_t len = seg.end - seg.begin;
+    const size_t slot = seg.slots + size_t(r.count - 1) * len + (begin - seg.begin);
+    std::copy(g.begin() + begin, g.begin() + end, leaves_.begin() + slot);
   } else {
     try {
       const size_t n = end - begin;
@@ -237,16 +240,21 @@ void ParallelTrainer<T>::flush_leaf(size_t begin, size_t end) {
 
 template <class T>
 void ParallelTrainer<T>::sum_float_leaves(const Segment& seg, size_t si) {
-  // Each flushed range: the exact sum of its leaves. A range that got fewer leaves than
-  // planned sums those it got; elements never flushed are 0, as load_fixed of an
-  // untouched accumulator gives.
+  // Each flushed range: the exact sum of its leaves, the last of a complete range read
+  // (and the sum written) in the model's buffer, the others from leaves_. A range that
+  // got fewer leaves than planned sums those it got (all in leaves_; its elements in the
+  // model's buffer were zeroed after each); elements never flushed are 0, as load_fixed
+  // of an untouched accumulator gives.
   auto& g = model_->grads();
   const size_t len = seg.end - seg.begin;
   size_t covered = 0;
   for (const Region& r : regions_) {
     if (r.segment != si) continue;
     std::array<const T*, sizeof(int128) / sizeof(T)> rows{};  // plan_leaves: at most this many leaves
-    for (int k = 0; k < r.count; ++k) rows[size_t(k)] = leaves_.data() + seg.slots + size_t(k) * len + (r.begin - seg.begin);
+    const int in_slots = r.count == seg.leaves ? r.count - 1 : r.count;
+    for (int k = 0; k < in_slots; ++k)
+      rows[size_t(k)] = leaves_.data() + seg.slots + size_t(k) * len + (r.begin - seg.begin);
+    if (in_slots < r.count) rows[size_t(in_slots)] = g.data() + r.begin;
     nonfinite_ += sum_fixed_rows(std::span<const T* const>(rows.data(), size_t(r.count)), r.end - r.begin,
                                  g.data() + r.begin);
     covered += r.end - r.begin;
