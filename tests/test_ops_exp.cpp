@@ -1,7 +1,7 @@
 // ops::exp_f32, the float exp of the model's loops (moe/ops.hpp): its accuracy against
 // the correctly rounded exp, its edge values, and that a vectorized loop of it gives the
 // same bits as one call per element (the model's results must not depend on which lane
-// or which ISA computed an element).
+// or which ISA computed an element); and ops::row_max, the lane-wise row maximum.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -103,5 +103,34 @@ TEST(OpsExp, SwigluClonesGiveTheBitsOfScalarCode) {
         ASSERT_EQ(std::bit_cast<uint32_t>(dgu[r * ld + cols + i]), std::bit_cast<uint32_t>(want_du)) << r << "," << i;
         ASSERT_EQ(std::bit_cast<uint32_t>(dgu[r * ld + i]), std::bit_cast<uint32_t>(want_dg)) << r << "," << i;
       }
+  }
+}
+
+// row_max (the lane-wise maximum of the softmax and cross-entropy rows) against
+// std::max folded left from init, for every length 0..40 (both sides of the 16 lanes),
+// rows with NaN, +-inf and both signed zeros, and inits of -inf, a finite value and NaN.
+// The only freedom it has is which zero it returns when +0 and -0 are both largest.
+TEST(OpsRowMax, IsTheLeftFoldOfStdMax) {
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  const std::vector<float> pool = {1.5f, -2.0f, 0.0f, -0.0f, nan, inf, -inf, 3.25f, -7.0f, 1e-30f, 1e30f, -0.5f};
+  std::uint32_t state = 12345;
+  auto next = [&] { return state = state * 1664525u + 1013904223u; };
+  for (const float init : {-inf, -1.0f, nan}) {
+    for (int n = 0; n <= 40; ++n) {
+      for (int trial = 0; trial < 20; ++trial) {
+        std::vector<float> row(static_cast<size_t>(n));
+        for (float& v : row) v = pool[next() % pool.size()];
+        float want = init;
+        for (const float v : row) want = std::max(want, v);
+        const float got = moetune::ops::row_max<float>(n, init, [&](int64_t j) { return row[size_t(j)]; });
+        if (std::isnan(want)) {
+          EXPECT_TRUE(std::isnan(got)) << "n " << n << " init " << init;
+        } else if (want == 0.0f) {
+          EXPECT_EQ(got, 0.0f) << "n " << n;  // either zero
+        } else {
+          EXPECT_EQ(std::bit_cast<std::uint32_t>(got), std::bit_cast<std::uint32_t>(want)) << "n " << n << " init " << init;
+        }
+      }
+    }
   }
 }
