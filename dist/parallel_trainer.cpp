@@ -235,7 +235,7 @@ void ParallelTrainer<T>::flush_leaf(size_t begin, size_t end) {
       ++nonfinite_;  // a gradient beyond the fixed-point range (2^26): treated like inf
     }
   }
-  std::fill(g.begin() + begin, g.begin() + end, T(0));
+  kernels::parallel_fill(g.data() + begin, int64_t(end - begin), T(0));
 }
 
 template <class T>

@@ -53,7 +53,7 @@ void mlp_backward(T* dx, T* dwg, T* dwu, T* dwd, const T* dout, const T* x, cons
   if (N == 0) return;
   T* da = scratch;
   T* dgu = da + N * F;  // (N,2F)
-  std::fill_n(da, N * F, T(0));
+  kernels::parallel_fill(da, N * F, T(0));  // one thread inside the experts' loop
   ops::linear_backward(da, dwd, dout, a, wd, N, F, d);
   ops::swiglu_backward(dgu, dgu + F, da, gu, gu + F, N, F, 2 * F, limit);
   ops::grouped_linear_backward<T, 2>(dx, dgu, x, detail::gate_up_parts<T>(wg, wu, dwg, dwu, F), N, d);

@@ -21,6 +21,24 @@
 
 namespace moetune {
 
+namespace {
+// v = n zeros / a copy of src[0, n), written by a team when large (kernels/parallel.hpp).
+template <class T>
+void assign_zeros(std::vector<T>& v, size_t n) {
+  v.resize(n);
+  kernels::parallel_fill(v.data(), int64_t(n), T(0));
+}
+template <class T>
+void zero(std::vector<T>& v) {
+  kernels::parallel_fill(v.data(), int64_t(v.size()), T(0));
+}
+template <class T>
+void assign_copy(std::vector<T>& v, const T* src, size_t n) {
+  v.resize(n);
+  kernels::parallel_copy(v.data(), src, int64_t(n));
+}
+}  // namespace
+
 // Offsets of a MoE layer's gate and shared-expert tensors in the flat buffers.
 struct MoeOffsets {
   size_t gate = 0, sg = 0, su = 0, sd = 0;
@@ -183,7 +201,7 @@ void Model<T>::init(uint64_t seed) {
 
 template <class T>
 void Model<T>::zero_grad() {
-  std::fill(grads_.begin(), grads_.end(), T(0));
+  zero(grads_);
 }
 
 template <class T>
@@ -497,7 +515,7 @@ MicroStats Model<T>::forward(const MicroBatch& mb, const LossNorm& norm, const F
       hc::enter_forward(I.u.data(), L.hs_attn, h.data(), W.hc_attn.weights(P), N, hs);
       in = I.u.data();
     }
-    if (opt.train) L.h_in.assign(in, in + N * d);
+    if (opt.train) assign_copy(L.h_in, in, size_t(N * d));
     if (c.v4_attention()) {
       attention_norm(L, W, P, in, N, c);
       attention_v4_forward(tmp.data(), L.v4_cache, W.v4, P, L.a_in.data(), I.pos.data(), mb.doc_ids.data(),
@@ -521,7 +539,7 @@ MicroStats Model<T>::forward(const MicroBatch& mb, const LossNorm& norm, const F
       hc::enter_forward(I.u.data(), L.hs_ffn, h.data(), W.hc_ffn.weights(P), N, hs);
       in = I.u.data();
     }
-    if (opt.train) L.h_mid.assign(in, in + N * d);
+    if (opt.train) assign_copy(L.h_mid, in, size_t(N * d));
     ffn_forward(tmp.data(), L, W, P, in, N, c, l, [&](auto& Lm) {
       moe_views(Lm.moe, P, W.moe_off);
       moe_forward(tmp.data(), Lm.moe_cache, Lm.f_in.data(), Lm.moe, *stage_, l, bias_[moe_j].data(), c, B, S, I.sc,
@@ -555,7 +573,7 @@ MicroStats Model<T>::forward(const MicroBatch& mb, const LossNorm& norm, const F
   for (int l = 0; l < c.num_hidden_layers; ++l) block(l, l);
   ps.next(profile::Phase::lm_head);
   const T* hf = final_hidden(I.hc_head, I.xs_final, I.hs_head);  // before the final norm
-  if (opt.train) I.h_final.assign(hf, hf + N * d);
+  if (opt.train) assign_copy(I.h_final, hf, size_t(N * d));
   I.x_final.resize(N * d);
   I.rstd_final.resize(N);
   ops::rmsnorm_forward(I.x_final.data(), I.rstd_final.data(), hf, P + I.norm, N, d, c.rms_norm_eps);
@@ -576,7 +594,7 @@ MicroStats Model<T>::forward(const MicroBatch& mb, const LossNorm& norm, const F
     M.ids[i] = mb.mtp_input(i);
     M.targets[i] = mb.mtp_target(i);
   }
-  M.h_t.assign(hf, hf + N * d);
+  assign_copy(M.h_t, hf, size_t(N * d));
   M.e.resize(N * d);
   M.e_n.resize(N * d);
   M.e_rstd.resize(N);
@@ -588,7 +606,7 @@ MicroStats Model<T>::forward(const MicroBatch& mb, const LossNorm& norm, const F
   enter_stream(tmp.data());
   block(c.num_hidden_layers, ModelConfig::kMtpLayer);
   const T* hm = final_hidden(M.hc_head, M.xs_final, M.hs_head);
-  if (opt.train) M.h_final.assign(hm, hm + N * d);
+  if (opt.train) assign_copy(M.h_final, hm, size_t(N * d));
   M.x_final.resize(N * d);
   M.rstd_final.resize(N);
   ops::rmsnorm_forward(M.x_final.data(), M.rstd_final.data(), hm, P + M.norm, N, d, c.rms_norm_eps);
@@ -620,8 +638,8 @@ void Model<T>::backward(const T* dlogits) {
   T* G = grads_.data();
   auto &dh = I.dh, &dx = I.dx, &dqkv = I.dqkv, &dctx = I.dctx;
   const QkvLayout Q = qkv_layout(c);
-  dh.assign(N * d, T(0));
-  dx.assign(N * d, T(0));
+  assign_zeros(dh, size_t(N * d));
+  assign_zeros(dx, size_t(N * d));
   if (!c.v4_attention()) {
     dqkv.resize(N * Q.ld);
     dctx.resize(N * qd);
@@ -634,7 +652,7 @@ void Model<T>::backward(const T* dlogits) {
   const hc::HcShape hs = hc_shape(c, false);
   auto &dX = I.dxs, &dX2 = I.dxs2, &du = I.du;
   if (hc) {
-    dX.assign(N * n * d, T(0));
+    assign_zeros(dX, size_t(N * n * d));
     dX2.resize(N * n * d);
     du.resize(N * d);
   }
@@ -647,9 +665,9 @@ void Model<T>::backward(const T* dlogits) {
     ps.next(profile::Phase::dense_ffn_bwd);
     if (hc) {
       hc::leave_backward(dh.data(), dX2.data(), I.hc_work, dX.data(), L.y_ffn.data(), L.x_mid.data(), L.hs_ffn, N, hs);
-      std::fill(du.begin(), du.end(), T(0));
+      zero(du);
     }
-    std::fill(dx.begin(), dx.end(), T(0));
+    zero(dx);
     if (!c.is_moe_layer(l)) {
       const int64_t Fi = c.intermediate_size;
       mlp_backward(dx.data(), G + L.dg, G + L.du, G + L.dd, dh.data(), L.f_in.data(), L.dense.gu.data(),
@@ -670,23 +688,23 @@ void Model<T>::backward(const T* dlogits) {
     if (hc) {
       hc::leave_backward(dh.data(), dX2.data(), I.hc_work, dX.data(), L.y_attn.data(), L.x_in.data(), L.hs_attn, N,
                          hs);
-      std::fill(du.begin(), du.end(), T(0));
+      zero(du);
     }
     if (c.v4_attention()) {
-      std::fill(dx.begin(), dx.end(), T(0));
+      zero(dx);
       attention_v4_backward(dx.data(), G, dh.data(), L.v4_cache, L.v4, P, L.a_in.data(), I.pos.data(), I.doc.data(),
                             int64_t(B), int64_t(S), c, I.v4_scratch);
     } else {
-      std::fill(dctx.begin(), dctx.end(), T(0));
+      zero(dctx);
       ops::linear_backward(dctx.data(), G + L.o, dh.data(), L.ctx.data(), P + L.o, N, qd, d);
-      std::fill(dqkv.begin(), dqkv.end(), T(0));
+      zero(dqkv);
       const T* qkv = L.qkv.data();
       ops::attention_backward(dqkv.data(), dqkv.data() + Q.k_at(), dqkv.data() + Q.v_at(), dctx.data(),
                               L.attn_stats.data(), qkv, qkv + Q.k_at(), qkv + Q.v_at(), I.doc.data(), B, S, H, Hkv,
                               hd, static_cast<const T*>(nullptr), static_cast<T*>(nullptr), int64_t(0), Q.ld, Q.ld);
       ops::rope_apply(dqkv.data(), I.pos.data(), N, H, hd, c.rope_theta, -1, Q.ld);
       ops::rope_apply(dqkv.data() + Q.k_at(), I.pos.data(), N, Hkv, hd, c.rope_theta, -1, Q.ld);
-      std::fill(dx.begin(), dx.end(), T(0));
+      zero(dx);
       ops::grouped_linear_backward<T, 3>(dx.data(), dqkv.data(), L.a_in.data(), qkv_parts<T>(P, G, L.q, L.k, L.v, Q), N,
                                          d);
     }
@@ -701,12 +719,12 @@ void Model<T>::backward(const T* dlogits) {
   // (both overwritten). h_final: its norm's input; xs, hst: the head's collapse (mHC).
   const auto head = [&](const T* dl, const T* x_final, size_t norm_w, const T* h_final, const T* rstd,
                         const HcOffsets& hco, const std::vector<T>& xs, const hc::HcState<T>& hst) {
-    std::fill(dx.begin(), dx.end(), T(0));
-    std::fill(dh.begin(), dh.end(), T(0));
+    zero(dx);
+    zero(dh);
     ops::linear_backward(dx.data(), G + I.lm_head, dl, x_final, P + I.lm_head, N, d, V);
     ops::rmsnorm_backward(dh.data(), G + norm_w, dx.data(), h_final, P + norm_w, rstd, N, d);
     if (hc) {
-      std::fill(dX.begin(), dX.end(), T(0));
+      zero(dX);
       hc::enter_backward(dX.data(), hco.grads(G), dh.data(), xs.data(), hst, hco.weights(P), I.hc_work, N,
                          hc_shape(c, true));
     }
@@ -721,8 +739,8 @@ void Model<T>::backward(const T* dlogits) {
          M.hs_head);
     block(c.num_hidden_layers, ModelConfig::kMtpLayer);
     if (hc) hc::repeat_streams_backward(dh.data(), dX.data(), N, n, d);  // dh = d loss / d h'
-    std::fill(dx.begin(), dx.end(), T(0));  // d loss / d embed(x_{t+1})
-    M.dh_t.assign(N * d, T(0));
+    zero(dx);  // d loss / d embed(x_{t+1})
+    assign_zeros(M.dh_t, size_t(N * d));
     mtp_input_backward(dx.data(), M.dh_t.data(), G + M.enorm, G + M.hnorm, G + M.e_proj, G + M.h_proj, dh.data(),
                        M.e.data(), M.h_t.data(), M.e_n.data(), M.e_rstd.data(), M.h_n.data(), M.h_rstd.data(),
                        P + M.enorm, P + M.hnorm, P + M.e_proj, P + M.h_proj, N, d, I.tmp);
@@ -735,15 +753,15 @@ void Model<T>::backward(const T* dlogits) {
       hc::enter_backward(dX.data(), I.hc_head.grads(G), dh.data(), I.xs_final.data(), I.hs_head, I.hc_head.weights(P),
                          I.hc_work, N, hc_shape(c, true));
   } else {
-    std::fill(dx.begin(), dx.end(), T(0));
-    std::fill(dh.begin(), dh.end(), T(0));
+    zero(dx);
+    zero(dh);
     ops::linear_backward(dx.data(), G + I.lm_head, dlogits, I.x_final.data(), P + I.lm_head, N, d, V);
     ops::rmsnorm_backward(dh.data(), G + I.norm, dx.data(), I.h_final.data(), P + I.norm, I.rstd_final.data(), N, d);
     if (M.dh_t.size() == size_t(N * d))  // h_t feeds the MTP block too
       for (int64_t i = 0; i < N * d; ++i) dh[i] += M.dh_t[i];
     M.dh_t.clear();
     if (hc) {
-      std::fill(dX.begin(), dX.end(), T(0));
+      zero(dX);
       hc::enter_backward(dX.data(), I.hc_head.grads(G), dh.data(), I.xs_final.data(), I.hs_head, I.hc_head.weights(P),
                          I.hc_work, N, hc_shape(c, true));
     }

@@ -104,7 +104,7 @@ void experts_forward(T* yp, MlpCache<T>& cache, const T* xp, const ExpertViews<T
 template <class T>
 void experts_backward(T* dxp, const T* dyp, const T* xp, const MlpCache<T>& cache, const ExpertViews<T>& w,
                       const std::vector<int64_t>& offsets, int64_t d, int64_t F, std::vector<T>& scratch) {
-  std::fill_n(dxp, offsets.back() * d, T(0));
+  kernels::parallel_fill(dxp, offsets.back() * d, T(0));
   grow_scratch(scratch, size_t(3 * offsets.back() * F));  // expert e uses the rows of its own slice
   T* sc = scratch.data();
   for_each_expert<T>(offsets, d, F, [&](int e, int64_t b, int64_t n) {
@@ -232,7 +232,7 @@ void moe_forward(T* out, MoeCache<T>& c, const T* x, const MoeWeights<T>& w, Exp
       c.shared.resize(N, S);
       mlp_forward(out, c.shared.gu.data(), c.shared.a.data(), x, w.sg, w.su, w.sd, N, d, S, cfg.swiglu_limit);
     } else {
-      std::fill_n(out, N * d, T(0));
+      kernels::parallel_fill(out, N * d, T(0));
     }
   };
   experts.forward(layer, c.perm, c.xp.data(), c.yp.data(), Work(), Work(shared));
