@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 #include <omp.h>
 
+#include <algorithm>
 #include <cstring>
 #include <random>
 #include <string>
@@ -12,6 +13,7 @@
 #include <vector>
 
 #include "kernels/gemm.hpp"
+#include "kernels/parallel.hpp"
 #include "test_util.hpp"
 
 namespace moetune {
@@ -191,6 +193,30 @@ TEST_F(Gemm, IsaNames) {
     if (!kernels::isa_supported(isa)) {
       EXPECT_CONTAINS(testing::error_of([&] { kernels::set_gemm_isa(isa); }), "cannot run");
     }
+}
+
+// parallel_fill / parallel_copy write exactly [0, n) at every size around their chunk
+// (1 << 15 elements) and team threshold, on one thread and on a team of two.
+TEST(ParallelFill, WritesExactlyTheRangeAtEverySizeAndThreadCount) {
+  constexpr int64_t kChunk = int64_t(1) << 15;
+  const int saved = omp_get_max_threads();
+  for (int threads : {1, 2})
+    for (int64_t n : {int64_t(0), int64_t(1), kChunk - 1, kChunk, 2 * kChunk - 1, 2 * kChunk, 2 * kChunk + 1,
+                      5 * kChunk + 7}) {
+      omp_set_num_threads(threads);
+      std::vector<float> buf(size_t(n + 2), -1.0f);
+      std::vector<float> src(static_cast<size_t>(n));
+      for (int64_t i = 0; i < n; ++i) src[size_t(i)] = float(i % 1000) + 0.5f;
+      kernels::parallel_fill(buf.data() + 1, n, 3.0f);
+      EXPECT_EQ(buf.front(), -1.0f);
+      EXPECT_EQ(buf.back(), -1.0f);
+      EXPECT_EQ(std::count(buf.begin() + 1, buf.end() - 1, 3.0f), n) << "n " << n << ", threads " << threads;
+      kernels::parallel_copy(buf.data() + 1, src.data(), n);
+      EXPECT_EQ(buf.front(), -1.0f);
+      EXPECT_EQ(buf.back(), -1.0f);
+      EXPECT_TRUE(std::equal(src.begin(), src.end(), buf.begin() + 1)) << "n " << n << ", threads " << threads;
+    }
+  omp_set_num_threads(saved);
 }
 
 }  // namespace
