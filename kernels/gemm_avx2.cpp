@@ -23,6 +23,11 @@ inline __m256i first_lanes(int n) {
 void ukernel_f32(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, int m, int n,
                  bool overwrite) {
   __m256 c0[kMr], c1[kMr];
+  // The C tile's lines, on their way while the K loop runs (gemm_avx512.cpp).
+  for (int i = 0; i < m; ++i) {
+    _mm_prefetch(reinterpret_cast<const char*>(C + i * ldc), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(C + i * ldc + n - 1), _MM_HINT_T0);
+  }
 #pragma GCC unroll 6
   for (int i = 0; i < kMr; ++i) c0[i] = c1[i] = _mm256_setzero_ps();
   for (int64_t k = 0; k < kc; ++k) {
@@ -82,8 +87,10 @@ void pack_rows_f32(float* dst, const float* src, int64_t ld, int rows, int64_t k
       const int kk = kc - k0 < 8 ? int(kc - k0) : 8;
       const __m256i kmask = first_lanes(kk);
       __m256 v[8];
-      for (int i = 0; i < 8; ++i)
+      for (int i = 0; i < 8; ++i) {
+        if (i < g && r0 + i < rows) _mm_prefetch(reinterpret_cast<const char*>(src + (r0 + i) * ld + k0 + 64), _MM_HINT_T0);
         v[i] = (i < g && r0 + i < rows) ? _mm256_maskload_ps(src + (r0 + i) * ld + k0, kmask) : _mm256_setzero_ps();
+      }
       transpose8(v);
       for (int k = 0; k < kk; ++k) _mm256_maskstore_ps(dst + (k0 + k) * w + r0, lanes, v[k]);
     }
@@ -100,6 +107,7 @@ void pack_copy_f32(float* dst, const float* src, int64_t ld, int cols, int64_t k
   }
   for (int64_t k = 0; k < kc; ++k) {
     const float* r = src + k * ld;
+    _mm_prefetch(reinterpret_cast<const char*>(r + 8 * ld), _MM_HINT_T0);
     float* d = dst + k * w;
     _mm256_maskstore_ps(d, s0, _mm256_maskload_ps(r, l0));
     _mm256_maskstore_ps(d + 8, s1, _mm256_maskload_ps(r + 8, l1));

@@ -21,6 +21,12 @@ constexpr int kMr = 12, kNr = 32;
 void ukernel_f32(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, int m, int n,
                  bool overwrite) {
   __m512 c0[kMr], c1[kMr];
+  // The C tile's lines, on their way while the K loop runs (in a training step C is
+  // usually out of cache: a weight gradient, an input gradient, a fresh output).
+  for (int i = 0; i < m; ++i) {
+    _mm_prefetch(reinterpret_cast<const char*>(C + i * ldc), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(C + i * ldc + n - 1), _MM_HINT_T0);
+  }
 #pragma GCC unroll 12
   for (int i = 0; i < kMr; ++i) c0[i] = c1[i] = _mm512_setzero_ps();
   for (int64_t k = 0; k < kc; ++k) {
@@ -88,8 +94,10 @@ void pack_rows_f32(float* dst, const float* src, int64_t ld, int rows, int64_t k
       const int kk = int(std::min<int64_t>(16, kc - k0));
       const __mmask16 kmask = __mmask16((1u << kk) - 1u);
       __m512 v[16];
-      for (int i = 0; i < 16; ++i)
+      for (int i = 0; i < 16; ++i) {
+        if (i < g && r0 + i < rows) _mm_prefetch(reinterpret_cast<const char*>(src + (r0 + i) * ld + k0 + 64), _MM_HINT_T0);
         v[i] = (i < g && r0 + i < rows) ? _mm512_maskz_loadu_ps(kmask, src + (r0 + i) * ld + k0) : _mm512_setzero_ps();
+      }
       transpose16(v);
       for (int k = 0; k < kk; ++k) _mm512_mask_storeu_ps(dst + (k0 + k) * w + r0, lanes, v[k]);
     }
@@ -107,6 +115,7 @@ void pack_copy_f32(float* dst, const float* src, int64_t ld, int cols, int64_t k
   }
   for (int64_t k = 0; k < kc; ++k) {
     const float* r = src + k * ld;
+    _mm_prefetch(reinterpret_cast<const char*>(r + 8 * ld), _MM_HINT_T0);
     float* d = dst + k * w;
     _mm512_mask_storeu_ps(d, s0, _mm512_maskz_loadu_ps(l0, r));
     _mm512_mask_storeu_ps(d + 16, s1, _mm512_maskz_loadu_ps(l1, r + 16));
