@@ -6,9 +6,11 @@
 // them. Shapes: square products and the per-expert ones of training (M = 32..512 rows
 // routed to an expert, N, K = 256..2048), in the three forms of kernels/gemm.hpp.
 //   ./build/bench/moetune_bench_gemm --benchmark_counters_tabular=true
-//   --benchmark_filter=nt/   (only the forward form), MOETUNE_BENCH_THREADS=1,2 (default)
+//   --benchmark_filter=nt/   (only the forward form), MOETUNE_BENCH_THREADS=1,2 (default),
+//   MOETUNE_BENCH_COLD=1     (operands from memory, not from a warm cache: see run())
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <dlfcn.h>
 #include <omp.h>
@@ -69,6 +71,11 @@ struct Operands {
   }
 };
 
+bool cold() {
+  const char* env = std::getenv("MOETUNE_BENCH_COLD");
+  return env && *env && std::string(env) != "0";
+}
+
 double peak_of(int threads) {
   static std::map<int, double> cache;
   auto it = cache.find(threads);
@@ -87,44 +94,54 @@ void report(benchmark::State& state, int64_t M, int64_t N, int64_t K, int thread
 using Mat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
 void run(benchmark::State& state, const std::string& lib, Form form, int64_t M, int64_t N, int64_t K, int threads) {
-  Operands o(M, N, K);
+  // MOETUNE_BENCH_COLD=1: each call takes the next of enough copies of the operands to
+  // fill 64 MiB (more than the L2 and, on the dev VM, the L3 share of a core), so that
+  // they come from memory, as in a training step, not from a warm cache.
+  const int64_t set_bytes = int64_t(sizeof(float)) * (M * K + N * K + M * N);
+  const int64_t nsets = cold() ? std::max<int64_t>(2, (int64_t(64) << 20) / set_bytes + 1) : 1;
+  std::vector<Operands> sets(1, Operands(M, N, K));
+  while (int64_t(sets.size()) < nsets) sets.push_back(sets.front());
+  Operands* op = &sets.front();
   omp_set_num_threads(threads);
   const int64_t lda = form == Form::tn ? M : K, ldb = form == Form::nt ? K : N;
   std::function<void()> f;
   if (lib.rfind("moetune-", 0) == 0) {
     kernels::set_gemm_isa(kernels::parse_isa(lib.substr(8), "bench"));
     f = [&] {
-      if (form == Form::nt) kernels::gemm_nt<float>(M, N, K, o.a.data(), lda, o.b.data(), ldb, o.c.data(), N, false);
-      if (form == Form::nn) kernels::gemm_nn<float>(M, N, K, o.a.data(), lda, o.b.data(), ldb, o.c.data(), N, false);
-      if (form == Form::tn) kernels::gemm_tn<float>(M, N, K, o.a.data(), lda, o.b.data(), ldb, o.c.data(), N, false);
+      if (form == Form::nt) kernels::gemm_nt<float>(M, N, K, op->a.data(), lda, op->b.data(), ldb, op->c.data(), N, false);
+      if (form == Form::nn) kernels::gemm_nn<float>(M, N, K, op->a.data(), lda, op->b.data(), ldb, op->c.data(), N, false);
+      if (form == Form::tn) kernels::gemm_tn<float>(M, N, K, op->a.data(), lda, op->b.data(), ldb, op->c.data(), N, false);
     };
   } else if (lib == "eigen") {
     Eigen::setNbThreads(threads);
     f = [&] {
-      Eigen::Map<Mat> C(o.c.data(), M, N);
-      if (form == Form::nt) C.noalias() = Eigen::Map<Mat>(o.a.data(), M, K) * Eigen::Map<Mat>(o.b.data(), N, K).transpose();
-      if (form == Form::nn) C.noalias() = Eigen::Map<Mat>(o.a.data(), M, K) * Eigen::Map<Mat>(o.b.data(), K, N);
-      if (form == Form::tn) C.noalias() = Eigen::Map<Mat>(o.a.data(), K, M).transpose() * Eigen::Map<Mat>(o.b.data(), K, N);
+      Eigen::Map<Mat> C(op->c.data(), M, N);
+      if (form == Form::nt) C.noalias() = Eigen::Map<Mat>(op->a.data(), M, K) * Eigen::Map<Mat>(op->b.data(), N, K).transpose();
+      if (form == Form::nn) C.noalias() = Eigen::Map<Mat>(op->a.data(), M, K) * Eigen::Map<Mat>(op->b.data(), K, N);
+      if (form == Form::tn) C.noalias() = Eigen::Map<Mat>(op->a.data(), K, M).transpose() * Eigen::Map<Mat>(op->b.data(), K, N);
     };
   } else if (lib == "openblas") {
     const Peers& p = peers();
     if (p.openblas_threads) p.openblas_threads(threads);
     f = [&] {
       p.openblas(101, form == Form::tn ? 112 : 111, form == Form::nt ? 112 : 111, int(M), int(N), int(K), 1.f,
-                 o.a.data(), int(lda), o.b.data(), int(ldb), 0.f, o.c.data(), int(N));
+                 op->a.data(), int(lda), op->b.data(), int(ldb), 0.f, op->c.data(), int(N));
     };
   } else if (lib == "onednn") {
     const Peers& p = peers();
     f = [&] {
-      p.dnnl(form == Form::tn ? 'T' : 'N', form == Form::nt ? 'T' : 'N', M, N, K, 1.f, o.a.data(), lda, o.b.data(),
-             ldb, 0.f, o.c.data(), N);
+      p.dnnl(form == Form::tn ? 'T' : 'N', form == Form::nt ? 'T' : 'N', M, N, K, 1.f, op->a.data(), lda, op->b.data(),
+             ldb, 0.f, op->c.data(), N);
     };
   }
   f();  // warm-up: packing buffers, thread pools
+  int64_t call = 0;
   for (auto _ : state) {
+    op = &sets[size_t(++call % nsets)];
     f();
     benchmark::ClobberMemory();
   }
+  state.counters["operand_sets"] = double(nsets);
   report(state, M, N, K, threads);
 }
 
