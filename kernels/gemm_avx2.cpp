@@ -125,6 +125,8 @@ void nt_small_block(int64_t kc, const float* Ap, const float* const* brow, float
     for (int h = 0; h < H; ++h) acc[h][c] = _mm256_setzero_ps();
   const float *b0 = brow[0], *b1 = brow[1], *b2 = brow[2], *b3 = brow[3], *b4 = brow[4], *b5 = brow[5];
   for (int64_t k = 0; k < kc; ++k) {
+    if ((k & 15) == 0)  // each row of B 2 lines ahead (as gemm_avx512.cpp)
+      for (int c = 0; c < kSmallCols; ++c) _mm_prefetch(reinterpret_cast<const char*>(brow[c] + k + 32), _MM_HINT_T0);
     const __m256 a0 = _mm256_loadu_ps(Ap + k * 16);
     const __m256 a1 = H == 2 ? _mm256_loadu_ps(Ap + k * 16 + 8) : a0;
     const float bk[kSmallCols] = {b0[k], b1[k], b2[k], b3[k], b4[k], b5[k]};
