@@ -127,7 +127,6 @@ ParallelTrainer<T>::ParallelTrainer(const ModelConfig& cfg, ProcessGrid& grid, c
       for (int q = 0; q < c.rank(); ++q) b += size_t(sizes[q]);
       const size_t len = size_t(sizes[c.rank()]);
       shards_.push_back({s.begin + b, s.begin + b + len, std::move(sizes)});
-      shard_ranges_.emplace_back(s.begin + b, s.begin + b + len);
       total += len;
       total_v += second_moment_count(oc, lay, s.begin + b, s.begin + b + len);
     }
@@ -479,7 +478,7 @@ double ParallelTrainer<T>::global_grad_norm_exact() {
 }
 
 template <class T>
-void ParallelTrainer<T>::zero_step(double lr) {
+void ParallelTrainer<T>::zero_step(double lr, double clip) {
   // ZeRO-1: update this rank's shard of every replicated segment with its sharded
   // state, then all-gather the parameters of the segment.
   auto& p = model_->params();
@@ -497,7 +496,7 @@ void ParallelTrainer<T>::zero_step(double lr) {
       if (b >= e) continue;
       const bool muon = uses_muon(opt_->config(), t);
       optimizer_update(opt_->config(), t, b - t.offset, e - t.offset, p.data() + b, g.data() + b,
-                       zm_.data() + mo + (b - sh.begin), muon ? nullptr : zv_.data() + vo, zstep_, lr, work_);
+                       zm_.data() + mo + (b - sh.begin), muon ? nullptr : zv_.data() + vo, zstep_, lr, work_, clip);
       if (!muon) vo += e - b;
     }
     mo += sh.end - sh.begin;
@@ -513,15 +512,12 @@ StepResult ParallelTrainer<T>::step(const std::vector<MicroBatch>& batch, double
                                     const LossHead<T>* head) {
   StepResult r = accumulate(batch, head);
   profile::Scope ps(profile::Phase::optimizer);
-  finish_step(
-      r, model_->grads(), cfg_, model_->expert_bias(), max_grad_norm,
-      [&] {
-        if (zero_ == 1)
-          zero_step(lr);
-        else
-          opt_->step(model_->params(), model_->grads(), lr);
-      },
-      shard_ranges_);
+  finish_step(r, cfg_, model_->expert_bias(), max_grad_norm, [&](double clip) {
+    if (zero_ == 1)
+      zero_step(lr, clip);
+    else
+      opt_->step(model_->params(), model_->grads(), lr, clip);
+  });
   return r;
 }
 

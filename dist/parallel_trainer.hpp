@@ -144,7 +144,7 @@ class ParallelTrainer {
   void reduce_shard(size_t si, const Comm& c);
   void fold_fixed(const Segment& seg);
   double global_grad_norm_exact();
-  void zero_step(double lr);
+  void zero_step(double lr, double clip);
 
   ProcessGrid& grid_;
   ModelConfig cfg_;
@@ -168,7 +168,6 @@ class ParallelTrainer {
     std::vector<int64_t> counts;
   };
   std::vector<Shard> shards_;
-  std::vector<std::pair<size_t, size_t>> shard_ranges_;  // [begin, end) of each shard (empty without ZeRO)
   std::vector<T> work_;  // Newton-Schulz scratch
   std::vector<T> zm_, zv_;  // state of the shards, concatenated (zv_ packed: AdamW tensors only)
   std::vector<int128> shard_acc_;    // the same for a segment summed in the int128 accumulator

@@ -41,10 +41,10 @@ namespace {
 // (kernels/multiversion.hpp): the same IEEE operations per element in every build.
 template <class T>
 MOETUNE_CPU_CLONES void adamw_elements(T* p, const T* g, T* m, T* v, int64_t n, T mul, T lerp_w, T beta2,
-                                       T one_minus_beta2, T bc2_sqrt, T eps, T neg_step_size) {
+                                       T one_minus_beta2, T bc2_sqrt, T eps, T neg_step_size, T clip) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    const T gi = g[i];
+    const T gi = g[i] * clip;  // scale_grads' product (times 1, exact, when not clipping)
     const T pi = p[i] * mul;
     const T mi = m[i] + lerp_w * (gi - m[i]);
     const T vi = v[i] * beta2 + one_minus_beta2 * gi * gi;
@@ -58,7 +58,7 @@ MOETUNE_CPU_CLONES void adamw_elements(T* p, const T* g, T* m, T* v, int64_t n, 
 
 template <class T>
 void adamw_update(T* p, const T* g, T* m, T* v, int64_t n, bool decay, const AdamWConfig& cfg, int64_t step,
-                  double lr) {
+                  double lr, double clip) {
   // Scalars in double (as Python computes them), then cast to T like torch does.
   const double t = static_cast<double>(step);
   const double bias_correction1 = 1.0 - std::pow(cfg.beta1, t);
@@ -76,12 +76,13 @@ void adamw_update(T* p, const T* g, T* m, T* v, int64_t n, bool decay, const Ada
 #pragma omp parallel for schedule(static) if (nchunks > 1)
   for (int64_t c = 0; c < nchunks; ++c) {
     const int64_t b = c * kChunk, len = std::min(kChunk, n - b);
-    adamw_elements(p + b, g + b, m + b, v + b, len, mul, lerp_w, beta2, one_minus_beta2, bc2_sqrt, eps, neg_step_size);
+    adamw_elements(p + b, g + b, m + b, v + b, len, mul, lerp_w, beta2, one_minus_beta2, bc2_sqrt, eps, neg_step_size,
+                   static_cast<T>(clip));
   }
 }
 
 template <class T>
-void AdamW<T>::step(std::vector<T>& params, const std::vector<T>& grads, double lr) {
+void AdamW<T>::step(std::vector<T>& params, const std::vector<T>& grads, double lr, double clip) {
   const size_t n = layout_->total();
   if (params.size() != n || grads.size() != n || m_.size() != n || v_.size() != n)
     throw Error("AdamW::step: buffer sizes (params " + std::to_string(params.size()) + ", grads " +
@@ -91,13 +92,13 @@ void AdamW<T>::step(std::vector<T>& params, const std::vector<T>& grads, double 
   // Padding between tensors is never touched.
   for (const TensorInfo& ti : layout_->tensors())
     adamw_update(params.data() + ti.offset, grads.data() + ti.offset, m_.data() + ti.offset, v_.data() + ti.offset,
-                 static_cast<int64_t>(ti.numel), ti.decay, cfg_, t_, lr);
+                 static_cast<int64_t>(ti.numel), ti.decay, cfg_, t_, lr, clip);
 }
 
 template void adamw_update<float>(float*, const float*, float*, float*, int64_t, bool, const AdamWConfig&, int64_t,
-                                  double);
+                                  double, double);
 template void adamw_update<double>(double*, const double*, double*, double*, int64_t, bool, const AdamWConfig&,
-                                   int64_t, double);
+                                   int64_t, double, double);
 
 template <class T>
 double global_grad_norm(const std::vector<T>& grads) {

@@ -26,7 +26,10 @@ class AdamW {
   // One step at learning rate lr: t += 1, then for every tensor of the layout
   // p *= 1 - lr*wd (decay tensors only); m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
   // p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)   (torch's operation order).
-  void step(std::vector<T>& params, const std::vector<T>& grads, double lr);
+  // clip: the gradient clipping coefficient (clip_coefficient), applied as each element
+  // is read: g * T(clip), the bits scale_grads would have left in grads, without a pass
+  // of its own (grads is not changed).
+  void step(std::vector<T>& params, const std::vector<T>& grads, double lr, double clip = 1.0);
 
   std::vector<T>& exp_avg() { return m_; }
   std::vector<T>& exp_avg_sq() { return v_; }
@@ -44,10 +47,10 @@ class AdamW {
 };
 
 // The per-element AdamW update of n contiguous elements at step `step` (>= 1): what
-// AdamW::step does to each tensor; ZeRO-1 applies it to a shard.
+// AdamW::step does to each tensor; ZeRO-1 applies it to a shard. clip as in AdamW::step.
 template <class T>
 void adamw_update(T* p, const T* g, T* m, T* v, int64_t n, bool decay, const AdamWConfig& cfg, int64_t step,
-                  double lr);
+                  double lr, double clip = 1.0);
 
 // L2 norm over all elements of grads (accumulated in double). Partial sums over fixed
 // chunks of the flat buffer are added in chunk order, so the result is bit-identical

@@ -73,15 +73,16 @@ void newton_schulz(T* x, int64_t rows, int64_t cols, std::vector<T>& work) {
 
 template <class T>
 void muon_update(T* p, const T* g, T* momentum, int64_t rows, int64_t cols, const MuonConfig& cfg, double lr_t,
-                 std::vector<T>& work) {
+                 std::vector<T>& work, double clip) {
   const int64_t n = rows * cols;
   static thread_local std::vector<T> o;  // reused: no allocation per step
   o.resize(static_cast<size_t>(n));
-  const T mu = static_cast<T>(cfg.momentum);
+  const T mu = static_cast<T>(cfg.momentum), c = static_cast<T>(clip);
   for (int64_t i = 0; i < n; ++i) {
-    const T m = mu * momentum[i] + g[i];
+    const T gi = g[i] * c;
+    const T m = mu * momentum[i] + gi;
     momentum[i] = m;
-    o[size_t(i)] = mu * m + g[i];  // Nesterov
+    o[size_t(i)] = mu * m + gi;  // Nesterov
   }
   newton_schulz(o.data(), rows, cols, work);
   const T scale = static_cast<T>(0.18 * std::sqrt(double(std::max(rows, cols))));
@@ -94,8 +95,8 @@ void muon_update(T* p, const T* g, T* momentum, int64_t rows, int64_t cols, cons
 template void newton_schulz<float>(float*, int64_t, int64_t, std::vector<float>&);
 template void newton_schulz<double>(double*, int64_t, int64_t, std::vector<double>&);
 template void muon_update<float>(float*, const float*, float*, int64_t, int64_t, const MuonConfig&, double,
-                                 std::vector<float>&);
+                                 std::vector<float>&, double);
 template void muon_update<double>(double*, const double*, double*, int64_t, int64_t, const MuonConfig&, double,
-                                  std::vector<double>&);
+                                  std::vector<double>&, double);
 
 }  // namespace moetune

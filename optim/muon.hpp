@@ -39,8 +39,9 @@ void newton_schulz(T* x, int64_t rows, int64_t cols, std::vector<T>& work);
 
 // One Muon step of a (rows, cols) matrix: M = mu M + G; O = NS(mu M + G);
 // O *= 0.18 sqrt(max(rows, cols)); W = W (1 - lr wd) - lr O, with lr = lr_ratio * lr_t.
+// G is g * T(clip) (the gradient clipping coefficient, as AdamW::step applies it).
 template <class T>
 void muon_update(T* p, const T* g, T* momentum, int64_t rows, int64_t cols, const MuonConfig& cfg, double lr_t,
-                 std::vector<T>& work);
+                 std::vector<T>& work, double clip = 1.0);
 
 }  // namespace moetune

@@ -16,15 +16,15 @@ void validate(const OptimizerConfig& c) {
 
 template <class T>
 void optimizer_update(const OptimizerConfig& cfg, const TensorInfo& t, size_t b, size_t e, T* p, const T* g, T* m,
-                      T* v, int64_t step, double lr, std::vector<T>& work) {
+                      T* v, int64_t step, double lr, std::vector<T>& work, double clip) {
   if (uses_muon(cfg, t)) {
     if (b != 0 || e != t.numel)
       throw Error("optimizer_update: Muon needs the whole matrix " + t.name + ", got elements [" + std::to_string(b) +
                   ", " + std::to_string(e) + ")");
-    muon_update(p, g, m, t.shape[0], t.shape[1], cfg.muon, lr, work);
+    muon_update(p, g, m, t.shape[0], t.shape[1], cfg.muon, lr, work, clip);
     return;
   }
-  adamw_update(p, g, m, v, int64_t(e - b), t.decay, cfg.adamw, step, lr);
+  adamw_update(p, g, m, v, int64_t(e - b), t.decay, cfg.adamw, step, lr, clip);
 }
 
 std::vector<StateTensorName> optimizer_state_names(const std::string& optimizer, const TensorInfo& t) {
@@ -98,7 +98,7 @@ void Optimizer<T>::release_state() {
 }
 
 template <class T>
-void Optimizer<T>::step(std::vector<T>& params, const std::vector<T>& grads, double lr) {
+void Optimizer<T>::step(std::vector<T>& params, const std::vector<T>& grads, double lr, double clip) {
   const size_t n = layout_->total();
   if (params.size() != n || grads.size() != n || m_.size() != n ||
       v_.size() != second_moment_count(cfg_, *layout_, 0, n))
@@ -111,7 +111,7 @@ void Optimizer<T>::step(std::vector<T>& params, const std::vector<T>& grads, dou
   for (const TensorInfo& ti : layout_->tensors()) {
     if (uses_muon(cfg_, ti)) continue;
     optimizer_update(cfg_, ti, 0, ti.numel, params.data() + ti.offset, grads.data() + ti.offset, m_.data() + ti.offset,
-                     v_.data() + vo, t_, lr, work_);
+                     v_.data() + vo, t_, lr, work_, clip);
     vo += ti.numel;
   }
   // Muon matrices are independent of each other: threads take whole matrices, whose
@@ -124,14 +124,14 @@ void Optimizer<T>::step(std::vector<T>& params, const std::vector<T>& grads, dou
     static thread_local std::vector<T> work;
     const TensorInfo& ti = tensors[muon_tensors_[size_t(k)]];
     optimizer_update(cfg_, ti, 0, ti.numel, params.data() + ti.offset, grads.data() + ti.offset, m_.data() + ti.offset,
-                     static_cast<T*>(nullptr), t_, lr, work);
+                     static_cast<T*>(nullptr), t_, lr, work, clip);
   }
 }
 
 template void optimizer_update<float>(const OptimizerConfig&, const TensorInfo&, size_t, size_t, float*, const float*,
-                                      float*, float*, int64_t, double, std::vector<float>&);
+                                      float*, float*, int64_t, double, std::vector<float>&, double);
 template void optimizer_update<double>(const OptimizerConfig&, const TensorInfo&, size_t, size_t, double*,
-                                       const double*, double*, double*, int64_t, double, std::vector<double>&);
+                                       const double*, double*, double*, int64_t, double, std::vector<double>&, double);
 template void unpack_second_moments<float>(const OptimizerConfig&, const ParamLayout&, size_t, size_t, const float*,
                                            float*);
 template void unpack_second_moments<double>(const OptimizerConfig&, const ParamLayout&, size_t, size_t,

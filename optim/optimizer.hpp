@@ -37,10 +37,11 @@ inline bool uses_muon(const OptimizerConfig& cfg, const TensorInfo& t) {
 // The update of elements [t.offset + b, t.offset + e) of tensor t at step `step` (>= 1)
 // and scheduled learning rate lr; p, g, m, v point at element b (v is not used, and may
 // be null, for a Muon tensor). A Muon tensor must be given whole (b = 0, e = t.numel):
-// its orthogonalisation needs the whole matrix.
+// its orthogonalisation needs the whole matrix. clip: the gradient clipping
+// coefficient, applied to each gradient element as it is read (AdamW::step).
 template <class T>
 void optimizer_update(const OptimizerConfig& cfg, const TensorInfo& t, size_t b, size_t e, T* p, const T* g, T* m,
-                      T* v, int64_t step, double lr, std::vector<T>& work);
+                      T* v, int64_t step, double lr, std::vector<T>& work, double clip = 1.0);
 
 // The optimizer-state tensors of parameter t as saved in optimizer.safetensors:
 // (suffix, slot) with slot 0 = the exp_avg buffer, 1 = the exp_avg_sq buffer. AdamW:
@@ -69,8 +70,9 @@ class Optimizer {
  public:
   Optimizer(const ParamLayout& layout, OptimizerConfig cfg);
   // One step at the scheduled learning rate lr: t += 1, then optimizer_update of every
-  // tensor of the layout (padding between tensors is never touched).
-  void step(std::vector<T>& params, const std::vector<T>& grads, double lr);
+  // tensor of the layout (padding between tensors is never touched), the gradients
+  // clipped by `clip` as they are read.
+  void step(std::vector<T>& params, const std::vector<T>& grads, double lr, double clip = 1.0);
 
   std::vector<T>& exp_avg() { return m_; }
   const std::vector<T>& exp_avg() const { return m_; }

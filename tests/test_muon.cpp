@@ -120,14 +120,18 @@ void replay(const std::string& dtype, double tol) {
   std::vector<T> params(layout.total(), T(0));
   for (const TensorInfo& ti : layout.tensors()) put(params, ti, fixture_tensor(ti.name).at("init"));
   Optimizer<T> opt(layout, fixture_optimizer());
+  Optimizer<T> fused(layout, fixture_optimizer());  // the clip inside the update: the same bits
+  std::vector<T> fused_params = params;
   double worst = 0;
   for (size_t s = 0; s < lrs.size(); ++s) {
     std::vector<T> grads(layout.total(), T(0));
     for (const TensorInfo& ti : layout.tensors()) put(grads, ti, fixture_tensor(ti.name).at("grads")[s]);
     const double norm = global_grad_norm(grads);
     EXPECT_NEAR(norm, want.at("grad_norm")[s].get<double>(), 1e-6 * norm);
+    fused.step(fused_params, grads, lrs[s], clip_coefficient(norm, max_norm));
     scale_grads(grads, clip_coefficient(norm, max_norm));
     opt.step(params, grads, lrs[s]);
+    EXPECT_EQ(0, std::memcmp(params.data(), fused_params.data(), params.size() * sizeof(T))) << dtype << " step " << s + 1;
     for (const TensorInfo& ti : layout.tensors())
       worst = std::max(worst, expect_near(params.data() + ti.offset, want.at("params").at(ti.name)[s], ti.numel, tol,
                                           dtype + " step " + std::to_string(s + 1) + " " + ti.name));

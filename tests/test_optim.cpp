@@ -93,6 +93,10 @@ void replay_fixture(const std::string& dtype, double tol) {
   std::vector<T> params(layout.total(), T(0));
   for (const TensorInfo& ti : layout.tensors()) put(params, ti, fixture_tensor(ti.name).at("init"));
   AdamW<T> opt(layout, fixture_adamw());
+  // The same steps with the clip applied inside the update (what the trainers run):
+  // the same bits as scaling the gradients first.
+  AdamW<T> fused(layout, fixture_adamw());
+  std::vector<T> fused_params = params;
   int clipped = 0;
   for (size_t s = 0; s < lrs.size(); ++s) {
     std::vector<T> grads(layout.total(), T(0));
@@ -102,8 +106,10 @@ void replay_fixture(const std::string& dtype, double tol) {
     EXPECT_LE(std::abs(norm - torch_norm), tol * torch_norm) << dtype << " step " << s + 1;
     const double coef = clip_coefficient(norm, max_norm);
     clipped += coef < 1.0;
+    fused.step(fused_params, grads, lrs[s], coef);
     scale_grads(grads, coef);
     opt.step(params, grads, lrs[s]);
+    EXPECT_EQ(0, std::memcmp(params.data(), fused_params.data(), params.size() * sizeof(T))) << dtype << " step " << s + 1;
     EXPECT_EQ(opt.step_count(), static_cast<int64_t>(s + 1));
     for (const TensorInfo& ti : layout.tensors())
       expect_tensor_near(params, ti, want.at("params").at(ti.name)[s], tol,

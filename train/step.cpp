@@ -69,20 +69,14 @@ void update_expert_bias(std::vector<std::vector<float>>& bias, const std::vector
   }
 }
 
-template <class T>
-void finish_step(StepResult& r, std::vector<T>& grads, const ModelConfig& cfg, std::vector<std::vector<float>>& bias,
-                 double max_grad_norm, const std::function<void()>& update,
-                 std::span<const std::pair<size_t, size_t>> used) {
+void finish_step(StepResult& r, const ModelConfig& cfg, std::vector<std::vector<float>>& bias, double max_grad_norm,
+                 const std::function<void(double clip)>& update) {
   if (!std::isfinite(r.total_loss) || !std::isfinite(r.grad_norm)) {
     r.skipped = true;
     return;
   }
   r.clip_coef = clip_coefficient(r.grad_norm, max_grad_norm);
-  if (r.clip_coef < 1.0) {
-    if (used.empty()) scale_grads(grads, r.clip_coef);
-    for (const auto& [b, e] : used) scale_grads(std::span<T>(grads.data() + b, e - b), r.clip_coef);
-  }
-  update();
+  update(r.clip_coef);
   if (cfg.noaux_tc()) update_expert_bias(bias, r.expert_counts, cfg.bias_update_rate);
 }
 
@@ -92,8 +86,8 @@ template <class T, class Opt>
 StepResult train_step_with(Model<T>& model, Opt& opt, const std::vector<MicroBatch>& batch, double lr,
                            double max_grad_norm) {
   StepResult r = accumulate_gradients(model, batch);
-  finish_step(r, model.grads(), model.config(), model.expert_bias(), max_grad_norm,
-              [&] { opt.step(model.params(), model.grads(), lr); });
+  finish_step(r, model.config(), model.expert_bias(), max_grad_norm,
+              [&](double clip) { opt.step(model.params(), model.grads(), lr, clip); });
   return r;
 }
 }  // namespace
@@ -110,11 +104,6 @@ StepResult train_step(Model<T>& model, Optimizer<T>& opt, const std::vector<Micr
   return train_step_with(model, opt, batch, lr, max_grad_norm);
 }
 
-template void finish_step<float>(StepResult&, std::vector<float>&, const ModelConfig&, std::vector<std::vector<float>>&,
-                                 double, const std::function<void()>&, std::span<const std::pair<size_t, size_t>>);
-template void finish_step<double>(StepResult&, std::vector<double>&, const ModelConfig&,
-                                  std::vector<std::vector<float>>&, double, const std::function<void()>&,
-                                  std::span<const std::pair<size_t, size_t>>);
 template StepResult accumulate_gradients<float>(Model<float>&, const std::vector<MicroBatch>&);
 template StepResult accumulate_gradients<double>(Model<double>&, const std::vector<MicroBatch>&);
 template StepResult train_step<float>(Model<float>&, AdamW<float>&, const std::vector<MicroBatch>&, double, double);

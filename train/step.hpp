@@ -47,13 +47,12 @@ StepResult train_step(Model<T>& model, Optimizer<T>& opt, const std::vector<Micr
 
 // What follows the gradient in every step (single process and dist::ParallelTrainer):
 // a non-finite loss or gradient norm marks r skipped and changes nothing; otherwise
-// clip grads to max_grad_norm (r.clip_coef), run `update` (the optimizer) and the
-// aux-loss-free bias update (noaux_tc). `used`: the [begin, end) ranges of grads the
-// update reads (ZeRO-1: this rank's shards), the only ones clipped; empty = all.
-template <class T>
-void finish_step(StepResult& r, std::vector<T>& grads, const ModelConfig& cfg, std::vector<std::vector<float>>& bias,
-                 double max_grad_norm, const std::function<void()>& update,
-                 std::span<const std::pair<size_t, size_t>> used = {});
+// r.clip_coef = the clipping coefficient for max_grad_norm, update(clip) (the optimizer,
+// which scales each gradient element by clip as it reads it: the bits of
+// scale_grads(grads, clip) then a step, without the pass over the gradients) and the
+// aux-loss-free bias update (noaux_tc).
+void finish_step(StepResult& r, const ModelConfig& cfg, std::vector<std::vector<float>>& bias, double max_grad_norm,
+                 const std::function<void(double clip)>& update);
 
 // b_i += rate * sign(mean(c) - c_i) per MoE layer (noaux_tc only), computed in double
 // and stored as fp32.
