@@ -3,6 +3,7 @@
 #include "dist/int128.hpp"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -135,7 +136,11 @@ std::size_t round_trip_fixed(std::span<T> values) {
   std::int64_t bad = 0;
   // Almost every value converts exactly (it is then its own round trip): a chunk whose
   // values all do is left alone after one vectorized check (in T: exact and kRange are
-  // powers of 2, so the comparisons decide as they would in double).
+  // powers of 2, so the comparisons decide as they would in double). So does +0, which
+  // comes back as from_fixed(0) = +0 (-0 comes back as +0: the slow path), so that the
+  // zero gradients of the embedding rows and experts a step did not touch (most of a
+  // large vocabulary's) take no scalar pass.
+  using Bits = std::conditional_t<std::is_same_v<T, float>, std::uint32_t, std::uint64_t>;
   constexpr std::int64_t kChunk = 1024;
   const std::int64_t nchunks = (n + kChunk - 1) / kChunk;
 #pragma omp parallel for schedule(static) reduction(+ : bad)
@@ -144,13 +149,15 @@ std::size_t round_trip_fixed(std::span<T> values) {
     int slow = 0;
     for (std::int64_t i = b; i < e; ++i) {
       const T a = std::fabs(v[i]);
-      slow |= 1 - (int(a >= T(exact)) & int(a < T(kRange)));  // NaN fails both compares; bitwise: vectorizes
+      const int plus_zero = int(std::bit_cast<Bits>(v[i]) == 0);
+      slow |= (1 - (int(a >= T(exact)) & int(a < T(kRange)))) & (1 - plus_zero);  // NaN fails both compares
     }
     if (slow == 0) continue;
     for (std::int64_t i = b; i < e; ++i) {
       const double x = static_cast<double>(v[i]);
       const double a = std::fabs(x);
       if (a >= exact && a < kRange) continue;  // NaN fails both compares
+      if (std::bit_cast<Bits>(v[i]) == 0) continue;  // +0
       if (!std::isfinite(x)) {
         v[i] = static_cast<T>(from_fixed(saturate(x)));
         ++bad;
