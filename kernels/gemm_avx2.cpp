@@ -88,8 +88,11 @@ void pack_rows_f32(float* dst, const float* src, int64_t ld, int rows, int64_t k
       const __m256i kmask = first_lanes(kk);
       __m256 v[8];
       for (int i = 0; i < 8; ++i) {
-        if (i < g && r0 + i < rows) _mm_prefetch(reinterpret_cast<const char*>(src + (r0 + i) * ld + k0 + 64), _MM_HINT_T0);
-        v[i] = (i < g && r0 + i < rows) ? _mm256_maskload_ps(src + (r0 + i) * ld + k0, kmask) : _mm256_setzero_ps();
+        v[i] = _mm256_setzero_ps();
+        if (i >= g || r0 + i >= rows) continue;
+        const float* row = src + (r0 + i) * ld + k0;
+        _mm_prefetch(reinterpret_cast<const char*>(row + 64), _MM_HINT_T0);  // 8 lines ahead (memory, not cache)
+        v[i] = _mm256_maskload_ps(row, kmask);
       }
       transpose8(v);
       for (int k = 0; k < kk; ++k) _mm256_maskstore_ps(dst + (k0 + k) * w + r0, lanes, v[k]);

@@ -95,8 +95,11 @@ void pack_rows_f32(float* dst, const float* src, int64_t ld, int rows, int64_t k
       const __mmask16 kmask = __mmask16((1u << kk) - 1u);
       __m512 v[16];
       for (int i = 0; i < 16; ++i) {
-        if (i < g && r0 + i < rows) _mm_prefetch(reinterpret_cast<const char*>(src + (r0 + i) * ld + k0 + 64), _MM_HINT_T0);
-        v[i] = (i < g && r0 + i < rows) ? _mm512_maskz_loadu_ps(kmask, src + (r0 + i) * ld + k0) : _mm512_setzero_ps();
+        v[i] = _mm512_setzero_ps();
+        if (i >= g || r0 + i >= rows) continue;
+        const float* row = src + (r0 + i) * ld + k0;
+        _mm_prefetch(reinterpret_cast<const char*>(row + 64), _MM_HINT_T0);  // 4 lines ahead (memory, not cache)
+        v[i] = _mm512_maskz_loadu_ps(kmask, row);
       }
       transpose16(v);
       for (int k = 0; k < kk; ++k) _mm512_mask_storeu_ps(dst + (k0 + k) * w + r0, lanes, v[k]);

@@ -29,27 +29,28 @@ void parallel_for(int64_t n, Body&& body, bool worth = true) {
   }
 }
 
-// dst[0, n) = value: over a team in fixed chunks when the buffer is large enough to pay
-// for one (the zeroing of gradient and activation buffers ran on one thread while the
-// others waited: a twentieth of a 2-thread step of examples/small.json). Who writes an
-// element never changes it.
-template <class T>
-void parallel_fill(T* dst, int64_t n, T value) {
+// body(b, len) for the fixed chunks [b, b + len) of [0, n), over a team when the range
+// is large enough to pay for one (parallel_for decides). The zeroing of gradient and
+// activation buffers ran on one thread while the others waited: a twentieth of a
+// 2-thread step of examples/small.json. Who handles a chunk never changes a value.
+template <class Body>
+void parallel_chunks(int64_t n, Body&& body) {
   constexpr int64_t kChunk = int64_t(1) << 15;
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
   parallel_for(
-      chunks, [&](int64_t c) { std::fill_n(dst + c * kChunk, std::min(kChunk, n - c * kChunk), value); },
+      (n + kChunk - 1) / kChunk, [&](int64_t c) { body(c * kChunk, std::min(kChunk, n - c * kChunk)); },
       n >= 2 * kChunk);
 }
 
-// dst[0, n) = src[0, n) (no overlap), the same way.
+// dst[0, n) = value.
+template <class T>
+void parallel_fill(T* dst, int64_t n, T value) {
+  parallel_chunks(n, [&](int64_t b, int64_t len) { std::fill_n(dst + b, len, value); });
+}
+
+// dst[0, n) = src[0, n) (no overlap).
 template <class T>
 void parallel_copy(T* dst, const T* src, int64_t n) {
-  constexpr int64_t kChunk = int64_t(1) << 15;
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
-  parallel_for(
-      chunks, [&](int64_t c) { std::copy_n(src + c * kChunk, std::min(kChunk, n - c * kChunk), dst + c * kChunk); },
-      n >= 2 * kChunk);
+  parallel_chunks(n, [&](int64_t b, int64_t len) { std::copy_n(src + b, len, dst + b); });
 }
 
 }  // namespace moetune::kernels
