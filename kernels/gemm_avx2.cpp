@@ -91,7 +91,7 @@ void pack_rows_f32(float* dst, const float* src, int64_t ld, int rows, int64_t k
         v[i] = _mm256_setzero_ps();
         if (i >= g || r0 + i >= rows) continue;
         const float* row = src + (r0 + i) * ld + k0;
-        _mm_prefetch(reinterpret_cast<const char*>(row + 64), _MM_HINT_T0);  // 8 lines ahead (memory, not cache)
+        _mm_prefetch(reinterpret_cast<const char*>(row + 64), _MM_HINT_T0);  // 4 lines ahead (memory, not cache)
         v[i] = _mm256_maskload_ps(row, kmask);
       }
       transpose8(v);
