@@ -1,6 +1,7 @@
 // Dispatch, packing and tiling of moetune's GEMM (see kernels/gemm.hpp for the
 // arithmetic order it guarantees). Goto/BLIS structure: both operands are packed once
-// per call into MR-row and NR-column panels, K block by K block, into buffers of the
+// per call into MR-row and NR-column panels (except A stored (M, K) under the AVX-512
+// kernels, which read its rows in place), K block by K block, into buffers of the
 // calling thread that are reused from call to call (no allocation in the steady
 // state); the output is cut into MC x NC macro tiles, one OpenMP task each, which walk
 // the reduction dimension in the fixed kGemmKc blocks and run the micro-kernel over
@@ -263,6 +264,11 @@ void gemm_impl(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, in
   auto col_at = [&](int64_t c) { return std::min(N, c * pb / tn * nr); };
   mc = (row_panels + tm - 1) / tm * mr;  // the largest row block, for the A buffer
 
+  // A stored (M, K) (nt, nn) is read in place by the kernels that can (UkernelRows, the
+  // AVX-512 one): its rows are already k-contiguous, the micro-kernel broadcasts from
+  // twelve of them instead of one packed panel, and the pass that packed them (a
+  // quarter of all the packing of a training step) goes. The same bits.
+  const bool a_in_place = !ta && uk.fn_rows != nullptr;
   auto pack_b = [&](int64_t x) {
     const int64_t k0 = (x / pb) * kGemmKc, kc = std::min(kGemmKc, K - k0), p = x % pb;
     pack_b_panel(bp + k0 * Np + p * nr * kc, B, ldb, tb, p * nr, int(std::min<int64_t>(nr, N - p * nr)), k0, kc, uk);
@@ -272,7 +278,7 @@ void gemm_impl(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, in
   auto tile = [&](int64_t t, T* ap, int64_t& packed_i0, T* bt) {
     const int64_t i0 = row_at(t / tn), j0 = col_at(t % tn);
     const int64_t m = row_at(t / tn + 1) - i0, n = col_at(t % tn + 1) - j0, mp = round_up(m, mr);
-    if (i0 != packed_i0) {
+    if (!a_in_place && i0 != packed_i0) {
       for (int64_t k0 = 0; k0 < K; k0 += kGemmKc)
         pack_a(ap + k0 * mp, A, lda, ta, i0, m, k0, std::min(kGemmKc, K - k0), uk);
       packed_i0 = i0;
@@ -292,12 +298,17 @@ void gemm_impl(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, in
         }
         for (int64_t ip = 0; ip * mr < m; ++ip) {
           const int mm = int(std::min<int64_t>(mr, m - ip * mr));
-          uk.fn(kc, ablk + ip * mr * kc, bpanel, C + (i0 + ip * mr) * ldc + j0 + jp * nr, ldc, mm, nn, overwrite);
+          T* const c = C + (i0 + ip * mr) * ldc + j0 + jp * nr;
+          if (a_in_place)
+            uk.fn_rows(kc, A + (i0 + ip * mr) * lda + k0, lda, bpanel, c, ldc, mm, nn, overwrite);
+          else
+            uk.fn(kc, ablk + ip * mr * kc, bpanel, c, ldc, mm, nn, overwrite);
         }
       }
     }
   };
-  auto a_buffer = [&] {
+  auto a_buffer = [&]() -> T* {
+    if (a_in_place) return nullptr;
     std::vector<T>& abuf = pack_buffer<T>(0);  // this thread's
     if (int64_t(abuf.size()) < mc * K) abuf.resize(mc * K);
     return abuf.data();

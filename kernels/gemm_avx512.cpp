@@ -18,8 +18,11 @@ namespace {
 
 constexpr int kMr = 12, kNr = 32;
 
-void ukernel_f32(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, int m, int n,
-                 bool overwrite) {
+// The tile: acc(i,j) = fma chain over k < kc of a(i, k) * Bp[k*kNr + j], then the
+// store. `a` reads A(i, k) of the tile's rows, from a packed panel or from A itself.
+template <class AAt, class APrefetch>
+inline __attribute__((always_inline)) void tile_f32(int64_t kc, AAt a, APrefetch a_prefetch, const float* Bp, float* C,
+                                                    int64_t ldc, int m, int n, bool overwrite) {
   __m512 c0[kMr], c1[kMr];
   // The C tile's lines, on their way while the K loop runs (in a training step C is
   // usually out of cache: a weight gradient, an input gradient, a fresh output).
@@ -30,12 +33,12 @@ void ukernel_f32(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t
 #pragma GCC unroll 12
   for (int i = 0; i < kMr; ++i) c0[i] = c1[i] = _mm512_setzero_ps();
   for (int64_t k = 0; k < kc; ++k) {
+    if ((k & 15) == 0) a_prefetch(k);
     const __m512 b0 = _mm512_loadu_ps(Bp + k * kNr);
     const __m512 b1 = _mm512_loadu_ps(Bp + k * kNr + 16);
-    const float* a = Ap + k * kMr;
 #pragma GCC unroll 12
     for (int i = 0; i < kMr; ++i) {
-      const __m512 ai = _mm512_set1_ps(a[i]);
+      const __m512 ai = _mm512_set1_ps(a(i, k));
       c0[i] = _mm512_fmadd_ps(ai, b0, c0[i]);
       c1[i] = _mm512_fmadd_ps(ai, b1, c1[i]);
     }
@@ -55,6 +58,27 @@ void ukernel_f32(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t
       _mm512_mask_storeu_ps(c + 16, k1, _mm512_add_ps(_mm512_maskz_loadu_ps(k1, c + 16), c1[i]));
     }
   }
+}
+
+void ukernel_f32(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, int m, int n,
+                 bool overwrite) {
+  tile_f32(kc, [Ap](int i, int64_t k) { return Ap[k * kMr + i]; }, [](int64_t) {}, Bp, C, ldc, m, n, overwrite);
+}
+
+// UkernelRows (gemm_ukernel.hpp): A's rows read where they lie, k contiguous; the rows
+// past m repeat row m - 1 (computed, never stored).
+void ukernel_rows_f32(int64_t kc, const float* A, int64_t lda, const float* Bp, float* C, int64_t ldc, int m, int n,
+                      bool overwrite) {
+  const float* r[kMr];
+#pragma GCC unroll 12
+  for (int i = 0; i < kMr; ++i) r[i] = A + std::min(i, m - 1) * lda;
+  tile_f32(
+      kc, [&r](int i, int64_t k) { return r[i][k]; },
+      [&r](int64_t k) {
+#pragma GCC unroll 12
+        for (int i = 0; i < kMr; ++i) _mm_prefetch(reinterpret_cast<const char*>(r[i] + k + 64), _MM_HINT_T0);
+      },
+      Bp, C, ldc, m, n, overwrite);
 }
 
 // In-register transpose of 16 x 16 floats: v[i] (row i) becomes column i.
@@ -191,7 +215,7 @@ void nt_small_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, 
 
 UkernelSet avx512_kernels() {
   UkernelSet s;
-  s.f32 = {kMr, kNr, &ukernel_f32, &pack_rows_f32, &pack_copy_f32, &nt_small_f32, 32};
+  s.f32 = {kMr, kNr, &ukernel_f32, &pack_rows_f32, &pack_copy_f32, &nt_small_f32, 32, &ukernel_rows_f32};
   s.f64 = {8, 16, &ukernel_generic<double, 8, 16>};
   return s;
 }

@@ -36,6 +36,13 @@ template <class T>
 using NtSmall = void (*)(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
                          int64_t ldc, bool accumulate, T* Ap);
 
+// Ukernel with A read in place instead of from a packed panel: A(i, k) = A[i*lda + k]
+// for the tile's rows (A stored (M, K) as in nt and nn), the same fma chain per
+// element, so the same bits as packing the rows and calling Ukernel. m >= 1.
+template <class T>
+using UkernelRows = void (*)(int64_t kc, const T* A, int64_t lda, const T* Bp, T* C, int64_t ldc, int m, int n,
+                             bool overwrite);
+
 template <class T>
 struct UkernelDesc {
   int mr = 0, nr = 0;
@@ -44,6 +51,7 @@ struct UkernelDesc {
   PackCopy<T> pack_copy = nullptr;  // null: gemm.cpp's scalar loops
   NtSmall<T> nt_small = nullptr;    // null: the tiled path for every M
   int64_t small_m = 0;              // nt_small takes M <= small_m (<= kSmallM)
+  UkernelRows<T> fn_rows = nullptr;  // null: nt and nn pack A's rows like tn's
 };
 
 struct UkernelSet {
