@@ -53,4 +53,14 @@ void parallel_copy(T* dst, const T* src, int64_t n) {
   parallel_chunks(n, [&](int64_t b, int64_t len) { std::copy_n(src + b, len, dst + b); });
 }
 
+// dst[0, n) += src[0, n) (no overlap), element by element: the same sums on any team.
+template <class T>
+void parallel_add(T* dst, const T* src, int64_t n) {
+  parallel_chunks(n, [&](int64_t b, int64_t len) {
+    T* d = dst + b;
+    const T* s = src + b;
+    for (int64_t i = 0; i < len; ++i) d[i] += s[i];
+  });
+}
+
 }  // namespace moetune::kernels

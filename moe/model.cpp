@@ -425,7 +425,7 @@ void leave_sub_block(std::vector<T>& h, std::vector<T>& spare, const T* y, const
     hc::leave_forward(spare.data(), y, h.data(), *st, n, hs);
     std::swap(h, spare);
   } else {
-    for (int64_t i = 0; i < n * d; ++i) h[i] += y[i];
+    kernels::parallel_add(h.data(), y, n * d);  // the residual
   }
 }
 
@@ -758,7 +758,7 @@ void Model<T>::backward(const T* dlogits) {
     ops::linear_backward(dx.data(), G + I.lm_head, dlogits, I.x_final.data(), P + I.lm_head, N, d, V);
     ops::rmsnorm_backward(dh.data(), G + I.norm, dx.data(), I.h_final.data(), P + I.norm, I.rstd_final.data(), N, d);
     if (M.dh_t.size() == size_t(N * d))  // h_t feeds the MTP block too
-      for (int64_t i = 0; i < N * d; ++i) dh[i] += M.dh_t[i];
+      kernels::parallel_add(dh.data(), M.dh_t.data(), N * d);
     M.dh_t.clear();
     if (hc) {
       zero(dX);

@@ -195,7 +195,7 @@ TEST_F(Gemm, IsaNames) {
     }
 }
 
-// parallel_fill / parallel_copy write exactly [0, n) at every size around their chunk
+// parallel_fill / parallel_copy / parallel_add write exactly [0, n) at every size around their chunk
 // (1 << 15 elements) and team threshold, on one thread and on a team of two.
 TEST(ParallelFill, WritesExactlyTheRangeAtEverySizeAndThreadCount) {
   constexpr int64_t kChunk = int64_t(1) << 15;
@@ -215,6 +215,11 @@ TEST(ParallelFill, WritesExactlyTheRangeAtEverySizeAndThreadCount) {
       EXPECT_EQ(buf.front(), -1.0f);
       EXPECT_EQ(buf.back(), -1.0f);
       EXPECT_TRUE(std::equal(src.begin(), src.end(), buf.begin() + 1)) << "n " << n << ", threads " << threads;
+      kernels::parallel_add(buf.data() + 1, src.data(), n);
+      EXPECT_EQ(buf.front(), -1.0f);
+      EXPECT_EQ(buf.back(), -1.0f);
+      for (int64_t i = 0; i < n; ++i)
+        ASSERT_EQ(buf[size_t(i + 1)], src[size_t(i)] + src[size_t(i)]) << "n " << n << ", threads " << threads;
     }
   omp_set_num_threads(saved);
 }
