@@ -2,15 +2,13 @@
 // the same shapes allocates nothing on any thread (GEMM packing, attention, router,
 // dispatch, experts, optimizer all reuse their buffers), except the per-layer
 // statistics a step returns. Counted by replacing the global operator new of this test
-// binary (it forwards to malloc and counts while a test has counting switched on).
-// GCC sees the replacement's malloc/free pairs and warns about a mismatch that is not.
-#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
+// binary (kernels/global_new.hpp): it allocates as the moetune executable does
+// (kernels::line_aligned_alloc) and counts while a test has counting switched on.
 #include <gtest/gtest.h>
 
 #include <atomic>
-#include <cstdlib>
-#include <new>
 
+#include "kernels/global_new.hpp"
 #include "moe/model.hpp"
 #include "optim/adamw.hpp"
 #include "test_util.hpp"
@@ -19,26 +17,14 @@
 namespace {
 std::atomic<bool> g_counting{false};
 std::atomic<int64_t> g_allocs{0};
+
+void* counted_alloc(std::size_t n) {
+  if (g_counting.load(std::memory_order_relaxed)) g_allocs.fetch_add(1, std::memory_order_relaxed);
+  return moetune::kernels::line_aligned_alloc(n);
+}
 }  // namespace
 
-void* operator new(std::size_t n) {
-  if (g_counting.load(std::memory_order_relaxed)) g_allocs.fetch_add(1, std::memory_order_relaxed);
-  if (void* p = std::malloc(n ? n : 1)) return p;
-  throw std::bad_alloc();
-}
-void* operator new[](std::size_t n) { return operator new(n); }
-void* operator new(std::size_t n, const std::nothrow_t&) noexcept {
-  try {
-    return operator new(n);
-  } catch (...) {
-    return nullptr;
-  }
-}
-void* operator new[](std::size_t n, const std::nothrow_t& t) noexcept { return operator new(n, t); }
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete[](void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+MOETUNE_REPLACE_GLOBAL_NEW(counted_alloc)
 
 using namespace moetune;
 using namespace moetune::testing;
@@ -51,6 +37,19 @@ int64_t allocations_of(const std::function<void()>& f) {
   f();
   g_counting = false;
   return g_allocs.load();
+}
+
+// kernels::line_aligned_alloc, the operator new of this binary and of the moetune
+// executable: a block of 4 KiB or more starts on a 64-byte line, whatever its size.
+TEST(Alloc, LargeBlocksStartOnACacheLine) {
+  for (size_t n : {size_t(1024), size_t(1025), size_t(4097), size_t(1) << 20, (size_t(1) << 22) + 3}) {
+    std::vector<float> v(n);
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(v.data()) % 64, 0u) << n << " floats";
+    void* p = moetune::kernels::line_aligned_alloc(n * 4 + 1);
+    ASSERT_NE(p, nullptr);
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(p) % 64, 0u) << n * 4 + 1 << " bytes";
+    std::free(p);
+  }
 }
 
 TEST(Alloc, CounterSeesAllocations) {
