@@ -336,8 +336,17 @@ TEST_F(Cli, BenchReportsEveryPhaseWithinTheStep) {
   EXPECT_EQ(j["phases"].size(), std::size(phases));
   const double step = j["step_s"].get<double>();
   EXPECT_GT(step, 0.0);
-  // Medians of disjoint intervals of each step: their sum stays within the median step.
-  EXPECT_LE(sum, step * 1.10 + 1e-3) << j.dump(1);
+  // The phases are disjoint intervals inside each step: per step, their sum is at most
+  // the step, up to the rounding of the seconds (a sum of per-phase medians need not
+  // be: a phase slow in one step and another in the next, as under the sanitizers).
+  const auto steps = j["step_s_all"].get<std::vector<double>>();
+  const auto sums = j["phases_sum_s_all"].get<std::vector<double>>();
+  ASSERT_EQ(steps.size(), 2u);
+  ASSERT_EQ(sums.size(), steps.size());
+  for (size_t i = 0; i < steps.size(); ++i) {
+    EXPECT_GT(sums[i], 0.0) << i;
+    EXPECT_LE(sums[i], steps[i] + 1e-9) << "step " << i << "\n" << j.dump(1);
+  }
   EXPECT_NEAR(j["phases_sum_s"].get<double>(), sum, 1e-9);
   EXPECT_GT(j["phases"]["experts"]["s"].get<double>(), 0.0);
   EXPECT_GT(j["phases"]["attention_bwd"]["s"].get<double>(), 0.0);
