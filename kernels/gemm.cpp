@@ -286,7 +286,7 @@ void gemm_impl(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, in
     for (int64_t k0 = 0; k0 < K; k0 += kGemmKc) {
       const int64_t kc = std::min(kGemmKc, K - k0);
       const bool overwrite = !accumulate && k0 == 0;
-      const T* ablk = ap + k0 * mp;
+      const T* ablk = a_in_place ? nullptr : ap + k0 * mp;  // (no A buffer when read in place)
       for (int64_t jp = 0; jp * nr < n; ++jp) {
         const int nn = int(std::min<int64_t>(nr, n - jp * nr));
         const T* bpanel;
